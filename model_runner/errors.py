@@ -1,0 +1,9 @@
+"""Errors the runner raises for bad input, so callers (CLI, API) can report them without a torch traceback."""
+
+
+class ModelLoadError(ValueError):
+    """The model source cannot be used: unknown name, missing files, corrupt or unsupported checkpoint."""
+
+
+class InvalidRequestError(ValueError):
+    """A request the runner cannot serve: empty prompt, prompt longer than the context window, bad parameters."""
