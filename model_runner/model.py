@@ -1,0 +1,71 @@
+"""The Llama-family decoder, written for a flat batch: every tensor is [tokens, ...], whatever sequence a
+token belongs to. Prefill chunks and decodes share each matmul; only attention looks at sequence boundaries.
+
+Weights come in Hugging Face names; q/k/v and gate/up are fused at load so each layer does three big matmuls
+and one small one per step instead of seven.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionMetadata, paged_attention
+from .config import ModelConfig
+from .linear import Linear
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str, pack: bool):
+        a, m = prefix + "self_attn.", prefix + "mlp."
+        qkv_w = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
+        qkv_b = (torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
+                 if cfg.attention_bias else None)
+        self.qkv = Linear(qkv_w, qkv_b, pack)
+        self.o = Linear(w[a + "o_proj.weight"], None, pack)
+        self.gate_up = Linear(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]), None, pack)
+        self.down = Linear(w[m + "down_proj.weight"], None, pack)
+        self.input_norm = w[prefix + "input_layernorm.weight"]
+        self.post_attn_norm = w[prefix + "post_attention_layernorm.weight"]
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        h = F.rms_norm(x, (x.shape[-1],), self.input_norm, self.eps)
+        qkv = self.qkv(h).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
+        # q and k share positions, so one rotation covers both.
+        qk = apply_rotary(qkv[:, : self.heads + self.kv_heads], cos, sin)
+        q, k, v = qk[:, : self.heads], qk[:, self.heads:], qkv[:, self.heads + self.kv_heads:]
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        x = x + self.o(attn.reshape(t, -1))
+        h = F.rms_norm(x, (x.shape[-1],), self.post_attn_norm, self.eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
+                 max_positions: int):
+        pack = device == "cpu"
+        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.embed = w["model.embed_tokens.weight"]
+        self.layers = [DecoderLayer(cfg, w, f"model.layers.{i}.", pack) for i in range(cfg.num_hidden_layers)]
+        self.norm = w["model.norm.weight"]
+        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"], None, pack)
+        self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]. kv_cache: [layers, 2, slots, kv_heads, head_dim]. Returns hidden [T, d]."""
+        x = self.embed[input_ids]
+        cos, sin = self.rope.cos_sin(positions, self.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for the rows that are sampled (never the whole prompt)."""
+        return self.lm_head(hidden).float()

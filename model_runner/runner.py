@@ -1,0 +1,190 @@
+"""ModelRunner: loads a model and its KV cache, and executes one step of a schedule.
+
+A step is a list of (sequence, num_new_tokens): each sequence feeds its next tokens (a prompt chunk, or the
+one token it sampled last step). The runner flattens them into one batch, runs one forward, and samples a
+token for every sequence whose chunk reached its last token. It never changes a Sequence: the caller
+(the scheduler) owns their state, so a plan can be replayed or tested without a model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionMetadata, PrefillChunk
+from .config import ModelConfig, RunnerConfig
+from .errors import InvalidRequestError, ModelLoadError
+from .kv_cache import BlockAllocator, allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
+from .loader import load_model_dir
+from .model import LlamaModel
+from .sampler import Sampler
+from .sequence import Sequence
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+    if name == "float16" and not device.startswith("cuda"):
+        raise ModelLoadError("float16 is for CUDA; on the CPU use bfloat16 or float32")
+    return DTYPES[name]
+
+
+@dataclass
+class StepStats:
+    num_tokens: int
+    num_seqs: int
+    seconds: float
+
+
+class ModelRunner:
+    def __init__(self, cfg: RunnerConfig | None = None, progress: bool = True):
+        cfg = cfg or RunnerConfig()
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        self.cfg = cfg
+        self.device = cfg.device
+        self.dtype = resolve_dtype(cfg.dtype, cfg.device)
+        path, weights, self.tokenizer = load_model_dir(cfg.model, progress=progress)
+        self.model_path = path
+        self.model_config: ModelConfig = ModelConfig.from_hf_dir(path)
+        mc = self.model_config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        # The tokenizer may know more end-of-turn tokens than config.json (e.g. <|im_end|> for chat).
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        with torch.inference_mode():
+            self.model = LlamaModel(mc, weights, self.dtype, self.device, self.max_model_len)
+        del weights
+        self.block_size = cfg.block_size
+        self.num_blocks = plan_num_blocks(mc, cfg.block_size, self.dtype, cfg.device, cfg.kv_cache_memory,
+                                          cfg.memory_utilization)
+        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.dtype, cfg.device)
+        self.block_allocator = BlockAllocator(self.num_blocks, cfg.block_size)
+        self.sampler = Sampler(cfg.seed)
+        self.last_step: StepStats | None = None
+
+    # --- reporting -------------------------------------------------------------------------------------
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype)
+
+    def describe(self) -> str:
+        mc = self.model_config
+        return (f"model {self.cfg.model} ({mc.num_hidden_layers} layers, {mc.num_attention_heads}/"
+                f"{mc.num_key_value_heads} heads, vocab {mc.vocab_size}) dtype {str(self.dtype).removeprefix('torch.')}"
+                f" device {self.device}; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} blocks"
+                f" x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens")
+
+    # --- requests ---------------------------------------------------------------------------------------
+
+    def check_prompt(self, prompt_token_ids: list[int], max_tokens: int = 1) -> None:
+        """Refuses what could never run, before it reaches a queue or the model."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {n} tokens; this model's context window is "
+                                      f"{self.max_model_len}, leaving no room to generate")
+        if -(-(n + 1) // self.block_size) > self.num_blocks:
+            raise InvalidRequestError(f"the prompt needs more KV cache than exists ({self.num_blocks} blocks of "
+                                      f"{self.block_size}); raise --kv-cache-memory")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
+
+    # --- one step ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> list[int | None]:
+        """Runs one forward over the scheduled chunks; returns a sampled token per entry (None if mid-prompt).
+
+        Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens.
+        """
+        t0 = time.perf_counter()
+        # Single-token chunks first: they are attended together as one padded batch.
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i][1] != 1)
+        items = [scheduled[i] for i in order]
+        meta, input_ids, positions = self._prepare(items)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+
+        rows, sampled_items = [], []
+        end = 0
+        for seq, n in items:
+            end += n
+            if seq.num_computed_tokens + n == len(seq.token_ids):
+                rows.append(end - 1)
+                sampled_items.append(seq)
+        tokens: dict[int, int] = {}
+        if rows:
+            logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+            self._suppress_early_stops(logits, sampled_items)
+            histories = ([s.token_ids for s in sampled_items]
+                         if any(s.params.repetition_penalty != 1.0 for s in sampled_items) else None)
+            ids = self.sampler(logits, [s.params for s in sampled_items], [s.generator for s in sampled_items],
+                               histories).tolist()
+            tokens = {s.seq_id: t for s, t in zip(sampled_items, ids)}
+        self.last_step = StepStats(len(input_ids), len(items), time.perf_counter() - t0)
+        return [tokens.get(seq.seq_id) for seq, _ in scheduled]
+
+    def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens: a sequence that may not stop yet cannot sample EOS or its stop tokens."""
+        for row, s in enumerate(seqs):
+            if s.num_output_tokens < s.params.min_tokens:
+                banned = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(self.eos_token_ids))
+                logits[row, banned] = float("-inf")
+
+    def _prepare(self, items: list[tuple[Sequence, int]]) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+        bs, dev = self.block_size, self.device
+        decodes = [s for s, n in items if n == 1]
+        d = len(decodes)
+        ids: list[int] = [s.token_ids[s.num_computed_tokens] for s in decodes]
+        pos: list[int] = [s.num_computed_tokens for s in decodes]
+        decode_slots = decode_mask = None
+        slot_parts = []
+        if d:
+            ctx = torch.tensor(pos) + 1
+            width = max(len(s.block_table) for s in decodes)
+            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decodes])
+            max_ctx = int(ctx.max())
+            all_slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).view(d, -1)[:, :max_ctx]
+            slot_parts.append(all_slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1))
+            decode_slots = all_slots.to(dev)
+            decode_mask = (torch.arange(max_ctx) < ctx.unsqueeze(1)).view(d, 1, 1, max_ctx).to(dev)
+        prefills = []
+        row = d
+        for s, n in items[d:]:
+            start = s.num_computed_tokens
+            ctx_len = start + n
+            ids.extend(s.token_ids[start:ctx_len])
+            pos.extend(range(start, ctx_len))
+            table = torch.tensor(s.block_table)
+            p = torch.arange(ctx_len)
+            slots = table[p // bs] * bs + p % bs
+            slot_parts.append(slots[start:])
+            if start == 0:
+                prefills.append(PrefillChunk(row, row + n, ctx_len, None, None))
+            else:  # continues a cached prefix: query i (position start+i) sees keys 0..start+i
+                mask = p.unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
+                prefills.append(PrefillChunk(row, row + n, ctx_len, slots.to(dev), mask.to(dev)))
+            row += n
+        meta = AttentionMetadata(torch.cat(slot_parts).to(dev), d, decode_slots, decode_mask, prefills)
+        return meta, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)

@@ -1,0 +1,134 @@
+"""Turns a batch of next-token logits into token ids, each row with its own SamplingParams."""
+
+from __future__ import annotations
+
+import torch
+
+from model_runner.sampling_params import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The request's own generator, or None for an unseeded request (which then uses the sampler's shared one)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, token_histories: list[list[int]]) -> torch.Tensor:
+    """HF/CTRL repetition penalty: a seen token's logit is divided by the row's penalty if > 0, else multiplied.
+
+    logits [B, V] float, penalties [B], token_histories: B lists of token ids (ragged). Returns a new tensor.
+    """
+    width = max((len(h) for h in token_histories), default=0)
+    if width == 0:
+        return logits
+    vocab = logits.shape[1]
+    # Pad with an extra column index `vocab` that is dropped afterwards, so padding never marks a real token as seen.
+    ids = torch.tensor([h + [vocab] * (width - len(h)) for h in token_histories], device=logits.device)
+    seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)[:, :vocab]
+    penalties = penalties.to(logits).unsqueeze(1)
+    penalised = torch.where(logits > 0, logits / penalties, logits * penalties)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus to -inf; returns a new tensor.
+
+    logits [B, V] float; top_k [B] int in [1, V] (V = off) or None; top_p [B] float in (0, 1] (1 = off) or None.
+    One descending sort serves both filters; rows with a filter off are left exactly as they are.
+    """
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    # Mask by rank, not by value against the k-th logit, so exactly k tokens survive even when logits tie.
+    drop = rank >= top_k.to(logits.device).unsqueeze(1) if top_k is not None else torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_p is not None:
+        top_p = top_p.to(logits).unsqueeze(1)
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        # Keep token j iff the mass strictly before it is < p: the smallest prefix whose mass reaches p.
+        outside = (probs.cumsum(-1) - probs) >= top_p
+        # Rows with p = 1 stay untouched: float rounding could otherwise push the cumulative mass of the tail to 1.
+        drop |= outside & (top_p < 1)
+    drop[:, 0] = False  # the top token always survives
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed  # seeds the shared generator that unseeded requests draw from; None = nondeterministic
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        # One per device, made lazily: a generator can only feed tensors on its own device.
+        g = self._shared.get(device)
+        if g is None:
+            g = torch.Generator(device=device)
+            if self.seed is None:
+                g.seed()
+            else:
+                g.manual_seed(self.seed)
+            self._shared[device] = g
+        return g
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        token_histories: list[list[int]] | None = None,
+    ) -> torch.Tensor:
+        """Sample one token per row of logits [B, V]; returns int64 [B].
+
+        generators[i] is row i's own generator (make_generator) or None for the shared one; token_histories[i] is
+        row i's prompt + output ids, needed only for rows with repetition_penalty != 1.
+        """
+        if logits.dim() != 2 or not len(params) == len(generators) == logits.shape[0]:
+            raise ValueError(f"need logits [B, V] with B = len(params) = len(generators); got {tuple(logits.shape)}, "
+                             f"{len(params)} params, {len(generators)} generators")
+        device = logits.device
+
+        penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if penalised:
+            if token_histories is None:
+                raise ValueError("token_histories is required when a row has repetition_penalty != 1")
+            idx = torch.tensor(penalised, device=device)
+            rows = apply_repetition_penalty(
+                logits[idx].float(),
+                torch.tensor([params[i].repetition_penalty for i in penalised]),
+                [list(token_histories[i]) for i in penalised],
+            )
+            logits = logits.float().index_copy(0, idx, rows)  # out of place: the caller's logits stay as they were
+
+        tokens = logits.argmax(-1)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled:  # the common all-greedy decode step: no float copy, no sort, no randomness
+            return tokens
+
+        idx = torch.tensor(sampled, device=device)
+        sp = [params[i] for i in sampled]
+        x = logits[idx].float() / torch.tensor([p.temperature for p in sp], device=device).unsqueeze(1)
+        vocab = x.shape[1]
+        ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in sp]
+        x = apply_top_k_top_p(
+            x,
+            torch.tensor(ks, device=device) if any(k < vocab for k in ks) else None,
+            torch.tensor([p.top_p for p in sp], device=device) if any(p.top_p < 1 for p in sp) else None,
+        )
+        tokens[idx] = self._exponential_race(x.softmax(-1), [generators[i] for i in sampled])
+        return tokens
+
+    def _exponential_race(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """argmax(p / E) with E ~ Exp(1) picks token j with probability p_j (the smallest E/p_j wins the race).
+
+        Seeded rows draw their noise from their own generator, so their tokens don't depend on batch companions;
+        the rest share one draw from the sampler's generator.
+        """
+        noise = torch.empty_like(probs).exponential_(generator=self._shared_generator(probs.device))
+        for i, g in enumerate(generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        # Some backends can return an exact 0; 0/0 would be NaN, which argmax would pick.
+        return probs.div_(noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(-1)

@@ -1,0 +1,63 @@
+"""Per-request sampling parameters and their validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from model_runner.errors import InvalidRequestError
+
+# Temperatures below this are treated as greedy: dividing logits by them overflows float32 to inf, and the
+# distribution is a point mass on the argmax anyway (the same cut-off vLLM uses).
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 or -1 means off
+    top_p: float = 1.0
+    seed: int | None = None  # per-request seed: same seed + same prompt -> same text, whatever else is in the batch
+    repetition_penalty: float = 1.0  # HF/CTRL: logits of seen tokens (prompt + output) divided by it if > 0, else multiplied
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings, checked at text level by the engine
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        # Requests arrive as JSON, so lists are normal here; a bare string is one stop string, not its characters.
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    def validate(self) -> SamplingParams:
+        """Raise InvalidRequestError naming the first bad field and its allowed range; return self if all are good."""
+
+        def check(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                raise InvalidRequestError(f"{field} must be {allowed}, got {getattr(self, field)!r}")
+
+        check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1")
+        check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0")
+        check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "-1 or 0 (off), or an integer >= 1")
+        check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed", "null or an integer in [0, 2**63)")
+        check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "a finite number > 0")
+        check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "a list of integers >= 0")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean")
+        check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+              f"an integer in [0, max_tokens={self.max_tokens}]")
+        return self

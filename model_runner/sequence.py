@@ -1,0 +1,54 @@
+"""A Sequence: one request's tokens and its place in the KV cache, the unit the runner and scheduler share."""
+from __future__ import annotations
+
+import itertools
+from enum import Enum
+
+import torch
+
+from .sampler import make_generator
+from .sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"        # EOS, a stop token id or a stop string
+    LENGTH = "length"    # max_tokens, or the context window is full
+    ABORT = "abort"      # cancelled by the client or the server
+
+
+class Sequence:
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, seq_id: int | None = None):
+        self.seq_id = next(_ids) if seq_id is None else seq_id
+        self.token_ids = list(prompt_token_ids)   # prompt, then every generated token
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0              # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.params = params
+        self.generator: torch.Generator | None = make_generator(params.seed, "cpu")
+        self.finish_reason: FinishReason | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append_token(self, token_id: int, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
+        """Adds a sampled token and decides whether the sequence ends with it (token-level stop rules)."""
+        self.token_ids.append(token_id)
+        p, n = self.params, self.num_output_tokens
+        if n >= p.min_tokens and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in eos_token_ids)):
+            self.finish_reason = FinishReason.STOP
+        elif n >= p.max_tokens or len(self.token_ids) >= max_model_len:
+            self.finish_reason = FinishReason.LENGTH
