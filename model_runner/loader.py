@@ -88,10 +88,10 @@ def load_tokenizer(path: Path):
 
 def load_model_dir(name: str, progress: bool = True):
     """(directory, weights by HF name, tokenizer) for a model source."""
-    path = resolve_model(name, progress)
-    weights = load_weights(path)
     from .config import ModelConfig
-    cfg = ModelConfig.from_hf_dir(path)
+    path = resolve_model(name, progress)
+    cfg = ModelConfig.from_hf_dir(path)  # first: a wrong architecture is the clearer message
+    weights = load_weights(path)
     missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight")
                if k not in weights]
     if missing or (not cfg.tie_word_embeddings and "lm_head.weight" not in weights):

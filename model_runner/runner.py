@@ -19,6 +19,7 @@ from .kv_cache import BlockAllocator, allocate_kv_cache, kv_cache_bytes_per_bloc
 from .loader import load_model_dir
 from .model import LlamaModel
 from .sampler import Sampler
+from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,6 +111,19 @@ class ModelRunner:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [n, vocab] at every position of a prompt (reference checks), through the paged path."""
+        self.check_prompt(token_ids)
+        seq = Sequence(token_ids, SamplingParams())
+        if not self.block_allocator.grow(seq.block_table, len(token_ids)):
+            raise InvalidRequestError("not enough free KV blocks to score this prompt now")
+        try:
+            meta, input_ids, positions = self._prepare([(seq, len(token_ids))])
+            return self.model.logits(self.model.forward(input_ids, positions, self.kv_cache, meta))
+        finally:
+            self.block_allocator.free(seq.block_table)
 
     # --- one step ---------------------------------------------------------------------------------------
 

@@ -33,8 +33,9 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * 0.2
 
-    w = {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": 1 + 0.1 * torch.randn(d, generator=g),
-         "lm_head.weight": rand(v, d)}
+    w = {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": 1 + 0.1 * torch.randn(d, generator=g)}
+    if not config["tie_word_embeddings"]:
+        w["lm_head.weight"] = rand(v, d)
     for n in range(config["num_hidden_layers"]):
         p = f"model.layers.{n}."
         w |= {p + "self_attn.q_proj.weight": rand(h * hd, d), p + "self_attn.k_proj.weight": rand(kvh * hd, d),
@@ -43,6 +44,9 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
               p + "mlp.down_proj.weight": rand(d, i),
               p + "input_layernorm.weight": 1 + 0.1 * torch.randn(d, generator=g),
               p + "post_attention_layernorm.weight": 1 + 0.1 * torch.randn(d, generator=g)}
+        if config.get("attention_bias"):  # Qwen2-style q/k/v biases
+            w |= {p + "self_attn.q_proj.bias": rand(h * hd), p + "self_attn.k_proj.bias": rand(kvh * hd),
+                  p + "self_attn.v_proj.bias": rand(kvh * hd)}
     return w
 
 

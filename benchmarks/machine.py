@@ -1,0 +1,90 @@
+"""The machine's ceilings, measured rather than looked up: peak matmul throughput per dtype and memory bandwidth.
+
+A roofline needs both: a kernel with few FLOPs per byte moved (small-batch decode) is capped by bandwidth, one
+with many (large batches, prefill) by the matmul peak. `python -m benchmarks.machine` prints them.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def best_seconds(fn: Callable[[], object], reps: int) -> float:
+    """Fastest of `reps` timed calls, after one untimed call that pays for page faults and kernel selection."""
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """oneDNN's prepacked linear x @ w.T, the kernel model_runner.linear uses; None where this torch lacks it."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+        fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+        fn()
+        return fn
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    """Best GFLOP/s of an n^3 matmul over torch.mm and the packed linear: the ceiling our kernels can reach."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    kernels = [lambda: torch.mm(a, b), _packed_linear(a, b)]
+    return max(2 * n**3 / best_seconds(k, reps) for k in kernels if k) / 1e9
+
+
+def copy_gbps(nbytes: int = 2**30, reps: int = 3) -> float:
+    """Memory bandwidth of a large copy, counting the bytes read and the bytes written."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / best_seconds(lambda: dst.copy_(src), reps) / 1e9
+
+
+@dataclass
+class Machine:
+    cpu: str
+    threads: int
+    torch_version: str
+    matmul_gflops: dict[str, float]  # by dtype name
+    copy_gbps: float
+
+    @classmethod
+    def measure(cls, dtypes: tuple[str, ...] = tuple(DTYPES)) -> Machine:
+        return cls(cpu_model(), torch.get_num_threads(), torch.__version__,
+                   {d: matmul_gflops(DTYPES[d]) for d in dtypes}, copy_gbps())
+
+    def roofline_gflops(self, dtype: str, flops_per_byte: float) -> float:
+        """The attainable GFLOP/s of a kernel with this arithmetic intensity."""
+        return min(self.matmul_gflops[dtype], flops_per_byte * self.copy_gbps)
+
+    def describe(self) -> str:
+        peaks = ", ".join(f"{d} {g:,.0f}" for d, g in self.matmul_gflops.items())
+        return (f"machine: {self.cpu}, {self.threads} threads, torch {self.torch_version}\n"
+                f"ceilings: matmul GFLOP/s {peaks}; copy {self.copy_gbps:.1f} GB/s")
+
+
+if __name__ == "__main__":
+    print(Machine.measure().describe())

@@ -1,0 +1,196 @@
+"""Micro-benchmark: jitney's decode step and static-batch generate against transformers' generate on the same
+weights and prompts, per dtype and batch size, with each decode step placed on the machine's roofline.
+
+    python -m benchmarks.micro [--quick] [--model M] [--batch-sizes 1,8,32,64,128] [--dtypes float32,bfloat16]
+                               [--prompt-len 32] [--gen-len 64] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from model_runner.config import ModelConfig, RunnerConfig
+from model_runner.generate import generate, step
+from model_runner.kv_cache import kv_cache_bytes_per_block
+from model_runner.loader import DEFAULT_MODEL, resolve_model
+from model_runner.runner import ModelRunner, resolve_dtype
+from model_runner.sampling_params import SamplingParams
+from model_runner.sequence import Sequence
+
+from .machine import Machine
+
+WARMUP_STEPS = 2  # decode steps run before timing: the first calls of a new shape pick oneDNN kernels
+PROMPT_TEXT = "The jitney leaves when it is full or when it has waited long enough, and stops at every corner. "
+COLUMNS = ["dtype", "batch", "jitney decode step ms", "jitney decode tok/s", "jitney generate tok/s",
+           "HF generate tok/s", "speed-up", "achieved GFLOP/s", "% of roofline"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--batch-sizes", default="1,8,32,64,128")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="batch sizes 1,8 and 8 new tokens (a smoke run)")
+    p.add_argument("--json", help="write every figure to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.gen_len = "1,8", 8
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    return args
+
+
+# --- workload ------------------------------------------------------------------------------------------------
+
+def make_prompts(tokenizer, batch: int, prompt_len: int) -> list[list[int]]:
+    """Deterministic prompts of exactly prompt_len tokens, each different (its number leads), so no padding."""
+    text = PROMPT_TEXT * (prompt_len // 4 + 1)  # more than prompt_len tokens whatever the tokenizer
+    return [tokenizer(f"Rider {i}: {text}", add_special_tokens=False)["input_ids"][:prompt_len]
+            for i in range(batch)]
+
+
+def kv_cache_memory(model: str, dtype: str, max_batch: int, tokens_per_seq: int, block_size: int = 16) -> int:
+    """Enough KV cache for the largest batch with a block of margin per sequence, and no more."""
+    mc = ModelConfig.from_hf_dir(resolve_model(model))
+    blocks = max_batch * (-(-tokens_per_seq // block_size) + 1)
+    return blocks * kv_cache_bytes_per_block(mc, block_size, resolve_dtype(dtype, "cpu"))
+
+
+# --- timings -------------------------------------------------------------------------------------------------
+
+def time_decode_step(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
+    """Mean seconds of a step() that decodes one token for every sequence, after prefill and a warm-up."""
+    params = SamplingParams(max_tokens=1 + WARMUP_STEPS + gen_len, ignore_eos=True)
+    seqs = [Sequence(p, params) for p in prompts]
+    try:
+        for _ in range(1 + WARMUP_STEPS):  # prefill (samples the first token), then warm-up decodes
+            step(runner, seqs)
+        t0 = time.perf_counter()
+        for _ in range(gen_len):
+            step(runner, seqs)
+        return (time.perf_counter() - t0) / gen_len
+    finally:
+        for s in seqs:
+            runner.block_allocator.free(s.block_table)
+
+
+def time_generate(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
+    t0 = time.perf_counter()
+    generate(runner, prompts, SamplingParams(max_tokens=gen_len, ignore_eos=True))
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def time_hf_generate(model, prompts: list[list[int]], gen_len: int, pad_token_id: int) -> float:
+    input_ids = torch.tensor(prompts)
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                  pad_token_id=pad_token_id)
+    model.generate(**kwargs, max_new_tokens=2, min_new_tokens=2)  # warm-up at this batch's shapes
+    t0 = time.perf_counter()
+    out = model.generate(**kwargs, max_new_tokens=gen_len, min_new_tokens=gen_len)
+    seconds = time.perf_counter() - t0
+    assert out.shape == (len(prompts), len(prompts[0]) + gen_len), "HF generated a different number of tokens"
+    return seconds
+
+
+# --- roofline ------------------------------------------------------------------------------------------------
+
+def matmul_params(mc: ModelConfig) -> int:
+    """Weights a token multiplies through: q, k, v, o, gate, up, down per layer, and the lm_head."""
+    attn = mc.hidden_size * mc.head_dim * 2 * (mc.num_attention_heads + mc.num_key_value_heads)
+    mlp = 3 * mc.hidden_size * mc.intermediate_size
+    return mc.num_hidden_layers * (attn + mlp) + mc.vocab_size * mc.hidden_size
+
+
+def decode_step_cost(mc: ModelConfig, batch: int, context_len: float, elem_bytes: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one decode step: every weight is read once for the batch, each sequence's KV once."""
+    attn_flops = 4 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * context_len  # q.k and p.v
+    flops = (2 * matmul_params(mc) + attn_flops) * batch
+    kv_bytes = mc.kv_bytes_per_token_per_element * context_len * elem_bytes * batch
+    return flops, matmul_params(mc) * elem_bytes + kv_bytes
+
+
+# --- one row -------------------------------------------------------------------------------------------------
+
+def bench_row(runner: ModelRunner, hf_model, machine: Machine, dtype: str, batch: int, prompt_len: int,
+              gen_len: int) -> dict:
+    prompts = make_prompts(runner.tokenizer, batch, prompt_len)
+    step_s = time_decode_step(runner, prompts, gen_len)
+    gen_s = time_generate(runner, prompts, gen_len)
+    pad = runner.tokenizer.pad_token_id if runner.tokenizer.pad_token_id is not None else runner.eos_token_ids[0]
+    hf_s = time_hf_generate(hf_model, prompts, gen_len, pad)
+    # Mean context over the timed steps: decode step k attends to prompt_len + k tokens.
+    context_len = prompt_len + WARMUP_STEPS + (gen_len + 1) / 2
+    flops, nbytes = decode_step_cost(runner.model_config, batch, context_len, runner.dtype.itemsize)
+    roofline = machine.roofline_gflops(dtype, flops / nbytes)
+    achieved = flops / step_s / 1e9
+    return dict(dtype=dtype, batch=batch, decode_step_ms=step_s * 1e3, decode_tok_s=batch / step_s,
+                generate_tok_s=batch * gen_len / gen_s, hf_generate_tok_s=batch * gen_len / hf_s,
+                speedup=hf_s / gen_s, context_len=context_len, flops_per_step=flops, bytes_per_step=nbytes,
+                intensity=flops / nbytes, roofline_gflops=roofline, achieved_gflops=achieved,
+                roofline_pct=100 * achieved / roofline)
+
+
+def bench_dtype(args: argparse.Namespace, machine: Machine, dtype: str, bar: tqdm) -> list[dict]:
+    """All batch sizes for one dtype, loading jitney and the transformers reference once."""
+    from transformers import AutoModelForCausalLM
+    budget = kv_cache_memory(args.model, dtype, max(args.batch_sizes),
+                             args.prompt_len + 1 + WARMUP_STEPS + args.gen_len)
+    runner = ModelRunner(RunnerConfig(model=args.model, dtype=dtype, kv_cache_memory=budget), progress=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(runner.model_path, dtype=runner.dtype).eval()
+    rows = []
+    for batch in args.batch_sizes:
+        bar.set_description(f"{dtype} batch {batch}")
+        rows.append(bench_row(runner, hf_model, machine, dtype, batch, args.prompt_len, args.gen_len))
+        bar.update()
+    return rows
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+def format_header(args: argparse.Namespace, machine: Machine, mc: ModelConfig) -> str:
+    return (f"# jitney micro-benchmark\n\n{machine.describe()}\n"
+            f"model: {args.model} ({matmul_params(mc) / 1e6:.1f}M matmul parameters, {mc.num_hidden_layers} layers); "
+            f"prompt {args.prompt_len} tokens, generate {args.gen_len} tokens, greedy")
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [r["dtype"], str(r["batch"]), f"{r['decode_step_ms']:.1f}", f"{r['decode_tok_s']:,.0f}",
+                 f"{r['generate_tok_s']:,.0f}", f"{r['hf_generate_tok_s']:,.0f}", f"{r['speedup']:.2f}x",
+                 f"{r['achieved_gflops']:.1f}", f"{r['roofline_pct']:.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    machine = Machine.measure(tuple(args.dtypes))
+    rows = []
+    with tqdm(total=len(args.dtypes) * len(args.batch_sizes), unit="row") as bar:
+        for dtype in args.dtypes:
+            rows += bench_dtype(args, machine, dtype, bar)
+            gc.collect()  # drop this dtype's models before the next loads
+    mc = ModelConfig.from_hf_dir(resolve_model(args.model))
+    print(format_header(args, machine, mc) + "\n\n" + format_table(rows))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    report = dict(machine=asdict(machine), model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                  warmup_steps=WARMUP_STEPS, rows=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Helpers comparing our runner with transformers on the same model directory."""
+import torch
+
+from model_runner.generate import generate
+from model_runner.sampling_params import SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 4, 5,",
+    "Photosynthesis is the process by which",
+    "<html><body><h1>",
+    "Q: What is the boiling point of water?\nA:",
+    "Les feuilles mortes se ramassent à la pelle,",
+]
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def hf_greedy(hf, prompt_ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of exactly n tokens (EOS does not stop it, nor is it masked)."""
+    hf.generation_config.eos_token_id = None  # a None passed to generate() is filled back from here
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def our_greedy(runner, prompts_ids: list[list[int]], n: int) -> list[list[int]]:
+    """Ours, run together as one batch, n tokens each."""
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    return [s.output_token_ids for s in generate(runner, prompts_ids, params)]
