@@ -1,9 +1,15 @@
 """Paged attention in plain PyTorch: write this step's K/V into cache slots, read each sequence's K/V back
 through its block table.
 
-The cache of one layer is a flat array of slots [num_blocks * block_size, kv_heads, head_dim]; a token's slot
-is block_table[pos // block_size] * block_size + pos % block_size. Decoding sequences (one query each) are
-attended together in one padded batch; prefill chunks (many queries) one sequence at a time, causally.
+One layer's K (or V) cache is [kv_heads, num_blocks, block_size, head_dim]: heads first, so gathering a batch
+of block tables with one index_select yields [kv_heads, seqs, context, head_dim] already laid out for a
+batched matmul (no transposing copy, which costs more than the attention itself at these sizes). A token at
+position p of a sequence lives in block block_table[p // block_size] at offset p % block_size; its "slot" is
+block * block_size + offset.
+
+Decodes (one query each) are attended together, as two batched matmuls and a masked softmax: SDPA's CPU
+kernels are tuned for long queries and are several times slower for single-token ones. Prefill chunks (many
+queries) go one sequence at a time through SDPA, causally.
 """
 from __future__ import annotations
 
@@ -15,44 +21,52 @@ import torch.nn.functional as F
 
 @dataclass
 class PrefillChunk:
-    start: int          # first query row of the chunk in the flat batch
-    end: int            # one past the last query row
-    context_len: int    # tokens the sequence holds after this step (cached prefix + this chunk)
-    slots: torch.Tensor | None   # [context_len] cache slots to read; None when the chunk is the whole context
-    mask: torch.Tensor | None    # [n, context_len] causal mask when the chunk follows a cached prefix
+    start: int                        # first query row of the chunk in the flat batch
+    end: int                          # one past the last query row
+    context_len: int                  # tokens the sequence holds after this step (cached prefix + this chunk)
+    block_table: torch.Tensor | None  # blocks to read; None when the chunk is the whole context (fresh prompt)
+    mask: torch.Tensor | None         # [n, context_len] causal mask when the chunk follows a cached prefix
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor            # [T] where each new token's K/V goes
-    num_decodes: int                      # the first num_decodes rows are single-token decodes
-    decode_slots: torch.Tensor | None     # [D, max_context] slots of each decode's context (padded)
-    decode_mask: torch.Tensor | None      # [D, 1, 1, max_context] True where a key is real
+    slot_mapping: torch.Tensor               # [T] where each new token's K/V goes
+    num_decodes: int                         # the first num_decodes rows are single-token queries
+    decode_block_tables: torch.Tensor | None  # [D, max_blocks] (padded with block 0)
+    decode_bias: torch.Tensor | None         # [1, D, 1, max_blocks * block_size] 0 for real keys, -inf for padding
     prefills: list[PrefillChunk]
+
+
+def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
+    """cache [KVH, blocks, bs, D] <- x [T, KVH, D] at the given slots."""
+    kvh, _, _, d = cache.shape
+    cache.view(kvh, -1, d).index_copy_(1, slot_mapping, x.transpose(0, 1))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] for this step's tokens -> attention output [T, H, D]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    write_kv(k_cache, meta.slot_mapping, k)
+    write_kv(v_cache, meta.slot_mapping, v)
+    kvh, _, bs, d = k_cache.shape
     out = torch.empty_like(q)
     n = meta.num_decodes
     if n:
-        # [D, ctx, KVH, Dh] gathered through the block tables, heads first for SDPA.
-        kd = k_cache[meta.decode_slots].transpose(1, 2)
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:n].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask,
-                                           scale=scale, enable_gqa=True)
-        out[:n] = o.squeeze(2)
+        tables = meta.decode_block_tables.view(-1)
+        kd = k_cache.index_select(1, tables).view(kvh, n, -1, d)   # [KVH, D, ctx, Dh]
+        vd = v_cache.index_select(1, tables).view(kvh, n, -1, d)
+        qd = q[:n].view(n, kvh, -1, d).transpose(0, 1)             # [KVH, D, group, Dh]
+        scores = torch.add(meta.decode_bias, torch.matmul(qd, kd.transpose(-1, -2)), alpha=scale)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)           # float32 softmax, as the reference does
+        out[:n] = torch.matmul(probs, vd).transpose(0, 1).reshape(n, -1, d)
     for c in meta.prefills:
         qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
-        if c.slots is None:  # a fresh prompt: its keys are exactly this chunk's, plain causal attention
-            kc, vc = k[c.start:c.end], v[c.start:c.end]
+        if c.block_table is None:  # a fresh prompt: its keys are exactly this chunk's
+            kc, vc = k[c.start:c.end].transpose(0, 1), v[c.start:c.end].transpose(0, 1)
         else:
-            kc, vc = k_cache[c.slots], v_cache[c.slots]
-        o = F.scaled_dot_product_attention(qc, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0),
-                                           attn_mask=c.mask, is_causal=c.mask is None, scale=scale,
-                                           enable_gqa=True)
+            kc = k_cache.index_select(1, c.block_table).view(kvh, -1, d)[:, : c.context_len]
+            vc = v_cache.index_select(1, c.block_table).view(kvh, -1, d)[:, : c.context_len]
+        o = F.scaled_dot_product_attention(qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=c.mask,
+                                           is_causal=c.mask is None, scale=scale, enable_gqa=True)
         out[c.start:c.end] = o[0].transpose(0, 1)
     return out

@@ -6,7 +6,7 @@ fragmented, and reference counts let several sequences share a block (prefix cac
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 import torch
 
@@ -15,11 +15,26 @@ from .config import ModelConfig
 DEFAULT_CPU_KV_BYTES = 2 * 1024**3  # the CPU has no "free memory" to take a fraction of: a fixed budget
 
 
+def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    """Identity of a full block: its tokens and, through the parent's hash, every token before it."""
+    return hash((parent, token_ids))
+
+
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int):
+    """Free list + reference counts, with an optional prefix cache over full blocks.
+
+    The free list is kept in release order and doubles as the LRU of the prefix cache: a freed block keeps its
+    contents and hash, so a later request with the same prefix can take it back (a hit); allocation takes the
+    least recently freed block first and only then forgets what it held (eviction).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}                            # block hash -> block id
+        self.block_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # block id -> (hash, token ids)
 
     @property
     def num_free(self) -> int:
@@ -35,9 +50,15 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free_ids):
             raise RuntimeError(f"KV cache exhausted: need {n} blocks, {len(self.free_ids)} free")
-        ids = [self.free_ids.popleft() for _ in range(n)]
-        for i in ids:
+        ids = []
+        for _ in range(n):
+            i, _ = self.free_ids.popitem(last=False)
+            if i in self.block_key:  # evict: its old contents are about to be overwritten
+                h, _ = self.block_key.pop(i)
+                if self.cached.get(h) == i:
+                    del self.cached[h]
             self.ref_counts[i] = 1
+            ids.append(i)
         return ids
 
     def grow(self, block_table: list[int], num_tokens: int) -> bool:
@@ -49,16 +70,36 @@ class BlockAllocator:
         return True
 
     def share(self, block_id: int) -> None:
+        """One more reference to a block (a prefix-cache hit may take it back from the free list)."""
+        if self.ref_counts[block_id] == 0:
+            del self.free_ids[block_id]
         self.ref_counts[block_id] += 1
 
     def free(self, block_table: list[int]) -> None:
-        """Drop one reference to each block (a sequence's table, released when it ends or is preempted)."""
-        for i in block_table:
+        """Drop one reference to each block (a sequence's table, released when it ends or is preempted).
+
+        The table's tail goes to the free list first, so the shared head of a prefix is evicted last."""
+        for i in reversed(block_table):
             self.ref_counts[i] -= 1
             assert self.ref_counts[i] >= 0, f"block {i} freed twice"
             if self.ref_counts[i] == 0:
-                self.free_ids.append(i)
+                self.free_ids[i] = None
         block_table.clear()
+
+    # --- prefix cache ------------------------------------------------------------------------------------
+
+    def lookup(self, h: int, token_ids: tuple[int, ...]) -> int | None:
+        """The cached block holding exactly these tokens after the prefix hashed into h, if any."""
+        i = self.cached.get(h)
+        if i is None or self.block_key[i][1] != token_ids:  # a hash collision is a miss, never a silent reuse
+            return None
+        return i
+
+    def register(self, block_id: int, h: int, token_ids: tuple[int, ...]) -> None:
+        """Record that a full block holds token_ids after the prefix hashed into h."""
+        if self.enable_prefix_caching and block_id not in self.block_key:
+            self.block_key[block_id] = (h, token_ids)
+            self.cached.setdefault(h, block_id)
 
 
 def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -80,6 +121,8 @@ def plan_num_blocks(cfg: ModelConfig, block_size: int, dtype: torch.dtype, devic
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: str) -> torch.Tensor:
-    """[layers, 2 (K, V), slots, kv_heads, head_dim], zeroed once and reused for the server's life."""
-    return torch.zeros(cfg.num_hidden_layers, 2, num_blocks * block_size, cfg.num_key_value_heads,
+    """[layers, 2 (K, V), kv_heads, blocks, block_size, head_dim], zeroed once and reused for the server's life.
+
+    Zeroed, not empty: padded reads touch unused slots, and garbage there could be NaN (masked, but NaN * 0)."""
+    return torch.zeros(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, num_blocks, block_size,
                        cfg.head_dim, dtype=dtype, device=device)

@@ -59,7 +59,7 @@ class LlamaModel:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T]. kv_cache: [layers, 2, slots, kv_heads, head_dim]. Returns hidden [T, d]."""
+        """input_ids, positions: [T]. kv_cache: [layers, 2, kv_heads, blocks, block_size, head_dim]. -> hidden [T, d]"""
         x = self.embed[input_ids]
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         for i, layer in enumerate(self.layers):

@@ -167,38 +167,35 @@ class ModelRunner:
                 logits[row, banned] = float("-inf")
 
     def _prepare(self, items: list[tuple[Sequence, int]]) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+        """Flat tensors for one step. Decodes (single-token chunks) come first, as `execute` orders them."""
         bs, dev = self.block_size, self.device
         decodes = [s for s, n in items if n == 1]
         d = len(decodes)
         ids: list[int] = [s.token_ids[s.num_computed_tokens] for s in decodes]
         pos: list[int] = [s.num_computed_tokens for s in decodes]
-        decode_slots = decode_mask = None
-        slot_parts = []
+        slots: list[int] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)]
+        tables = bias = None
         if d:
-            ctx = torch.tensor(pos) + 1
-            width = max(len(s.block_table) for s in decodes)
-            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decodes])
-            max_ctx = int(ctx.max())
-            all_slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).view(d, -1)[:, :max_ctx]
-            slot_parts.append(all_slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1))
-            decode_slots = all_slots.to(dev)
-            decode_mask = (torch.arange(max_ctx) < ctx.unsqueeze(1)).view(d, 1, 1, max_ctx).to(dev)
+            width = -(-(max(pos) + 1) // bs)
+            tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
+                                   for s in decodes], device=dev)
+            keys = torch.arange(width * bs)
+            bias = torch.zeros(d, width * bs).masked_fill_(keys > torch.tensor(pos).unsqueeze(1), float("-inf"))
+            bias = bias.view(1, d, 1, -1).to(dev)
         prefills = []
         row = d
         for s, n in items[d:]:
-            start = s.num_computed_tokens
-            ctx_len = start + n
+            start, ctx_len = s.num_computed_tokens, s.num_computed_tokens + n
             ids.extend(s.token_ids[start:ctx_len])
             pos.extend(range(start, ctx_len))
-            table = torch.tensor(s.block_table)
-            p = torch.arange(ctx_len)
-            slots = table[p // bs] * bs + p % bs
-            slot_parts.append(slots[start:])
+            table = s.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, ctx_len))
             if start == 0:
                 prefills.append(PrefillChunk(row, row + n, ctx_len, None, None))
-            else:  # continues a cached prefix: query i (position start+i) sees keys 0..start+i
-                mask = p.unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
-                prefills.append(PrefillChunk(row, row + n, ctx_len, slots.to(dev), mask.to(dev)))
+            else:  # continues a cached prefix: query i (position start + i) sees keys 0 .. start + i
+                mask = torch.arange(ctx_len).unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
+                blocks = torch.tensor(table[: -(-ctx_len // bs)], device=dev)
+                prefills.append(PrefillChunk(row, row + n, ctx_len, blocks, mask.to(dev)))
             row += n
-        meta = AttentionMetadata(torch.cat(slot_parts).to(dev), d, decode_slots, decode_mask, prefills)
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), d, tables, bias, prefills)
         return meta, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)

@@ -28,6 +28,9 @@ class Sequence:
         self.params = params
         self.generator: torch.Generator | None = make_generator(params.seed, "cpu")
         self.finish_reason: FinishReason | None = None
+        # Scheduler bookkeeping: hashes of this sequence's full blocks (prefix cache), tokens found cached.
+        self.block_hashes: list[int] = []
+        self.num_cached_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -1,0 +1,42 @@
+"""The batcher's knobs, in one place (the API and benchmarks fill this from their flags)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("sequential", "static", "dynamic", "continuous")
+
+
+@dataclass
+class BatcherConfig:
+    policy: str = "continuous"
+    # The window (Triton's max_queue_delay): arrivals are gathered this long, or until max_batch_size are
+    # there, before they are released to the scheduler.
+    max_wait_ms: float = 2.0
+    max_batch_size: int = 32            # static/dynamic: the batch; every policy: the window's release size
+    static_flush_ms: float = 1000.0     # static: how long a partial batch may wait for companions
+    max_num_seqs: int = 128             # continuous: sequences running at once
+    max_num_batched_tokens: int = 512   # every policy: tokens in one forward (longer prompts are chunked)
+    max_queue: int = 1024               # requests waiting to start; beyond it new ones are refused (429)
+    max_queued_tokens: int = 2_000_000  # prompt tokens waiting to start; beyond it new ones are refused
+    max_rps: float | None = None        # admission rate limit (requests/second), None = unlimited
+    timeout_s: float | None = None      # a request still waiting to start after this long fails (504)
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> "BatcherConfig":
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        for name in ("max_batch_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "max_queued_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_wait_ms < 0 or self.static_flush_ms < 0:
+            raise ValueError("max_wait_ms and static_flush_ms must be >= 0")
+        return self
+
+    @property
+    def window_s(self) -> float:
+        """How long the queue holds the first arrival of a group before releasing it."""
+        if self.policy == "static":
+            return self.static_flush_ms / 1000
+        if self.policy == "sequential":
+            return 0.0
+        return self.max_wait_ms / 1000
