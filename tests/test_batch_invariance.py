@@ -1,0 +1,77 @@
+"""Batching changes speed, never text: on the real model in float32, every request's greedy output is the
+same under every policy, with any companions, through preemption, chunked prefill and prefix caching, as
+when it runs alone."""
+import random
+
+import pytest
+
+from model_runner.generate import generate
+
+from batcher.config import BatcherConfig
+from batcher.engine import Engine
+
+from .engine_helpers import collect, greedy, kv_blocks, run_requests
+
+pytestmark = pytest.mark.integration
+
+SYSTEM = "You are a helpful assistant who answers briefly and precisely. "  # a shared prefix for the cache
+TOPICS = ["the moon", "bread", "rivers", "prime numbers", "the violin", "volcanoes", "owls", "chess",
+          "glass", "the Roman empire", "tea", "magnets", "coral reefs", "compilers", "autumn", "bicycles"]
+
+
+@pytest.fixture(scope="module")
+def workload(smol_runner):
+    rng = random.Random(7)
+    tok = smol_runner.tokenizer
+    prompts, lengths = [], []
+    for i, topic in enumerate(TOPICS):
+        body = f"Tell me about {topic}." + " Please be detailed." * rng.randrange(0, 12)
+        prompts.append(tok((SYSTEM if i % 2 else "") + body)["input_ids"])
+        lengths.append(rng.randrange(4, 28))
+    offsets = [rng.uniform(0, 0.3) for _ in prompts]
+    alone = [generate(smol_runner, [p], greedy(n))[0].output_token_ids for p, n in zip(prompts, lengths)]
+    return prompts, lengths, offsets, alone
+
+
+CASES = {
+    "sequential": BatcherConfig(policy="sequential"),
+    "static": BatcherConfig(policy="static", max_batch_size=6, static_flush_ms=100),
+    "dynamic": BatcherConfig(policy="dynamic", max_batch_size=8, max_wait_ms=20),
+    "continuous": BatcherConfig(policy="continuous"),
+    "continuous-no-prefix-cache": BatcherConfig(policy="continuous", enable_prefix_caching=False),
+    "continuous-chunked": BatcherConfig(policy="continuous", max_num_batched_tokens=7),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_same_text_under_every_policy(smol_runner, workload, case):
+    prompts, lengths, offsets, alone = workload
+    results, stats = await run_requests(smol_runner, CASES[case], prompts, [greedy(n) for n in lengths], offsets)
+    assert [r[0] for r in results] == alone
+    if case == "continuous-chunked":
+        assert smol_runner.block_allocator.num_free == smol_runner.num_blocks
+    if case == "continuous":
+        assert stats.prefix_cache_hit_rate > 0   # the shared system prompt was found in the cache
+
+
+async def test_same_text_through_preemption(smol_runner, workload):
+    prompts, lengths, offsets, alone = workload
+    with kv_blocks(smol_runner, 14) as alloc:  # far fewer blocks than 16 concurrent requests need
+        results, stats = await run_requests(smol_runner, BatcherConfig(policy="continuous"), prompts,
+                                            [greedy(n) for n in lengths], offsets)
+        assert alloc.num_free == alloc.num_blocks
+    assert stats.preemptions > 0
+    assert [r[0] for r in results] == alone
+
+
+async def test_chunked_prefill_actually_chunked(smol_runner, workload):
+    prompts, lengths, _, alone = workload
+    # Prefix caching off: an earlier test cached this prompt, and a cached prompt needs no chunks.
+    engine = Engine(smol_runner, BatcherConfig(max_num_batched_tokens=7, enable_prefix_caching=False))
+    await engine.start()
+    try:
+        tokens, _, _ = await collect(await engine.add_request(prompts[3], greedy(lengths[3])))
+        assert engine.scheduler.stats.chunked_prefills >= len(prompts[3]) // 7 - 1
+        assert tokens == alone[3]
+    finally:
+        await engine.stop()
