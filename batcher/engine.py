@@ -105,6 +105,17 @@ class RequestStream:
 
 
 @dataclass
+class StepRecord:
+    start: float          # monotonic seconds
+    seconds: float
+    batch_size: int       # sequences in the step
+    num_tokens: int       # tokens fed (prefill chunks + decodes)
+    waiting: int          # requests waiting to start after the step was planned
+    preempted: int
+    kv_blocks_held: int   # blocks not on the free list (in use, or cached with no user)
+
+
+@dataclass
 class EngineStats:
     waiting: int
     running: int
@@ -113,6 +124,7 @@ class EngineStats:
     kv_blocks_total: int
     prefix_cache_hit_rate: float
     steps: int
+    mean_batch_size: float
     last_batch_size: int
     last_step_tokens: int
     prompt_tokens: int
@@ -121,9 +133,12 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, cfg: BatcherConfig | None = None, log_requests: bool = False):
+    def __init__(self, runner: ModelRunner, cfg: BatcherConfig | None = None, log_requests: bool = False,
+                 record_steps: bool = False):
         self.runner, self.cfg = runner, (cfg or BatcherConfig()).validate()
         self.log_requests = log_requests
+        # One StepRecord per model step when asked (benchmarks plot batch size and queue length over time).
+        self.step_log: list[StepRecord] | None = [] if record_steps else None
         runner.block_allocator.enable_prefix_caching = self.cfg.enable_prefix_caching
         self.scheduler = Scheduler(self.cfg, runner.block_allocator, runner.eos_token_ids, runner.max_model_len)
         self.queue = RequestQueue(self.cfg)
@@ -136,7 +151,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.accepting = True
         self.steps = self.prompt_tokens = self.generation_tokens = 0
-        self.last_batch_size = self.last_step_tokens = 0
+        self.last_batch_size = self.last_step_tokens = self.batch_size_sum = 0
         self.finished_by_reason: dict[str, int] = {}
         self.step_seconds = 0.0  # EWMA of a step's wall time: the retry hint's unit
 
@@ -240,6 +255,11 @@ class Engine:
             self.step_seconds = elapsed if not self.steps else 0.9 * self.step_seconds + 0.1 * elapsed
             self.steps += 1
             self.last_batch_size, self.last_step_tokens = len(plan.scheduled), plan.num_tokens
+            self.batch_size_sum += len(plan.scheduled)
+            if self.step_log is not None:
+                self.step_log.append(StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens,
+                                                self.stats().waiting, len(plan.preempted),
+                                                self.runner.num_blocks - self.runner.block_allocator.num_free))
             finished = self.scheduler.update(plan, sampled)
             self._emit(plan, sampled, finished)
 
@@ -324,9 +344,11 @@ class Engine:
             running=len(self.scheduler.running), preemptions=s.preemptions, kv_blocks_used=used,
             kv_blocks_total=alloc.num_blocks,
             prefix_cache_hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
-            steps=self.steps, last_batch_size=self.last_batch_size, last_step_tokens=self.last_step_tokens,
+            steps=self.steps, mean_batch_size=self.batch_size_sum / self.steps if self.steps else 0.0,
+            last_batch_size=self.last_batch_size, last_step_tokens=self.last_step_tokens,
             prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens,
             finished_by_reason=dict(self.finished_by_reason))
 
 
-__all__ = ["Engine", "EngineStopped", "Overloaded", "QueueTimeout", "RequestOutput", "RequestStream", "Timings"]
+__all__ = ["Engine", "EngineStopped", "Overloaded", "QueueTimeout", "RequestOutput", "RequestStream", "StepRecord",
+           "Timings"]

@@ -1,0 +1,134 @@
+"""The engine on the tiny model: nothing leaks, nothing is lost, overload is refused up front."""
+import asyncio
+import random
+
+import pytest
+
+from model_runner.errors import InvalidRequestError
+
+from batcher.config import BatcherConfig
+from batcher.engine import Engine
+from batcher.request_queue import Overloaded
+
+from .engine_helpers import collect, greedy, kv_blocks, run_requests
+
+
+async def test_randomized_mix_leaks_nothing(tiny_runner):
+    rng = random.Random(1)
+    # Few running slots and long outputs, so a backlog builds and some requests pass their deadline.
+    cfg = BatcherConfig(max_num_seqs=4, max_num_batched_tokens=24, timeout_s=0.2, max_queue=1000)
+    with kv_blocks(tiny_runner, 12) as alloc:  # one request fits alone (<= 9 blocks); four contend
+        engine = Engine(tiny_runner, cfg)
+        await engine.start()
+        outcomes = {"stop": 0, "length": 0, "abort": 0, "timeout": 0}
+
+        async def one(i):
+            await asyncio.sleep(rng.uniform(0, 1.0))
+            prompt = [rng.randrange(3, 300) for _ in range(rng.randrange(1, 70))]
+            stream = await engine.add_request(prompt, greedy(rng.randrange(1, 60)))
+            if rng.random() < 0.3:  # abort at a random moment: queued, prefilling or decoding
+                asyncio.get_running_loop().call_later(rng.uniform(0, 0.3), stream.abort)
+            _, _, final = await collect(stream)
+            assert final.finished
+            outcomes["timeout" if final.error == "timeout" else final.finish_reason] += 1
+
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), timeout=120)
+        stats = engine.stats()
+        await engine.stop()
+        assert sum(outcomes.values()) == 300 and not engine.requests
+        assert alloc.num_free == alloc.num_blocks and stats.kv_blocks_used == 0
+        assert stats.preemptions > 0 and outcomes["abort"] > 0 and outcomes["length"] > 0
+        assert outcomes["timeout"] > 0, outcomes
+
+
+async def test_overload_is_refused_at_once_and_accepted_requests_finish(tiny_runner):
+    engine = Engine(tiny_runner, BatcherConfig(max_queue=4, max_num_seqs=2))
+    await engine.start()
+    accepted, refused = [], 0
+    try:
+        for i in range(30):
+            try:
+                accepted.append(await engine.add_request([5 + i, 6, 7], greedy(20)))
+            except Overloaded as e:
+                refused += 1
+                assert e.retry_after >= 1 and "overloaded" in str(e)
+        assert refused > 0 and len(accepted) >= 4
+        results = await asyncio.gather(*(collect(s) for s in accepted))
+        assert all(final.finish_reason == "length" and len(toks) == 20 for toks, _, final in results)
+    finally:
+        await engine.stop()
+
+
+async def test_queue_deadline_fails_with_a_clear_error(tiny_runner):
+    engine = Engine(tiny_runner, BatcherConfig(policy="sequential", timeout_s=0.05))
+    await engine.start()
+    try:
+        first = await engine.add_request([5, 6, 7], greedy(200))
+        second = await engine.add_request([8, 9], greedy(5))
+        (_, _, f1), (_, text, f2) = await asyncio.gather(collect(first), collect(second))
+        assert f1.finish_reason == "length"
+        assert f2.error == "timeout" and "not started within 0.05s" in text
+    finally:
+        await engine.stop()
+
+
+async def test_max_queued_tokens_bound(tiny_runner):
+    engine = Engine(tiny_runner, BatcherConfig(policy="sequential", max_queued_tokens=100))
+    await engine.start()
+    try:
+        running = await engine.add_request([5] * 10, greedy(50))
+        await asyncio.sleep(0.05)
+        await engine.add_request([5] * 60, greedy(2))
+        with pytest.raises(Overloaded):
+            await engine.add_request([5] * 60, greedy(2))
+        running.abort()
+    finally:
+        await engine.stop(grace_s=5)
+
+
+async def test_invalid_requests_are_refused_before_queueing(tiny_runner):
+    engine = Engine(tiny_runner)
+    await engine.start()
+    try:
+        with pytest.raises(InvalidRequestError, match="empty"):
+            await engine.add_request([], greedy(4))
+        with pytest.raises(InvalidRequestError, match="max_tokens"):
+            await engine.add_request([5], greedy(0))
+        assert engine.stats().waiting == 0
+    finally:
+        await engine.stop()
+
+
+async def test_stop_strings_and_timings(tiny_runner):
+    tok = tiny_runner.tokenizer
+    [(free, _, _)], _ = await run_requests(tiny_runner, BatcherConfig(), [tok("ab")["input_ids"]], [greedy(30)])
+    text = tok.decode(free)
+    stop = text[5:7]  # a stop string we know occurs in the greedy text
+    [(toks, out_text, final)], _ = await run_requests(tiny_runner, BatcherConfig(), [tok("ab")["input_ids"]],
+                                                       [greedy(30, stop=(stop,))])
+    assert final.finish_reason == "stop" and out_text == text[: text.index(stop)]
+    t = final.timings
+    assert t.arrival <= t.scheduled <= t.first_token <= t.finished and len(t.token_times) == len(toks)
+    assert final.num_output_tokens == len(toks) and final.num_prompt_tokens == 2
+
+
+async def test_seeded_sampling_is_reproducible_across_batches(tiny_runner):
+    prompts = [[5, 6, 7]] * 3 + [[9, 9]] * 5
+    params = [greedy(16, temperature=1.0, seed=42)] * 3 + [greedy(16, temperature=1.0)] * 5
+    together, _ = await run_requests(tiny_runner, BatcherConfig(), prompts, params)
+    alone, _ = await run_requests(tiny_runner, BatcherConfig(), prompts[:1], params[:1])
+    assert together[0][0] == together[1][0] == together[2][0] == alone[0][0]
+
+
+async def test_stop_drains_then_aborts(tiny_runner):
+    engine = Engine(tiny_runner)
+    await engine.start()
+    short = await engine.add_request([5, 6], greedy(3))
+    long = await engine.add_request([5, 7], greedy(100_000 // 1000 * 9))
+    stopper = asyncio.create_task(engine.stop(grace_s=0.2))
+    (_, _, f_short), (_, _, f_long) = await asyncio.gather(collect(short), collect(long))
+    await stopper
+    assert f_short.finish_reason == "length" and f_long.finish_reason in ("abort", "length")
+    from batcher.engine import EngineStopped
+    with pytest.raises(EngineStopped):
+        await engine.add_request([5], greedy(1))
