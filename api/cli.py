@@ -54,9 +54,104 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    t = text.strip().lower().removesuffix("b")
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            try:
+                return int(float(t[: -len(suffix)]) * units[suffix])
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB, 512MiB or a byte count)") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    print("jitney serve: not yet — the HTTP API lands with issue 4. Try `jitney generate --prompt ...`.")
+    import logging
+    import os
+
+    from batcher.config import BatcherConfig
+    from batcher.engine import Engine
+    from model_runner.config import RunnerConfig
+    from model_runner.runner import ModelRunner
+
+    from .app import ServerSettings, build_app
+    from .server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = tuple(args.api_key or ()) + tuple(k for k in os.environ.get("JITNEY_API_KEY", "").split(",") if k)
+    batcher_cfg = BatcherConfig(
+        policy=args.policy, max_wait_ms=args.max_wait_ms, max_batch_size=args.max_batch_size,
+        static_flush_ms=args.static_flush_ms, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue, max_rps=args.max_rps,
+        timeout_s=args.timeout_s, enable_prefix_caching=not args.no_prefix_caching)
+    try:
+        batcher_cfg.validate()
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+    runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                      block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                                      memory_utilization=args.memory_utilization, max_model_len=args.max_model_len))
+    engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
+    settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,
+                              max_body_bytes=args.max_body_bytes, log_requests=args.log_requests)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "
+          f"max_num_batched_tokens {args.max_num_batched_tokens}, max_batch_size {args.max_batch_size}, "
+          f"max_wait_ms {args.max_wait_ms:g}); API keys {'on' if keys else 'off'}; "
+          f"serving on {scheme}://{args.host}:{args.port}", flush=True)
+    serve(build_app(engine, settings), engine, settings, args.host, args.port, args.grace_s,
+          args.ssl_certfile, args.ssl_keyfile)
     return 0
+
+
+def add_serve_args(s: argparse.ArgumentParser) -> None:
+    from batcher.config import POLICIES, BatcherConfig
+    d = BatcherConfig()
+    s.add_argument("--policy", default=d.policy, choices=POLICIES,
+                   help=f"batching policy (default: {d.policy}); the others exist to compare against")
+    s.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help=f"batching window: hold arrivals this long to gather a batch (default: {d.max_wait_ms:g})")
+    s.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help=f"static/dynamic batch size, and the window's release size (default: {d.max_batch_size})")
+    s.add_argument("--static-flush-ms", type=float, default=d.static_flush_ms,
+                   help=f"static: how long a partial batch waits for companions (default: {d.static_flush_ms:g})")
+    s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help=f"continuous: sequences running at once (default: {d.max_num_seqs})")
+    s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help=f"tokens per model step; longer prompts are prefilled in chunks "
+                        f"(default: {d.max_num_batched_tokens})")
+    s.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="bytes for the KV cache, e.g. 2GiB (default: 2GiB on the CPU; on CUDA see "
+                        "--memory-utilization)")
+    s.add_argument("--memory-utilization", type=float, default=0.85,
+                   help="CUDA: fraction of free GPU memory the KV cache takes (default: 0.85)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="cap on prompt + output tokens (default: the model's context window)")
+    s.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching (on by default)")
+    s.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests waiting to start before new ones get 429 (default: {d.max_queue})")
+    s.add_argument("--max-rps", type=float, default=None, help="admission rate limit in requests/s (default: none)")
+    s.add_argument("--timeout-s", type=float, default=None,
+                   help="fail a request (504) that has not started after this many seconds (default: none)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--api-key", action="append",
+                   help="require this key as 'Authorization: Bearer KEY' (repeatable; JITNEY_API_KEY may hold "
+                        "comma-separated keys too; default: no auth)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    s.add_argument("--log-requests", action="store_true",
+                   help="log prompts and outputs (off by default: they are never logged otherwise)")
+    s.add_argument("--max-body-bytes", type=parse_bytes, default=1 << 20,
+                   help="largest request body accepted, larger gets 413 (default: 1MiB)")
+    s.add_argument("--grace-s", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
+    s.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    s.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1.0)")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     g.set_defaults(func=cmd_generate)
-    s = sub.add_parser("serve", help="start the HTTP server (not yet)")
+    s = sub.add_parser("serve", help="start the HTTP server (OpenAI-compatible routes, /generate, /metrics)",
+                       description="Serve a model over HTTP with dynamic/continuous batching.")
     add_model_args(s)
+    add_serve_args(s)
     s.set_defaults(func=cmd_serve)
     return parser
 

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -139,6 +140,7 @@ class Engine:
         self.log_requests = log_requests
         # One StepRecord per model step when asked (benchmarks plot batch size and queue length over time).
         self.step_log: list[StepRecord] | None = [] if record_steps else None
+        self.step_observers: list[Callable[[StepRecord], None]] = []  # e.g. the /metrics batch-size histogram
         runner.block_allocator.enable_prefix_caching = self.cfg.enable_prefix_caching
         self.scheduler = Scheduler(self.cfg, runner.block_allocator, runner.eos_token_ids, runner.max_model_len)
         self.queue = RequestQueue(self.cfg)
@@ -256,10 +258,13 @@ class Engine:
             self.steps += 1
             self.last_batch_size, self.last_step_tokens = len(plan.scheduled), plan.num_tokens
             self.batch_size_sum += len(plan.scheduled)
-            if self.step_log is not None:
-                self.step_log.append(StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens,
-                                                self.stats().waiting, len(plan.preempted),
-                                                self.runner.num_blocks - self.runner.block_allocator.num_free))
+            if self.step_log is not None or self.step_observers:
+                rec = StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens, self.stats().waiting,
+                                 len(plan.preempted), self.runner.num_blocks - self.runner.block_allocator.num_free)
+                if self.step_log is not None:
+                    self.step_log.append(rec)
+                for observe in self.step_observers:
+                    observe(rec)
             finished = self.scheduler.update(plan, sampled)
             self._emit(plan, sampled, finished)
 

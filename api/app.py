@@ -1,0 +1,350 @@
+"""The HTTP layer: Starlette routes over the engine. No model or scheduling logic lives here.
+
+Routes: POST /generate (jitney's own), POST /v1/completions and /v1/chat/completions (OpenAI-compatible, with
+SSE streaming), GET /v1/models, GET /health, GET /metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from batcher.engine import Engine, EngineStopped, RequestOutput, RequestStream
+from batcher.request_queue import Overloaded
+from model_runner.errors import InvalidRequestError
+
+from .errors import APIError, error_response
+from .metrics import Metrics
+from .schemas import ParsedRequest, chat_prompt_ids, check_n, field as body_field, parse_json, prompt_ids, sampling_params
+
+access_log = logging.getLogger("jitney.access")
+ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20
+    log_requests: bool = False
+    generate_max_tokens: int = 128    # /generate's default max_tokens (OpenAI completions default to 16)
+    draining: bool = field(default=False)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) as soon as it passes the limit, whatever Content-Length claimed."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def watch_disconnect(request: Request, stream: RequestStream) -> None:
+    """Aborts the request in the engine when the client goes away (frees its KV blocks within a step)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            stream.abort()
+            return
+
+
+def usage(out: RequestOutput) -> dict:
+    return {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
+            "total_tokens": out.num_prompt_tokens + out.num_output_tokens}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def failure(out: RequestOutput) -> APIError | None:
+    """The HTTP error for a request the engine ended with an error (or aborted at shutdown)."""
+    if out.error == "timeout":
+        return APIError(504, out.text, "timeout", "queue_timeout")
+    if out.error:
+        return APIError(500, out.text, "server_error", "internal_error")
+    return None
+
+
+# --- response shapes, one per route ---------------------------------------------------------------------
+
+class GenerateFormat:
+    def __init__(self, model: str):
+        self.model = model
+
+    def full(self, text: str, out: RequestOutput) -> dict:
+        t = out.timings
+        return {"text": text, "finish_reason": out.finish_reason, "usage": usage(out),
+                "timing_ms": {"queue": t.queue_ms, "ttft": t.ttft_ms, "total": t.total_ms}}
+
+    def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
+        if not out.finished:
+            return [sse({"text": out.text})] if out.text else []
+        return [sse(self.full(out.text, out))]
+
+    def end(self) -> list[str]:
+        return []
+
+
+class CompletionFormat:
+    object, chunk_object = "text_completion", "text_completion"
+
+    def __init__(self, model: str):
+        self.model, self.id, self.created = model, f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def choice(self, text: str, finish_reason: str | None, final: bool) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def wrap(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
+
+    def full(self, text: str, out: RequestOutput) -> dict:
+        return self.wrap(self.object, [self.choice(text, out.finish_reason, True)], usage=usage(out))
+
+    def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
+        if not out.finished and not out.text:
+            return []
+        events = [sse(self.wrap(self.chunk_object, [self.choice(out.text, out.finish_reason, out.finished)]))]
+        if out.finished and include_usage:
+            events.append(sse(self.wrap(self.chunk_object, [], usage=usage(out))))
+        return events
+
+    def end(self) -> list[str]:
+        return [sse("[DONE]")]
+
+
+class ChatFormat(CompletionFormat):
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, model: str):
+        super().__init__(model)
+        self.id, self.started = f"chatcmpl-{uuid.uuid4().hex}", False
+
+    def choice(self, text: str, finish_reason: str | None, final: bool) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
+        events = []
+        if not self.started:  # the first chunk announces the role, as OpenAI's does
+            self.started = True
+            events.append(sse(self.wrap(self.chunk_object, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                              "logprobs": None, "finish_reason": None}])))
+        if out.text or out.finished:
+            delta = {"content": out.text} if out.text else {}
+            events.append(sse(self.wrap(self.chunk_object, [{"index": 0, "delta": delta, "logprobs": None,
+                                                              "finish_reason": out.finish_reason}])))
+        if out.finished and include_usage:
+            events.append(sse(self.wrap(self.chunk_object, [], usage=usage(out))))
+        return events
+
+
+# --- the app --------------------------------------------------------------------------------------------
+
+def build_app(engine: Engine, settings: ServerSettings) -> Starlette:
+    metrics = Metrics(engine)
+    tokenizer = engine.runner.tokenizer
+
+    async def submit(parsed: ParsedRequest) -> RequestStream:
+        try:
+            return await engine.add_request(parsed.prompt_ids, parsed.params)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), code="invalid_prompt") from None
+        except Overloaded as e:
+            raise APIError(429, str(e), "overloaded", "overloaded",
+                           {"Retry-After": str(max(1, round(e.retry_after)))}) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), "unavailable", "shutting_down") from None
+
+    async def respond(request: Request, parsed: ParsedRequest, fmt) -> Response:
+        stream = await submit(parsed)
+        watcher = asyncio.create_task(watch_disconnect(request, stream))
+        if not parsed.stream:
+            try:
+                text, final = "", None
+                async for out in stream:
+                    text += out.text
+                    final = out
+            finally:
+                watcher.cancel()
+            metrics.observe_request(final)
+            request.state.usage = usage(final)
+            err = failure(final) or (APIError(503, "the server shut down before the request finished",
+                                              "unavailable", "shutting_down")
+                                     if final.finish_reason == "abort" and not engine.accepting else None)
+            if err:
+                raise err
+            return JSONResponse(fmt.full(text, final))
+        # Streaming: wait for the first output, so a request that fails before its first token (deadline,
+        # shutdown) still gets a proper status code instead of a 200 with an error inside.
+        try:
+            first = await anext(stream)
+        except BaseException:
+            watcher.cancel()
+            raise
+        if first.finished and (err := failure(first)):
+            watcher.cancel()
+            raise err
+
+        async def events():
+            out = first
+            try:
+                while True:
+                    for event in fmt.chunks(out, parsed.include_usage):
+                        yield event
+                    if out.finished:
+                        break
+                    out = await anext(stream)
+                metrics.observe_request(out)
+                request.state.usage = usage(out)
+                if out.finish_reason == "abort" and not engine.accepting:
+                    yield sse({"error": {"message": "the server shut down before the request finished",
+                                         "type": "unavailable", "code": "shutting_down"}})
+                for event in fmt.end():
+                    yield event
+            finally:
+                watcher.cancel()
+                if not out.finished:  # the client went away mid-stream
+                    stream.abort()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def check_model(body: dict) -> None:
+        model = body.get("model")
+        if model not in (None, settings.model_name):
+            raise APIError(404, f"model {model!r} is not served here; this server serves {settings.model_name!r}",
+                           "invalid_request_error", "model_not_found")
+
+    async def generate(request: Request) -> Response:
+        body = parse_json(await read_body(request, settings.max_body_bytes))
+        parsed = ParsedRequest(prompt_ids(body, tokenizer), sampling_params(body, settings.generate_max_tokens),
+                               body_field(body, "stream", bool, False))
+        return await respond(request, parsed, GenerateFormat(settings.model_name))
+
+    def openai_request(body: dict, ids: list[int], default_max_tokens: int) -> ParsedRequest:
+        check_model(body)
+        check_n(body)
+        options = body_field(body, "stream_options", dict, None) or {}
+        return ParsedRequest(ids, sampling_params(body, default_max_tokens), body_field(body, "stream", bool, False),
+                             bool(options.get("include_usage")))
+
+    async def completions(request: Request) -> Response:
+        body = parse_json(await read_body(request, settings.max_body_bytes))
+        parsed = openai_request(body, prompt_ids(body, tokenizer), 16)
+        return await respond(request, parsed, CompletionFormat(settings.model_name))
+
+    async def chat_completions(request: Request) -> Response:
+        body = parse_json(await read_body(request, settings.max_body_bytes))
+        ids = chat_prompt_ids(body, tokenizer)
+        if "max_completion_tokens" in body and "max_tokens" not in body:
+            body["max_tokens"] = body["max_completion_tokens"]
+        # Chat defaults to "until the context is full", as OpenAI's does.
+        room = max(1, engine.runner.max_model_len - len(ids))
+        return await respond(request, openai_request(body, ids, room), ChatFormat(settings.model_name))
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{
+            "id": settings.model_name, "object": "model", "created": 0, "owned_by": "jitney",
+            "max_model_len": engine.runner.max_model_len}]})
+
+    async def health(request: Request) -> Response:
+        if engine.alive and not settings.draining:
+            return JSONResponse({"status": "ok"})
+        return error_response(503, "shutting down" if settings.draining else "engine loop is not running",
+                              "unavailable", "unhealthy")
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if not engine.alive:
+            await engine.start()
+        yield
+        if engine.alive:  # a drain (server.py) normally stopped it already
+            await engine.stop()
+
+    app = Starlette(routes=[
+        Route("/generate", generate, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+    ], lifespan=lifespan)
+    app.add_exception_handler(APIError, lambda request, exc: exc.response())
+    app.add_exception_handler(404, lambda request, exc: error_response(404, f"no route {request.url.path}",
+                                                                      code="not_found"))
+    app.add_exception_handler(405, lambda request, exc: error_response(405, f"{request.method} is not allowed on "
+                                                                      f"{request.url.path}", code="method_not_allowed"))
+    app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    return Gatekeeper(app, settings, metrics)
+
+
+class Gatekeeper:
+    """ASGI middleware in front of every route: draining (503), API keys (401), body size (413), access log,
+    and the HTTP status counter. Pure ASGI, so streaming responses pass through untouched."""
+
+    def __init__(self, app, settings: ServerSettings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, path, status = time.perf_counter(), scope["path"], 500
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if rejection := self.reject(path, headers):
+                await rejection(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        finally:
+            label = path if path in ROUTES else "other"
+            self.metrics.http.labels(label, str(status)).inc()
+            u = scope.get("state", {}).get("usage") or {}
+            client = scope.get("client") or ("-", 0)
+            access_log.info('%s "%s %s" %d %.1fms prompt_tokens=%s completion_tokens=%s', client[0], scope["method"],
+                            path, status, 1000 * (time.perf_counter() - start), u.get("prompt_tokens", "-"),
+                            u.get("completion_tokens", "-"))
+
+    def reject(self, path: str, headers: dict[str, str]) -> Response | None:
+        s = self.settings
+        if path == "/health":
+            return None
+        if s.draining:
+            return error_response(503, "the server is shutting down", "unavailable", "shutting_down")
+        if s.api_keys:
+            auth = headers.get("authorization", "")
+            key = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not any(hmac.compare_digest(key.encode(), k.encode()) for k in s.api_keys):
+                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                      "authentication_error", "invalid_api_key")
+        length = headers.get("content-length")
+        if length and length.isdigit() and int(length) > s.max_body_bytes:
+            return error_response(413, f"the body is larger than {s.max_body_bytes} bytes", code="body_too_large")
+        return None

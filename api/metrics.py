@@ -1,0 +1,76 @@
+"""Prometheus metrics (prometheus-client), one registry per app so several servers can live in one process.
+
+Engine state (queue, KV cache, counters) is read from engine.stats() at scrape time; latencies are observed
+as each request ends, batch sizes as each step ends.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from batcher.engine import Engine, RequestOutput, StepRecord
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class EngineCollector:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats()
+        yield GaugeMetricFamily("jitney_requests_waiting", "Requests accepted but not started", value=s.waiting)
+        yield GaugeMetricFamily("jitney_requests_running", "Sequences in the running batch", value=s.running)
+        yield GaugeMetricFamily("jitney_kv_cache_usage", "Fraction of KV-cache blocks in use",
+                                value=s.kv_blocks_used / max(s.kv_blocks_total, 1))
+        yield GaugeMetricFamily("jitney_kv_cache_blocks_used", "KV-cache blocks in use", value=s.kv_blocks_used)
+        yield GaugeMetricFamily("jitney_kv_cache_blocks_total", "KV-cache blocks", value=s.kv_blocks_total)
+        yield GaugeMetricFamily("jitney_prefix_cache_hit_rate", "Prompt blocks found in the prefix cache",
+                                value=s.prefix_cache_hit_rate)
+        yield CounterMetricFamily("jitney_preemptions", "Sequences preempted for KV memory", value=s.preemptions)
+        yield CounterMetricFamily("jitney_prompt_tokens", "Prompt tokens of finished requests", value=s.prompt_tokens)
+        yield CounterMetricFamily("jitney_generation_tokens", "Tokens generated", value=s.generation_tokens)
+        yield CounterMetricFamily("jitney_engine_steps", "Model steps run", value=s.steps)
+        finished = CounterMetricFamily("jitney_requests_finished", "Requests ended, by finish reason", labels=["reason"])
+        for reason, n in sorted(s.finished_by_reason.items()):
+            finished.add_metric([reason], n)
+        yield finished
+
+
+class Metrics:
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine))
+        r = self.registry
+        self.queue_time = Histogram("jitney_queue_time_seconds", "Arrival to first scheduled", buckets=LATENCY_BUCKETS,
+                                    registry=r)
+        self.ttft = Histogram("jitney_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("jitney_inter_token_latency_seconds", "Between consecutive tokens", buckets=TOKEN_BUCKETS,
+                             registry=r)
+        self.e2e = Histogram("jitney_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.batch_size = Histogram("jitney_batch_size", "Sequences per model step", buckets=BATCH_BUCKETS, registry=r)
+        self.step_tokens = Histogram("jitney_step_tokens", "Tokens per model step",
+                                     buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
+        self.http = Counter("jitney_http_requests", "HTTP requests by route and status", ["path", "status"], registry=r)
+        engine.step_observers.append(self.observe_step)
+
+    def observe_step(self, rec: StepRecord) -> None:
+        self.batch_size.observe(rec.batch_size)
+        self.step_tokens.observe(rec.num_tokens)
+
+    def observe_request(self, out: RequestOutput) -> None:
+        t = out.timings
+        if t is None:
+            return
+        for hist, ms in ((self.queue_time, t.queue_ms), (self.ttft, t.ttft_ms), (self.e2e, t.total_ms)):
+            if ms is not None:
+                hist.observe(ms / 1000)
+        for ms in t.inter_token_ms:
+            self.itl.observe(ms / 1000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
