@@ -113,7 +113,7 @@ class StepRecord:
     num_tokens: int       # tokens fed (prefill chunks + decodes)
     waiting: int          # requests waiting to start after the step was planned
     preempted: int
-    kv_blocks_held: int   # blocks not on the free list (in use, or cached with no user)
+    kv_blocks_used: int   # blocks some sequence holds
 
 
 @dataclass
@@ -259,8 +259,8 @@ class Engine:
             self.last_batch_size, self.last_step_tokens = len(plan.scheduled), plan.num_tokens
             self.batch_size_sum += len(plan.scheduled)
             if self.step_log is not None or self.step_observers:
-                rec = StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens, self.stats().waiting,
-                                 len(plan.preempted), self.runner.num_blocks - self.runner.block_allocator.num_free)
+                rec = StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens, self.num_waiting,
+                                 len(plan.preempted), self.runner.block_allocator.num_used)
                 if self.step_log is not None:
                     self.step_log.append(rec)
                 for observe in self.step_observers:
@@ -341,12 +341,15 @@ class Engine:
 
     # --- statistics ---------------------------------------------------------------------------------------
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.queue.pending) + len(self.scheduler.waiting) + len(self.scheduler.batch)
+
     def stats(self) -> EngineStats:
         alloc, s = self.runner.block_allocator, self.scheduler.stats
-        used = sum(1 for c in alloc.ref_counts if c > 0)
         return EngineStats(
-            waiting=len(self.queue.pending) + len(self.scheduler.waiting) + len(self.scheduler.batch),
-            running=len(self.scheduler.running), preemptions=s.preemptions, kv_blocks_used=used,
+            waiting=self.num_waiting,
+            running=len(self.scheduler.running), preemptions=s.preemptions, kv_blocks_used=alloc.num_used,
             kv_blocks_total=alloc.num_blocks,
             prefix_cache_hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
             steps=self.steps, mean_batch_size=self.batch_size_sum / self.steps if self.steps else 0.0,

@@ -28,7 +28,10 @@ def cpu_model() -> str:
 
 
 def best_seconds(fn: Callable[[], object], reps: int) -> float:
-    """Fastest of `reps` timed calls, after one untimed call that pays for page faults and kernel selection."""
+    """Fastest of `reps` timed calls, after one untimed call that pays for page faults and kernel selection.
+
+    The fastest, not the mean: a ceiling is what the hardware can do, and other processes only slow a call down.
+    """
     fn()
     best = math.inf
     for _ in range(reps):
@@ -49,14 +52,14 @@ def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> Callable[[], torch.Tenso
         return None
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """Best GFLOP/s of an n^3 matmul over torch.mm and the packed linear: the ceiling our kernels can reach."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     kernels = [lambda: torch.mm(a, b), _packed_linear(a, b)]
     return max(2 * n**3 / best_seconds(k, reps) for k in kernels if k) / 1e9
 
 
-def copy_gbps(nbytes: int = 2**30, reps: int = 3) -> float:
+def copy_gbps(nbytes: int = 2**30, reps: int = 5) -> float:
     """Memory bandwidth of a large copy, counting the bytes read and the bytes written."""
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)

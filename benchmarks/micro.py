@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from dataclasses import asdict
 
@@ -57,9 +58,8 @@ def make_prompts(tokenizer, batch: int, prompt_len: int) -> list[list[int]]:
             for i in range(batch)]
 
 
-def kv_cache_memory(model: str, dtype: str, max_batch: int, tokens_per_seq: int, block_size: int = 16) -> int:
+def kv_cache_memory(mc: ModelConfig, dtype: str, max_batch: int, tokens_per_seq: int, block_size: int = 16) -> int:
     """Enough KV cache for the largest batch with a block of margin per sequence, and no more."""
-    mc = ModelConfig.from_hf_dir(resolve_model(model))
     blocks = max_batch * (-(-tokens_per_seq // block_size) + 1)
     return blocks * kv_cache_bytes_per_block(mc, block_size, resolve_dtype(dtype, "cpu"))
 
@@ -139,10 +139,10 @@ def bench_row(runner: ModelRunner, hf_model, machine: Machine, dtype: str, batch
                 roofline_pct=100 * achieved / roofline)
 
 
-def bench_dtype(args: argparse.Namespace, machine: Machine, dtype: str, bar: tqdm) -> list[dict]:
+def bench_dtype(args: argparse.Namespace, mc: ModelConfig, machine: Machine, dtype: str, bar: tqdm) -> list[dict]:
     """All batch sizes for one dtype, loading jitney and the transformers reference once."""
     from transformers import AutoModelForCausalLM
-    budget = kv_cache_memory(args.model, dtype, max(args.batch_sizes),
+    budget = kv_cache_memory(mc, dtype, max(args.batch_sizes),
                              args.prompt_len + 1 + WARMUP_STEPS + args.gen_len)
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=dtype, kv_cache_memory=budget), progress=True)
     hf_model = AutoModelForCausalLM.from_pretrained(runner.model_path, dtype=runner.dtype).eval()
@@ -156,8 +156,9 @@ def bench_dtype(args: argparse.Namespace, machine: Machine, dtype: str, bar: tqd
 
 # --- report --------------------------------------------------------------------------------------------------
 
-def format_header(args: argparse.Namespace, machine: Machine, mc: ModelConfig) -> str:
-    return (f"# jitney micro-benchmark\n\n{machine.describe()}\n"
+def format_header(args: argparse.Namespace, machine: Machine, mc: ModelConfig, load: float) -> str:
+    # Other processes on these few cores slow every figure, the roofline included: the load says how quiet it was.
+    return (f"# jitney micro-benchmark\n\n{machine.describe()}\nload average at start: {load:.2f}\n"
             f"model: {args.model} ({matmul_params(mc) / 1e6:.1f}M matmul parameters, {mc.num_hidden_layers} layers); "
             f"prompt {args.prompt_len} tokens, generate {args.gen_len} tokens, greedy")
 
@@ -174,18 +175,18 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
+    mc = ModelConfig.from_hf_dir(resolve_model(args.model))  # converts the model once, before any timing
     machine = Machine.measure(tuple(args.dtypes))
     rows = []
     with tqdm(total=len(args.dtypes) * len(args.batch_sizes), unit="row") as bar:
         for dtype in args.dtypes:
-            rows += bench_dtype(args, machine, dtype, bar)
+            rows += bench_dtype(args, mc, machine, dtype, bar)
             gc.collect()  # drop this dtype's models before the next loads
-    mc = ModelConfig.from_hf_dir(resolve_model(args.model))
-    print(format_header(args, machine, mc) + "\n\n" + format_table(rows))
+    print(format_header(args, machine, mc, load) + "\n\n" + format_table(rows))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    report = dict(machine=asdict(machine), model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                  warmup_steps=WARMUP_STEPS, rows=rows)
+    report = dict(machine=asdict(machine), load_average=load, model=args.model, prompt_len=args.prompt_len,
+                  gen_len=args.gen_len, warmup_steps=WARMUP_STEPS, rows=rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -40,6 +40,11 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self.free_ids)
 
+    @property
+    def num_used(self) -> int:
+        """Blocks some sequence holds (a cached block nobody holds is free: it sits on the free list)."""
+        return self.num_blocks - len(self.free_ids)
+
     def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
         """How many more blocks a table needs to hold num_tokens tokens."""
         return max(0, -(-num_tokens // self.block_size) - len(block_table))

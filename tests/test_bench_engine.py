@@ -1,0 +1,64 @@
+"""The engine benchmark on the tiny model: traces round-trip, replay is open-loop, the command fills its table."""
+from batcher.config import BatcherConfig
+from benchmarks.engine_bench import main, run_policy
+from benchmarks.report import COLUMNS, summarize, wall_seconds
+from benchmarks.trace import TraceRequest, burst, load_trace, poisson, save_trace, synth_prompt_ids
+
+from .engine_helpers import kv_blocks
+
+
+def test_trace_jsonl_round_trip(tmp_path):
+    trace = poisson(20, 5.0, (8, 64), (4, 32), seed=3) + [TraceRequest(9.5, 3, 2, prompt="hello there")]
+    save_trace(trace, tmp_path / "t.jsonl")
+    assert load_trace(tmp_path / "t.jsonl") == trace
+    assert '"prompt"' not in (tmp_path / "t.jsonl").read_text().splitlines()[0]  # optional, left out when None
+
+
+def test_poisson_is_sorted_with_the_asked_rate_and_lengths():
+    trace = poisson(2000, 8.0, (16, 256), (8, 128), seed=1)
+    arrivals = [r.arrival_s for r in trace]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0.0
+    assert abs((len(trace) - 1) / arrivals[-1] - 8.0) < 0.8  # within 10% of the rate
+    assert all(16 <= r.prompt_tokens <= 256 and 8 <= r.output_tokens <= 128 for r in trace)
+    assert poisson(50, 8.0, (16, 256), (8, 128), seed=1) == trace[:50]  # seeded
+    assert {r.arrival_s for r in burst(5, (1, 2), (1, 2))} == {0.0}
+
+
+def test_synth_prompt_ids_exact_deterministic_and_distinct(tiny_runner):
+    tok = tiny_runner.tokenizer
+    for n in (1, 17, 300):
+        ids = synth_prompt_ids(tok, n, seed="a")
+        assert len(ids) == n and ids == synth_prompt_ids(tok, n, seed="a")
+    a, b = synth_prompt_ids(tok, 64, "a"), synth_prompt_ids(tok, 64, "b")
+    assert a[:16] != b[:16]  # differ in the first KV block: no prefix-cache hit
+    s, t = synth_prompt_ids(tok, 64, "a", shared_prefix=32), synth_prompt_ids(tok, 64, "b", shared_prefix=32)
+    assert s[:32] == t[:32] and s[32:] != t[32:] and len(s) == 64
+
+
+async def test_replay_is_open_loop_while_the_engine_is_busy(tiny_runner):
+    # Sequential and 150 forced tokens each: every request after the first arrives while the engine is busy.
+    trace = [TraceRequest(0.05 * i, 16, 150) for i in range(10)]
+    with kv_blocks(tiny_runner, tiny_runner.num_blocks):  # run_policy swaps the shared runner's allocator
+        records, steps = await run_policy(tiny_runner, BatcherConfig(policy="sequential"), trace, seed=0,
+                                          progress=False)
+    assert all(r.ok and r.output_tokens == 150 and r.finish_reason == "length" and r.prompt_tokens == 16
+               for r in records)
+    lags = [r.submitted_s - r.arrival_s for r in records]
+    assert all(0 <= lag < 0.03 for lag in lags), lags
+    assert records[-1].queue_ms > 100  # it was sent on time although the engine still had a backlog
+    s = summarize(records, wall_seconds(records), steps)
+    assert s["completed"] == 10 and s["output_tokens"] == 1500 and s["mean_batch"] == 1.0
+    assert s["e2e_ms"]["p99"] >= s["e2e_ms"]["p50"] >= s["ttft_ms"]["p50"] > 0
+
+
+def test_engine_bench_quick_prints_every_policy(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = main(["--model", "tiny-random", "--quick", "--dtype", "float32", "--json", str(out)])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0] == "| " + " | ".join(COLUMNS) + " |"
+    assert [line.split("|")[1].strip() for line in table[1:5]] == ["sequential", "static", "dynamic", "continuous"]
+    for policy, result in report["policies"].items():
+        s = result["summary"]
+        assert s["completed"] == 8 and s["output_tok_s"] > 0 and s["refused"] == 0, policy
+        assert len(result["records"]) == 8 and result["steps"]
+    assert out.exists()

@@ -1,0 +1,21 @@
+"""Smoke test of the micro-benchmark: it runs end to end on the tiny model and fills every row of its table."""
+import json
+
+from benchmarks.micro import COLUMNS, main
+
+
+def test_micro_quick_fills_a_row_per_dtype_and_batch(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "micro.json"
+    report = main(["--model", "tiny-random", "--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0] == "| " + " | ".join(COLUMNS) + " |"
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[1:]]
+    assert [(c[0], c[1]) for c in cells] == [(d, b) for d in ("float32", "bfloat16") for b in ("1", "8")]
+    for row in report["rows"]:
+        for key in ("decode_step_ms", "decode_tok_s", "generate_tok_s", "hf_generate_tok_s", "speedup",
+                    "achieved_gflops", "roofline_pct"):
+            assert row[key] > 0, (row["dtype"], row["batch"], key)
+    assert all(g > 0 for g in report["machine"]["matmul_gflops"].values()) and report["machine"]["copy_gbps"] > 0
