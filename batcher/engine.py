@@ -8,6 +8,7 @@ locks: an abort takes effect at the next step boundary, within one step.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import time
@@ -160,6 +161,11 @@ class Engine:
     # --- lifecycle ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Everything alive now (torch, transformers, the model, the tokenizer) lives for the whole run: move it
+        # out of the collector's sight. Otherwise each full collection walks it all, a 60-180 ms pause that
+        # lands on whichever requests are in flight (measured: p99 150 ms -> see README).
+        gc.collect()
+        gc.freeze()
         self._task = asyncio.create_task(self._loop(), name="jitney-engine-loop")
 
     @property
