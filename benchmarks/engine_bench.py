@@ -1,7 +1,8 @@
 """Engine benchmark: one trace replayed open-loop through each batching policy in turn, on one loaded model.
 
     python -m benchmarks.engine_bench [--workload poisson|burst] [--policies sequential,static,dynamic,continuous]
-        [--num-requests N] [--rate R] [--prompt-len LO,HI] [--output-len LO,HI] [--trace in.jsonl]
+        [--num-requests N] [--rate R] [--prompt-len LO,HI] [--output-len LO,HI] [--shared-prefix N]
+        [--trace in.jsonl] [--save-trace out.jsonl]
         [--model M] [--dtype D] [--max-batch-size B] [--max-num-seqs S] [--max-num-batched-tokens T]
         [--max-wait-ms W] [--static-flush-ms F] [--kv-cache-gib G] [--seed S] [--json out.json] [--quick]
 
@@ -30,8 +31,9 @@ from .replay import RequestRecord, replay
 from .report import markdown_table, ratio_table, summarize, wall_seconds
 from .trace import TraceRequest, burst, load_trace, poisson, save_trace
 
-# Per-workload defaults. The Poisson rate offers ~1,100 output tok/s with the default model: several times what
-# sequential or run-to-completion batches serve on 2 cores, within reach of continuous batching.
+# Per-workload defaults. The Poisson rate offers ~1,100 prompt and ~1,100 output tok/s: about what continuous
+# batching serves with the default model on 2 cores (the machine is saturated), many times what sequential or
+# run-to-completion batches can, so their queues grow for the whole trace.
 WORKLOADS = {
     "poisson": dict(num_requests=200, rate=8.0, prompt_len=(16, 256), output_len=(16, 256)),
     "burst": dict(num_requests=128, rate=None, prompt_len=(32, 512), output_len=(16, 256)),
@@ -104,14 +106,14 @@ def batcher_config(args: argparse.Namespace, policy: str) -> BatcherConfig:
 # --- running -------------------------------------------------------------------------------------------------
 
 async def run_policy(runner: ModelRunner, cfg: BatcherConfig, trace: list[TraceRequest], seed: int,
-                     progress: bool = True) -> tuple[list[RequestRecord], list[StepRecord]]:
+                     progress: bool = True, shared_prefix: int = 0) -> tuple[list[RequestRecord], list[StepRecord]]:
     # A fresh allocator: the previous policy served the very same prompts, and its prefix cache would hand this
     # one their KV for free.
     runner.block_allocator = BlockAllocator(runner.num_blocks, runner.block_size)
     engine = Engine(runner, cfg, record_steps=True)
     await engine.start()
     try:
-        records = await replay(engine, trace, runner.tokenizer, seed, progress, desc=cfg.policy)
+        records = await replay(engine, trace, runner.tokenizer, seed, progress, cfg.policy, shared_prefix)
     finally:
         await engine.stop()
     return records, engine.step_log
@@ -127,7 +129,8 @@ async def run_all(runner: ModelRunner, trace: list[TraceRequest], args: argparse
     await warm_up(runner, args)
     results = {}
     for policy in args.policies:
-        records, steps = await run_policy(runner, batcher_config(args, policy), trace, args.seed)
+        records, steps = await run_policy(runner, batcher_config(args, policy), trace, args.seed,
+                                          shared_prefix=args.shared_prefix)
         results[policy] = dict(summary=summarize(records, wall_seconds(records), steps),
                                records=[asdict(r) for r in records], steps=[asdict(s) for s in steps])
     return results
@@ -140,8 +143,9 @@ def format_header(args: argparse.Namespace, runner: ModelRunner, trace: list[Tra
         workload = f"trace {args.trace}: {len(trace)} requests"
     else:
         arrivals = "all at t=0" if args.workload == "burst" else f"Poisson arrivals at {args.rate:g} req/s"
-        workload = (f"{args.workload}: {len(trace)} requests, {arrivals}, prompts {args.prompt_len[0]}..{args.prompt_len[1]} "
-                    f"tokens, outputs {args.output_len[0]}..{args.output_len[1]} tokens (uniform, forced, greedy)")
+        (p_lo, p_hi), (o_lo, o_hi) = args.prompt_len, args.output_len
+        workload = (f"{args.workload}: {len(trace)} requests, {arrivals}, prompts {p_lo}..{p_hi} tokens, "
+                    f"outputs {o_lo}..{o_hi} tokens (uniform, forced, greedy)")
     if args.shared_prefix:
         workload += f", {args.shared_prefix}-token shared prefix"
     cfg = batcher_config(args, "continuous")

@@ -40,10 +40,11 @@ class RequestRecord:
         return not self.refused and self.error is None and self.finished_s is not None
 
 
-def prompt_ids(tokenizer, trace: list[TraceRequest], seed: int) -> list[list[int]]:
+def prompt_ids(tokenizer, trace: list[TraceRequest], seed: int, shared_prefix: int = 0) -> list[list[int]]:
     """Token ids of every prompt, made before the clock starts so tokenizing never delays a submission."""
     return [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] if r.prompt is not None
-            else synth_prompt_ids(tokenizer, r.prompt_tokens, f"{seed}:{i}") for i, r in enumerate(trace)]
+            else synth_prompt_ids(tokenizer, r.prompt_tokens, f"{seed}:{i}", shared_prefix)
+            for i, r in enumerate(trace)]
 
 
 def _fill(rec: RequestRecord, final: RequestOutput, t0: float) -> None:
@@ -72,10 +73,10 @@ async def _send(engine: Engine, req: TraceRequest, ids: list[int], t0: float) ->
 
 
 async def replay(engine: Engine, trace: list[TraceRequest], tokenizer, seed: int = 0, progress: bool = True,
-                 desc: str = "replay") -> list[RequestRecord]:
+                 desc: str = "replay", shared_prefix: int = 0) -> list[RequestRecord]:
     """Sends every request of the trace at its arrival time (each as its own task) to a started engine; returns
-    their records in trace order once all have ended."""
-    ids = prompt_ids(tokenizer, trace, seed)
+    their records in trace order once all have ended. Synthetic prompts share their first shared_prefix tokens."""
+    ids = prompt_ids(tokenizer, trace, seed, shared_prefix)
     with tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False) as bar:
         t0 = time.monotonic()
         tasks = [asyncio.create_task(_send(engine, r, p, t0)) for r, p in zip(trace, ids)]

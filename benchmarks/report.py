@@ -36,6 +36,8 @@ def summarize(records: list[RequestRecord], wall_s: float, step_log: list[StepRe
         ttft_ms=percentiles([r.ttft_ms for r in ok], (50, 90, 99)),
         inter_token_ms=percentiles([g for r in ok for g in r.inter_token_ms], (50, 99)),
         e2e_ms=percentiles([r.total_ms for r in ok], (50, 90, 99)),
+        # Open-loop check: how late the replay sent requests (large values mean the client, not the engine, lagged).
+        submit_lag_ms_max=max((1000 * (r.submitted_s - r.arrival_s) for r in records), default=None),
         mean_batch=float(np.mean([s.batch_size for s in step_log])) if step_log else None,
         steps=len(step_log) if step_log is not None else None,
         preemptions=sum(s.preempted for s in step_log) if step_log is not None else None,
