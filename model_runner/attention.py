@@ -7,8 +7,11 @@ batched matmul (no transposing copy, which costs more than the attention itself 
 position p of a sequence lives in block block_table[p // block_size] at offset p % block_size; its "slot" is
 block * block_size + offset.
 
-Decodes (one query each) are attended together, as two batched matmuls and a masked softmax: SDPA's CPU
-kernels are tuned for long queries and are several times slower for single-token ones. Prefill chunks (many
+Decodes (one query each) are attended in groups of similar context length, each group as two batched
+matmuls and a masked softmax: SDPA's CPU kernels are tuned for long queries and are several times slower for
+single-token ones, and grouping keeps the padding (gathered and multiplied for nothing) small when short and
+long contexts share a step (measured: 128 contexts of 48..768 tokens, 23 ms a layer as one padded group,
+4.5 ms as eight). Prefill chunks (many
 queries) go one sequence at a time through SDPA, causally.
 """
 from __future__ import annotations
@@ -29,11 +32,17 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    start: int                  # rows start .. end-1 of the flat batch: single-token queries
+    end: int
+    block_tables: torch.Tensor  # [rows, max_blocks] (padded with block 0)
+    bias: torch.Tensor          # [1, rows, 1, max_blocks * block_size] 0 for real keys, -inf for padding
+
+
+@dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor               # [T] where each new token's K/V goes
-    num_decodes: int                         # the first num_decodes rows are single-token queries
-    decode_block_tables: torch.Tensor | None  # [D, max_blocks] (padded with block 0)
-    decode_bias: torch.Tensor | None         # [1, D, 1, max_blocks * block_size] 0 for real keys, -inf for padding
+    slot_mapping: torch.Tensor      # [T] where each new token's K/V goes
+    decodes: list[DecodeGroup]      # single-token queries come first in the batch, grouped by context length
     prefills: list[PrefillChunk]
 
 
@@ -50,15 +59,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv(v_cache, meta.slot_mapping, v)
     kvh, _, bs, d = k_cache.shape
     out = torch.empty_like(q)
-    n = meta.num_decodes
-    if n:
-        tables = meta.decode_block_tables.view(-1)
-        kd = k_cache.index_select(1, tables).view(kvh, n, -1, d)   # [KVH, D, ctx, Dh]
+    for g in meta.decodes:
+        n, tables = g.end - g.start, g.block_tables.view(-1)
+        kd = k_cache.index_select(1, tables).view(kvh, n, -1, d)   # [KVH, rows, ctx, Dh]
         vd = v_cache.index_select(1, tables).view(kvh, n, -1, d)
-        qd = q[:n].view(n, kvh, -1, d).transpose(0, 1)             # [KVH, D, group, Dh]
-        scores = torch.add(meta.decode_bias, torch.matmul(qd, kd.transpose(-1, -2)), alpha=scale)
+        qd = q[g.start:g.end].view(n, kvh, -1, d).transpose(0, 1)  # [KVH, rows, q heads per kv head, Dh]
+        scores = torch.add(g.bias, torch.matmul(qd, kd.transpose(-1, -2)), alpha=scale)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)           # float32 softmax, as the reference does
-        out[:n] = torch.matmul(probs, vd).transpose(0, 1).reshape(n, -1, d)
+        out[g.start:g.end] = torch.matmul(probs, vd).transpose(0, 1).reshape(n, -1, d)
     for c in meta.prefills:
         qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
         if c.block_table is None:  # a fresh prompt: its keys are exactly this chunk's

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import AttentionMetadata, PrefillChunk
+from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from .config import ModelConfig, RunnerConfig
 from .errors import InvalidRequestError, ModelLoadError
 from .kv_cache import BlockAllocator, allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
@@ -134,8 +134,9 @@ class ModelRunner:
         Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens.
         """
         t0 = time.perf_counter()
-        # Single-token chunks first: they are attended together as one padded batch.
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i][1] != 1)
+        # Single-token chunks first, shortest context first: they are attended in groups of similar length.
+        order = sorted(range(len(scheduled)),
+                       key=lambda i: (scheduled[i][1] != 1, scheduled[i][0].num_computed_tokens))
         items = [scheduled[i] for i in order]
         meta, input_ids, positions = self._prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
@@ -174,14 +175,7 @@ class ModelRunner:
         ids: list[int] = [s.token_ids[s.num_computed_tokens] for s in decodes]
         pos: list[int] = [s.num_computed_tokens for s in decodes]
         slots: list[int] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)]
-        tables = bias = None
-        if d:
-            width = -(-(max(pos) + 1) // bs)
-            tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
-                                   for s in decodes], device=dev)
-            keys = torch.arange(width * bs)
-            bias = torch.zeros(d, width * bs).masked_fill_(keys > torch.tensor(pos).unsqueeze(1), float("-inf"))
-            bias = bias.view(1, d, 1, -1).to(dev)
+        groups = [self._decode_group(decodes, pos, lo, hi) for lo, hi in decode_group_bounds(pos, bs)]
         prefills = []
         row = d
         for s, n in items[d:]:
@@ -197,5 +191,27 @@ class ModelRunner:
                 blocks = torch.tensor(table[: -(-ctx_len // bs)], device=dev)
                 prefills.append(PrefillChunk(row, row + n, ctx_len, blocks, mask.to(dev)))
             row += n
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), d, tables, bias, prefills)
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, prefills)
         return meta, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
+
+    def _decode_group(self, decodes: list[Sequence], pos: list[int], lo: int, hi: int) -> DecodeGroup:
+        """Block tables padded to the group's longest context, and the mask that hides the padding."""
+        bs = self.block_size
+        width = -(-(pos[hi - 1] + 1) // bs)
+        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
+                               for s in decodes[lo:hi]])
+        last = torch.tensor(pos[lo:hi]).unsqueeze(1)
+        bias = torch.zeros(hi - lo, width * bs).masked_fill_(torch.arange(width * bs) > last, float("-inf"))
+        return DecodeGroup(lo, hi, tables.to(self.device), bias.view(1, hi - lo, 1, -1).to(self.device))
+
+
+def decode_group_bounds(positions: list[int], block_size: int, max_groups: int = 8) -> list[tuple[int, int]]:
+    """Splits decodes (sorted by position) where the context grows past ~1.25x the group's shortest, so a
+    group's padding stays small; short contexts stay one group (each group costs a few ops per layer)."""
+    bounds, lo = [], 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or (len(bounds) < max_groups - 1 and
+                                   positions[i] // block_size > 1.25 * (positions[lo] // block_size) + 1):
+            bounds.append((lo, i))
+            lo = i
+    return bounds

@@ -70,3 +70,18 @@ def test_allocator_refcounts():
     assert t == [] and a.num_free == 3 and a.ref_counts[shared] == 1
     a.free([shared])
     assert a.num_free == 4
+
+
+def test_decode_groups_split_by_context_length():
+    from model_runner.runner import decode_group_bounds
+    assert decode_group_bounds([5, 9, 20], 16) == [(0, 3)]                  # short contexts: one group
+    bounds = decode_group_bounds(sorted([40, 50, 300, 310, 700, 760]), 16)
+    assert bounds == [(0, 2), (2, 4), (4, 6)]
+    assert len(decode_group_bounds(list(range(0, 20000, 160)), 16)) == 8    # capped
+
+
+def test_mixed_context_lengths_in_one_decode_step(tiny_runner):
+    """Short and long contexts decoding together (several decode groups) match each alone."""
+    prompts = [[3 + i % 200] * n for i, n in enumerate([2, 5, 40, 45, 200, 230, 600])]
+    together = our_greedy(tiny_runner, prompts, 6)
+    assert together == [our_greedy(tiny_runner, [p], 6)[0] for p in prompts]
