@@ -30,11 +30,11 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 def field(body: dict, name: str, kind: type | tuple, default: Any = _MISSING, *, lo=None, hi=None) -> Any:
     """body[name], checked for type (bool is not an int here) and range."""
-    value = body.get(name, default)
-    if value is _MISSING:
-        raise invalid(f"'{name}' is required", "missing_field")
-    if value is None and default is None:
-        return None
+    value = body.get(name)
+    if value is None:  # absent or an explicit null: the default, as OpenAI's API reads it
+        if default is _MISSING:
+            raise invalid(f"'{name}' is required", "missing_field")
+        return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -88,6 +88,15 @@ class ParsedRequest:
     include_usage: bool = False
 
 
+def encodable(text: str, name: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"'{name}' contains a lone surrogate (invalid Unicode); send valid UTF-8 text") from None
+    return text
+
+
 def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:
     """A prompt given as text, or as token ids (OpenAI allows both); a one-element list is unwrapped."""
     prompt = body.get(name, _MISSING)
@@ -96,7 +105,7 @@ def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        return tokenizer(encodable(prompt, name), add_special_tokens=False)["input_ids"] if prompt else []
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     raise invalid(f"'{name}' must be a string, a list of token ids, or a one-element list of either "
@@ -119,7 +128,7 @@ def chat_prompt_ids(body: dict, tokenizer) -> list[int]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise invalid(f"messages[{i}].content must be a string")
-        clean.append({"role": m["role"], "content": content})
+        clean.append({"role": m["role"], "content": encodable(content, f"messages[{i}].content")})
     if not tokenizer.chat_template:
         raise APIError(400, "this model has no chat template: use /v1/completions", code="no_chat_template")
     return tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]

@@ -25,8 +25,11 @@ class DrainingServer(uvicorn.Server):
         self._drain_task: asyncio.Task | None = None
 
     def handle_exit(self, sig, frame) -> None:
-        if self._drain_task is not None:  # a second signal: stop now
-            return super().handle_exit(sig, frame)
+        if self._drain_task is not None:  # a second signal: abort everything and stop now
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+            self.force_exit = self.should_exit = True
+            return
         log.info("shutting down: draining in-flight requests for up to %.0fs", self.grace_s)
         self.settings.draining = True
         self._drain_task = asyncio.get_event_loop().create_task(self._drain())

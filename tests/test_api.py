@@ -1,0 +1,564 @@
+"""The HTTP API end to end: a real `jitney serve --model tiny-random` subprocess, driven with httpx and openai.
+
+One module-scoped server (with an API key and a small body limit) takes every test that leaves it as it found
+it; tests that need other flags (overload, deadlines, drain, HTTPS) start their own. tiny-random decodes about
+a thousand tokens in half a second, so "long" requests here are max_tokens 900 with ignore_eos.
+"""
+import asyncio
+import concurrent.futures
+import contextlib
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from .server_helpers import jitney_server, parse_metrics, sse_events, wait_until
+
+KEY = "test-key-1"
+TINY = ("--dtype", "float32", "--kv-cache-memory", "32MiB")
+ENV = {"OMP_NUM_THREADS": "1"}  # the tiny model steps faster on one thread, and the machine is shared
+BODY_LIMIT = 64 * 1024
+PROMPT = "The quick brown fox jumps over the lazy dog."
+LONG = {"max_tokens": 900, "ignore_eos": True}  # about half a second of decoding on tiny-random (with a
+# prompt of up to 124 tokens: prompt + output must fit the 1024-token context, or the output is cut short)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with jitney_server(*TINY, "--api-key", KEY, "--max-body-bytes", str(BODY_LIMIT), env=ENV) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def oai(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30) as c:
+        yield c
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The status, and the OpenAI error shape {"error": {"message", "type", "code"}} with nothing else."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    if code is not None:
+        assert err["code"] == code, body
+    return err
+
+
+def metrics(client: httpx.Client) -> dict:
+    return parse_metrics(client.get("/metrics").text)
+
+
+def aborts(m: dict) -> float:
+    return m.get(("jitney_requests_finished_total", (("reason", "abort"),)), 0.0)
+
+
+def wait_idle(client: httpx.Client, timeout: float = 5.0) -> dict:
+    """Polls /metrics until nothing runs or waits and every KV block is free; returns the last scrape."""
+    def idle():
+        m = metrics(client)
+        done = (m[("jitney_kv_cache_blocks_used", ())] == 0 and m[("jitney_requests_running", ())] == 0
+                and m[("jitney_requests_waiting", ())] == 0)
+        return m if done else None
+    m = wait_until(idle, timeout)
+    assert m, f"the server did not go idle within {timeout}s: {metrics(client)}"
+    return m
+
+
+def stream_events(client: httpx.Client, path: str, body: dict) -> list:
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return sse_events(r.iter_lines())
+
+
+# --- /generate -------------------------------------------------------------------------------------------------
+
+def test_generate_shape(client):
+    r = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 12, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"text", "finish_reason", "usage", "timing_ms"}
+    assert isinstance(body["text"], str) and body["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(PROMPT.encode()), "completion_tokens": 12,
+                             "total_tokens": len(PROMPT.encode()) + 12}  # byte-level tokenizer: a token a byte
+    t = body["timing_ms"]
+    assert set(t) == {"queue", "ttft", "total"}
+    assert 0 <= t["queue"] <= t["ttft"] <= t["total"]
+
+
+def test_generate_streaming(client):
+    events = stream_events(client, "/generate", {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True})
+    assert events and "[DONE]" not in events  # jitney's own route ends with its final event, no [DONE]
+    assert all(isinstance(e, dict) and isinstance(e["text"], str) for e in events)
+    *middle, final = events
+    assert all(set(e) == {"text"} and e["text"] for e in middle)
+    assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 40
+    assert set(final["timing_ms"]) == {"queue", "ttft", "total"}
+    streamed = "".join(e["text"] for e in events)
+    whole = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True}).json()
+    assert streamed == whole["text"]
+
+
+def test_greedy_is_the_default_and_repeatable(client):
+    body = {"prompt": PROMPT, "max_tokens": 30}
+    a, b = (client.post("/generate", json=body).json() for _ in range(2))
+    assert a["text"] == b["text"] and a["usage"] == b["usage"]
+    explicit = client.post("/generate", json={**body, "temperature": 0}).json()
+    assert explicit["text"] == a["text"]
+
+
+def test_seed_makes_sampling_repeatable(client):
+    def sample(seed):
+        body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 1.0, "seed": seed, "ignore_eos": True}
+        return client.post("/generate", json=body).json()["text"]
+    first = sample(7)
+    assert sample(7) == first
+    assert len({first, sample(8), sample(9)}) > 1  # a different seed samples something else
+
+
+def test_stop_string_cuts_the_text(client):
+    full = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True}).json()["text"]
+    # A stop string taken from the middle of the greedy text (not a replacement character of a split byte).
+    candidates = [i for i, ch in enumerate(full) if i >= 3 and ch != "\ufffd" and ch.strip()]
+    assert candidates, f"no usable stop character in {full!r}"
+    stop = full[candidates[len(candidates) // 2]]
+    r = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True, "stop": [stop]})
+    body = r.json()
+    assert body["finish_reason"] == "stop"
+    assert body["text"] == full[:full.index(stop)] and stop not in body["text"]
+    assert body["usage"]["completion_tokens"] < 60
+
+
+def test_concurrent_requests_get_their_own_text(server, client):
+    """Batching changes speed, never text: each greedy answer is the same alone and in a crowd."""
+    bodies = [{"prompt": f"Prompt {i}: " + "abc" * i, "max_tokens": 40, "ignore_eos": True} for i in range(10)]
+    alone = [client.post("/generate", json=b).json()["text"] for b in bodies]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server.url, headers=client.headers, timeout=30) as ac:
+            return await asyncio.gather(*(ac.post("/generate", json=b) for b in bodies))
+    crowd = [r.json()["text"] for r in asyncio.run(together())]
+    assert crowd == alone
+
+
+def test_stop_string_when_streaming(client):
+    full = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True}).json()["text"]
+    stop = next(ch for ch in full[5:] if ch != "\ufffd" and ch.strip())
+    events = stream_events(client, "/generate", {"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True,
+                                                 "stop": stop})
+    assert events[-1]["finish_reason"] == "stop"
+    assert "".join(e["text"] for e in events) == full[:full.index(stop)]
+
+
+def test_prompt_as_token_ids(client):
+    from model_runner.tiny import byte_level_tokenizer
+    ids = byte_level_tokenizer()(PROMPT, add_special_tokens=False)["input_ids"]
+    as_ids = client.post("/generate", json={"prompt": ids, "max_tokens": 10}).json()
+    as_text = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 10}).json()
+    nested = client.post("/v1/completions", json={"prompt": [ids], "max_tokens": 10}).json()
+    assert as_ids["text"] == as_text["text"] == nested["choices"][0]["text"]
+
+
+# --- the OpenAI-compatible routes, with the official client ----------------------------------------------------
+
+def test_openai_models_list(oai):
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["tiny-random"]
+
+
+def test_openai_completion(oai, client):
+    c = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=10, extra_body={"ignore_eos": True})
+    assert c.object == "text_completion" and c.model == "tiny-random" and c.id.startswith("cmpl-")
+    assert len(c.choices) == 1 and c.choices[0].finish_reason == "length"
+    assert c.usage.completion_tokens == 10 and c.usage.prompt_tokens == len(PROMPT.encode())
+    assert c.usage.total_tokens == c.usage.prompt_tokens + 10
+    # The same greedy request through /generate says the same thing.
+    g = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 10, "ignore_eos": True}).json()
+    assert c.choices[0].text == g["text"]
+
+
+def test_openai_completion_default_max_tokens_is_16(oai):
+    c = oai.completions.create(model="tiny-random", prompt=PROMPT, extra_body={"ignore_eos": True})
+    assert c.usage.completion_tokens == 16 and c.choices[0].finish_reason == "length"
+
+
+def test_openai_completion_stream(oai):
+    whole = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=25,
+                                   extra_body={"ignore_eos": True})
+    chunks = list(oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=25, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    text_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert all(c.object == "text_completion" and len(c.choices) == 1 for c in text_chunks)
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 25
+
+
+def test_completion_stream_ends_with_done(client):
+    events = stream_events(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 8})
+    assert events[-1] == "[DONE]"
+    assert all(e["object"] == "text_completion" for e in events[:-1])
+
+
+def test_openai_chat(oai):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]
+    c = oai.chat.completions.create(model="tiny-random", messages=messages, max_tokens=20,
+                                    extra_body={"ignore_eos": True})
+    assert c.object == "chat.completion" and c.id.startswith("chatcmpl-")
+    msg = c.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 20
+    # Streamed deltas concatenate to the very same greedy text.
+    chunks = list(oai.chat.completions.create(model="tiny-random", messages=messages, max_tokens=20, stream=True,
+                                              stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == msg.content
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].usage.completion_tokens == 20
+
+
+def test_openai_extra_body_sampling_fields(oai):
+    c = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=30, temperature=0.8, seed=3,
+                               extra_body={"ignore_eos": True, "top_k": 5})
+    assert c.usage.completion_tokens == 30 and c.choices[0].finish_reason == "length"
+
+
+def test_openai_n_2_is_refused(oai):
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=5, n=2)
+    assert e.value.status_code == 422 and e.value.body["code"] == "unsupported"
+
+
+def test_openai_unknown_model_is_404(oai):
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_openai_wrong_key_is_401(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+
+
+# --- every error, OpenAI-shaped ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"a string"'])
+def test_400_body_is_not_a_json_object(client, content):
+    r = client.post("/generate", content=content, headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("path,body,code", [
+    ("/generate", {"prompt": "hi", "max_tokens": "ten"}, "invalid_type"),
+    ("/generate", {"prompt": "hi", "max_tokens": 1.5}, "invalid_type"),
+    ("/generate", {"prompt": "hi", "stream": "yes"}, "invalid_type"),
+    ("/generate", {"prompt": "hi", "stop": 5}, "invalid_type"),
+    ("/generate", {"max_tokens": 5}, "missing_field"),
+    ("/generate", {"prompt": [["a"], ["b"]]}, "invalid_type"),
+    ("/generate", {"prompt": "hi", "top_p": 5}, "invalid_value"),
+    ("/generate", {"prompt": "hi", "temperature": -1}, "invalid_value"),
+    ("/generate", {"prompt": "hi", "max_tokens": 0}, "invalid_value"),
+    ("/generate", {"prompt": "hi", "seed": -1}, "invalid_value"),
+    ("/generate", {"prompt": "hi", "min_tokens": 9, "max_tokens": 3}, "invalid_value"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, "unsupported"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, "invalid_type"),
+    ("/v1/completions", {"max_tokens": 3}, "missing_field"),
+    ("/v1/chat/completions", {"messages": []}, "missing_field"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 5}, "invalid_value"),
+])
+def test_422_invalid_fields(client, path, body, code):
+    err = assert_error(client.post(path, json=body), 422, code)
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x" * 2000},               # 2000 byte tokens > the 1024-token context
+    {"prompt": ""},                       # nothing to continue
+    {"prompt": [5, 6, 99999]},            # a token id outside the vocabulary
+])
+def test_400_unusable_prompt(client, body):
+    assert_error(client.post("/generate", json=body), 400, "invalid_prompt")
+    assert_error(client.post("/v1/completions", json=body), 400, "invalid_prompt")
+
+
+def test_401_missing_or_wrong_key_but_health_is_open(server):
+    with httpx.Client(base_url=server.url, timeout=10) as anon:
+        assert anon.get("/health").status_code == 200
+        for path, method in (("/generate", "POST"), ("/v1/completions", "POST"), ("/v1/models", "GET"),
+                             ("/v1/chat/completions", "POST")):
+            body = {"prompt": "hi"} if method == "POST" else None
+            assert_error(anon.request(method, path, json=body), 401, "invalid_api_key")
+            assert_error(anon.request(method, path, json=body, headers={"Authorization": "Bearer nope"}), 401)
+            assert_error(anon.request(method, path, json=body, headers={"Authorization": KEY}), 401)
+        # The other accepted spelling of the key.
+        assert anon.get("/v1/models", headers={"x-api-key": KEY}).status_code == 200
+
+
+def test_413_body_too_large(client):
+    big = {"prompt": "x" * (BODY_LIMIT + 10)}
+    assert_error(client.post("/generate", json=big), 413, "body_too_large")
+
+    def chunked():  # no Content-Length: the limit must hold while the body is read
+        for _ in range(BODY_LIMIT // 1000 + 5):
+            yield b" " * 1000
+    assert_error(client.post("/generate", content=chunked()), 413, "body_too_large")
+
+
+def test_404_and_405(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    assert_error(client.post("/v1/embeddings", json={"input": "hi"}), 404, "not_found")
+    assert_error(client.post("/v1/completions", json={"model": "other", "prompt": "hi"}), 404, "model_not_found")
+    assert_error(client.get("/generate"), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "temperature", "top_p", "n", "stream"])
+def test_null_optional_fields_mean_default(client, name):
+    r = client.post("/v1/completions", json={"prompt": PROMPT, name: None})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/generate", '{"prompt": "a\\ud800b", "max_tokens": 3}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 3}'),
+])
+def test_unencodable_prompt_is_a_client_error(server, path, body):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10) as c:
+        r = c.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422), r.text
+        assert_error(r, r.status_code)
+
+
+# --- client disconnects free everything ------------------------------------------------------------------------
+
+def test_disconnect_mid_stream_aborts_and_frees_kv(client):
+    before = aborts(wait_idle(client))
+    with client.stream("POST", "/generate", json={"prompt": PROMPT, **LONG, "stream": True}) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen == 3:
+                break
+    # Leaving the block closes the half-read response, and with it the connection.
+    m = wait_idle(client)
+    assert aborts(m) == before + 1
+
+
+async def test_disconnect_mid_non_stream_aborts_and_frees_kv(server, client):
+    before = aborts(wait_idle(client))
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}) as ac:
+        calls = [asyncio.ensure_future(ac.post("/generate", json={"prompt": f"{i} {PROMPT}", **LONG}, timeout=30))
+                 for i in range(3)]
+        await asyncio.sleep(0.2)
+        scrape = await ac.get("/metrics")  # while they run
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+    assert parse_metrics(scrape.text)[("jitney_requests_running", ())] > 0
+    m = await asyncio.to_thread(wait_idle, client)
+    assert aborts(m) >= before + 1
+
+
+# --- /metrics ----------------------------------------------------------------------------------------------------
+
+def test_metrics(server, client):
+    client.post("/generate", json={"prompt": PROMPT, "max_tokens": 5})
+    client.post("/generate", content=b"{")                                       # 400
+    httpx.post(f"{server.url}/generate", json={"prompt": "hi"})                  # 401
+    client.get("/nope")                                                          # 404
+    client.post("/generate", content=b" " * (BODY_LIMIT + 1))                    # 413
+    client.post("/generate", json={"prompt": "hi", "max_tokens": 0})             # 422
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = parse_metrics(r.text)
+    names = {name for name, _ in m}
+    for gauge in ("jitney_requests_waiting", "jitney_requests_running", "jitney_kv_cache_usage",
+                  "jitney_prefix_cache_hit_rate", "jitney_kv_cache_blocks_used", "jitney_kv_cache_blocks_total"):
+        assert gauge in names, gauge
+    for counter in ("jitney_preemptions_total", "jitney_prompt_tokens_total", "jitney_generation_tokens_total"):
+        assert counter in names, counter
+    for hist in ("jitney_queue_time_seconds", "jitney_time_to_first_token_seconds",
+                 "jitney_inter_token_latency_seconds", "jitney_e2e_request_latency_seconds", "jitney_batch_size"):
+        assert m[(f"{hist}_count", ())] > 0, hist
+        assert (f"{hist}_bucket", (("le", "+Inf"),)) in m, hist
+    assert 0 <= m[("jitney_kv_cache_usage", ())] <= 1
+    assert m[("jitney_prompt_tokens_total", ())] > 0 and m[("jitney_generation_tokens_total", ())] > 0
+    http: dict[str, float] = {}
+    for (name, labels), v in m.items():
+        if name == "jitney_http_requests_total":
+            http[dict(labels)["status"]] = http.get(dict(labels)["status"], 0) + v
+    for status in ("200", "400", "401", "404", "413", "422"):
+        assert http.get(status, 0) > 0, (status, http)
+    assert m[("jitney_http_requests_total", (("path", "/generate"), ("status", "200")))] > 0
+
+
+def test_prompts_are_not_logged_but_requests_are(server, client):
+    secret = "zebra-quokka-4242-do-not-log"
+    r = client.post("/generate", json={"prompt": secret, "max_tokens": 4})
+    assert r.status_code == 200
+    access = re.compile(r'127\.0\.0\.1 "POST /generate" 200 \d+\.\dms prompt_tokens=%d' % len(secret))
+    assert wait_until(lambda: access.search(server.output()), 5), server.output()[-2000:]
+    assert secret not in server.output()
+
+
+def test_still_serving_after_all_that(client, oai):
+    wait_idle(client)
+    r = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 8, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    assert oai.completions.create(model="tiny-random", prompt="hi", max_tokens=3).choices[0].finish_reason
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+# --- servers with their own flags ------------------------------------------------------------------------------
+
+async def test_429_overload_with_retry_after():
+    with jitney_server(*TINY, "--max-queue", "2", "--max-num-seqs", "1", env=ENV) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
+            body = {"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}
+            results = await asyncio.gather(*(ac.post("/generate", json=body) for _ in range(20)))
+            statuses = sorted(r.status_code for r in results)
+            assert set(statuses) == {200, 429}, statuses
+            for r in results:
+                if r.status_code == 429:
+                    assert_error(r, 429, "overloaded")
+                    assert int(r.headers["retry-after"]) >= 1
+                else:  # nothing accepted is lost or cut short
+                    assert r.json()["usage"]["completion_tokens"] == 300
+                    assert r.json()["finish_reason"] == "length"
+            # And once the burst is over, it serves again.
+            assert (await ac.post("/generate", json={"prompt": "hi", "max_tokens": 3})).status_code == 200
+
+
+async def test_504_queue_deadline():
+    with jitney_server(*TINY, "--policy", "sequential", "--timeout-s", "0.2", env=ENV) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as ac:
+            async with ac.stream("POST", "/generate", json={"prompt": PROMPT, **LONG, "stream": True}) as long:
+                assert long.status_code == 200
+                lines = long.aiter_lines()
+                while not (await anext(lines)).startswith("data: "):  # the long request is running
+                    pass
+                waiting = {"prompt": "hi", "max_tokens": 5}
+                plain, streamed = await asyncio.gather(ac.post("/generate", json=waiting),
+                                                       ac.post("/generate", json={**waiting, "stream": True}))
+                err = assert_error(plain, 504, "queue_timeout")
+                assert err["type"] == "timeout"
+                assert_error(streamed, 504, "queue_timeout")  # a stream that never started gets a status, too
+                events = sse_events([line async for line in lines])
+            assert events[-1]["finish_reason"] == "length"  # the running one was not disturbed
+            r = await ac.post("/generate", json={"prompt": "hi", "max_tokens": 5})
+            assert r.status_code == 200
+
+
+def test_sigterm_drains_then_exits_0():
+    grace = 1.5
+    with jitney_server(*TINY, "--policy", "sequential", "--grace-s", str(grace), env=ENV) as server:
+        url = server.url
+
+        def one_stream(i):
+            with httpx.Client(base_url=url, timeout=30) as c:
+                with c.stream("POST", "/generate", json={"prompt": f"{i} {PROMPT}", **LONG, "stream": True}) as r:
+                    return r.status_code, sse_events(r.iter_lines())
+
+        def one_plain():
+            with httpx.Client(base_url=url, timeout=30) as c:
+                return c.post("/generate", json={"prompt": PROMPT, **LONG})
+
+        with httpx.Client(base_url=url, timeout=10) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            # Nine half-second requests in line (sequential policy): more work than the grace period allows.
+            futures = [pool.submit(one_stream, i) for i in range(8)]
+            plain = pool.submit(one_plain)
+            assert wait_until(lambda: metrics(c)[("jitney_requests_waiting", ())] >= 7, 10)
+            t0 = time.monotonic()
+            server.signal(signal.SIGTERM)
+            health = wait_until(lambda: c.get("/health").status_code == 503, 2)
+            assert health, "/health should say 503 while draining"
+            assert_error(c.post("/generate", json={"prompt": "hi", "max_tokens": 3}), 503, "shutting_down")
+            code = server.proc.wait(timeout=grace + 5)
+            elapsed = time.monotonic() - t0
+            results = [f.result(timeout=10) for f in futures]
+            plain = plain.result(timeout=10)
+        assert code == 0, server.output()[-2000:]
+        assert elapsed < grace + 5
+        completed = aborted = 0
+        for status, events in results:
+            assert status == 200
+            final = events[-1]
+            if "error" in final:  # cut off at the end of the grace period: told so in the stream
+                assert final["error"]["code"] == "shutting_down"
+                assert events[-2]["finish_reason"] == "abort"
+                aborted += 1
+            else:
+                assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 900
+                completed += 1
+        assert completed >= 1 and aborted >= 1, (completed, aborted)
+        # A non-streaming request either finished in time or is told the server shut down under it.
+        if plain.status_code != 200:
+            assert_error(plain, 503, "shutting_down")
+        assert "draining" in server.output()
+
+
+def test_second_sigterm_exits_at_once():
+    with jitney_server(*TINY, "--max-num-seqs", "1", "--grace-s", "30", env=ENV) as server:
+
+        def one_stream(i):
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                with c.stream("POST", "/generate", json={"prompt": f"{i} {PROMPT}", **LONG, "stream": True}) as r:
+                    return sse_events(r.iter_lines())
+
+        with httpx.Client(base_url=server.url, timeout=10) as c, concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(one_stream, i) for i in range(6)]  # three seconds of work, one at a time
+            assert wait_until(lambda: metrics(c)[("jitney_requests_waiting", ())] >= 4, 10)
+            server.signal(signal.SIGTERM)
+            assert wait_until(lambda: c.get("/health").status_code == 503, 2)
+            t0 = time.monotonic()
+            server.signal(signal.SIGTERM)
+            server.proc.wait(timeout=15)
+            elapsed = time.monotonic() - t0
+            for f in futures:
+                with contextlib.suppress(httpx.TransportError):
+                    f.result(timeout=10)
+        assert elapsed < 1.0, f"took {elapsed:.1f}s to exit after the second signal"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+def test_https_and_log_requests(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with jitney_server(*TINY, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--log-requests",
+                       env=ENV, https=True) as server:
+        assert server.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=server.url, verify=ctx, timeout=10) as c:
+            assert c.get("/health").status_code == 200
+            secret = "pelican-7731-logged-on-request"
+            r = c.post("/generate", json={"prompt": secret, "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port gets nowhere
+            httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=3)
+        # --log-requests is what turns prompt logging on.
+        assert wait_until(lambda: secret in server.output(), 5)
