@@ -132,3 +132,17 @@ async def test_stop_drains_then_aborts(tiny_runner):
     from batcher.engine import EngineStopped
     with pytest.raises(EngineStopped):
         await engine.add_request([5], greedy(1))
+
+
+async def test_max_rps_paces_admissions(tiny_runner):
+    import time
+    engine = Engine(tiny_runner, BatcherConfig(max_rps=20))
+    await engine.start()
+    try:
+        t0 = time.monotonic()
+        streams = await asyncio.gather(*(engine.add_request([5, i + 3], greedy(1)) for i in range(30)))
+        admitted_in = time.monotonic() - t0
+        await asyncio.gather(*(collect(s) for s in streams))
+        assert admitted_in >= 0.4  # 30 requests at 20/s: the last ten wait for the next second's slots
+    finally:
+        await engine.stop()
