@@ -35,7 +35,7 @@ from .trace import TraceRequest, burst, load_trace, poisson, save_trace
 # batching serves with the default model on 2 cores (the machine is saturated), many times what sequential or
 # run-to-completion batches can, so their queues grow for the whole trace.
 WORKLOADS = {
-    "poisson": dict(num_requests=200, rate=8.0, prompt_len=(16, 256), output_len=(16, 256)),
+    "poisson": dict(num_requests=200, rate=8.0, prompt_len=(16, 256), output_len=(8, 256)),
     "burst": dict(num_requests=128, rate=None, prompt_len=(32, 512), output_len=(16, 256)),
 }
 QUICK = dict(num_requests=8, rate=50.0, prompt_len=(4, 32), output_len=(4, 16))
