@@ -6,6 +6,7 @@ with many (large batches, prefill) by the matmul peak. `python -m benchmarks.mac
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -66,6 +67,25 @@ def copy_gbps(nbytes: int = 2**30, reps: int = 5) -> float:
     return 2 * nbytes / best_seconds(lambda: dst.copy_(src), reps) / 1e9
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes have kept the machine's CPUs busy since boot (the first line of /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class NeighbourMeter:
+    """The share of all CPUs other processes used since start: on a shared machine it tells which timings to doubt
+    (with one thread per core, a neighbour makes oneDNN's threads wait for each other and can cost 10x, not 2x)."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_cpu_seconds(), time.process_time()
+
+    def share(self) -> float:
+        others = busy_cpu_seconds() - self.busy0 - (time.process_time() - self.own0)
+        return max(0.0, others / ((time.perf_counter() - self.t0) * os.cpu_count()))
+
+
 @dataclass
 class Machine:
     cpu: str
@@ -75,9 +95,11 @@ class Machine:
     copy_gbps: float
 
     @classmethod
-    def measure(cls, dtypes: tuple[str, ...] = tuple(DTYPES)) -> Machine:
+    def measure(cls, dtypes: tuple[str, ...] = tuple(DTYPES), quick: bool = False) -> Machine:
+        """quick: small probes for smoke runs, whose ceilings come out low (a small matmul misses the peak)."""
+        n, nbytes = (512, 2**26) if quick else (2048, 2**30)
         return cls(cpu_model(), torch.get_num_threads(), torch.__version__,
-                   {d: matmul_gflops(DTYPES[d]) for d in dtypes}, copy_gbps())
+                   {d: matmul_gflops(DTYPES[d], n) for d in dtypes}, copy_gbps(nbytes))
 
     def roofline_gflops(self, dtype: str, flops_per_byte: float) -> float:
         """The attainable GFLOP/s of a kernel with this arithmetic intensity."""

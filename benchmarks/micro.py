@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 from dataclasses import asdict
 
@@ -24,7 +23,7 @@ from model_runner.runner import ModelRunner, resolve_dtype
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import Sequence
 
-from .machine import Machine
+from .machine import Machine, NeighbourMeter
 
 WARMUP_STEPS = 2  # decode steps run before timing: the first calls of a new shape pick oneDNN kernels
 PROMPT_TEXT = "The jitney leaves when it is full or when it has waited long enough, and stops at every corner. "
@@ -39,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=64)
-    p.add_argument("--quick", action="store_true", help="batch sizes 1,8 and 8 new tokens (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="batch sizes 1,8, 8 new tokens, small probes: a smoke run")
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args(argv)
     if args.quick:
@@ -65,6 +64,11 @@ def kv_cache_memory(mc: ModelConfig, dtype: str, max_batch: int, tokens_per_seq:
 
 
 # --- timings -------------------------------------------------------------------------------------------------
+
+def mean_decode_context(prompt_len: int, gen_len: int) -> float:
+    """Mean context of time_decode_step's timed steps: decode step k (warm-up included) sees prompt_len + k tokens."""
+    return prompt_len + WARMUP_STEPS + (gen_len + 1) / 2
+
 
 def time_decode_step(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
     """Mean seconds of a step() that decodes one token for every sequence, after prefill and a warm-up."""
@@ -123,12 +127,13 @@ def decode_step_cost(mc: ModelConfig, batch: int, context_len: float, elem_bytes
 def bench_row(runner: ModelRunner, hf_model, machine: Machine, dtype: str, batch: int, prompt_len: int,
               gen_len: int) -> dict:
     prompts = make_prompts(runner.tokenizer, batch, prompt_len)
+    neighbours = NeighbourMeter()
     step_s = time_decode_step(runner, prompts, gen_len)
     gen_s = time_generate(runner, prompts, gen_len)
     pad = runner.tokenizer.pad_token_id if runner.tokenizer.pad_token_id is not None else runner.eos_token_ids[0]
     hf_s = time_hf_generate(hf_model, prompts, gen_len, pad)
-    # Mean context over the timed steps: decode step k attends to prompt_len + k tokens.
-    context_len = prompt_len + WARMUP_STEPS + (gen_len + 1) / 2
+    others_cpu = neighbours.share()
+    context_len = mean_decode_context(prompt_len, gen_len)
     flops, nbytes = decode_step_cost(runner.model_config, batch, context_len, runner.dtype.itemsize)
     roofline = machine.roofline_gflops(dtype, flops / nbytes)
     achieved = flops / step_s / 1e9
@@ -136,7 +141,7 @@ def bench_row(runner: ModelRunner, hf_model, machine: Machine, dtype: str, batch
                 generate_tok_s=batch * gen_len / gen_s, hf_generate_tok_s=batch * gen_len / hf_s,
                 speedup=hf_s / gen_s, context_len=context_len, flops_per_step=flops, bytes_per_step=nbytes,
                 intensity=flops / nbytes, roofline_gflops=roofline, achieved_gflops=achieved,
-                roofline_pct=100 * achieved / roofline)
+                roofline_pct=100 * achieved / roofline, others_cpu_pct=100 * others_cpu)
 
 
 def bench_dtype(args: argparse.Namespace, mc: ModelConfig, machine: Machine, dtype: str, bar: tqdm) -> list[dict]:
@@ -156,9 +161,8 @@ def bench_dtype(args: argparse.Namespace, mc: ModelConfig, machine: Machine, dty
 
 # --- report --------------------------------------------------------------------------------------------------
 
-def format_header(args: argparse.Namespace, machine: Machine, mc: ModelConfig, load: float) -> str:
-    # Other processes on these few cores slow every figure, the roofline included: the load says how quiet it was.
-    return (f"# jitney micro-benchmark\n\n{machine.describe()}\nload average at start: {load:.2f}\n"
+def format_header(args: argparse.Namespace, machine: Machine, mc: ModelConfig) -> str:
+    return (f"# jitney micro-benchmark\n\n{machine.describe()}\n"
             f"model: {args.model} ({matmul_params(mc) / 1e6:.1f}M matmul parameters, {mc.num_hidden_layers} layers); "
             f"prompt {args.prompt_len} tokens, generate {args.gen_len} tokens, greedy")
 
@@ -173,19 +177,27 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_neighbours(rows: list[dict], threshold_pct: float = 5) -> str:
+    busy = [f"{r['dtype']} batch {r['batch']} {r['others_cpu_pct']:.0f}%" for r in rows
+            if r["others_cpu_pct"] > threshold_pct]
+    if not busy:
+        return f"other processes used under {threshold_pct:.0f}% of the CPUs during every row"
+    return "doubt these rows: other processes used this share of the CPUs while they ran: " + ", ".join(busy)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    t0, load = time.perf_counter(), os.getloadavg()[0]
+    t0 = time.perf_counter()
     mc = ModelConfig.from_hf_dir(resolve_model(args.model))  # converts the model once, before any timing
-    machine = Machine.measure(tuple(args.dtypes))
+    machine = Machine.measure(tuple(args.dtypes), quick=args.quick)
     rows = []
     with tqdm(total=len(args.dtypes) * len(args.batch_sizes), unit="row") as bar:
         for dtype in args.dtypes:
             rows += bench_dtype(args, mc, machine, dtype, bar)
             gc.collect()  # drop this dtype's models before the next loads
-    print(format_header(args, machine, mc, load) + "\n\n" + format_table(rows))
+    print(format_header(args, machine, mc) + "\n\n" + format_table(rows) + "\n\n" + format_neighbours(rows))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    report = dict(machine=asdict(machine), load_average=load, model=args.model, prompt_len=args.prompt_len,
+    report = dict(machine=asdict(machine), model=args.model, prompt_len=args.prompt_len,
                   gen_len=args.gen_len, warmup_steps=WARMUP_STEPS, rows=rows)
     if args.json:
         with open(args.json, "w") as f:
