@@ -1,4 +1,4 @@
-"""The `jitney` command: `generate` (one-shot, to try a model), `serve` (the HTTP server)."""
+"""The `jitney` command: `generate` (one-shot, to try a model), `serve` (the HTTP server), `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -175,11 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
+    # bench parses its own flags (benchmarks.bench): everything after the word is handed over untouched.
+    sub.add_parser("bench", add_help=False, help="replay a trace through the batching policies and compare them")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from benchmarks.bench import main as bench_main
+        return bench_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except (ModelLoadError, InvalidRequestError) as e:

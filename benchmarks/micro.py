@@ -10,6 +10,7 @@ import argparse
 import gc
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -26,6 +27,8 @@ from model_runner.sequence import Sequence
 from .machine import Machine, NeighbourMeter
 
 WARMUP_STEPS = 2  # decode steps run before timing: the first calls of a new shape pick oneDNN kernels
+NOISY_PCT = 5     # other processes' share of the CPUs above which a row's timings are in doubt
+MAX_TRIES = 3     # measurements of a row taken beside busy neighbours, the quietest kept
 PROMPT_TEXT = "The jitney leaves when it is full or when it has waited long enough, and stops at every corner. "
 COLUMNS = ["dtype", "batch", "jitney decode step ms", "jitney decode tok/s", "jitney generate tok/s",
            "HF generate tok/s", "speed-up", "achieved GFLOP/s", "% of roofline"]
@@ -144,6 +147,14 @@ def bench_row(runner: ModelRunner, hf_model, machine: Machine, dtype: str, batch
                 roofline_pct=100 * achieved / roofline, others_cpu_pct=100 * others_cpu)
 
 
+def quietest(measure: Callable[[], dict]) -> dict:
+    """Measures a row again while other processes were busy beside it, and keeps the quietest try."""
+    row, tries = measure(), 1
+    while row["others_cpu_pct"] > NOISY_PCT and tries < MAX_TRIES:
+        row, tries = min(row, measure(), key=lambda r: r["others_cpu_pct"]), tries + 1
+    return row | {"tries": tries}
+
+
 def bench_dtype(args: argparse.Namespace, mc: ModelConfig, machine: Machine, dtype: str, bar: tqdm) -> list[dict]:
     """All batch sizes for one dtype, loading jitney and the transformers reference once."""
     from transformers import AutoModelForCausalLM
@@ -154,7 +165,8 @@ def bench_dtype(args: argparse.Namespace, mc: ModelConfig, machine: Machine, dty
     rows = []
     for batch in args.batch_sizes:
         bar.set_description(f"{dtype} batch {batch}")
-        rows.append(bench_row(runner, hf_model, machine, dtype, batch, args.prompt_len, args.gen_len))
+        rows.append(quietest(lambda: bench_row(runner, hf_model, machine, dtype, batch, args.prompt_len,
+                                               args.gen_len)))
         bar.update()
     return rows
 
@@ -177,12 +189,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_neighbours(rows: list[dict], threshold_pct: float = 5) -> str:
+def format_neighbours(rows: list[dict]) -> str:
     busy = [f"{r['dtype']} batch {r['batch']} {r['others_cpu_pct']:.0f}%" for r in rows
-            if r["others_cpu_pct"] > threshold_pct]
+            if r["others_cpu_pct"] > NOISY_PCT]
     if not busy:
-        return f"other processes used under {threshold_pct:.0f}% of the CPUs during every row"
-    return "doubt these rows: other processes used this share of the CPUs while they ran: " + ", ".join(busy)
+        return f"other processes used under {NOISY_PCT}% of the CPUs during every row"
+    return (f"doubt these rows: other processes used this share of the CPUs while they ran, in the quietest of "
+            f"{MAX_TRIES} tries: " + ", ".join(busy))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -33,7 +33,8 @@ class RequestRecord:
     inter_token_ms: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None         # timeout, internal, or why the request was invalid
-    refused: bool = False            # Overloaded at the door
+    refused: bool = False            # Overloaded at the door (HTTP 429)
+    status: int | None = None        # HTTP status (None in-process)
 
     @property
     def ok(self) -> bool:
@@ -73,12 +74,16 @@ async def _send(engine: Engine, req: TraceRequest, ids: list[int], t0: float) ->
 
 
 async def replay(engine: Engine, trace: list[TraceRequest], tokenizer, seed: int = 0, progress: bool = True,
-                 desc: str = "replay", shared_prefix: int = 0) -> list[RequestRecord]:
+                 desc: str = "replay", shared_prefix: int = 0, ids: list[list[int]] | None = None,
+                 t0: float | None = None) -> list[RequestRecord]:
     """Sends every request of the trace at its arrival time (each as its own task) to a started engine; returns
-    their records in trace order once all have ended. Synthetic prompts share their first shared_prefix tokens."""
-    ids = prompt_ids(tokenizer, trace, seed, shared_prefix)
+    their records in trace order once all have ended. Synthetic prompts share their first shared_prefix tokens.
+    ids: the prompts, made beforehand (prompt_ids); t0: the monotonic time of the trace's zero (default: now,
+    once the prompts are made), so a caller can line other clocks up with the records."""
+    if ids is None:
+        ids = prompt_ids(tokenizer, trace, seed, shared_prefix)
     with tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False) as bar:
-        t0 = time.monotonic()
+        t0 = time.monotonic() if t0 is None else t0
         tasks = [asyncio.create_task(_send(engine, r, p, t0)) for r, p in zip(trace, ids)]
         for task in tasks:
             task.add_done_callback(lambda _: bar.update())

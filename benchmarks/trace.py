@@ -75,3 +75,67 @@ def synth_prompt_ids(tokenizer, n_tokens: int, seed: int | str, shared_prefix: i
     (a system prompt)."""
     k = min(shared_prefix, n_tokens)
     return _word_ids(tokenizer, k, random.Random("shared")) + _word_ids(tokenizer, n_tokens - k, random.Random(seed))
+
+
+# --- synthetic traces: arrival process x length distribution ---------------------------------------------------
+
+ARRIVALS = ("poisson", "gamma")
+LENGTH_DISTS = ("fixed", "uniform", "exponential", "azure")
+
+
+def arrival_times(n: int, rate: float, process: str = "poisson", shape: float = 1.0, seed: int = 0) -> list[float]:
+    """n arrival times (the first at t=0) at `rate` per second on average. Gamma gaps have the same mean and a
+    coefficient of variation of 1/sqrt(shape): shape 1 is Poisson, shape < 1 bursty (clumps, then lulls)."""
+    if process not in ARRIVALS:
+        raise ValueError(f"unknown arrival process {process!r}: choose from {', '.join(ARRIVALS)}")
+    rng, t, out = random.Random(f"{seed}:arrivals"), 0.0, []
+    for _ in range(n):
+        out.append(round(t, 6))
+        t += rng.expovariate(rate) if process == "poisson" else rng.gammavariate(shape, 1 / (rate * shape))
+    return out
+
+
+def _draw(dist: str, lo_hi: tuple[int, int], rng: random.Random) -> int:
+    lo, hi = lo_hi
+    if dist == "fixed":
+        return (lo + hi) // 2
+    if dist == "uniform":
+        return rng.randint(lo, hi)
+    # exponential: mean at the midpoint, clipped into [lo, hi] (a long tail, like real request lengths)
+    return min(hi, max(lo, round(rng.expovariate(2 / (lo + hi)))))
+
+
+def lengths(n: int, dist: str, prompt_len: tuple[int, int] | None, output_len: tuple[int, int] | None,
+            seed: int = 0, empirical: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """n (prompt, output) token counts. 'azure' draws pairs jointly from `empirical` (so long prompts keep their
+    own outputs) and clips them into the ranges when given; the others draw each length within LO,HI."""
+    if dist not in LENGTH_DISTS:
+        raise ValueError(f"unknown length distribution {dist!r}: choose from {', '.join(LENGTH_DISTS)}")
+    rng = random.Random(f"{seed}:lengths")
+    if dist == "azure":
+        def clip(v: int, r: tuple[int, int] | None) -> int:
+            return v if r is None else min(r[1], max(r[0], v))
+        return [(clip(p, prompt_len), clip(o, output_len)) for p, o in (rng.choice(empirical) for _ in range(n))]
+    return [(_draw(dist, prompt_len, rng), _draw(dist, output_len, rng)) for _ in range(n)]
+
+
+def synthetic(n: int, rate: float, prompt_len: tuple[int, int] | None, output_len: tuple[int, int] | None,
+              process: str = "poisson", shape: float = 1.0, dist: str = "uniform", seed: int = 0,
+              empirical: list[tuple[int, int]] | None = None) -> list[TraceRequest]:
+    """Arrivals and lengths come from separate seeded streams, so traces at different rates hold the very same
+    requests (a rate sweep changes when they come, nothing else)."""
+    return [TraceRequest(t, p, o) for t, (p, o) in
+            zip(arrival_times(n, rate, process, shape, seed), lengths(n, dist, prompt_len, output_len, seed, empirical))]
+
+
+def offered_rate(trace: list[TraceRequest]) -> float | None:
+    """Requests per second the trace offers: the mean gap's inverse (None for a burst: no gaps, no rate)."""
+    span = trace[-1].arrival_s - trace[0].arrival_s if trace else 0.0
+    return (len(trace) - 1) / span if span > 0 else None
+
+
+def rescale_time(trace: list[TraceRequest], factor: float) -> list[TraceRequest]:
+    """Every arrival gap multiplied by factor (> 1 stretches: fewer requests per second); the first at 0."""
+    t0 = trace[0].arrival_s if trace else 0.0
+    return [TraceRequest(round((r.arrival_s - t0) * factor, 6), r.prompt_tokens, r.output_tokens, r.prompt)
+            for r in trace]
