@@ -117,7 +117,8 @@ async def test_http_replay_is_open_loop_against_a_slow_server(slow_server):
     trace = [TraceRequest(0.025 * i, 3, 99 if i == 7 else 3) for i in range(40)]
     records = await replay_http(slow_server, trace, [[1, 2, 3]] * 40, progress=False)
     lags = [r.submitted_s - r.arrival_s for r in records]
-    assert all(0 <= lag < 0.05 for lag in lags), max(lags)
+    # A closed-loop client would lag by the 0.5 s service time per request; 0.2 s allows a busy machine.
+    assert all(0 <= lag < 0.2 for lag in lags), max(lags)
     refused = records.pop(7)
     assert refused.refused and refused.status == 429 and "busy" in refused.error and not refused.ok
     for r in records:
@@ -144,7 +145,7 @@ def test_bench_with_started_servers_writes_table_json_and_plots(tmp_path, capsys
         assert s["completed"] == 8 and s["output_tok_s"] > 0 and s["cost_per_mtok"] > 0, s
         assert s["mean_batch"] >= 1 and s["kv_usage_max"] is not None and s["preemptions"] == 0  # from /metrics
         assert len(run["records"]) == 8 and all(r["status"] == 200 for r in run["records"])
-        assert run["timeline"]["t"] and s["submit_lag_ms_max"] < 50
+        assert run["timeline"]["t"] and s["submit_lag_ms_max"] < 200
     assert saved["runs"][0]["summary"]["mean_batch"] == 1.0  # sequential, read back from jitney_batch_size
 
 
