@@ -35,7 +35,8 @@ class PrefillChunk:
 class DecodeGroup:
     start: int                  # rows start .. end-1 of the flat batch: single-token queries
     end: int
-    block_tables: torch.Tensor  # [rows, max_blocks] (padded with block 0)
+    rows: torch.Tensor          # [kv_heads * rows * max_blocks] rows of the cache viewed as [kv_heads * blocks,
+                                # block_size * head_dim]: each (head, block) of the padded block tables
     bias: torch.Tensor          # [1, rows, 1, max_blocks * block_size] 0 for real keys, -inf for padding
 
 
@@ -60,9 +61,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     kvh, _, bs, d = k_cache.shape
     out = torch.empty_like(q)
     for g in meta.decodes:
-        n, tables = g.end - g.start, g.block_tables.view(-1)
-        kd = k_cache.index_select(1, tables).view(kvh, n, -1, d)   # [KVH, rows, ctx, Dh]
-        vd = v_cache.index_select(1, tables).view(kvh, n, -1, d)
+        # Gathering whole (head, block) rows of a 2-D view is a plain row copy, twice as fast as index_select
+        # along dim 1 of the 4-D cache.
+        n = g.end - g.start
+        kd = k_cache.view(kvh * k_cache.shape[1], -1).index_select(0, g.rows).view(kvh, n, -1, d)  # [KVH, rows, ctx, Dh]
+        vd = v_cache.view(kvh * v_cache.shape[1], -1).index_select(0, g.rows).view(kvh, n, -1, d)
         qd = q[g.start:g.end].view(n, kvh, -1, d).transpose(0, 1)  # [KVH, rows, q heads per kv head, Dh]
         scores = torch.add(g.bias, torch.matmul(qd, kd.transpose(-1, -2)), alpha=scale)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)           # float32 softmax, as the reference does

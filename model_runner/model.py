@@ -67,5 +67,6 @@ class LlamaModel:
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits for the rows that are sampled (never the whole prompt)."""
-        return self.lm_head(hidden).float()
+        """Logits, in the compute dtype, for the rows that are sampled (never the whole prompt). The sampler
+        works in float32 where it must; greedy rows need only an argmax, exact in any dtype."""
+        return self.lm_head(hidden)

@@ -121,7 +121,7 @@ class ModelRunner:
             raise InvalidRequestError("not enough free KV blocks to score this prompt now")
         try:
             meta, input_ids, positions = self._prepare([(seq, len(token_ids))])
-            return self.model.logits(self.model.forward(input_ids, positions, self.kv_cache, meta))
+            return self.model.logits(self.model.forward(input_ids, positions, self.kv_cache, meta)).float()
         finally:
             self.block_allocator.free(seq.block_table)
 
@@ -200,9 +200,11 @@ class ModelRunner:
         width = -(-(pos[hi - 1] + 1) // bs)
         tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
                                for s in decodes[lo:hi]])
+        kv_heads = self.model_config.num_key_value_heads
+        rows = (torch.arange(kv_heads).view(-1, 1) * self.num_blocks + tables.view(1, -1)).view(-1)
         last = torch.tensor(pos[lo:hi]).unsqueeze(1)
         bias = torch.zeros(hi - lo, width * bs).masked_fill_(torch.arange(width * bs) > last, float("-inf"))
-        return DecodeGroup(lo, hi, tables.to(self.device), bias.view(1, hi - lo, 1, -1).to(self.device))
+        return DecodeGroup(lo, hi, rows.to(self.device), bias.view(1, hi - lo, 1, -1).to(self.device))
 
 
 def decode_group_bounds(positions: list[int], block_size: int, max_groups: int = 8) -> list[tuple[int, int]]:

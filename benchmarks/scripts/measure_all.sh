@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every figure in README.md and docs/, one run after another (nothing else may run beside it: 2 cores).
+# Results go to results/ (not committed); the plots the docs show are copied to docs/figures/.
+# Takes about 45 minutes on the 2-core development machine.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+B=".venv/bin/jitney bench"
+R=results
+mkdir -p "$R" docs/figures
+step() { echo "=== $(date +%T) $*"; }
+
+step micro;      .venv/bin/python -m benchmarks.micro --json $R/micro.json > $R/micro.md
+step roofline;   .venv/bin/python -m benchmarks.roofline --model smollm2-135m --dtype bfloat16 \
+                   --batch-sizes 1,2,4,8,16,32,64,128,256 --context 128 --steps 16 --prefill-len 512 --out $R/roofline
+# The README comparison (issue 3's workload): 200 Poisson requests, outputs 8..256, all four policies.
+step readme;     $B --in-process --synthetic poisson --rate 8 --num-requests 200 --prompt-len 16,256 \
+                   --output-len 8,256 --dtype bfloat16 --out $R/readme
+# vLLM's published workload: 128 requests at once, prompts 32..512, outputs 16..256, forced lengths, greedy.
+step burst;      .venv/bin/python -m benchmarks.engine_bench --workload burst --policies continuous \
+                   --save-trace $R/burst.jsonl --json $R/burst.json > $R/burst.md
+step burst-http; $B --start-server --trace $R/burst.jsonl --policies continuous --dtype bfloat16 --out $R/burst-http
+step quick;      /usr/bin/time -f "%e s" $B --quick --out $R/quick 2> $R/quick.time
+step azure;      $B --start-server --azure --azure-start-s 1200 --azure-duration-s 80 --time-scale 1.4 \
+                   --token-scale 8 --dtype bfloat16 --out $R/azure
+step sweep-wait; $B --policies dynamic,continuous --synthetic gamma --gamma-shape 0.25 --rate 4 --num-requests 60 \
+                   --prompt-len 16,128 --output-len 16,64 --sweep max_wait_ms=0,5,20,100 --out $R/sweep-max-wait-ms
+step sweep-batch; $B --policies static,dynamic --rate 4 --num-requests 60 --prompt-len 16,128 --output-len 16,64 \
+                   --sweep max_batch_size=1,4,16,64 --out $R/sweep-max-batch-size
+step sweep-tokens; $B --policies continuous --length-dist azure --token-scale 4 --rate 1.5 --num-requests 45 \
+                   --sweep max_num_batched_tokens=64,128,256,512,2048 --out $R/sweep-max-num-batched-tokens
+step sweep-block; $B --policies continuous --rate 4 --num-requests 60 --prompt-len 16,256 --output-len 16,128 \
+                   --kv-cache-memory 64MiB --sweep block_size=8,16,32,64 --out $R/sweep-block-size
+step done
