@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.jitney-installed
 # torch is pinned and installed first: a bare `torch` from another package's requirements can pull a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install serve test test-fast bench bench-all clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.micro $(ARGS)
+
+# Every figure in README.md and docs/ (about 50 minutes on 2 cores; nothing else should run meanwhile).
+bench-all: $(STAMP)
+	bash benchmarks/scripts/measure_all.sh
+	bash benchmarks/scripts/measure_prefix.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,7 +4,8 @@
         [--num-requests N] [--rate R] [--prompt-len LO,HI] [--output-len LO,HI] [--shared-prefix N]
         [--trace in.jsonl] [--save-trace out.jsonl]
         [--model M] [--dtype D] [--max-batch-size B] [--max-num-seqs S] [--max-num-batched-tokens T]
-        [--max-wait-ms W] [--static-flush-ms F] [--kv-cache-gib G] [--seed S] [--json out.json] [--quick]
+        [--max-wait-ms W] [--static-flush-ms F] [--kv-cache-gib G] [--no-prefix-caching] [--seed S]
+        [--json out.json] [--quick]
 
 All policies share the model, the sampler and the KV cache, so the table compares scheduling alone.
 """
@@ -64,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=lo_hi, help="LO,HI prompt tokens (uniform)")
     p.add_argument("--output-len", type=lo_hi, help="LO,HI output tokens (uniform, forced with ignore_eos)")
     p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (prefix cache)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off (to compare)")
     p.add_argument("--trace", help="replay this JSONL trace instead of generating one")
     p.add_argument("--save-trace", help="write the trace replayed to this JSONL file")
     p.add_argument("--max-batch-size", type=int)
@@ -100,7 +102,8 @@ def make_trace(args: argparse.Namespace) -> list[TraceRequest]:
 def batcher_config(args: argparse.Namespace, policy: str) -> BatcherConfig:
     knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
     # Unbounded admission: a benchmark measures how long requests wait, so none may be refused at the door.
-    return BatcherConfig(policy=policy, max_queue=100_000, max_queued_tokens=10**12, **knobs).validate()
+    return BatcherConfig(policy=policy, max_queue=100_000, max_queued_tokens=10**12,
+                         enable_prefix_caching=not args.no_prefix_caching, **knobs).validate()
 
 
 # --- running -------------------------------------------------------------------------------------------------
@@ -148,6 +151,7 @@ def format_header(args: argparse.Namespace, runner: ModelRunner, trace: list[Tra
                     f"outputs {o_lo}..{o_hi} tokens (uniform, forced, greedy)")
     if args.shared_prefix:
         workload += f", {args.shared_prefix}-token shared prefix"
+    workload += ", prefix caching " + ("off" if args.no_prefix_caching else "on")
     cfg = batcher_config(args, "continuous")
     knobs = ", ".join(f"{k}={getattr(cfg, k):g}" for k in KNOBS)
     # Other processes on these few cores slow every figure: the load average says how quiet the machine was.
