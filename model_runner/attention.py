@@ -1,18 +1,17 @@
 """Paged attention in plain PyTorch: write this step's K/V into cache slots, read each sequence's K/V back
 through its block table.
 
-One layer's K (or V) cache is [kv_heads, num_blocks, block_size, head_dim]: heads first, so gathering a batch
-of block tables with one index_select yields [kv_heads, seqs, context, head_dim] already laid out for a
-batched matmul (no transposing copy, which costs more than the attention itself at these sizes). A token at
-position p of a sequence lives in block block_table[p // block_size] at offset p % block_size; its "slot" is
-block * block_size + offset.
+One layer's cache is [2 (K, V), kv_heads, num_blocks, block_size, head_dim]: heads before blocks, so gathering
+a batch of block tables (one index_select of whole rows) yields [2, kv_heads, seqs, context, head_dim] already
+laid out for a batched matmul (no transposing copy, which costs more than the attention itself at these
+sizes). A token at position p of a sequence lives in block block_table[p // block_size] at offset
+p % block_size; its "slot" is block * block_size + offset.
 
 Decodes (one query each) are attended in groups of similar context length, each group as two batched
 matmuls and a masked softmax: SDPA's CPU kernels are tuned for long queries and are several times slower for
 single-token ones, and grouping keeps the padding (gathered and multiplied for nothing) small when short and
 long contexts share a step (measured: 128 contexts of 48..768 tokens, 23 ms a layer as one padded group,
-4.5 ms as eight). Prefill chunks (many
-queries) go one sequence at a time through SDPA, causally.
+4.5 ms as eight). Prefill chunks (many queries) go one sequence at a time through SDPA, causally.
 """
 from __future__ import annotations
 
@@ -27,7 +26,8 @@ class PrefillChunk:
     start: int                        # first query row of the chunk in the flat batch
     end: int                          # one past the last query row
     context_len: int                  # tokens the sequence holds after this step (cached prefix + this chunk)
-    block_table: torch.Tensor | None  # blocks to read; None when the chunk is the whole context (fresh prompt)
+    rows: torch.Tensor | None         # (K/V, head, block) rows to read, as DecodeGroup.rows; None when the chunk
+                                      # is the whole context (a fresh prompt)
     mask: torch.Tensor | None         # [n, context_len] causal mask when the chunk follows a cached prefix
 
 
@@ -35,8 +35,9 @@ class PrefillChunk:
 class DecodeGroup:
     start: int                  # rows start .. end-1 of the flat batch: single-token queries
     end: int
-    rows: torch.Tensor          # [kv_heads * rows * max_blocks] rows of the cache viewed as [kv_heads * blocks,
-                                # block_size * head_dim]: each (head, block) of the padded block tables
+    rows: torch.Tensor          # [2 * kv_heads * rows * max_blocks] rows of the layer's cache viewed as
+                                # [2 * kv_heads * blocks, block_size * head_dim]: each (K/V, head, block) of the
+                                # padded block tables, so one gather fetches both K and V
     bias: torch.Tensor          # [1, rows, 1, max_blocks * block_size] 0 for real keys, -inf for padding
 
 
@@ -53,31 +54,44 @@ def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor) -
     cache.view(kvh, -1, d).index_copy_(1, slot_mapping, x.transpose(0, 1))
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] for this step's tokens -> attention output [T, H, D]."""
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] for this step's tokens; kv_cache [2, KVH, blocks, block_size, D] is the
+    layer's. Returns the attention output [T, H, D]."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
     write_kv(k_cache, meta.slot_mapping, k)
     write_kv(v_cache, meta.slot_mapping, v)
-    kvh, _, bs, d = k_cache.shape
+    if len(meta.decodes) == 1 and not meta.prefills:  # a pure decode step: no output to assemble
+        return decode_attention(q, kv_cache, meta.decodes[0], scale)
     out = torch.empty_like(q)
     for g in meta.decodes:
-        # Gathering whole (head, block) rows of a 2-D view is a plain row copy, twice as fast as index_select
-        # along dim 1 of the 4-D cache.
-        n = g.end - g.start
-        kd = k_cache.view(kvh * k_cache.shape[1], -1).index_select(0, g.rows).view(kvh, n, -1, d)  # [KVH, rows, ctx, Dh]
-        vd = v_cache.view(kvh * v_cache.shape[1], -1).index_select(0, g.rows).view(kvh, n, -1, d)
-        qd = q[g.start:g.end].view(n, kvh, -1, d).transpose(0, 1)  # [KVH, rows, q heads per kv head, Dh]
-        scores = torch.add(g.bias, torch.matmul(qd, kd.transpose(-1, -2)), alpha=scale)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)           # float32 softmax, as the reference does
-        out[g.start:g.end] = torch.matmul(probs, vd).transpose(0, 1).reshape(n, -1, d)
+        out[g.start:g.end] = decode_attention(q[g.start:g.end], kv_cache, g, scale)
     for c in meta.prefills:
         qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
-        if c.block_table is None:  # a fresh prompt: its keys are exactly this chunk's
+        if c.rows is None:  # a fresh prompt: its keys are exactly this chunk's
             kc, vc = k[c.start:c.end].transpose(0, 1), v[c.start:c.end].transpose(0, 1)
         else:
-            kc = k_cache.index_select(1, c.block_table).view(kvh, -1, d)[:, : c.context_len]
-            vc = v_cache.index_select(1, c.block_table).view(kvh, -1, d)[:, : c.context_len]
+            kc, vc = gather_kv(kv_cache, c.rows)[:, :, : c.context_len]
         o = F.scaled_dot_product_attention(qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=c.mask,
                                            is_causal=c.mask is None, scale=scale, enable_gqa=True)
         out[c.start:c.end] = o[0].transpose(0, 1)
     return out
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, g: DecodeGroup, scale: float) -> torch.Tensor:
+    """One group of single-token queries q [rows, H, D] against their sequences' cached K/V."""
+    n, kvh, d = q.shape[0], kv_cache.shape[1], kv_cache.shape[-1]
+    kv = gather_kv(kv_cache, g.rows).view(2, kvh, n, -1, d)        # [2, KVH, rows, ctx, Dh]
+    qd = q.view(n, kvh, -1, d).transpose(0, 1)                     # [KVH, rows, q heads per kv head, Dh]
+    scores = torch.add(g.bias, torch.matmul(qd, kv[0].transpose(-1, -2)), alpha=scale)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)              # float32 softmax, as the reference does
+    return torch.matmul(probs, kv[1]).transpose(0, 1).reshape(n, -1, d)
+
+
+def gather_kv(kv_cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[2, KVH, tokens, Dh] from a layer's cache [2, KVH, blocks, block_size, Dh], given (K/V, head, block) rows.
+
+    Gathering whole rows of a 2-D view is a plain row copy: twice as fast as index_select along an inner dim
+    of the 5-D cache, and one call fetches K and V together."""
+    _, kvh, blocks, _, d = kv_cache.shape
+    return kv_cache.view(2 * kvh * blocks, -1).index_select(0, rows).view(2, kvh, -1, d)

@@ -57,15 +57,17 @@ class RotaryEmbedding:
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = (emb.cos() * attn_factor).to(device)
-        self.sin = (emb.sin() * attn_factor).to(device)
+        # rotate_half(x) * sin == roll(x, half) * [-sin, +sin]: the sign lives in the table, so applying the
+        # rotation is three operations instead of six (they run 30 times a step, on tiny tensors).
+        sin = emb.sin() * attn_factor
+        half = head_dim // 2
+        self.signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, 1, head_dim] tables for the step's tokens, in the compute dtype (as transformers casts them)."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+        """[T, 1, head_dim] cos and signed-sin tables for the step's tokens, in the compute dtype."""
+        return self.cos[positions].to(dtype).unsqueeze(1), self.signed_sin[positions].to(dtype).unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]. Rotates pairs (i, i + head_dim/2) by the position's angle."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]. Rotates pairs (i, i + head_dim/2) by the position's angle (HF's layout)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

@@ -121,7 +121,7 @@ class ModelRunner:
             raise InvalidRequestError("not enough free KV blocks to score this prompt now")
         try:
             meta, input_ids, positions = self._prepare([(seq, len(token_ids))])
-            return self.model.logits(self.model.forward(input_ids, positions, self.kv_cache, meta)).float()
+            return self.model.logits(self.model.forward(input_ids, positions, self.kv_cache, meta))
         finally:
             self.block_allocator.free(seq.block_table)
 
@@ -188,8 +188,8 @@ class ModelRunner:
                 prefills.append(PrefillChunk(row, row + n, ctx_len, None, None))
             else:  # continues a cached prefix: query i (position start + i) sees keys 0 .. start + i
                 mask = torch.arange(ctx_len).unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
-                blocks = torch.tensor(table[: -(-ctx_len // bs)], device=dev)
-                prefills.append(PrefillChunk(row, row + n, ctx_len, blocks, mask.to(dev)))
+                prefills.append(PrefillChunk(row, row + n, ctx_len, self._kv_rows(table[: -(-ctx_len // bs)]),
+                                             mask.to(dev)))
             row += n
         meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, prefills)
         return meta, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
@@ -200,11 +200,16 @@ class ModelRunner:
         width = -(-(pos[hi - 1] + 1) // bs)
         tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
                                for s in decodes[lo:hi]])
-        kv_heads = self.model_config.num_key_value_heads
-        rows = (torch.arange(kv_heads).view(-1, 1) * self.num_blocks + tables.view(1, -1)).view(-1)
         last = torch.tensor(pos[lo:hi]).unsqueeze(1)
         bias = torch.zeros(hi - lo, width * bs).masked_fill_(torch.arange(width * bs) > last, float("-inf"))
-        return DecodeGroup(lo, hi, rows.to(self.device), bias.view(1, hi - lo, 1, -1).to(self.device))
+        return DecodeGroup(lo, hi, self._kv_rows(tables), bias.view(1, hi - lo, 1, -1).to(self.device))
+
+    def _kv_rows(self, blocks) -> torch.Tensor:
+        """Rows of a layer's cache viewed as [2 * kv_heads * blocks, block_size * head_dim] holding these blocks,
+        K then V, head by head (see attention.gather_kv)."""
+        blocks = torch.as_tensor(blocks).view(1, -1)
+        heads = torch.arange(2 * self.model_config.num_key_value_heads).view(-1, 1)
+        return (heads * self.num_blocks + blocks).view(-1).to(self.device)
 
 
 def decode_group_bounds(positions: list[int], block_size: int, max_groups: int = 8) -> list[tuple[int, int]]:
