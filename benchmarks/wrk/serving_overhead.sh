@@ -12,4 +12,4 @@ trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
 wrk -t1 -c"$CONNECTIONS" -d3s -s benchmarks/wrk/generate.lua "http://127.0.0.1:$PORT" >/dev/null  # warm-up
 wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benchmarks/wrk/generate.lua "http://127.0.0.1:$PORT"
-curl -s "http://127.0.0.1:$PORT/metrics" | grep '^jitney_http_requests_total'
+curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^jitney_(http_requests_total|batch_size_(sum|count))'
