@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from dataclasses import asdict
@@ -29,7 +28,7 @@ from model_runner.runner import ModelRunner
 
 from .machine import cpu_model
 from .replay import RequestRecord, replay
-from .report import markdown_table, ratio_table, summarize, wall_seconds
+from .report import finish, markdown_table, ratio_table, summarize, wall_seconds
 from .trace import TraceRequest, burst, load_trace, poisson, save_trace
 
 # Per-workload defaults. The Poisson rate offers ~1,100 prompt and ~1,100 output tok/s: about what continuous
@@ -186,14 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n" + ratio_table(summaries))
     if ref := vllm_reference(args, summaries):
         print("\n" + ref)
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     report = dict(args=vars(args), load_average=load, runner=runner.describe(),
                   batcher={p: asdict(batcher_config(args, p)) for p in args.policies},
                   trace=[asdict(r) for r in trace], policies=results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return finish(report, args.json, t0)
 
 
 if __name__ == "__main__":

@@ -195,8 +195,8 @@ def format_ways_out(m: ModelShape, s: Settings) -> list[str]:
     weight_bytes = [s.dtype_bytes] + [w for w in SMALLER_BYTES if w < s.dtype_bytes]
     kv_bytes = [s.kv_dtype_bytes] + [kv for kv in SMALLER_BYTES[:1] if kv < s.kv_dtype_bytes]  # fp8 KV, not int4
     lines = [f"ways out (batch {s.batch}, context {s.context:,}; one card = {s.device_gb:g} GB):",
-             f"| weights | KV cache | total GB on one card | max batch on one card | max context on one card "
-             f"| cards needed (tensor parallel) |", "|---|---|---:|---:|---:|---:|"]
+             "| weights | KV cache | total GB on one card | max batch on one card | max context on one card "
+             "| cards needed (tensor parallel) |", "|---|---|---:|---:|---:|---:|"]
     for w in weight_bytes:
         for kv in kv_bytes:
             one = dataclasses.replace(s, dtype_bytes=w, kv_dtype_bytes=kv, cards=1)

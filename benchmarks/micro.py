@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import Sequence
 
 from .machine import Machine, NeighbourMeter
+from .report import finish
 
 WARMUP_STEPS = 2  # decode steps run before timing: the first calls of a new shape pick oneDNN kernels
 NOISY_PCT = 5     # other processes' share of the CPUs above which a row's timings are in doubt
@@ -209,13 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows += bench_dtype(args, mc, machine, dtype, bar)
             gc.collect()  # drop this dtype's models before the next loads
     print(format_header(args, machine, mc) + "\n\n" + format_table(rows) + "\n\n" + format_neighbours(rows))
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     report = dict(machine=asdict(machine), model=args.model, prompt_len=args.prompt_len,
                   gen_len=args.gen_len, warmup_steps=WARMUP_STEPS, rows=rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return finish(report, args.json, t0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """From request records to figures: throughput, latency percentiles, batch size; and the Markdown tables."""
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,3 +165,12 @@ class Run:
     records: list[RequestRecord]
     summary: dict
     timeline: dict[str, list[float]]   # t (s since the trace's zero), running, waiting, kv_usage
+
+
+def finish(report: dict, json_path: str | None, started: float) -> dict:
+    """The end of every benchmark command: its run time, and its figures saved as JSON when asked."""
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
