@@ -530,7 +530,8 @@ def test_second_sigterm_exits_at_once():
 
         with httpx.Client(base_url=server.url, timeout=10) as c, concurrent.futures.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(one_stream, i) for i in range(6)]  # three seconds of work, one at a time
-            assert wait_until(lambda: metrics(c)[("jitney_requests_waiting", ())] >= 4, 10)
+            # All six accepted (one running, five waiting) before the signal: a later one would get a 503 instead.
+            assert wait_until(lambda: metrics(c)[("jitney_requests_waiting", ())] >= 5, 10)
             server.signal(signal.SIGTERM)
             assert wait_until(lambda: c.get("/health").status_code == 503, 2)
             t0 = time.monotonic()
