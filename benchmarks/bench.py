@@ -39,15 +39,14 @@ from . import plots
 from .azure import azure_lengths, azure_trace
 from .http_replay import MetricsSampler, new_client, replay_http
 from .machine import cpu_model
-from .replay import RequestRecord, prompt_ids, replay
+from .replay import BATCHER_KNOBS, RequestRecord, batcher_config, prompt_ids, replay
 from .report import (Run, cost_per_million, latency_table, step_figures, summarize, throughput_table,
                      wall_seconds)
 from .sysmon import CpuMonitor
-from .trace import (ARRIVALS, LENGTH_DISTS, TraceRequest, burst, load_trace, offered_rate, rescale_time,
+from .trace import (ARRIVALS, LENGTH_DISTS, TraceRequest, burst, load_trace, lo_hi, offered_rate, rescale_time,
                     save_trace, synthetic)
 
 # Batcher and runner knobs settable (and sweepable) from the command line; None = the server's default.
-BATCHER_KNOBS = ("max_wait_ms", "max_batch_size", "max_num_batched_tokens", "max_num_seqs", "static_flush_ms")
 KNOBS = BATCHER_KNOBS + ("block_size",)
 INT_KNOBS = {"max_batch_size", "max_num_batched_tokens", "max_num_seqs", "block_size"}
 SYNTHETIC = dict(num_requests=200, rate=8.0, prompt_len=(16, 256), output_len=(16, 256))
@@ -70,18 +69,6 @@ class RunSpec:
 
 
 # --- arguments -----------------------------------------------------------------------------------------------
-
-def lo_hi(s: str) -> tuple[int, int]:
-    """'LO,HI' or 'N' (= N,N)."""
-    parts = s.split(",")
-    try:
-        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
-    except ValueError:
-        lo = hi = 0
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"want LO,HI with 1 <= LO <= HI (or one N), got {s!r}")
-    return lo, hi
-
 
 def floats(s: str) -> list[float]:
     try:
@@ -285,12 +272,6 @@ class InProcess:
             await engine.stop()
         figures, timeline = step_figures(engine.step_log, runner.num_blocks, t0)
         return records, figures, timeline, cpu, t0
-
-
-def batcher_config(policy: str, knobs: dict) -> BatcherConfig:
-    # Unbounded admission: a benchmark measures how long requests wait, so none may be refused at the door.
-    return BatcherConfig(policy=policy, max_queue=10**6, max_queued_tokens=10**12,
-                         **{k: v for k, v in knobs.items() if k in BATCHER_KNOBS}).validate()
 
 
 # --- HTTP targets --------------------------------------------------------------------------------------------

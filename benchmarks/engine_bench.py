@@ -27,9 +27,10 @@ from model_runner.loader import DEFAULT_MODEL
 from model_runner.runner import ModelRunner
 
 from .machine import cpu_model
-from .replay import RequestRecord, replay
+from .replay import BATCHER_KNOBS, RequestRecord, replay
+from .replay import batcher_config as replay_batcher_config
 from .report import finish, markdown_table, ratio_table, summarize, wall_seconds
-from .trace import TraceRequest, burst, load_trace, poisson, save_trace
+from .trace import TraceRequest, burst, load_trace, lo_hi, poisson, save_trace
 
 # Per-workload defaults. The Poisson rate offers ~1,100 prompt and ~1,100 output tok/s: about what continuous
 # batching serves with the default model on 2 cores (the machine is saturated), many times what sequential or
@@ -42,15 +43,6 @@ QUICK = dict(num_requests=8, rate=50.0, prompt_len=(4, 32), output_len=(4, 16))
 # The published comparison point for the burst preset: same workload, same machine, vLLM's in-process engine.
 VLLM_BURST = dict(workload="burst", num_requests=128, prompt_len=(32, 512), output_len=(16, 256))
 VLLM_BURST_TOK_S = 540.0
-# Batcher knobs settable from the command line (None: BatcherConfig's default).
-KNOBS = ("max_batch_size", "max_num_seqs", "max_num_batched_tokens", "max_wait_ms", "static_flush_ms")
-
-
-def lo_hi(s: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in s.split(","))
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"want LO,HI with 1 <= LO <= HI, got {s!r}")
-    return lo, hi
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,10 +91,8 @@ def make_trace(args: argparse.Namespace) -> list[TraceRequest]:
 
 
 def batcher_config(args: argparse.Namespace, policy: str) -> BatcherConfig:
-    knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
-    # Unbounded admission: a benchmark measures how long requests wait, so none may be refused at the door.
-    return BatcherConfig(policy=policy, max_queue=100_000, max_queued_tokens=10**12,
-                         enable_prefix_caching=not args.no_prefix_caching, **knobs).validate()
+    return replay_batcher_config(policy, {k: getattr(args, k) for k in BATCHER_KNOBS},
+                                 enable_prefix_caching=not args.no_prefix_caching)
 
 
 # --- running -------------------------------------------------------------------------------------------------
@@ -152,7 +142,7 @@ def format_header(args: argparse.Namespace, runner: ModelRunner, trace: list[Tra
         workload += f", {args.shared_prefix}-token shared prefix"
     workload += ", prefix caching " + ("off" if args.no_prefix_caching else "on")
     cfg = batcher_config(args, "continuous")
-    knobs = ", ".join(f"{k}={getattr(cfg, k):g}" for k in KNOBS)
+    knobs = ", ".join(f"{k}={getattr(cfg, k):g}" for k in BATCHER_KNOBS)
     # Other processes on these few cores slow every figure: the load average says how quiet the machine was.
     return (f"# jitney engine benchmark\n\nmachine: {cpu_model()}, {torch.get_num_threads()} threads, torch "
             f"{torch.__version__}; load average at start {load:.2f}\n{runner.describe()}\nworkload: {workload}; "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from batcher.config import BatcherConfig
 from batcher.engine import Engine, RequestOutput
 from batcher.request_queue import Overloaded
 from model_runner.errors import InvalidRequestError
@@ -88,3 +89,14 @@ async def replay(engine: Engine, trace: list[TraceRequest], tokenizer, seed: int
         for task in tasks:
             task.add_done_callback(lambda _: bar.update())
         return list(await asyncio.gather(*tasks))
+
+
+# Batcher knobs a benchmark may set (block_size belongs to the runner, not the batcher).
+BATCHER_KNOBS = ("max_wait_ms", "max_batch_size", "max_num_batched_tokens", "max_num_seqs", "static_flush_ms")
+
+
+def batcher_config(policy: str, knobs: dict, **settings) -> BatcherConfig:
+    """A benchmark's batcher: the knobs given, and unbounded admission: a benchmark measures how long requests
+    wait, so none may be refused at the door."""
+    return BatcherConfig(policy=policy, max_queue=10**6, max_queued_tokens=10**12, **settings,
+                         **{k: v for k, v in knobs.items() if k in BATCHER_KNOBS and v is not None}).validate()

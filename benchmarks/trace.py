@@ -5,6 +5,8 @@ prompt_tokens tokens (synth_prompt_ids), unless the line carries its own prompt 
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -139,3 +141,15 @@ def rescale_time(trace: list[TraceRequest], factor: float) -> list[TraceRequest]
     t0 = trace[0].arrival_s if trace else 0.0
     return [TraceRequest(round((r.arrival_s - t0) * factor, 6), r.prompt_tokens, r.output_tokens, r.prompt)
             for r in trace]
+
+
+def lo_hi(s: str) -> tuple[int, int]:
+    """A length range from the command line: 'LO,HI' or 'N' (= N,N)."""
+    parts = s.split(",")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"want LO,HI with 1 <= LO <= HI (or one N), got {s!r}")
+    return lo, hi
