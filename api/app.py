@@ -36,7 +36,6 @@ class ServerSettings:
     model_name: str
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
-    log_requests: bool = False
     generate_max_tokens: int = 128    # /generate's default max_tokens (OpenAI completions default to 16)
     draining: bool = field(default=False)
 

@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       memory_utilization=args.memory_utilization, max_model_len=args.max_model_len))
     engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,
-                              max_body_bytes=args.max_body_bytes, log_requests=args.log_requests)
+                              max_body_bytes=args.max_body_bytes)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "
           f"max_num_batched_tokens {args.max_num_batched_tokens}, max_batch_size {args.max_batch_size}, "

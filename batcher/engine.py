@@ -23,7 +23,7 @@ from model_runner.sequence import FinishReason, Sequence
 
 from .config import BatcherConfig
 from .detokenizer import IncrementalDetokenizer
-from .request_queue import Overloaded, QueueTimeout, RequestQueue
+from .request_queue import Overloaded, RequestQueue
 from .scheduler import Scheduler
 
 log = logging.getLogger("jitney.engine")
@@ -198,7 +198,7 @@ class Engine:
         if not self.accepting:
             raise EngineStopped("the server is shutting down")
         params.validate()
-        self.runner.check_prompt(prompt_token_ids, params.max_tokens)
+        self.runner.check_prompt(prompt_token_ids)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self.requests:
@@ -217,8 +217,12 @@ class Engine:
         self._wake.set()
         return RequestStream(self, req)
 
+    def _not_started(self) -> list[Sequence]:
+        """Released to the scheduler but never run (preempted sequences, which have output, do not count)."""
+        return [s for s in (*self.scheduler.waiting, *self.scheduler.batch) if s.num_output_tokens == 0]
+
     def _check_capacity(self, num_tokens: int) -> None:
-        waiting = [s for s in (*self.scheduler.waiting, *self.scheduler.batch) if s.num_output_tokens == 0]
+        waiting = self._not_started()
         self.queue.check_capacity(num_tokens, len(waiting), sum(len(s) for s in waiting),
                                   max(self.step_seconds, 1e-3))
 
@@ -288,12 +292,13 @@ class Engine:
                     self.scheduler.finish(req.seq, FinishReason.ABORT)
                     self._finish(req)
         if self.cfg.timeout_s:
+            message = f"timeout: not started within {self.cfg.timeout_s:g}s (server busy)"
             for req in self.queue.remove(lambda p: p.deadline is not None and p.deadline <= now):
-                self._fail(req, f"timeout: not started within {self.cfg.timeout_s:g}s (server busy)")
-            for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.batch) if s.num_output_tokens == 0]:
+                self._fail(req, message)
+            for seq in self._not_started():
                 req = self._by_seq[seq.seq_id]
                 if req.timings.scheduled is None and now - req.timings.arrival >= self.cfg.timeout_s:
-                    self._fail(req, f"timeout: not started within {self.cfg.timeout_s:g}s (server busy)")
+                    self._fail(req, message)
 
     def _emit(self, plan, sampled: list[int | None], finished) -> None:
         now = time.monotonic()
@@ -364,5 +369,5 @@ class Engine:
             finished_by_reason=dict(self.finished_by_reason))
 
 
-__all__ = ["Engine", "EngineStopped", "Overloaded", "QueueTimeout", "RequestOutput", "RequestStream", "StepRecord",
+__all__ = ["Engine", "EngineStopped", "Overloaded", "RequestOutput", "RequestStream", "StepRecord",
            "Timings"]

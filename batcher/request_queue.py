@@ -25,10 +25,6 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
-class QueueTimeout(Exception):
-    """A request waited longer than its deadline without starting."""
-
-
 @dataclass
 class Pending:
     item: Any

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
@@ -76,4 +76,3 @@ class RunnerConfig:
     memory_utilization: float = 0.85    # CUDA: fraction of free memory the KV cache may take
     max_model_len: int | None = None    # cap on prompt + output tokens; None -> the model's context window
     seed: int = 0
-    extra: dict = field(default_factory=dict)

@@ -39,7 +39,7 @@ def generate(runner: ModelRunner, prompts: list[list[int]], params: SamplingPara
     plist = params if isinstance(params, list) else [params] * len(prompts)
     for p, prompt in zip(plist, prompts):
         p.validate()
-        runner.check_prompt(prompt, p.max_tokens)
+        runner.check_prompt(prompt)
     seqs = [Sequence(prompt, p) for prompt, p in zip(prompts, plist)]
     try:
         while not all(s.is_finished for s in seqs):

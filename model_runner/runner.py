@@ -7,8 +7,6 @@ token for every sequence whose chunk reached its last token. It never changes a 
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 
 import torch
 
@@ -46,13 +44,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-@dataclass
-class StepStats:
-    num_tokens: int
-    num_seqs: int
-    seconds: float
-
-
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig | None = None, progress: bool = True):
         cfg = cfg or RunnerConfig()
@@ -80,7 +71,6 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.dtype, cfg.device)
         self.block_allocator = BlockAllocator(self.num_blocks, cfg.block_size)
         self.sampler = Sampler(cfg.seed)
-        self.last_step: StepStats | None = None
 
     # --- reporting -------------------------------------------------------------------------------------
 
@@ -97,7 +87,7 @@ class ModelRunner:
 
     # --- requests ---------------------------------------------------------------------------------------
 
-    def check_prompt(self, prompt_token_ids: list[int], max_tokens: int = 1) -> None:
+    def check_prompt(self, prompt_token_ids: list[int]) -> None:
         """Refuses what could never run, before it reaches a queue or the model."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty: give at least one token")
@@ -133,7 +123,6 @@ class ModelRunner:
 
         Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens.
         """
-        t0 = time.perf_counter()
         # Single-token chunks first, shortest context first: they are attended in groups of similar length.
         order = sorted(range(len(scheduled)),
                        key=lambda i: (scheduled[i][1] != 1, scheduled[i][0].num_computed_tokens))
@@ -157,7 +146,6 @@ class ModelRunner:
             ids = self.sampler(logits, [s.params for s in sampled_items], [s.generator for s in sampled_items],
                                histories).tolist()
             tokens = {s.seq_id: t for s, t in zip(sampled_items, ids)}
-        self.last_step = StepStats(len(input_ids), len(items), time.perf_counter() - t0)
         return [tokens.get(seq.seq_id) for seq, _ in scheduled]
 
     def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
