@@ -68,3 +68,29 @@ def test_cli_reports_errors_without_traceback(capsys):
     assert main(["generate", "--model", "nope", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "unknown model" in err and "Traceback" not in err
+
+
+def test_concurrent_gguf_conversion_uses_the_winners_copy(tmp_path, monkeypatch):
+    """Two processes converting the same GGUF: the one that loses the final rename uses the other's copy."""
+    import model_runner.gguf as gguf
+    from model_runner import loader
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"not really a gguf")
+    monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path / "cache"))
+
+    def lose_the_race(path, out, progress):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")  # the other process's finished conversion
+        raise OSError("Directory not empty")
+
+    monkeypatch.setattr(gguf, "convert_gguf", lose_the_race)
+    out = loader._converted_gguf(src, progress=False)
+    assert (out / "config.json").is_file()
+
+    def fail(path, out, progress):
+        raise ModelLoadError("corrupt")
+
+    monkeypatch.setattr(gguf, "convert_gguf", fail)
+    src.write_bytes(b"another file")  # a new digest: nobody converted it
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        loader._converted_gguf(src, progress=False)
