@@ -80,6 +80,11 @@ def failure(out: RequestOutput) -> APIError | None:
     return None
 
 
+def cut_by_shutdown() -> APIError:
+    """A request the drain aborted: a 503 before the response starts, a final error event in a stream."""
+    return APIError(503, "the server shut down before the request finished", "unavailable", "shutting_down")
+
+
 # --- response shapes, one per route ---------------------------------------------------------------------
 
 class GenerateFormat:
@@ -184,9 +189,8 @@ def build_app(engine: Engine, settings: ServerSettings) -> Starlette:
                 watcher.cancel()
             metrics.observe_request(final)
             request.state.usage = usage(final)
-            err = failure(final) or (APIError(503, "the server shut down before the request finished",
-                                              "unavailable", "shutting_down")
-                                     if final.finish_reason == "abort" and not engine.accepting else None)
+            err = failure(final) or (cut_by_shutdown() if final.finish_reason == "abort" and not engine.accepting
+                                     else None)
             if err:
                 raise err
             return JSONResponse(fmt.full(text, final))
@@ -213,8 +217,8 @@ def build_app(engine: Engine, settings: ServerSettings) -> Starlette:
                 metrics.observe_request(out)
                 request.state.usage = usage(out)
                 if out.finish_reason == "abort" and not engine.accepting:
-                    yield sse({"error": {"message": "the server shut down before the request finished",
-                                         "type": "unavailable", "code": "shutting_down"}})
+                    e = cut_by_shutdown()
+                    yield sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
                 for event in fmt.end():
                     yield event
             finally:
