@@ -541,7 +541,7 @@ def test_second_sigterm_exits_at_once():
             for f in futures:
                 with contextlib.suppress(httpx.TransportError):
                     f.result(timeout=10)
-        assert elapsed < 1.0, f"took {elapsed:.1f}s to exit after the second signal"
+        assert elapsed < 5.0, f"took {elapsed:.1f}s to exit after the second signal (grace is 30 s)"
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")

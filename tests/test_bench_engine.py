@@ -44,7 +44,7 @@ async def test_replay_is_open_loop_while_the_engine_is_busy(tiny_runner):
     assert all(r.ok and r.output_tokens == 150 and r.finish_reason == "length" and r.prompt_tokens == 16
                for r in records)
     lags = [r.submitted_s - r.arrival_s for r in records]
-    assert all(0 <= lag < 0.1 for lag in lags), lags  # closed loop would lag by whole requests
+    assert all(0 <= lag < 0.2 for lag in lags), lags  # closed loop would lag by whole requests (>= 0.15 s)
     assert records[-1].queue_ms > 100  # it was sent on time although the engine still had a backlog
     s = summarize(records, wall_seconds(records), steps)
     assert s["completed"] == 10 and s["output_tokens"] == 1500 and s["mean_batch"] == 1.0

@@ -1,5 +1,4 @@
 import random
-import time
 from collections.abc import Sequence
 
 import pytest
@@ -160,12 +159,11 @@ def test_long_generation_is_linear(byte_tok):
     ids = byte_tok.encode("a line of text, héllo 你好 🎉\n" * 100)[:2000]
     counting = CountingTokenizer(byte_tok)
     d = IncrementalDetokenizer(counting, byte_tok.encode("prompt " * 50), stop=("never appears",))
-    start = time.perf_counter()
     text = "".join(d.push([t]) for t in ids) + d.flush()
-    elapsed = time.perf_counter() - start
     assert text == byte_tok.decode(ids)
-    assert max(counting.sizes) <= 10  # the decode window stays small, whatever the length so far
-    assert elapsed < 0.5, f"{elapsed:.3f}s for 2,000 tokens"
+    # Linear work, counted rather than timed: the decode window stays small whatever the length so far, and
+    # each token costs a bounded number of decode calls.
+    assert max(counting.sizes) <= 10 and len(counting.sizes) <= 3 * len(ids)
 
 
 @pytest.mark.integration
