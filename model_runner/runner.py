@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from . import native
+from .attention import AttentionMetadata, DecodeGroup, NativeDecodes, PrefillChunk
 from .config import ModelConfig, RunnerConfig
 from .errors import InvalidRequestError, ModelLoadError
 from .kv_cache import BlockAllocator, allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
@@ -71,6 +72,9 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.dtype, cfg.device)
         self.block_allocator = BlockAllocator(self.num_blocks, cfg.block_size)
         self.sampler = Sampler(cfg.seed)
+        # Decode attention by the native kernel where it builds for this device and model (see attention.py).
+        self.native_decode = native.paged_decode_supported(self.device, self.dtype, mc.num_attention_heads,
+                                                           mc.num_key_value_heads, mc.head_dim, cfg.block_size)
 
     # --- reporting -------------------------------------------------------------------------------------
 
@@ -163,7 +167,11 @@ class ModelRunner:
         ids: list[int] = [s.token_ids[s.num_computed_tokens] for s in decodes]
         pos: list[int] = [s.num_computed_tokens for s in decodes]
         slots: list[int] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)]
-        groups = [self._decode_group(decodes, pos, lo, hi) for lo, hi in decode_group_bounds(pos, bs)]
+        if self.native_decode:
+            groups, native_decodes = [], self._native_decodes(decodes, pos) if decodes else None
+        else:
+            groups = [self._decode_group(decodes, pos, lo, hi) for lo, hi in decode_group_bounds(pos, bs)]
+            native_decodes = None
         prefills = []
         row = d
         for s, n in items[d:]:
@@ -179,8 +187,13 @@ class ModelRunner:
                 prefills.append(PrefillChunk(row, row + n, ctx_len, self._kv_rows(table[: -(-ctx_len // bs)]),
                                              mask.to(dev)))
             row += n
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, prefills)
+        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, prefills, native_decodes)
         return meta, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
+
+    def _native_decodes(self, decodes: list[Sequence], pos: list[int]) -> NativeDecodes:
+        width = max(len(s.block_table) for s in decodes)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in decodes]
+        return NativeDecodes(torch.tensor(tables, dtype=torch.int32), torch.tensor(pos, dtype=torch.int32) + 1)
 
     def _decode_group(self, decodes: list[Sequence], pos: list[int], lo: int, hi: int) -> DecodeGroup:
         """Block tables padded to the group's longest context, and the mask that hides the padding."""

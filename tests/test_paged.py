@@ -9,6 +9,16 @@ from model_runner.sequence import Sequence
 from .reference import our_greedy
 
 
+@pytest.fixture(params=["native", "torch"])
+def runner(request, tiny_runner):
+    """tiny_runner with decode attention by the native kernel, then by the plain PyTorch path."""
+    if request.param == "native" and not tiny_runner.native_decode:
+        pytest.skip("the native kernels did not build here (see the log)")
+    saved, tiny_runner.native_decode = tiny_runner.native_decode, request.param == "native"
+    yield tiny_runner
+    tiny_runner.native_decode = saved
+
+
 def run_staggered(runner, jobs, chunk):
     """A hand-rolled schedule: job i joins at step jobs[i][0]; prompts are prefilled `chunk` tokens at a time,
     in the same forward as the other sequences' decodes; each sequence leaves the step it finishes."""
@@ -38,24 +48,24 @@ def run_staggered(runner, jobs, chunk):
 
 
 @pytest.mark.parametrize("chunk", [5, 10_000])  # chunked prefill across steps, and whole prompts
-def test_mixed_batch_equals_alone(tiny_runner, chunk):
+def test_mixed_batch_equals_alone(runner, chunk):
     rng = random.Random(chunk)
     texts = ["a", "hello world", "The quick brown fox jumps over the lazy dog. " * 3, "x" * 40,
              "Once upon a time", "1 2 3 4 5 6 7 8 9 10 11 12", "abc" * 20, "z"]
-    jobs = [(rng.randrange(0, 12), tiny_runner.tokenizer(t)["input_ids"], rng.randrange(1, 30)) for t in texts]
-    done, tables = run_staggered(tiny_runner, jobs, chunk)
+    jobs = [(rng.randrange(0, 12), runner.tokenizer(t)["input_ids"], rng.randrange(1, 30)) for t in texts]
+    done, tables = run_staggered(runner, jobs, chunk)
     by_prompt = {tuple(s.token_ids[: s.num_prompt_tokens]): s.output_token_ids for s in done}
     for _, prompt, n in jobs:
-        assert by_prompt[tuple(prompt)] == our_greedy(tiny_runner, [prompt], n)[0]
+        assert by_prompt[tuple(prompt)] == our_greedy(runner, [prompt], n)[0]
     # Interleaved growth must have produced at least one non-contiguous block table.
     assert any(t != list(range(t[0], t[0] + len(t))) for t in tables)
-    assert tiny_runner.block_allocator.num_free == tiny_runner.num_blocks
+    assert runner.block_allocator.num_free == runner.num_blocks
 
 
-def test_batch_of_many_equals_alone(tiny_runner):
-    prompts = [tiny_runner.tokenizer("p" * (i + 1) + " q")["input_ids"] for i in range(20)]
-    together = our_greedy(tiny_runner, prompts, 12)
-    assert together == [our_greedy(tiny_runner, [p], 12)[0] for p in prompts]
+def test_batch_of_many_equals_alone(runner):
+    prompts = [runner.tokenizer("p" * (i + 1) + " q")["input_ids"] for i in range(20)]
+    together = our_greedy(runner, prompts, 12)
+    assert together == [our_greedy(runner, [p], 12)[0] for p in prompts]
 
 
 def test_allocator_refcounts():
@@ -80,8 +90,8 @@ def test_decode_groups_split_by_context_length():
     assert len(decode_group_bounds(list(range(0, 20000, 160)), 16)) == 8    # capped
 
 
-def test_mixed_context_lengths_in_one_decode_step(tiny_runner):
+def test_mixed_context_lengths_in_one_decode_step(runner):
     """Short and long contexts decoding together (several decode groups) match each alone."""
     prompts = [[3 + i % 200] * n for i, n in enumerate([2, 5, 40, 45, 200, 230, 600])]
-    together = our_greedy(tiny_runner, prompts, 6)
-    assert together == [our_greedy(tiny_runner, [p], 6)[0] for p in prompts]
+    together = our_greedy(runner, prompts, 6)
+    assert together == [our_greedy(runner, [p], 6)[0] for p in prompts]

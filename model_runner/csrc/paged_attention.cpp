@@ -1,0 +1,282 @@
+// Paged attention for decode tokens on the CPU: one query token per sequence, its keys and values read in
+// place through the sequence's block table (no gathered copy), with an online softmax (one pass over the
+// context, as in FlashAttention / vLLM's paged-attention kernel).
+//
+// One task is one (sequence, kv head): the query heads that share that kv head (grouped-query attention) are
+// attended together, so each cached key and value row is read from memory once per step. Tasks run on the
+// OpenMP threads of the process (the same libgomp as PyTorch's, so the two share one thread pool).
+//
+// Built and loaded by model_runner/native.py; plain C ABI, no PyTorch headers (builds in a second or two).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int MAX_GROUP = 16;   // query heads per kv head
+constexpr int MAX_HEAD_DIM = 256;
+constexpr int MAX_BLOCK = 256;  // tokens per KV block
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {  // bfloat16 is the top half of a float32
+  uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(float x, float* out) { *out = x; }
+inline void store(float x, uint16_t* out) {  // round to nearest even, as torch's float -> bfloat16 cast
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) { *out = 0x7fc0; return; }  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  *out = uint16_t(u >> 16);
+}
+
+// exp(x) for x <= 0 (all the softmax needs), in a form the compiler vectorizes: x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7, below float32 rounding of the
+// sum it feeds), 2^n put straight into the exponent bits. Inputs below -87 (including -inf) give 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.f);
+  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two for precision
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.f ? 0.f : p * scale;
+}
+
+// One sequence, one kv head. q: the group's query heads [group, head_dim]; k/v: this head's blocks
+// [num_blocks, block_size, head_dim]; table: the sequence's block ids; out: [group, head_dim].
+// HD is head_dim when known at compile time (fully unrolled inner loops), 0 for any other size.
+template <typename T, int HD>
+void attend(const T* q, const T* k, const T* v, const int32_t* table, int context_len, T* out, int group,
+            int block_size, int head_dim_arg, float scale) {
+  const int hd = HD ? HD : head_dim_arg;
+  const int64_t block_stride = int64_t(block_size) * hd;
+  alignas(64) float qf[MAX_GROUP][MAX_HEAD_DIM];
+  alignas(64) float acc[MAX_GROUP][MAX_HEAD_DIM];
+  alignas(64) float row[MAX_HEAD_DIM];
+  alignas(64) float score[MAX_GROUP][MAX_BLOCK];
+  float running_max[MAX_GROUP], denom[MAX_GROUP];
+  for (int g = 0; g < group; g++) {
+    for (int d = 0; d < hd; d++) qf[g][d] = to_float(q[g * hd + d]) * scale;
+    for (int d = 0; d < hd; d++) acc[g][d] = 0.f;
+    running_max[g] = -INFINITY;
+    denom[g] = 0.f;
+  }
+  const int num_blocks = (context_len + block_size - 1) / block_size;
+  for (int b = 0; b < num_blocks; b++) {
+    const T* kb = k + table[b] * block_stride;
+    const T* vb = v + table[b] * block_stride;
+    const int n = std::min(block_size, context_len - b * block_size);
+    for (int t = 0; t < n; t++) {  // scores of this block's keys, every head of the group
+      for (int d = 0; d < hd; d++) row[d] = to_float(kb[t * hd + d]);
+      for (int g = 0; g < group; g++) {
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int d = 0; d < hd; d++) s += qf[g][d] * row[d];
+        score[g][t] = s;
+      }
+    }
+    for (int g = 0; g < group; g++) {  // online softmax: rescale what was summed under the old maximum
+      float m = running_max[g];
+      for (int t = 0; t < n; t++) m = std::max(m, score[g][t]);
+      const float correction = exp_nonpositive(running_max[g] - m);  // 0 on the first block (max was -inf)
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int t = 0; t < n; t++) {
+        score[g][t] = exp_nonpositive(score[g][t] - m);
+        sum += score[g][t];
+      }
+      denom[g] = denom[g] * correction + sum;
+      running_max[g] = m;
+      for (int d = 0; d < hd; d++) acc[g][d] *= correction;
+    }
+    for (int t = 0; t < n; t++) {  // weighted values
+      for (int d = 0; d < hd; d++) row[d] = to_float(vb[t * hd + d]);
+      for (int g = 0; g < group; g++) {
+        const float p = score[g][t];
+        for (int d = 0; d < hd; d++) acc[g][d] += p * row[d];
+      }
+    }
+  }
+  for (int g = 0; g < group; g++) {
+    const float inv = 1.f / denom[g];
+    for (int d = 0; d < hd; d++) store(acc[g][d] * inv, &out[g * hd + d]);
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define JITNEY_AVX512_BF16 1
+
+// The hot case on CPUs with AVX512-BF16 (Zen 4+, Sapphire Rapids+): bfloat16 data, head size HD and G query
+// heads per kv head known at compile time, so the G x HD float accumulators live in registers. Scores use
+// VDPBF16PS (bf16 pairs multiplied exactly and summed in float32), values are widened to float32 and
+// accumulated with FMAs. The next block's rows are prefetched while this one is worked on: blocks are
+// scattered over the cache, and each new block would otherwise start with a miss.
+template <int HD, int G>
+void attend_bf16_avx512(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* table,
+                        int context_len, uint16_t* out, int block_size, float scale) {
+  constexpr int QV = HD / 32;  // 512-bit vectors per row of bfloat16
+  constexpr int FV = HD / 16;  // 512-bit vectors per row of float32
+  const int64_t block_stride = int64_t(block_size) * HD;
+  __m512bh qv[G][QV];
+  __m512 acc[G][FV];
+  float running_max[G], denom[G];
+  alignas(64) float score[G][MAX_BLOCK];
+  for (int g = 0; g < G; g++) {
+    for (int j = 0; j < QV; j++) qv[g][j] = (__m512bh)_mm512_loadu_si512(q + g * HD + j * 32);
+    for (int j = 0; j < FV; j++) acc[g][j] = _mm512_setzero_ps();
+    running_max[g] = -INFINITY;
+    denom[g] = 0.f;
+  }
+  const int num_blocks = (context_len + block_size - 1) / block_size;
+  for (int b = 0; b < num_blocks; b++) {
+    const uint16_t* kb = k + table[b] * block_stride;
+    const uint16_t* vb = v + table[b] * block_stride;
+    const int n = std::min(block_size, context_len - b * block_size);
+    if (b + 1 < num_blocks) {
+      const char* nk = reinterpret_cast<const char*>(k + table[b + 1] * block_stride);
+      const char* nv = reinterpret_cast<const char*>(v + table[b + 1] * block_stride);
+      for (int64_t off = 0; off < block_stride * 2; off += 64) {
+        _mm_prefetch(nk + off, _MM_HINT_T0);
+        _mm_prefetch(nv + off, _MM_HINT_T0);
+      }
+    }
+    for (int t = 0; t < n; t++) {
+      __m512bh kv[QV];
+      for (int j = 0; j < QV; j++) kv[j] = (__m512bh)_mm512_loadu_si512(kb + t * HD + j * 32);
+      for (int g = 0; g < G; g++) {
+        __m512 s = _mm512_setzero_ps();
+        for (int j = 0; j < QV; j++) s = _mm512_dpbf16_ps(s, qv[g][j], kv[j]);
+        score[g][t] = _mm512_reduce_add_ps(s) * scale;
+      }
+    }
+    for (int g = 0; g < G; g++) {
+      float m = running_max[g];
+      for (int t = 0; t < n; t++) m = std::max(m, score[g][t]);
+      const float correction = exp_nonpositive(running_max[g] - m);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int t = 0; t < n; t++) {
+        score[g][t] = exp_nonpositive(score[g][t] - m);
+        sum += score[g][t];
+      }
+      denom[g] = denom[g] * correction + sum;
+      running_max[g] = m;
+      const __m512 c = _mm512_set1_ps(correction);
+      for (int j = 0; j < FV; j++) acc[g][j] = _mm512_mul_ps(acc[g][j], c);
+    }
+    for (int t = 0; t < n; t++) {
+      for (int j = 0; j < FV; j++) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + t * HD + j * 16));
+        const __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        for (int g = 0; g < G; g++) acc[g][j] = _mm512_fmadd_ps(_mm512_set1_ps(score[g][t]), vf, acc[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < G; g++) {
+    const __m512 inv = _mm512_set1_ps(1.f / denom[g]);
+    for (int j = 0; j < FV; j++)  // float32 -> bfloat16 rounds to nearest even, as the scalar store
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * HD + j * 16),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][j], inv)));
+  }
+}
+
+using AttendFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, const int32_t*, int, uint16_t*, int,
+                          float);
+
+template <int HD>
+AttendFn pick_group(int group) {
+  switch (group) {
+    case 1: return attend_bf16_avx512<HD, 1>;
+    case 2: return attend_bf16_avx512<HD, 2>;
+    case 3: return attend_bf16_avx512<HD, 3>;
+    case 4: return attend_bf16_avx512<HD, 4>;
+    case 5: return attend_bf16_avx512<HD, 5>;
+    case 6: return attend_bf16_avx512<HD, 6>;
+    case 7: return attend_bf16_avx512<HD, 7>;
+    case 8: return attend_bf16_avx512<HD, 8>;
+    default: return nullptr;
+  }
+}
+
+// The specialised bfloat16 kernel for this shape, or nullptr for the portable one.
+AttendFn pick_bf16(int head_dim, int group) {
+  return head_dim == 64 ? pick_group<64>(group) : head_dim == 128 ? pick_group<128>(group) : nullptr;
+}
+#endif
+
+template <typename T>
+void paged_decode(const T* q, int64_t q_token_stride, const T* cache, const int32_t* block_tables,
+                  int64_t table_stride, const int32_t* context_lens, T* out, int64_t num_seqs, int heads,
+                  int kv_heads, int head_dim, int64_t num_blocks, int block_size, float scale) {
+  const int group = heads / kv_heads;
+  const int64_t head_stride = num_blocks * block_size * head_dim;  // one kv head's blocks in the cache
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+  for (int64_t i = 0; i < num_seqs; i++) {
+    for (int h = 0; h < kv_heads; h++) {
+      const T* qi = q + i * q_token_stride + int64_t(h) * group * head_dim;
+      const T* k = cache + int64_t(h) * head_stride;
+      const T* v = cache + int64_t(kv_heads + h) * head_stride;
+      const int32_t* table = block_tables + i * table_stride;
+      T* o = out + (i * heads + int64_t(h) * group) * head_dim;
+#ifdef JITNEY_AVX512_BF16
+      if constexpr (std::is_same_v<T, uint16_t>) {
+        if (AttendFn fn = pick_bf16(head_dim, group)) {
+          fn(qi, k, v, table, context_lens[i], o, block_size, scale);
+          continue;
+        }
+      }
+#endif
+      if (head_dim == 64)
+        attend<T, 64>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+      else if (head_dim == 128)
+        attend<T, 128>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+      else
+        attend<T, 0>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int jitney_limits(int which) {
+  return which == 0 ? MAX_GROUP : which == 1 ? MAX_HEAD_DIM : MAX_BLOCK;
+}
+
+// q [num_seqs, heads, head_dim] with q_token_stride elements between sequences (heads contiguous);
+// cache: one layer's [2 (K, V), kv_heads, num_blocks, block_size, head_dim], contiguous;
+// block_tables [num_seqs, table_stride] int32; context_lens [num_seqs] int32 (tokens to attend, >= 1);
+// out [num_seqs, heads, head_dim] contiguous. is_bf16: 1 for bfloat16 data, 0 for float32.
+void jitney_paged_decode(int is_bf16, const void* q, int64_t q_token_stride, const void* cache,
+                         const int32_t* block_tables, int64_t table_stride, const int32_t* context_lens,
+                         void* out, int64_t num_seqs, int heads, int kv_heads, int head_dim,
+                         int64_t num_blocks, int block_size, float scale) {
+  if (is_bf16)
+    paged_decode(static_cast<const uint16_t*>(q), q_token_stride, static_cast<const uint16_t*>(cache),
+                 block_tables, table_stride, context_lens, static_cast<uint16_t*>(out), num_seqs, heads,
+                 kv_heads, head_dim, num_blocks, block_size, scale);
+  else
+    paged_decode(static_cast<const float*>(q), q_token_stride, static_cast<const float*>(cache), block_tables,
+                 table_stride, context_lens, static_cast<float*>(out), num_seqs, heads, kv_heads, head_dim,
+                 num_blocks, block_size, scale);
+}
+
+}  // extern "C"

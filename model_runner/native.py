@@ -1,0 +1,108 @@
+"""Native CPU kernels (csrc/*.cpp), compiled on first use with the system's C++ compiler and cached.
+
+The kernels have a plain C ABI and include no PyTorch headers, so a build takes a second or two (a
+torch.utils.cpp_extension build takes a minute and needs ninja); they are called through ctypes with tensor
+data pointers, which releases the GIL for the call. They link the process's libgomp, the same runtime PyTorch
+uses, so both share one pool of threads.
+
+Where no compiler is found or the build fails, jitney says so once and runs the PyTorch path instead, which
+gives the same results. JITNEY_NATIVE=0 turns the kernels off (to compare, or to rule them out).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .loader import cache_dir
+
+log = logging.getLogger("jitney")
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+# -march=native: the cached library is keyed by this CPU's flags below, so it never runs on another CPU.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
+_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build(cxx: str) -> Path:
+    """The shared library for this source, compiler and CPU: built once, then reused from the cache."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+    out = cache_dir() / "kernels" / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: safe under races
+        part = Path(tmp) / out.name
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip()[-2000:])
+        os.replace(part, out)
+    return out
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (turned off, no compiler, or a failed build: logged once)."""
+    if os.environ.get("JITNEY_NATIVE", "1") == "0":
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        log.warning("no C++ compiler (g++) found: using PyTorch attention (slower at long contexts); "
+                    "install g++ for the native kernels")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+    except (OSError, RuntimeError) as e:
+        log.warning("native kernels failed to build, using PyTorch attention instead: %s", e)
+        return None
+    lib.jitney_limits.argtypes, lib.jitney_limits.restype = [_i32], _i32
+    lib.jitney_paged_decode.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i32,
+                                        _i64, _i32, ctypes.c_float]
+    lib.jitney_paged_decode.restype = None
+    return lib
+
+
+def paged_decode_supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                           block_size: int) -> bool:
+    lib = library() if device == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+    if lib is None or heads % kv_heads:
+        return False
+    return (heads // kv_heads <= lib.jitney_limits(0) and head_dim <= lib.jitney_limits(1)
+            and block_size <= lib.jitney_limits(2))
+
+
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Attention of one query token per sequence, q [n, H, D] (heads contiguous, any stride between tokens),
+    over a layer's cache [2, KVH, blocks, block_size, D] through block_tables [n, width] (int32) and
+    context_lens [n] (int32, each >= 1). Returns [n, H, D]. Callers check paged_decode_supported first."""
+    n, heads, d = q.shape
+    _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    assert q.stride(2) == 1 and q.stride(1) == d and kv_cache.is_contiguous() and block_tables.is_contiguous()
+    assert block_tables.dtype == context_lens.dtype == torch.int32 and q.dtype == kv_cache.dtype
+    out = torch.empty(n, heads, d, dtype=q.dtype)
+    library().jitney_paged_decode(int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), kv_cache.data_ptr(),
+                                  block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
+                                  out.data_ptr(), n, heads, kv_heads, d, num_blocks, block_size, scale)
+    return out

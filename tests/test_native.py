@@ -1,0 +1,96 @@
+"""The native decode-attention kernel against a plain softmax(q k^T) v over each sequence's own blocks."""
+import random
+
+import pytest
+import torch
+
+from model_runner import native
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler here: jitney runs the PyTorch path")
+    # With a compiler present the kernels must build: a silent fallback would hide a broken kernel.
+    assert native.library() is not None, "the native kernels failed to build (see the warning logged)"
+
+
+def reference(q, cache, tables, lens, scale):
+    """Float64 attention of each sequence's query over its first lens[i] cached tokens."""
+    _, kvh, _, bs, d = cache.shape
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i, n in enumerate(lens):
+        blocks = tables[i, : -(-n // bs)].long()
+        k, v = (cache[j][:, blocks].reshape(kvh, -1, d)[:, :n].double() for j in (0, 1))
+        qi = q[i].double().view(kvh, -1, d)
+        out[i] = (torch.softmax(qi @ k.transpose(-1, -2) * scale, -1) @ v).reshape(-1, d)
+    return out
+
+
+def random_case(heads, kv_heads, head_dim, block_size, lens, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 7
+    cache = torch.randn(2, kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen).int()  # scattered, non-contiguous tables
+    width = max(-(-n // block_size) for n in lens) + 2       # wider than any sequence needs (padding)
+    tables, used = torch.zeros(len(lens), width, dtype=torch.int32), 0
+    for i, n in enumerate(lens):
+        k = -(-n // block_size)
+        tables[i, :k] = order[used: used + k]
+        used += k
+    # q as the model passes it: a slice of a wider [tokens, heads + kv_heads, head_dim] tensor.
+    q = torch.randn(len(lens), heads + kv_heads, head_dim, generator=gen).to(dtype)[:, :heads]
+    return q, cache, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (9, 3, 64, 16),   # SmolLM2's shape
+    (4, 4, 64, 16),   # multi-head (no grouping)
+    (8, 2, 128, 16),  # Llama-style head size
+    (6, 3, 48, 8),    # a head size with no specialised loop, another block size
+    (2, 1, 32, 1),    # one token per block
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
+    rng = random.Random(head_dim + block_size)
+    lens = [1, 2, block_size, block_size + 1, 3 * block_size - 1] + [rng.randrange(1, 300) for _ in range(11)]
+    q, cache, tables, ctx = random_case(heads, kv_heads, head_dim, block_size, lens, dtype, seed=head_dim)
+    assert native.paged_decode_supported("cpu", dtype, heads, kv_heads, head_dim, block_size)
+    out = native.paged_decode(q, cache, tables, ctx, head_dim ** -0.5)
+    want = reference(q, cache, tables, lens, head_dim ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    # float32: summation order only; bfloat16: the output's own rounding (8 bits of mantissa).
+    tol = 2e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
+def test_each_sequence_is_independent_of_its_batch():
+    """Batch invariance at the kernel: a sequence's output is bit-identical alone and among others."""
+    q, cache, tables, ctx = random_case(9, 3, 64, 16, [5, 70, 300, 17], torch.bfloat16, seed=1)
+    together = native.paged_decode(q, cache, tables, ctx, 0.125)
+    for i in range(4):
+        alone = native.paged_decode(q[i: i + 1], cache, tables[i: i + 1], ctx[i: i + 1], 0.125)
+        assert torch.equal(alone[0], together[i])
+
+
+def test_limits_refuse_what_the_kernel_cannot_hold():
+    assert not native.paged_decode_supported("cpu", torch.float16, 9, 3, 64, 16)
+    assert not native.paged_decode_supported("cuda", torch.bfloat16, 9, 3, 64, 16)
+    assert not native.paged_decode_supported("cpu", torch.float32, 64, 2, 64, 16)   # 32 query heads per kv head
+    assert not native.paged_decode_supported("cpu", torch.float32, 8, 8, 512, 16)   # head size
+    assert not native.paged_decode_supported("cpu", torch.float32, 8, 8, 64, 1024)  # block size
+    assert not native.paged_decode_supported("cpu", torch.float32, 9, 2, 64, 16)    # heads not a multiple
+
+
+def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path))  # nothing cached: it must build
+    monkeypatch.setenv("CXX", "/bin/false")                 # a "compiler" that always fails
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert not native.paged_decode_supported("cpu", torch.float32, 9, 3, 64, 16)
+        assert "native kernels failed to build" in caplog.text
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    assert native.library() is not None
