@@ -77,14 +77,13 @@ def library() -> ctypes.CDLL | None:
         log.warning("native kernels failed to build, using PyTorch attention instead: %s", e)
         return None
     lib.jitney_limits.argtypes, lib.jitney_limits.restype = [_i32], _i32
-    lib.jitney_paged_decode.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i32,
+    lib.jitney_paged_attention.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i32,
                                         _i64, _i32, ctypes.c_float]
-    lib.jitney_paged_decode.restype = None
+    lib.jitney_paged_attention.restype = None
     return lib
 
 
-def paged_decode_supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
-                           block_size: int) -> bool:
+def supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
     lib = library() if device == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
     if lib is None or heads % kv_heads:
         return False
@@ -92,17 +91,20 @@ def paged_decode_supported(device: str, dtype: torch.dtype, heads: int, kv_heads
             and block_size <= lib.jitney_limits(2))
 
 
-def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """Attention of one query token per sequence, q [n, H, D] (heads contiguous, any stride between tokens),
-    over a layer's cache [2, KVH, blocks, block_size, D] through block_tables [n, width] (int32) and
-    context_lens [n] (int32, each >= 1). Returns [n, H, D]. Callers check paged_decode_supported first."""
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of query rows q [n, H, D] (heads contiguous, any stride between rows) over a layer's cache
+    [2, KVH, blocks, block_size, D]: row i attends to the first context_lens[i] tokens (int32, >= 1) of the
+    sequence whose blocks are block_tables[i] (int32; rows of one prompt share a table). Returns [n, H, D].
+    Callers check `supported` first."""
     n, heads, d = q.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
-    assert q.stride(2) == 1 and q.stride(1) == d and kv_cache.is_contiguous() and block_tables.is_contiguous()
-    assert block_tables.dtype == context_lens.dtype == torch.int32 and q.dtype == kv_cache.dtype
+    assert q.stride(2) == 1 and q.stride(1) == d and kv_cache.is_contiguous() and block_tables.stride(1) == 1
+    assert block_tables.dtype == context_lens.dtype == torch.int32 and context_lens.is_contiguous()
+    assert q.dtype == kv_cache.dtype
     out = torch.empty(n, heads, d, dtype=q.dtype)
-    library().jitney_paged_decode(int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), kv_cache.data_ptr(),
-                                  block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
-                                  out.data_ptr(), n, heads, kv_heads, d, num_blocks, block_size, scale)
+    library().jitney_paged_attention(int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0),
+                                     kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+                                     context_lens.data_ptr(), out.data_ptr(), n, heads, kv_heads, d, num_blocks,
+                                     block_size, scale)
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .attention import AttentionMetadata, DecodeGroup, NativeDecodes, PrefillChunk
+from .attention import AttentionMetadata, DecodeGroup, NativeAttention, PrefillChunk
 from .config import ModelConfig, RunnerConfig
 from .errors import InvalidRequestError, ModelLoadError
 from .kv_cache import BlockAllocator, allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
@@ -72,8 +72,8 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.dtype, cfg.device)
         self.block_allocator = BlockAllocator(self.num_blocks, cfg.block_size)
         self.sampler = Sampler(cfg.seed)
-        # Decode attention by the native kernel where it builds for this device and model (see attention.py).
-        self.native_decode = native.paged_decode_supported(self.device, self.dtype, mc.num_attention_heads,
+        # Attention by the native kernel where it builds for this device and model (see attention.py).
+        self.native_attention = native.supported(self.device, self.dtype, mc.num_attention_heads,
                                                            mc.num_key_value_heads, mc.head_dim, cfg.block_size)
 
     # --- reporting -------------------------------------------------------------------------------------
@@ -162,38 +162,47 @@ class ModelRunner:
     def _prepare(self, items: list[tuple[Sequence, int]]) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
         """Flat tensors for one step. Decodes (single-token chunks) come first, as `execute` orders them."""
         bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        for s, n in items:
+            start = s.num_computed_tokens
+            ids.extend(s.token_ids[start: start + n])
+            pos.extend(range(start, start + n))
+        table_of = [s.block_table for s, n in items for _ in range(n)]
+        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(table_of, pos)], device=dev)
+        positions = torch.tensor(pos, device=dev)
+        if self.native_attention:
+            meta = AttentionMetadata(slots, [], [], self._native_rows(items, positions))
+        else:
+            meta = AttentionMetadata(slots, *self._torch_attention(items, pos))
+        return meta, torch.tensor(ids, device=dev), positions
+
+    def _native_rows(self, items: list[tuple[Sequence, int]], positions: torch.Tensor) -> NativeAttention:
+        """Each token's block table and context (its position + 1: the step's own K/V are written first)."""
+        width = max(len(s.block_table) for s, _ in items)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in items],
+                              dtype=torch.int32)
+        per_item = torch.tensor([n for _, n in items])
+        return NativeAttention(tables.repeat_interleave(per_item, dim=0), (positions + 1).to(torch.int32))
+
+    def _torch_attention(self, items: list[tuple[Sequence, int]],
+                         pos: list[int]) -> tuple[list[DecodeGroup], list[PrefillChunk]]:
+        """Decode groups of similar context length, and one SDPA chunk per prompt chunk."""
+        bs = self.block_size
         decodes = [s for s, n in items if n == 1]
         d = len(decodes)
-        ids: list[int] = [s.token_ids[s.num_computed_tokens] for s in decodes]
-        pos: list[int] = [s.num_computed_tokens for s in decodes]
-        slots: list[int] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)]
-        if self.native_decode:
-            groups, native_decodes = [], self._native_decodes(decodes, pos) if decodes else None
-        else:
-            groups = [self._decode_group(decodes, pos, lo, hi) for lo, hi in decode_group_bounds(pos, bs)]
-            native_decodes = None
-        prefills = []
-        row = d
+        groups = [self._decode_group(decodes, pos, lo, hi) for lo, hi in decode_group_bounds(pos[:d], bs)]
+        prefills, row = [], d
         for s, n in items[d:]:
             start, ctx_len = s.num_computed_tokens, s.num_computed_tokens + n
-            ids.extend(s.token_ids[start:ctx_len])
-            pos.extend(range(start, ctx_len))
-            table = s.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, ctx_len))
             if start == 0:
                 prefills.append(PrefillChunk(row, row + n, ctx_len, None, None))
             else:  # continues a cached prefix: query i (position start + i) sees keys 0 .. start + i
                 mask = torch.arange(ctx_len).unsqueeze(0) <= torch.arange(start, ctx_len).unsqueeze(1)
-                prefills.append(PrefillChunk(row, row + n, ctx_len, self._kv_rows(table[: -(-ctx_len // bs)]),
-                                             mask.to(dev)))
+                prefills.append(PrefillChunk(row, row + n, ctx_len, self._kv_rows(s.block_table[: -(-ctx_len // bs)]),
+                                             mask.to(self.device)))
             row += n
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups, prefills, native_decodes)
-        return meta, torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
-
-    def _native_decodes(self, decodes: list[Sequence], pos: list[int]) -> NativeDecodes:
-        width = max(len(s.block_table) for s in decodes)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in decodes]
-        return NativeDecodes(torch.tensor(tables, dtype=torch.int32), torch.tensor(pos, dtype=torch.int32) + 1)
+        return groups, prefills
 
     def _decode_group(self, decodes: list[Sequence], pos: list[int], lo: int, hi: int) -> DecodeGroup:
         """Block tables padded to the group's longest context, and the mask that hides the padding."""

@@ -1,4 +1,4 @@
-"""The native decode-attention kernel against a plain softmax(q k^T) v over each sequence's own blocks."""
+"""The native paged-attention kernel against a plain softmax(q k^T) v over each sequence's own blocks."""
 import random
 
 import pytest
@@ -55,8 +55,8 @@ def test_kernel_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
     rng = random.Random(head_dim + block_size)
     lens = [1, 2, block_size, block_size + 1, 3 * block_size - 1] + [rng.randrange(1, 300) for _ in range(11)]
     q, cache, tables, ctx = random_case(heads, kv_heads, head_dim, block_size, lens, dtype, seed=head_dim)
-    assert native.paged_decode_supported("cpu", dtype, heads, kv_heads, head_dim, block_size)
-    out = native.paged_decode(q, cache, tables, ctx, head_dim ** -0.5)
+    assert native.supported("cpu", dtype, heads, kv_heads, head_dim, block_size)
+    out = native.paged_attention(q, cache, tables, ctx, head_dim ** -0.5)
     want = reference(q, cache, tables, lens, head_dim ** -0.5)
     assert out.shape == q.shape and out.dtype == dtype
     # float32: summation order only; bfloat16: the output's own rounding (8 bits of mantissa).
@@ -64,22 +64,35 @@ def test_kernel_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_rows_attend_causally_through_one_shared_table(dtype):
+    """A prompt chunk: row j sees tokens 0..start+j of one sequence; the table is shared (stride 0)."""
+    start, n = 37, 50
+    q, cache, tables, _ = random_case(9, 3, 64, 16, [start + n], dtype, seed=3)
+    q = torch.randn(n, 12, 64).to(dtype)[:, :9]
+    ctx = torch.arange(start + 1, start + n + 1, dtype=torch.int32)
+    out = native.paged_attention(q, cache, tables.expand(n, -1), ctx, 0.125)
+    want = reference(q, cache, tables.expand(n, -1), ctx.tolist(), 0.125)
+    tol = 2e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
 def test_each_sequence_is_independent_of_its_batch():
     """Batch invariance at the kernel: a sequence's output is bit-identical alone and among others."""
     q, cache, tables, ctx = random_case(9, 3, 64, 16, [5, 70, 300, 17], torch.bfloat16, seed=1)
-    together = native.paged_decode(q, cache, tables, ctx, 0.125)
+    together = native.paged_attention(q, cache, tables, ctx, 0.125)
     for i in range(4):
-        alone = native.paged_decode(q[i: i + 1], cache, tables[i: i + 1], ctx[i: i + 1], 0.125)
+        alone = native.paged_attention(q[i: i + 1], cache, tables[i: i + 1], ctx[i: i + 1], 0.125)
         assert torch.equal(alone[0], together[i])
 
 
 def test_limits_refuse_what_the_kernel_cannot_hold():
-    assert not native.paged_decode_supported("cpu", torch.float16, 9, 3, 64, 16)
-    assert not native.paged_decode_supported("cuda", torch.bfloat16, 9, 3, 64, 16)
-    assert not native.paged_decode_supported("cpu", torch.float32, 64, 2, 64, 16)   # 32 query heads per kv head
-    assert not native.paged_decode_supported("cpu", torch.float32, 8, 8, 512, 16)   # head size
-    assert not native.paged_decode_supported("cpu", torch.float32, 8, 8, 64, 1024)  # block size
-    assert not native.paged_decode_supported("cpu", torch.float32, 9, 2, 64, 16)    # heads not a multiple
+    assert not native.supported("cpu", torch.float16, 9, 3, 64, 16)
+    assert not native.supported("cuda", torch.bfloat16, 9, 3, 64, 16)
+    assert not native.supported("cpu", torch.float32, 64, 2, 64, 16)   # 32 query heads per kv head
+    assert not native.supported("cpu", torch.float32, 8, 8, 512, 16)   # head size
+    assert not native.supported("cpu", torch.float32, 8, 8, 64, 1024)  # block size
+    assert not native.supported("cpu", torch.float32, 9, 2, 64, 16)    # heads not a multiple
 
 
 def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
@@ -88,7 +101,7 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog)
     native.library.cache_clear()
     try:
         assert native.library() is None
-        assert not native.paged_decode_supported("cpu", torch.float32, 9, 3, 64, 16)
+        assert not native.supported("cpu", torch.float32, 9, 3, 64, 16)
         assert "native kernels failed to build" in caplog.text
     finally:
         monkeypatch.undo()

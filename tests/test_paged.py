@@ -11,12 +11,12 @@ from .reference import our_greedy
 
 @pytest.fixture(params=["native", "torch"])
 def runner(request, tiny_runner):
-    """tiny_runner with decode attention by the native kernel, then by the plain PyTorch path."""
-    if request.param == "native" and not tiny_runner.native_decode:
+    """tiny_runner with attention by the native kernel, then by the plain PyTorch path."""
+    if request.param == "native" and not tiny_runner.native_attention:
         pytest.skip("the native kernels did not build here (see the log)")
-    saved, tiny_runner.native_decode = tiny_runner.native_decode, request.param == "native"
+    saved, tiny_runner.native_attention = tiny_runner.native_attention, request.param == "native"
     yield tiny_runner
-    tiny_runner.native_decode = saved
+    tiny_runner.native_attention = saved
 
 
 def run_staggered(runner, jobs, chunk):

@@ -1,9 +1,11 @@
-// Paged attention for decode tokens on the CPU: one query token per sequence, its keys and values read in
-// place through the sequence's block table (no gathered copy), with an online softmax (one pass over the
-// context, as in FlashAttention / vLLM's paged-attention kernel).
+// Paged attention on the CPU, one query row at a time: a decode token, or one token of a prompt chunk. Row i
+// attends to the first context_lens[i] tokens of its sequence, read in place through the sequence's block
+// table (no gathered copy, no mask), with an online softmax (one pass over the context, as in FlashAttention
+// and vLLM's paged-attention kernel).
 //
-// One task is one (sequence, kv head): the query heads that share that kv head (grouped-query attention) are
-// attended together, so each cached key and value row is read from memory once per step. Tasks run on the
+// One task is one (row, kv head): the query heads that share that kv head (grouped-query attention) are
+// attended together, so each cached key and value row is read once per task. Rows of one prompt chunk share
+// their sequence's blocks, which then stay in cache from one row to the next. Tasks run on the
 // OpenMP threads of the process (the same libgomp as PyTorch's, so the two share one thread pool).
 //
 // Built and loaded by model_runner/native.py; plain C ABI, no PyTorch headers (builds in a second or two).
@@ -222,13 +224,13 @@ AttendFn pick_bf16(int head_dim, int group) {
 #endif
 
 template <typename T>
-void paged_decode(const T* q, int64_t q_token_stride, const T* cache, const int32_t* block_tables,
-                  int64_t table_stride, const int32_t* context_lens, T* out, int64_t num_seqs, int heads,
+void paged_attention(const T* q, int64_t q_token_stride, const T* cache, const int32_t* block_tables,
+                  int64_t table_stride, const int32_t* context_lens, T* out, int64_t num_rows, int heads,
                   int kv_heads, int head_dim, int64_t num_blocks, int block_size, float scale) {
   const int group = heads / kv_heads;
   const int64_t head_stride = num_blocks * block_size * head_dim;  // one kv head's blocks in the cache
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t i = 0; i < num_seqs; i++) {
+  for (int64_t i = 0; i < num_rows; i++) {
     for (int h = 0; h < kv_heads; h++) {
       const T* qi = q + i * q_token_stride + int64_t(h) * group * head_dim;
       const T* k = cache + int64_t(h) * head_stride;
@@ -261,21 +263,21 @@ int jitney_limits(int which) {
   return which == 0 ? MAX_GROUP : which == 1 ? MAX_HEAD_DIM : MAX_BLOCK;
 }
 
-// q [num_seqs, heads, head_dim] with q_token_stride elements between sequences (heads contiguous);
+// q [rows, heads, head_dim] with q_token_stride elements between rows (heads contiguous);
 // cache: one layer's [2 (K, V), kv_heads, num_blocks, block_size, head_dim], contiguous;
-// block_tables [num_seqs, table_stride] int32; context_lens [num_seqs] int32 (tokens to attend, >= 1);
-// out [num_seqs, heads, head_dim] contiguous. is_bf16: 1 for bfloat16 data, 0 for float32.
-void jitney_paged_decode(int is_bf16, const void* q, int64_t q_token_stride, const void* cache,
+// block_tables [rows, table_stride] int32; context_lens [rows] int32 (tokens to attend, >= 1);
+// out [rows, heads, head_dim] contiguous. is_bf16: 1 for bfloat16 data, 0 for float32.
+void jitney_paged_attention(int is_bf16, const void* q, int64_t q_token_stride, const void* cache,
                          const int32_t* block_tables, int64_t table_stride, const int32_t* context_lens,
-                         void* out, int64_t num_seqs, int heads, int kv_heads, int head_dim,
+                         void* out, int64_t num_rows, int heads, int kv_heads, int head_dim,
                          int64_t num_blocks, int block_size, float scale) {
   if (is_bf16)
-    paged_decode(static_cast<const uint16_t*>(q), q_token_stride, static_cast<const uint16_t*>(cache),
-                 block_tables, table_stride, context_lens, static_cast<uint16_t*>(out), num_seqs, heads,
+    paged_attention(static_cast<const uint16_t*>(q), q_token_stride, static_cast<const uint16_t*>(cache),
+                 block_tables, table_stride, context_lens, static_cast<uint16_t*>(out), num_rows, heads,
                  kv_heads, head_dim, num_blocks, block_size, scale);
   else
-    paged_decode(static_cast<const float*>(q), q_token_stride, static_cast<const float*>(cache), block_tables,
-                 table_stride, context_lens, static_cast<float*>(out), num_seqs, heads, kv_heads, head_dim,
+    paged_attention(static_cast<const float*>(q), q_token_stride, static_cast<const float*>(cache), block_tables,
+                 table_stride, context_lens, static_cast<float*>(out), num_rows, heads, kv_heads, head_dim,
                  num_blocks, block_size, scale);
 }
 
