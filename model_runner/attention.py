@@ -76,11 +76,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] for this step's tokens; kv_cache [2, KVH, blocks, block_size, D] is the
     layer's. Returns the attention output [T, H, D]."""
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    write_kv(k_cache, meta.slot_mapping, k)
-    write_kv(v_cache, meta.slot_mapping, v)
     if meta.native is not None:
+        native.write_kv(kv_cache, meta.slot_mapping, k, v)
         return native.paged_attention(q, kv_cache, meta.native.block_tables, meta.native.context_lens, scale)
+    write_kv(kv_cache[0], meta.slot_mapping, k)
+    write_kv(kv_cache[1], meta.slot_mapping, v)
     if len(meta.decodes) == 1 and not meta.prefills:  # a pure decode step: no output to assemble
         return decode_attention(q, kv_cache, meta.decodes[0], scale)
     out = torch.empty_like(q)

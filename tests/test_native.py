@@ -107,3 +107,18 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog)
         monkeypatch.undo()
         native.library.cache_clear()
     assert native.library() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_index_copy(dtype):
+    from model_runner.attention import write_kv
+    gen = torch.Generator().manual_seed(4)
+    cache = torch.randn(2, 3, 30, 16, 64, generator=gen).to(dtype)
+    want = cache.clone()
+    qkv = torch.randn(300, 15, 64, generator=gen).to(dtype)    # strided views, as the model passes them
+    k, v = qkv[:, 9:12], qkv[:, 12:]
+    slots = torch.randperm(480, generator=gen)[:300]          # scattered; over 256 rows: the threaded copy
+    write_kv(want[0], slots, k)
+    write_kv(want[1], slots, v)
+    native.write_kv(cache, slots, k, v)
+    assert torch.equal(cache, want)

@@ -259,6 +259,28 @@ void paged_attention(const T* q, int64_t q_token_stride, const T* cache, const i
 
 extern "C" {
 
+// Writes this step's keys and values into their cache slots: k, v [rows, kv_heads, head_dim] (heads
+// contiguous, k_stride / v_stride elements between rows), slots [rows] (block * block_size + offset), cache as
+// below. Sizes in elements of elem_size bytes; a plain copy, so one function serves every dtype.
+void jitney_write_kv(int elem_size, const void* k, int64_t k_stride, const void* v, int64_t v_stride,
+                     const int64_t* slots, void* cache, int64_t rows, int kv_heads, int head_dim,
+                     int64_t num_blocks, int block_size) {
+  const int64_t row_bytes = int64_t(head_dim) * elem_size;
+  const int64_t head_stride = num_blocks * block_size * row_bytes;  // bytes of one kv head's blocks
+  const char* kc = static_cast<const char*>(k);
+  const char* vc = static_cast<const char*>(v);
+  char* c = static_cast<char*>(cache);
+#pragma omp parallel for if (rows > 256)
+  for (int64_t i = 0; i < rows; i++) {
+    for (int h = 0; h < kv_heads; h++) {
+      std::memcpy(c + h * head_stride + slots[i] * row_bytes, kc + (i * k_stride + int64_t(h) * head_dim) * elem_size,
+                  row_bytes);
+      std::memcpy(c + (kv_heads + h) * head_stride + slots[i] * row_bytes,
+                  vc + (i * v_stride + int64_t(h) * head_dim) * elem_size, row_bytes);
+    }
+  }
+}
+
 int jitney_limits(int which) {
   return which == 0 ? MAX_GROUP : which == 1 ? MAX_HEAD_DIM : MAX_BLOCK;
 }
