@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .linear import Linear
@@ -30,19 +31,43 @@ class DecoderLayer:
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv_cache: torch.Tensor, meta: AttentionMetadata, next_norm: torch.Tensor,
+                 ops: ElementwiseOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, h: its input norm. Returns the new stream (x is updated in place) and its
+        norm by next_norm (the next layer's input norm, or the final norm), so each add fuses with a norm."""
         t = x.shape[0]
-        h = F.rms_norm(x, (x.shape[-1],), self.input_norm, self.eps)
         qkv = self.qkv(h).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
         # q and k share positions, so one rotation covers both.
         qk = apply_rotary(qkv[:, : self.heads + self.kv_heads], cos, sin)
         q, k, v = qk[:, : self.heads], qk[:, self.heads:], qkv[:, self.heads + self.kv_heads:]
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        x = x + self.o(attn.reshape(t, -1))
-        h = F.rms_norm(x, (x.shape[-1],), self.post_attn_norm, self.eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        h = ops.add_rms_norm(x, self.o(attn.reshape(t, -1)), self.post_attn_norm, self.eps)
+        h = ops.add_rms_norm(x, self.down(ops.silu_mul(self.gate_up(h))), next_norm, self.eps)
+        return x, h
+
+
+class ElementwiseOps:
+    """The residual add + RMSNorm and SiLU-and-multiply steps: native kernels on the CPU (one pass each, and
+    the exact roundings of transformers' bfloat16 modules), PyTorch elsewhere."""
+
+    def __init__(self, native_ops: bool):
+        self.native = native_ops
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """x += delta (in place) when given; returns RMSNorm(x) * weight."""
+        if self.native:
+            return native.add_rms_norm(x, delta, weight, eps)
+        if delta is not None:
+            x += delta
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return native.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class LlamaModel:
@@ -55,6 +80,7 @@ class LlamaModel:
         self.layers = [DecoderLayer(cfg, w, f"model.layers.{i}.", pack) for i in range(cfg.num_hidden_layers)]
         self.norm = w["model.norm.weight"]
         self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"], None, pack)
+        self.ops = ElementwiseOps(native.elementwise_supported(device, dtype))
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
@@ -62,9 +88,11 @@ class LlamaModel:
         """input_ids, positions: [T]. kv_cache: [layers, 2, kv_heads, blocks, block_size, head_dim]. -> hidden [T, d]"""
         x = self.embed[input_ids]
         cos, sin = self.rope.cos_sin(positions, self.dtype)
+        h = self.ops.add_rms_norm(x, None, self.layers[0].input_norm, self.cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[i], meta)
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            x, h = layer(x, h, cos, sin, kv_cache[i], meta, next_norm, self.ops)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the rows that are sampled (never the whole prompt). Float32 also for greedy rows:

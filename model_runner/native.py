@@ -82,7 +82,16 @@ def library() -> ctypes.CDLL | None:
     lib.jitney_paged_attention.restype = None
     lib.jitney_write_kv.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i64, _i32]
     lib.jitney_write_kv.restype = None
+    lib.jitney_add_rms_norm.argtypes = [_i32, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
+    lib.jitney_add_rms_norm.restype = None
+    lib.jitney_silu_mul.argtypes = [_i32, _ptr, _ptr, _i64, _i64]
+    lib.jitney_silu_mul.restype = None
     return lib
+
+
+def elementwise_supported(device: str, dtype: torch.dtype) -> bool:
+    """Whether add_rms_norm and silu_mul can run natively for this device and dtype."""
+    return device == "cpu" and dtype in (torch.float32, torch.bfloat16) and library() is not None
 
 
 def supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
@@ -121,3 +130,23 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: to
     assert k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == d and k.dtype == v.dtype == kv_cache.dtype
     library().jitney_write_kv(k.element_size(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
                               kv_cache.data_ptr(), k.shape[0], kv_heads, d, num_blocks, block_size)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta (in place, when given), then returns RMSNorm(x) * weight: the residual add and the next
+    norm in one pass over the rows (vLLM's fused_add_rms_norm), where PyTorch takes five or six ops."""
+    assert x.is_contiguous() and weight.is_contiguous() and (delta is None or delta.is_contiguous())
+    out = torch.empty_like(x)
+    library().jitney_add_rms_norm(int(x.dtype == torch.bfloat16), x.data_ptr(),
+                                  None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                                  x.shape[0], x.shape[-1], eps)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up from gate_up [T, 2 * inter] (gate first) in one pass, where PyTorch takes three ops."""
+    assert gate_up.is_contiguous()
+    rows, inter = gate_up.shape[0], gate_up.shape[-1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    library().jitney_silu_mul(int(gate_up.dtype == torch.bfloat16), gate_up.data_ptr(), out.data_ptr(), rows, inter)
+    return out

@@ -122,3 +122,40 @@ def test_write_kv_matches_index_copy(dtype):
     write_kv(want[1], slots, v)
     native.write_kv(cache, slots, k, v)
     assert torch.equal(cache, want)
+
+
+def hf_rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm, rounding included: float32 statistics, the normalised row cast back first."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 64, 300])
+def test_add_rms_norm_and_silu_mul_match_transformers(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x, delta = (torch.randn(rows, 576, generator=gen).to(dtype) for _ in range(2))
+    weight = (torch.rand(576, generator=gen) + 0.5).to(dtype)
+    fused = x.clone()
+    h = native.add_rms_norm(fused, delta, weight, 1e-5)
+    assert torch.equal(fused, x + delta)  # the residual stream, updated in place
+    exact = dtype == torch.bfloat16       # bfloat16: bit for bit; float32: summation order only
+    check = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
+    assert check(h, hf_rms_norm(x + delta, weight, 1e-5))
+    assert check(native.add_rms_norm(x.clone(), None, weight, 1e-5), hf_rms_norm(x, weight, 1e-5))
+    gate_up = 4 * torch.randn(rows, 2 * 1536, generator=gen).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert check(native.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def test_model_gives_the_same_logits_with_and_without_native_elementwise_ops(tiny_runner):
+    ids = tiny_runner.tokenizer("the native and the plain PyTorch paths agree")["input_ids"]
+    model = tiny_runner.model
+    assert model.ops.native
+    with_native = tiny_runner.score(ids)
+    model.ops.native = False
+    try:
+        plain = tiny_runner.score(ids)
+    finally:
+        model.ops.native = True
+    torch.testing.assert_close(with_native, plain, rtol=1e-5, atol=1e-5)

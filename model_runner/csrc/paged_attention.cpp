@@ -61,6 +61,33 @@ inline float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : p * scale;
 }
 
+// exp(x) over the whole float range (SiLU needs positive arguments too): the same polynomial, the argument
+// clamped to [-87, 88] so that 2^n stays a normal float.
+inline float exp_any(float x) {
+  const float clamped = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// x rounded to T's precision, as a PyTorch op with a T output would leave it.
+template <typename T>
+inline float rounded(float x) {
+  T t;
+  store(x, &t);
+  return to_float(t);
+}
+
 // One sequence, one kv head. q: the group's query heads [group, head_dim]; k/v: this head's blocks
 // [num_blocks, block_size, head_dim]; table: the sequence's block ids; out: [group, head_dim].
 // HD is head_dim when known at compile time (fully unrolled inner loops), 0 for any other size.
@@ -255,9 +282,70 @@ void paged_attention(const T* q, int64_t q_token_stride, const T* cache, const i
   }
 }
 
+// x [rows, n] += delta (when given), then out = RMSNorm(x) * weight, row by row, with the roundings of the
+// reference (transformers' LlamaRMSNorm): the sum of squares in float32, the normalised row rounded to T
+// before the weight multiplies it.
+template <typename T>
+void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int64_t rows, int64_t n, float eps) {
+#pragma omp parallel for if (rows > 8)
+  for (int64_t r = 0; r < rows; r++) {
+    T* xr = x + r * n;
+    float ss = 0.f;
+    if (delta) {
+      const T* dr = delta + r * n;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; i++) {
+        const float v = rounded<T>(to_float(xr[i]) + to_float(dr[i]));
+        store(v, &xr[i]);
+        ss += v * v;
+      }
+    } else {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; i++) ss += to_float(xr[i]) * to_float(xr[i]);
+    }
+    const float inv = 1.f / std::sqrt(ss / float(n) + eps);
+    T* o = out + r * n;
+    for (int64_t i = 0; i < n; i++) store(rounded<T>(to_float(xr[i]) * inv) * to_float(weight[i]), &o[i]);
+  }
+}
+
+// out [rows, inter] = SiLU(gate) * up, gate_up [rows, 2 * inter] holding gate then up, SiLU rounded to T first
+// (as F.silu(gate) * up computes it).
+template <typename T>
+void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
+#pragma omp parallel for if (rows > 2)
+  for (int64_t r = 0; r < rows; r++) {
+    const T* g = gate_up + r * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + r * inter;
+#pragma omp simd
+    for (int64_t i = 0; i < inter; i++) {
+      const float x = to_float(g[i]);
+      store(rounded<T>(x / (1.f + exp_any(-x))) * to_float(u[i]), &o[i]);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+void jitney_add_rms_norm(int is_bf16, void* x, const void* delta, const void* weight, void* out, int64_t rows,
+                         int64_t n, float eps) {
+  if (is_bf16)
+    add_rms_norm(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(delta),
+                 static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), rows, n, eps);
+  else
+    add_rms_norm(static_cast<float*>(x), static_cast<const float*>(delta), static_cast<const float*>(weight),
+                 static_cast<float*>(out), rows, n, eps);
+}
+
+void jitney_silu_mul(int is_bf16, const void* gate_up, void* out, int64_t rows, int64_t inter) {
+  if (is_bf16)
+    silu_mul(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows, inter);
+  else
+    silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter);
+}
 
 // Writes this step's keys and values into their cache slots: k, v [rows, kv_heads, head_dim] (heads
 // contiguous, k_stride / v_stride elements between rows), slots [rows] (block * block_size + offset), cache as
