@@ -30,4 +30,13 @@ step sweep-tokens; $B --policies continuous --length-dist azure --token-scale 4 
                    --sweep max_num_batched_tokens=64,128,256,512,2048 --out $R/sweep-max-num-batched-tokens
 step sweep-block; $B --policies continuous --rate 4 --num-requests 60 --prompt-len 16,256 --output-len 16,128 \
                    --kv-cache-memory 64MiB --sweep block_size=8,16,32,64 --out $R/sweep-block-size
+step figures  # the plots the docs show
+cp $R/roofline/roofline.png docs/figures/roofline.png
+cp $R/readme/latency_cdf.png docs/figures/policies_latency_cdf.png
+cp $R/readme/timeline.png docs/figures/policies_timeline.png
+cp $R/azure/latency_cdf.png docs/figures/azure_latency_cdf.png
+cp $R/azure/timeline.png docs/figures/azure_timeline.png
+for knob in max-wait-ms max-batch-size max-num-batched-tokens block-size; do
+  cp $R/sweep-$knob/sweep.png docs/figures/sweep_${knob//-/_}.png
+done
 step done
