@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.micro $(ARGS)
 
-# Every figure in README.md and docs/ (about 50 minutes on 2 cores; nothing else should run meanwhile).
+# Every figure in README.md and docs/ (about 40 minutes on 2 cores; nothing else should run meanwhile).
 bench-all: $(STAMP)
 	bash benchmarks/scripts/measure_all.sh
 	bash benchmarks/scripts/measure_prefix.sh

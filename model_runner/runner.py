@@ -87,7 +87,8 @@ class ModelRunner:
         return (f"model {self.cfg.model} ({mc.num_hidden_layers} layers, {mc.num_attention_heads}/"
                 f"{mc.num_key_value_heads} heads, vocab {mc.vocab_size}) dtype {str(self.dtype).removeprefix('torch.')}"
                 f" device {self.device}; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} blocks"
-                f" x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens")
+                f" x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens; attention by the "
+                f"{'native kernel' if self.native_attention else 'PyTorch path'}")
 
     # --- requests ---------------------------------------------------------------------------------------
 

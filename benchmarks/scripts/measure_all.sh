@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every figure in README.md and docs/, one run after another (nothing else may run beside it: 2 cores).
 # Results go to results/ (not committed); the plots the docs show are copied to docs/figures/.
-# Takes about 45 minutes on the 2-core development machine.
+# Takes about 35 minutes on the 2-core development machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/jitney bench"
@@ -10,10 +10,11 @@ mkdir -p "$R" docs/figures
 step() { echo "=== $(date +%T) $*"; }
 
 step micro;      .venv/bin/python -m benchmarks.micro --json $R/micro.json > $R/micro.md
+step kernels;    .venv/bin/python -m benchmarks.kernels --json $R/kernels.json > $R/kernels.md
 step roofline;   .venv/bin/python -m benchmarks.roofline --model smollm2-135m --dtype bfloat16 \
                    --batch-sizes 1,2,4,8,16,32,64,128,256 --context 128 --steps 16 --prefill-len 512 --out $R/roofline
 # The README comparison (issue 3's workload): 200 Poisson requests, outputs 8..256, all four policies.
-step readme;     $B --in-process --synthetic poisson --rate 8 --num-requests 200 --prompt-len 16,256 \
+step readme;     $B --in-process --synthetic poisson --rate 16 --num-requests 200 --prompt-len 16,256 \
                    --output-len 8,256 --dtype bfloat16 --out $R/readme
 # vLLM's published workload: 128 requests at once, prompts 32..512, outputs 16..256, forced lengths, greedy.
 step burst;      .venv/bin/python -m benchmarks.engine_bench --workload burst --policies continuous \
