@@ -41,11 +41,11 @@ inline void store(float x, uint16_t* out) {  // round to nearest even, as torch'
   *out = uint16_t(u >> 16);
 }
 
-// exp(x) for x <= 0 (all the softmax needs), in a form the compiler vectorizes: x = n ln2 + r with
-// |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7, below float32 rounding of the
-// sum it feeds), 2^n put straight into the exponent bits. Inputs below -87 (including -inf) give 0.
-inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.f);
+// exp(x) in a form the compiler vectorizes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor
+// polynomial (relative error < 2e-7, below float32 rounding of the sums it feeds), 2^n put straight into the
+// exponent bits. The argument is clamped to [-87, 88] so that 2^n stays a normal float.
+inline float exp_any(float x) {
+  const float clamped = std::min(std::max(x, -87.f), 88.f);
   const float n = std::nearbyint(clamped * 1.44269504088896341f);
   const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two for precision
   float p = 1.f / 720.f;
@@ -58,26 +58,28 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (int32_t(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.f ? 0.f : p * scale;
+  return p * scale;
 }
 
-// exp(x) over the whole float range (SiLU needs positive arguments too): the same polynomial, the argument
-// clamped to [-87, 88] so that 2^n stays a normal float.
-inline float exp_any(float x) {
-  const float clamped = std::min(std::max(x, -87.f), 88.f);
-  const float n = std::nearbyint(clamped * 1.44269504088896341f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+// exp(x) for the softmax (x <= 0): exactly 0 below -87, -inf included.
+inline float exp_nonpositive(float x) { return x < -87.f ? 0.f : exp_any(x); }
+
+// Online softmax, one block of one head: turns the block's scores into weights under the running maximum,
+// adds them to the running sum, and returns the factor by which what was accumulated under the old maximum
+// must be rescaled (0 on the first block, whose old maximum is -inf).
+inline float softmax_block(float* score, int n, float& running_max, float& denom) {
+  float m = running_max;
+  for (int t = 0; t < n; t++) m = std::max(m, score[t]);
+  const float correction = exp_nonpositive(running_max - m);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int t = 0; t < n; t++) {
+    score[t] = exp_nonpositive(score[t] - m);
+    sum += score[t];
+  }
+  denom = denom * correction + sum;
+  running_max = m;
+  return correction;
 }
 
 // x rounded to T's precision, as a PyTorch op with a T output would leave it.
@@ -121,18 +123,8 @@ void attend(const T* q, const T* k, const T* v, const int32_t* table, int contex
         score[g][t] = s;
       }
     }
-    for (int g = 0; g < group; g++) {  // online softmax: rescale what was summed under the old maximum
-      float m = running_max[g];
-      for (int t = 0; t < n; t++) m = std::max(m, score[g][t]);
-      const float correction = exp_nonpositive(running_max[g] - m);  // 0 on the first block (max was -inf)
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int t = 0; t < n; t++) {
-        score[g][t] = exp_nonpositive(score[g][t] - m);
-        sum += score[g][t];
-      }
-      denom[g] = denom[g] * correction + sum;
-      running_max[g] = m;
+    for (int g = 0; g < group; g++) {
+      const float correction = softmax_block(score[g], n, running_max[g], denom[g]);
       for (int d = 0; d < hd; d++) acc[g][d] *= correction;
     }
     for (int t = 0; t < n; t++) {  // weighted values
@@ -196,18 +188,7 @@ void attend_bf16_avx512(const uint16_t* q, const uint16_t* k, const uint16_t* v,
       }
     }
     for (int g = 0; g < G; g++) {
-      float m = running_max[g];
-      for (int t = 0; t < n; t++) m = std::max(m, score[g][t]);
-      const float correction = exp_nonpositive(running_max[g] - m);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int t = 0; t < n; t++) {
-        score[g][t] = exp_nonpositive(score[g][t] - m);
-        sum += score[g][t];
-      }
-      denom[g] = denom[g] * correction + sum;
-      running_max[g] = m;
-      const __m512 c = _mm512_set1_ps(correction);
+      const __m512 c = _mm512_set1_ps(softmax_block(score[g], n, running_max[g], denom[g]));
       for (int j = 0; j < FV; j++) acc[g][j] = _mm512_mul_ps(acc[g][j], c);
     }
     for (int t = 0; t < n; t++) {
