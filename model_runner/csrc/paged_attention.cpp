@@ -141,49 +141,87 @@ void attend(const T* q, const T* k, const T* v, const int32_t* table, int contex
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define JITNEY_AVX512_BF16 1
+#if defined(__AVX512F__)
+#define JITNEY_AVX512 1
 
-// The hot case on CPUs with AVX512-BF16 (Zen 4+, Sapphire Rapids+): bfloat16 data, head size HD and G query
-// heads per kv head known at compile time, so the G x HD float accumulators live in registers. Scores use
-// VDPBF16PS (bf16 pairs multiplied exactly and summed in float32), values are widened to float32 and
-// accumulated with FMAs. The next block's rows are prefetched while this one is worked on: blocks are
-// scattered over the cache, and each new block would otherwise start with a miss.
-template <int HD, int G>
-void attend_bf16_avx512(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* table,
-                        int context_len, uint16_t* out, int block_size, float scale) {
-  constexpr int QV = HD / 32;  // 512-bit vectors per row of bfloat16
-  constexpr int FV = HD / 16;  // 512-bit vectors per row of float32
+// How the AVX-512 kernel below loads, multiplies and stores each data type.
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  static constexpr bool available = true;
+  static constexpr int lanes = 16;  // elements of a query or key row per 512-bit vector
+  using Row = __m512;
+  static Row load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 dot(__m512 acc, Row q, Row k) { return _mm512_fmadd_ps(q, k, acc); }
+  static __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+};
+
+#if defined(__AVX512BF16__)
+template <>
+struct Vec<uint16_t> {  // bfloat16: scores by VDPBF16PS (bf16 pairs multiplied exactly, summed in float32)
+  static constexpr bool available = true;
+  static constexpr int lanes = 32;
+  using Row = __m512bh;
+  static Row load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512 dot(__m512 acc, Row q, Row k) { return _mm512_dpbf16_ps(acc, q, k); }
+  static __m512 widen(const uint16_t* p) {  // 16 bf16 -> 16 float32: the bits move to the top half
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  static void store(uint16_t* p, __m512 x) {  // rounds to nearest even, as the scalar store
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+  }
+};
+#else
+template <>
+struct Vec<uint16_t> {
+  static constexpr bool available = false;  // no AVX512-BF16: bfloat16 takes the portable loop
+};
+#endif
+
+// The hot case: head size HD and G query heads per kv head known at compile time, so the G x HD float32
+// accumulators live in registers. Scores are dot products of whole rows (one horizontal sum each), values are
+// widened to float32 and accumulated with FMAs. The next block's rows are prefetched while this one is worked
+// on: blocks are scattered over the cache, and each new block would otherwise start with a miss.
+template <typename T, int HD, int G>
+void attend_avx512(const T* q, const T* k, const T* v, const int32_t* table, int context_len, T* out,
+                   int block_size, float scale) {
+  using V = Vec<T>;
+  constexpr int QV = HD / V::lanes;  // vectors per query or key row
+  constexpr int FV = HD / 16;        // vectors per row of float32
   const int64_t block_stride = int64_t(block_size) * HD;
-  __m512bh qv[G][QV];
+  typename V::Row qv[G][QV];
   __m512 acc[G][FV];
   float running_max[G], denom[G];
   alignas(64) float score[G][MAX_BLOCK];
   for (int g = 0; g < G; g++) {
-    for (int j = 0; j < QV; j++) qv[g][j] = (__m512bh)_mm512_loadu_si512(q + g * HD + j * 32);
+    for (int j = 0; j < QV; j++) qv[g][j] = V::load(q + g * HD + j * V::lanes);
     for (int j = 0; j < FV; j++) acc[g][j] = _mm512_setzero_ps();
     running_max[g] = -INFINITY;
     denom[g] = 0.f;
   }
   const int num_blocks = (context_len + block_size - 1) / block_size;
   for (int b = 0; b < num_blocks; b++) {
-    const uint16_t* kb = k + table[b] * block_stride;
-    const uint16_t* vb = v + table[b] * block_stride;
+    const T* kb = k + table[b] * block_stride;
+    const T* vb = v + table[b] * block_stride;
     const int n = std::min(block_size, context_len - b * block_size);
     if (b + 1 < num_blocks) {
       const char* nk = reinterpret_cast<const char*>(k + table[b + 1] * block_stride);
       const char* nv = reinterpret_cast<const char*>(v + table[b + 1] * block_stride);
-      for (int64_t off = 0; off < block_stride * 2; off += 64) {
+      for (int64_t off = 0; off < block_stride * int64_t(sizeof(T)); off += 64) {
         _mm_prefetch(nk + off, _MM_HINT_T0);
         _mm_prefetch(nv + off, _MM_HINT_T0);
       }
     }
     for (int t = 0; t < n; t++) {
-      __m512bh kv[QV];
-      for (int j = 0; j < QV; j++) kv[j] = (__m512bh)_mm512_loadu_si512(kb + t * HD + j * 32);
+      typename V::Row kv[QV];
+      for (int j = 0; j < QV; j++) kv[j] = V::load(kb + t * HD + j * V::lanes);
       for (int g = 0; g < G; g++) {
         __m512 s = _mm512_setzero_ps();
-        for (int j = 0; j < QV; j++) s = _mm512_dpbf16_ps(s, qv[g][j], kv[j]);
+        for (int j = 0; j < QV; j++) s = V::dot(s, qv[g][j], kv[j]);
         score[g][t] = _mm512_reduce_add_ps(s) * scale;
       }
     }
@@ -193,41 +231,43 @@ void attend_bf16_avx512(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     }
     for (int t = 0; t < n; t++) {
       for (int j = 0; j < FV; j++) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + t * HD + j * 16));
-        const __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        const __m512 vf = V::widen(vb + t * HD + j * 16);
         for (int g = 0; g < G; g++) acc[g][j] = _mm512_fmadd_ps(_mm512_set1_ps(score[g][t]), vf, acc[g][j]);
       }
     }
   }
   for (int g = 0; g < G; g++) {
     const __m512 inv = _mm512_set1_ps(1.f / denom[g]);
-    for (int j = 0; j < FV; j++)  // float32 -> bfloat16 rounds to nearest even, as the scalar store
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * HD + j * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][j], inv)));
+    for (int j = 0; j < FV; j++) V::store(out + g * HD + j * 16, _mm512_mul_ps(acc[g][j], inv));
   }
 }
 
-using AttendFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, const int32_t*, int, uint16_t*, int,
-                          float);
+template <typename T>
+using AttendFn = void (*)(const T*, const T*, const T*, const int32_t*, int, T*, int, float);
 
-template <int HD>
-AttendFn pick_group(int group) {
+template <typename T, int HD>
+AttendFn<T> pick_group(int group) {
   switch (group) {
-    case 1: return attend_bf16_avx512<HD, 1>;
-    case 2: return attend_bf16_avx512<HD, 2>;
-    case 3: return attend_bf16_avx512<HD, 3>;
-    case 4: return attend_bf16_avx512<HD, 4>;
-    case 5: return attend_bf16_avx512<HD, 5>;
-    case 6: return attend_bf16_avx512<HD, 6>;
-    case 7: return attend_bf16_avx512<HD, 7>;
-    case 8: return attend_bf16_avx512<HD, 8>;
+    case 1: return attend_avx512<T, HD, 1>;
+    case 2: return attend_avx512<T, HD, 2>;
+    case 3: return attend_avx512<T, HD, 3>;
+    case 4: return attend_avx512<T, HD, 4>;
+    case 5: return attend_avx512<T, HD, 5>;
+    case 6: return attend_avx512<T, HD, 6>;
+    case 7: return attend_avx512<T, HD, 7>;
+    case 8: return attend_avx512<T, HD, 8>;
     default: return nullptr;
   }
 }
 
-// The specialised bfloat16 kernel for this shape, or nullptr for the portable one.
-AttendFn pick_bf16(int head_dim, int group) {
-  return head_dim == 64 ? pick_group<64>(group) : head_dim == 128 ? pick_group<128>(group) : nullptr;
+// The specialised kernel for this data type and shape, or nullptr for the portable loop.
+template <typename T>
+AttendFn<T> pick_avx512(int head_dim, int group) {
+  if constexpr (!Vec<T>::available) {
+    return nullptr;
+  } else {
+    return head_dim == 64 ? pick_group<T, 64>(group) : head_dim == 128 ? pick_group<T, 128>(group) : nullptr;
+  }
 }
 #endif
 
@@ -245,12 +285,10 @@ void paged_attention(const T* q, int64_t q_token_stride, const T* cache, const i
       const T* v = cache + int64_t(kv_heads + h) * head_stride;
       const int32_t* table = block_tables + i * table_stride;
       T* o = out + (i * heads + int64_t(h) * group) * head_dim;
-#ifdef JITNEY_AVX512_BF16
-      if constexpr (std::is_same_v<T, uint16_t>) {
-        if (AttendFn fn = pick_bf16(head_dim, group)) {
-          fn(qi, k, v, table, context_lens[i], o, block_size, scale);
-          continue;
-        }
+#ifdef JITNEY_AVX512
+      if (AttendFn<T> fn = pick_avx512<T>(head_dim, group)) {
+        fn(qi, k, v, table, context_lens[i], o, block_size, scale);
+        continue;
       }
 #endif
       if (head_dim == 64)
