@@ -48,8 +48,8 @@ class DecoderLayer:
 
 
 class ElementwiseOps:
-    """The residual add + RMSNorm and SiLU-and-multiply steps: native kernels on the CPU (one pass each, and
-    the exact roundings of transformers' bfloat16 modules), PyTorch elsewhere."""
+    """The residual add + RMSNorm and SiLU-and-multiply steps: native kernels on the CPU (one pass each, with
+    the roundings of transformers' bfloat16 modules), PyTorch elsewhere."""
 
     def __init__(self, native_ops: bool):
         self.native = native_ops

@@ -3,10 +3,10 @@
 The kernels have a plain C ABI and include no PyTorch headers, so a build takes a second or two (a
 torch.utils.cpp_extension build takes a minute and needs ninja); they are called through ctypes with tensor
 data pointers, which releases the GIL for the call. They link the process's libgomp, the same runtime PyTorch
-uses, so both share one pool of threads.
+uses (with g++, the compiler tried first), so both share one pool of threads.
 
 Where no compiler is found or the build fails, jitney says so once and runs the PyTorch path instead, which
-gives the same results. JITNEY_NATIVE=0 turns the kernels off (to compare, or to rule them out).
+gives the same results up to rounding. JITNEY_NATIVE=0 turns the kernels off (to compare, or to rule them out).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -30,14 +31,17 @@ SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 # -march=native: the cached library is keyed by this CPU's flags below, so it never runs on another CPU.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _cpu_flags() -> str:
+    """What -march=native depends on: the machine and its instruction-set flags (x86 "flags", Arm "Features")."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            features = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        return ""
+        features = ""
+    return f"{platform.machine()} {features}"
 
 
 def _compiler() -> str | None:
@@ -54,11 +58,25 @@ def _build(cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: safe under races
         part = Path(tmp) / out.name
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True)
+        try:
+            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True,
+                                  timeout=300)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{cxx} took over 300 s") from None
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip()[-2000:])
         os.replace(part, out)
     return out
+
+
+def _load(cxx: str) -> ctypes.CDLL:
+    """The built library; a cached file that does not load (say, truncated by a crash) is rebuilt once."""
+    path = _build(cxx)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(_build(cxx)))
 
 
 @cache
@@ -72,10 +90,17 @@ def library() -> ctypes.CDLL | None:
                     "install g++ for the native kernels")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cxx)))
-    except (OSError, RuntimeError) as e:
-        log.warning("native kernels failed to build, using PyTorch attention instead: %s", e)
+        lib = _load(cxx)
+        _declare(lib)
+    except (OSError, RuntimeError, AttributeError) as e:
+        log.warning("native kernels failed to build or load (from %s), using PyTorch instead: %s",
+                    cache_dir() / "kernels", e)
         return None
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures, so ctypes converts every argument to the width the C side reads."""
     lib.jitney_limits.argtypes, lib.jitney_limits.restype = [_i32], _i32
     lib.jitney_paged_attention.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i32,
                                         _i64, _i32, ctypes.c_float]
@@ -86,16 +111,22 @@ def library() -> ctypes.CDLL | None:
     lib.jitney_add_rms_norm.restype = None
     lib.jitney_silu_mul.argtypes = [_i32, _ptr, _ptr, _i64, _i64]
     lib.jitney_silu_mul.restype = None
-    return lib
+
+
+def _check(ok: bool, what: str, *tensors: torch.Tensor) -> None:
+    """Raw pointers go to C: refuse anything the kernels do not expect (a plain if, kept under python -O)."""
+    if not ok or any(t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"native kernel input: expected {what}, on the CPU; got "
+                         + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors))
 
 
 def elementwise_supported(device: str, dtype: torch.dtype) -> bool:
     """Whether add_rms_norm and silu_mul can run natively for this device and dtype."""
-    return device == "cpu" and dtype in (torch.float32, torch.bfloat16) and library() is not None
+    return device == "cpu" and dtype in KERNEL_DTYPES and library() is not None
 
 
 def supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
-    lib = library() if device == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+    lib = library() if device == "cpu" and dtype in KERNEL_DTYPES else None
     if lib is None or heads % kv_heads:
         return False
     return (heads // kv_heads <= lib.jitney_limits(0) and head_dim <= lib.jitney_limits(1)
@@ -110,9 +141,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     Callers check `supported` first."""
     n, heads, d = q.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
-    assert q.stride(2) == 1 and q.stride(1) == d and kv_cache.is_contiguous() and block_tables.stride(1) == 1
-    assert block_tables.dtype == context_lens.dtype == torch.int32 and context_lens.is_contiguous()
-    assert q.dtype == kv_cache.dtype
+    _check(q.dtype == kv_cache.dtype in KERNEL_DTYPES and q.stride(2) == 1 and q.stride(1) == d
+           and kv_cache.is_contiguous(), "q and the cache: one float dtype, heads contiguous, a contiguous cache",
+           q, kv_cache)
+    _check(block_tables.dtype == context_lens.dtype == torch.int32 and block_tables.stride(1) == 1
+           and context_lens.is_contiguous() and block_tables.shape[0] == context_lens.shape[0] == n
+           and kv_cache.shape[-1] == d, "one int32 table row and context length per query row", block_tables)
     out = torch.empty(n, heads, d, dtype=q.dtype)
     library().jitney_paged_attention(int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0),
                                      kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
@@ -126,8 +160,12 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: to
     cache [2, KVH, blocks, block_size, D]: one pass, where two index_copy_ calls on the strided views took
     7 ms of a 100 ms decode step."""
     _, kv_heads, num_blocks, block_size, d = kv_cache.shape
-    assert kv_cache.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
-    assert k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == d and k.dtype == v.dtype == kv_cache.dtype
+    _check(k.dtype == v.dtype == kv_cache.dtype in KERNEL_DTYPES and kv_cache.is_contiguous()
+           and k.shape == v.shape and k.shape[1:] == (kv_heads, d) and k.stride(2) == v.stride(2) == 1
+           and k.stride(1) == v.stride(1) == d,
+           "k, v [T, kv_heads, head_dim] with contiguous heads, of the cache's dtype", k, v, kv_cache)
+    _check(slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (k.shape[0],),
+           "one int64 slot per row", slots)
     library().jitney_write_kv(k.element_size(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
                               kv_cache.data_ptr(), k.shape[0], kv_heads, d, num_blocks, block_size)
 
@@ -135,17 +173,22 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: to
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x += delta (in place, when given), then returns RMSNorm(x) * weight: the residual add and the next
     norm in one pass over the rows (vLLM's fused_add_rms_norm), where PyTorch takes five or six ops."""
-    assert x.is_contiguous() and weight.is_contiguous() and (delta is None or delta.is_contiguous())
+    n = x.shape[-1]
+    _check(x.dtype in KERNEL_DTYPES and x.is_contiguous() and weight.is_contiguous() and weight.shape == (n,)
+           and weight.dtype == x.dtype
+           and (delta is None or (delta.is_contiguous() and delta.shape == x.shape and delta.dtype == x.dtype)),
+           "contiguous x, delta of x's shape and a weight of its last dimension, one dtype", x, weight)
     out = torch.empty_like(x)
     library().jitney_add_rms_norm(int(x.dtype == torch.bfloat16), x.data_ptr(),
                                   None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                                  x.shape[0], x.shape[-1], eps)
+                                  x.numel() // n, n, eps)
     return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up from gate_up [T, 2 * inter] (gate first) in one pass, where PyTorch takes three ops."""
-    assert gate_up.is_contiguous()
+    _check(gate_up.dtype in KERNEL_DTYPES and gate_up.is_contiguous() and gate_up.dim() == 2
+           and gate_up.shape[-1] % 2 == 0, "contiguous [T, 2 * inter]", gate_up)
     rows, inter = gate_up.shape[0], gate_up.shape[-1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
     library().jitney_silu_mul(int(gate_up.dtype == torch.bfloat16), gate_up.data_ptr(), out.data_ptr(), rows, inter)

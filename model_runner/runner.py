@@ -128,7 +128,8 @@ class ModelRunner:
 
         Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens.
         """
-        # Single-token chunks first, shortest context first: they are attended in groups of similar length.
+        # Single-token chunks first, shortest context first (the PyTorch path attends them in groups of similar
+        # length; the native kernel takes any order).
         order = sorted(range(len(scheduled)),
                        key=lambda i: (scheduled[i][1] != 1, scheduled[i][0].num_computed_tokens))
         items = [scheduled[i] for i in order]

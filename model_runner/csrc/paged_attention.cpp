@@ -6,7 +6,7 @@
 // One task is one (row, kv head): the query heads that share that kv head (grouped-query attention) are
 // attended together, so each cached key and value row is read once per task. Rows of one prompt chunk share
 // their sequence's blocks, which then stay in cache from one row to the next. Tasks run on the
-// OpenMP threads of the process (the same libgomp as PyTorch's, so the two share one thread pool).
+// OpenMP threads of the process (built with g++: the same libgomp as PyTorch's, one shared thread pool).
 //
 // Built and loaded by model_runner/native.py; plain C ABI, no PyTorch headers (builds in a second or two).
 #include <algorithm>
@@ -45,6 +45,7 @@ inline void store(float x, uint16_t* out) {  // round to nearest even, as torch'
 // polynomial (relative error < 2e-7, below float32 rounding of the sums it feeds), 2^n put straight into the
 // exponent bits. The argument is clamped to [-87, 88] so that 2^n stays a normal float.
 inline float exp_any(float x) {
+  if (x != x) return x;  // NaN stays NaN (and never reaches the float -> int conversion below)
   const float clamped = std::min(std::max(x, -87.f), 88.f);
   const float n = std::nearbyint(clamped * 1.44269504088896341f);
   const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two for precision
@@ -171,7 +172,7 @@ struct Vec<uint16_t> {  // bfloat16: scores by VDPBF16PS (bf16 pairs multiplied 
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
-  static void store(uint16_t* p, __m512 x) {  // rounds to nearest even, as the scalar store
+  static void store(uint16_t* p, __m512 x) {  // rounds to nearest even, as the scalar store (denormals aside)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
   }
 };
@@ -277,6 +278,9 @@ void paged_attention(const T* q, int64_t q_token_stride, const T* cache, const i
                   int kv_heads, int head_dim, int64_t num_blocks, int block_size, float scale) {
   const int group = heads / kv_heads;
   const int64_t head_stride = num_blocks * block_size * head_dim;  // one kv head's blocks in the cache
+#ifdef JITNEY_AVX512
+  const AttendFn<T> specialised = pick_avx512<T>(head_dim, group);
+#endif
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < num_rows; i++) {
     for (int h = 0; h < kv_heads; h++) {
@@ -286,8 +290,8 @@ void paged_attention(const T* q, int64_t q_token_stride, const T* cache, const i
       const int32_t* table = block_tables + i * table_stride;
       T* o = out + (i * heads + int64_t(h) * group) * head_dim;
 #ifdef JITNEY_AVX512
-      if (AttendFn<T> fn = pick_avx512<T>(head_dim, group)) {
-        fn(qi, k, v, table, context_lens[i], o, block_size, scale);
+      if (specialised) {
+        specialised(qi, k, v, table, context_lens[i], o, block_size, scale);
         continue;
       }
 #endif
