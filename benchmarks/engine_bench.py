@@ -45,8 +45,10 @@ VLLM_BURST = dict(workload="burst", num_requests=128, prompt_len=(32, 512), outp
 VLLM_BURST_TOK_S = 540.0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.engine_bench", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The trace, model and batcher flags, with the workload's preset for those not given; `p` may bring a
+    command's own flags (benchmarks.ceiling)."""
+    p = p or argparse.ArgumentParser(prog="python -m benchmarks.engine_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--policies", default=",".join(POLICIES))

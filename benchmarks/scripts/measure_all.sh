@@ -15,7 +15,11 @@ step roofline;   .venv/bin/python -m benchmarks.roofline --model smollm2-135m --
                    --batch-sizes 1,2,4,8,16,32,64,128,256 --context 128 --steps 16 --prefill-len 512 --out $R/roofline
 # The README comparison (issue 3's workload): 200 Poisson requests, outputs 8..256, all four policies.
 step readme;     $B --in-process --synthetic poisson --rate 16 --num-requests 200 --prompt-len 16,256 \
-                   --output-len 8,256 --dtype bfloat16 --out $R/readme
+                   --output-len 8,256 --dtype bfloat16 --save-trace $R/readme-trace.jsonl --out $R/readme
+# The most output tok/s any schedule of that same trace could reach here, against each policy's measured figure.
+step ceiling;    .venv/bin/python -m benchmarks.ceiling --trace $R/readme-trace.jsonl $(.venv/bin/python -c "import json
+print(*[f'--compare {r[\"policy\"]}={r[\"summary\"][\"output_tok_s\"]:.0f}' for r in json.load(open('$R/readme/results.json'))['runs']])") \
+                   --json $R/ceiling.json > $R/ceiling.md
 # vLLM's published workload: 128 requests at once, prompts 32..512, outputs 16..256, forced lengths, greedy.
 step burst;      .venv/bin/python -m benchmarks.engine_bench --workload burst --policies continuous \
                    --save-trace $R/burst.jsonl --json $R/burst.json > $R/burst.md
