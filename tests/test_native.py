@@ -46,6 +46,8 @@ def random_case(heads, kv_heads, head_dim, block_size, lens, dtype, seed):
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
     (9, 3, 64, 16),   # SmolLM2's shape
+    (9, 3, 64, 32),   # blocks of two sixteen-key groups
+    (8, 2, 128, 8),   # blocks shorter than a sixteen-key group
     (4, 4, 64, 16),   # multi-head (no grouping)
     (8, 2, 128, 16),  # Llama-style head size
     (6, 3, 48, 8),    # a head size with no specialised loop, another block size
