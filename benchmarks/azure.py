@@ -1,7 +1,7 @@
 """The Azure LLM inference trace (2023, conversation service): a window of it, scaled to fit a small machine.
 
 The trace holds one hour of real arrivals with their context and generated token counts (no text): about
-5.5 requests/s, contexts of median 1,020 tokens, outputs of median 129. A CPU serving a 135M model cannot keep
+5.4 requests/s, contexts of median 1,020 tokens, outputs of median 129. A CPU serving a 135M model cannot keep
 up with that, so a replay takes a window and two scales, and every figure made from it must name them:
 time_scale stretches the arrival gaps (2 = half the request rate), token_scale divides every length (4 = a
 quarter of the tokens). Patel et al., "Splitwise", ISCA 2024; CC-BY 4.0 (see the traces README).

@@ -1,6 +1,6 @@
 """The ceiling on a trace's throughput for any batching policy on this engine and machine, measured.
 
-    python -m benchmarks.ceiling [--workload poisson|burst] [engine_bench's trace flags] [--compare static=646]
+    python -m benchmarks.ceiling [--workload poisson|burst] [engine_bench's trace flags] [--compare static=704]
 
 However requests are scheduled, every prompt token must be prefilled and every output token but the first
 decoded. This command times the engine's cheapest way to do each on the trace's own lengths: decode steps at
@@ -8,7 +8,7 @@ the batch sizes the continuous policy may run (up to max_num_seqs, at context le
 decode tokens) and prefill steps of max_num_batched_tokens tokens made of the trace's prompts. Each token at
 its cheapest cost gives the least busy time the trace needs, and so the most output tokens per second any
 scheduler can reach (mixing prefill and decode in one step saves little once both are compute-bound, so
-this is an upper estimate, not a proof). `--compare static=646` states a measured policy's figure as a
+this is an upper estimate, not a proof). `--compare static=704` states a measured policy's figure as a
 fraction of it: how much better any schedule could do than that policy.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, fl
         try:
             compare[name] = float(value)
         except ValueError:
-            p.error(f"--compare wants POLICY=TOK_S, e.g. static=646; got {item!r}")
+            p.error(f"--compare wants POLICY=TOK_S, e.g. static=704; got {item!r}")
     return args, compare
 
 

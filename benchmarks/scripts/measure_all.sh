@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every figure in README.md and docs/, one run after another (nothing else may run beside it: 2 cores).
 # Results go to results/ (not committed); the plots the docs show are copied to docs/figures/.
-# Takes about 35 minutes on the 2-core development machine.
+# Takes about 30 minutes on the 2-core development machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 B=".venv/bin/jitney bench"
