@@ -69,6 +69,18 @@ def test_kernel_matches_reference(heads, kv_heads, head_dim, block_size, dtype):
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("v_scale", [4.0, 16.0])
+def test_bfloat16_error_is_the_outputs_own_rounding_at_any_scale_of_values(v_scale):
+    """Short contexts of large values: rounding the softmax weights to bf16 (as some kernels do) would put the
+    error at several times the output's own rounding here; float32 weights keep it within that rounding."""
+    q, cache, tables, ctx = random_case(6, 2, 64, 16, [2, 3, 5, 8] * 8, torch.bfloat16, seed=5)
+    cache[1] *= v_scale
+    out = native.paged_attention(q, cache, tables, ctx, 0.125)
+    want = reference(q, cache, tables, ctx.tolist(), 0.125)
+    # One rounding of the output to bf16: half an ulp, 2^-9 of its magnitude.
+    assert ((out.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-6).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_rows_attend_causally_through_one_shared_table(dtype):
     """A prompt chunk: row j sees tokens 0..start+j of one sequence; the table is shared (stride 0)."""

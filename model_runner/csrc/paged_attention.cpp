@@ -145,10 +145,9 @@ void attend(const T* q, const T* k, const T* v, const int32_t* table, int contex
 #if defined(__AVX512F__)
 #define JITNEY_AVX512 1
 
-// How the AVX-512 kernel below loads, multiplies and stores each data type. `weights` keeps a group of
-// sixteen keys' softmax numerators in the form `accumulate` multiplies the values by, and returns them as
-// float32 (what the denominator must sum); `accumulate` adds those keys' weighted value rows to the float32
-// accumulators, two vectors per 32 elements of a row, in an order of the type's own that `store` undoes.
+// How the AVX-512 kernel below loads, multiplies and stores each data type. `accumulate` adds a group of
+// keys' value rows, weighted by their softmax numerators, to the float32 accumulators: two vectors per 32
+// elements of a row, in an order of the type's own that `store` undoes.
 template <typename T>
 struct Vec;
 
@@ -157,13 +156,8 @@ struct Vec<float> {
   static constexpr bool available = true;
   static constexpr int lanes = 16;  // elements of a query or key row per 512-bit vector
   using Row = __m512;
-  using Weight = float;
   static Row load(const float* p) { return _mm512_loadu_ps(p); }
   static __m512 dot(__m512 acc, Row q, Row k) { return _mm512_fmadd_ps(q, k, acc); }
-  static __m512 weights(__m512 p, float* w) {
-    _mm512_store_ps(w, p);
-    return p;
-  }
   template <int HD, int G>
   static void accumulate(const float* v, int m, const float (*w)[16], __m512 (*acc)[HD / 16]) {
     for (int t = 0; t < m; t++)
@@ -179,52 +173,39 @@ struct Vec<float> {
 };
 
 #if defined(__AVX512BF16__)
-// bfloat16: VDPBF16PS for both products (bf16 pairs multiplied exactly, summed in float32). For the values,
-// the weights are rounded to bfloat16 as PyTorch's flash attention rounds them for its second matmul, and
-// the rows of two keys are interleaved, so each instruction adds w_t v_t + w_t+1 v_t+1 for 16 elements.
+// bfloat16: scores by VDPBF16PS (bf16 pairs multiplied exactly, summed in float32). Values are widened to
+// float32 and weighted by float32 FMAs: rounding the weights to bf16 for VDPBF16PS (as PyTorch's flash
+// attention does for its second matmul) would add an error that grows with the spread of the values, up to
+// four times the output's own rounding when |v| reaches 4 (measured); the FMAs cost about as much.
 template <>
 struct Vec<uint16_t> {
   static constexpr bool available = true;
   static constexpr int lanes = 32;
   using Row = __m512bh;
-  using Weight = uint16_t;
   static Row load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
   static __m512 dot(__m512 acc, Row q, Row k) { return _mm512_dpbf16_ps(acc, q, k); }
-  static __m512 weights(__m512 p, uint16_t* w) {
-    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(p);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w), rounded);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
-  }
-  // Chunk j of a row is 32 elements; per 128-bit lane L of the chunk's vectors, `lo` holds elements 8L..8L+3
-  // of both keys, `hi` elements 8L+4..8L+7; the accumulators inherit that order.
+  // 32 bf16 -> the even elements and the odd ones as float32: a bf16 is the top half of a float32, so a shift
+  // or a mask of each 32-bit pair is the whole conversion (two instructions for 32 values); the accumulators
+  // hold the even elements of a chunk in acc[2j], the odd ones in acc[2j + 1].
   template <int HD, int G>
-  static void accumulate(const uint16_t* v, int m, const uint16_t (*w)[16], __m512 (*acc)[HD / 16]) {
-    for (int t = 0; t < m; t += 2) {
-      __m512i pair[G];  // (w_t, w_t+1) in every 32-bit lane; w past the context is 0 (exp(-inf))
-      for (int g = 0; g < G; g++) {
-        uint32_t bits;
-        std::memcpy(&bits, &w[g][t], sizeof bits);
-        pair[g] = _mm512_set1_epi32(int32_t(bits));
-      }
+  static void accumulate(const uint16_t* v, int m, const float (*w)[16], __m512 (*acc)[HD / 16]) {
+    const __m512i top = _mm512_set1_epi32(int32_t(0xffff0000u));
+    for (int t = 0; t < m; t++)
       for (int j = 0; j < HD / 32; j++) {
-        const __m512i a = _mm512_loadu_si512(v + t * HD + j * 32);
-        // An odd count: no second row (the slot past the context may hold anything, NaN included).
-        const __m512i b = t + 1 < m ? _mm512_loadu_si512(v + (t + 1) * HD + j * 32) : _mm512_setzero_si512();
-        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        const __m512i x = _mm512_loadu_si512(v + t * HD + j * 32);
+        const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(x, top));
         for (int g = 0; g < G; g++) {
-          acc[g][2 * j] = _mm512_dpbf16_ps(acc[g][2 * j], lo, (__m512bh)pair[g]);
-          acc[g][2 * j + 1] = _mm512_dpbf16_ps(acc[g][2 * j + 1], hi, (__m512bh)pair[g]);
+          const __m512 wt = _mm512_set1_ps(w[g][t]);
+          acc[g][2 * j] = _mm512_fmadd_ps(wt, even, acc[g][2 * j]);
+          acc[g][2 * j + 1] = _mm512_fmadd_ps(wt, odd, acc[g][2 * j + 1]);
         }
       }
-    }
   }
-  static void store(uint16_t* p, __m512 lo, __m512 hi) {  // back in element order, rounded to nearest even
-    const __m512 a = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));  // lo.L0 lo.L1 hi.L0 hi.L1
-    const __m512 b = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512 first = _mm512_shuffle_f32x4(a, a, _MM_SHUFFLE(3, 1, 2, 0));   // lo.L0 hi.L0 lo.L1 hi.L1
-    const __m512 second = _mm512_shuffle_f32x4(b, b, _MM_SHUFFLE(3, 1, 2, 0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(first));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), (__m256i)_mm512_cvtneps_pbh(second));
+  static void store(uint16_t* p, __m512 even, __m512 odd) {  // rounds to nearest even, back in element order
+    const __m512i e = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
+    const __m512i o = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd));
+    _mm512_storeu_si512(p, _mm512_or_si512(e, _mm512_slli_epi32(o, 16)));
   }
 };
 #else
@@ -252,9 +233,10 @@ inline __m512 sum16(const __m512 v[16]) {
 }
 
 // exp on 16 lanes for the softmax (x <= 0): exp_any's reduction and polynomial, with FMAs; exactly 0 below
-// -87 (-inf included); NaN stays NaN (MAXPS returns its second operand when one is NaN).
+// -87 (-inf included), clamped at 88 like exp_any; NaN stays NaN (MAXPS and MINPS return their second operand
+// when one is NaN).
 inline __m512 exp512_nonpositive(__m512 x) {
-  const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-87.f), x);
+  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.f), _mm512_max_ps(_mm512_set1_ps(-87.f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
@@ -290,7 +272,7 @@ __attribute__((always_inline)) inline void prefetch_block(const T* k, const T* v
 // - scores: a vector of partial products per key, then one transposing reduction (sum16) for all sixteen;
 // - online softmax on the sixteen at once: the running maximum moves (and what was accumulated is rescaled)
 //   only when a larger score comes, and the denominator is a vector of sixteen partial sums until the end;
-// - values: weighted by the softmax of their key into float32 accumulators (Vec::accumulate).
+// - values: widened to float32 and weighted by the softmax of their key with FMAs (Vec::accumulate).
 // The next blocks' rows are prefetched while this one is worked on: blocks are scattered over the cache, and
 // each new block would otherwise start with a miss.
 template <typename T, int HD, int G>
@@ -304,7 +286,7 @@ void attend_avx512(const T* q, const T* k, const T* v, const int32_t* table, int
   typename V::Row qv[G][QV];
   __m512 acc[G][2 * CH], denom[G];
   float running_max[G];
-  alignas(64) typename V::Weight weight[G][16];  // this group of keys' softmax numerators
+  alignas(64) float weight[G][16];  // this group of keys' softmax numerators
   for (int g = 0; g < G; g++) {
     for (int j = 0; j < QV; j++) qv[g][j] = V::load(q + g * HD + j * V::lanes);
     for (int j = 0; j < 2 * CH; j++) acc[g][j] = _mm512_setzero_ps();
@@ -342,7 +324,8 @@ void attend_avx512(const T* q, const T* k, const T* v, const int32_t* table, int
           running_max[g] = top;
         }
         const __m512 p = exp512_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(running_max[g])));
-        denom[g] = _mm512_add_ps(denom[g], V::weights(p, weight[g]));
+        denom[g] = _mm512_add_ps(denom[g], p);
+        _mm512_store_ps(weight[g], p);
       }
       V::template accumulate<HD, G>(vt, m, weight, acc);
     }
