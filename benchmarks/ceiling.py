@@ -19,10 +19,9 @@ import time
 
 from model_runner.config import RunnerConfig
 from model_runner.runner import ModelRunner
-from model_runner.sampling_params import SamplingParams
-from model_runner.sequence import Sequence
 
 from . import engine_bench
+from .kernels import hold
 from .machine import NeighbourMeter, best_seconds, cpu_model
 from .report import finish
 from .trace import TraceRequest
@@ -31,8 +30,8 @@ DECODE_BATCHES = (16, 32, 64, 128, 256)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, float]]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", description="\n\n".join(__doc__.split("\n\n")[::2]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="\n\n".join(__doc__.split("\n\n")[::2]))  # all but the usage line
     p.add_argument("--compare", action="append", default=[], metavar="POLICY=TOK_S",
                    help="a measured policy's output tok/s, to state against the ceiling (repeatable)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per shape (the fastest is kept)")
@@ -47,18 +46,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, fl
     return args, compare
 
 
-def hold(runner: ModelRunner, contexts: list[int], chunk: list[int]) -> list[Sequence]:
-    """Sequences whose first contexts[i] - chunk[i] tokens count as cached, holding blocks for all of them."""
-    seqs = []
-    for i, (ctx, n) in enumerate(zip(contexts, chunk)):
-        s = Sequence([3 + (i + j) % 500 for j in range(ctx)], SamplingParams(max_tokens=1, ignore_eos=True))
-        assert runner.block_allocator.grow(s.block_table, ctx), "raise --kv-cache-gib"
-        s.num_computed_tokens = ctx - n
-        seqs.append(s)
-    return seqs
-
-
 def step_seconds(runner: ModelRunner, contexts: list[int], chunk: list[int], reps: int) -> float:
+    """The fastest of `reps` steps that feed chunk[i] tokens to sequences of contexts[i] tokens."""
     seqs = hold(runner, contexts, chunk)
     try:
         plan = [(s, n) for s, n in zip(seqs, chunk)]

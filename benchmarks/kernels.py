@@ -40,16 +40,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_step(runner: ModelRunner, batch: int, lo: int, hi: int, chunk: int, seed: int = 0):
-    """Sequences holding KV blocks for their context, and the step that feeds each `chunk` more tokens."""
-    rng = random.Random(seed)
-    seqs = []
-    for i in range(batch):
-        ctx = rng.randint(lo, hi)
-        s = Sequence([3 + (i + j) % 500 for j in range(ctx)], SamplingParams(max_tokens=1, ignore_eos=True))
+def hold(runner: ModelRunner, contexts: list[int], chunks: list[int]) -> list[Sequence]:
+    """Sequences holding KV blocks for contexts[i] tokens, of which all but the last chunks[i] count as already
+    in the cache (the cache holds whatever the blocks last held: attention costs the same whatever the values)."""
+    seqs, vocab = [], runner.model_config.vocab_size
+    for i, (ctx, n) in enumerate(zip(contexts, chunks)):
+        ids = [3 + (i + j) % min(500, vocab - 3) for j in range(ctx)]
+        s = Sequence(ids, SamplingParams(max_tokens=1, ignore_eos=True))
         assert runner.block_allocator.grow(s.block_table, ctx), "raise the KV budget"
-        s.num_computed_tokens = ctx - chunk  # the earlier tokens count as already in the cache
+        s.num_computed_tokens = ctx - n
         seqs.append(s)
+    return seqs
+
+
+def make_step(runner: ModelRunner, batch: int, lo: int, hi: int, chunk: int, seed: int = 0):
+    """Sequences of lo..hi tokens of context, and the step that feeds each `chunk` more tokens."""
+    rng = random.Random(seed)
+    seqs = hold(runner, [rng.randint(lo, hi) for _ in range(batch)], [chunk] * batch)
     return seqs, [(s, chunk) for s in seqs]
 
 

@@ -18,8 +18,8 @@ of whole rows) yields [2, kv_heads, seqs, context, head_dim] already laid out fo
 transposing copy, which costs more than the attention itself at these sizes). SDPA's CPU kernels are tuned
 for long queries and are several times slower for single-token ones, and grouping keeps the padding (gathered
 and multiplied for nothing) small when short and long contexts share a step (measured when this path was
-written: 128 contexts of 48..768 tokens, 23 ms a layer as one padded group, 4.5 ms as eight). Prefill chunks (many queries) go one
-sequence at a time through SDPA, causally.
+written: 128 contexts of 48..768 tokens, 23 ms a layer as one padded group, 4.5 ms as eight). Prefill chunks
+(many queries) go one sequence at a time through SDPA, causally.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Smoke test of the micro-benchmark: it runs end to end on the tiny model and fills every row of its table."""
+"""Smoke tests of the micro-benchmark and the kernels command: they run end to end on the tiny model and fill every row."""
 import json
 
 from benchmarks.micro import COLUMNS, main
@@ -19,3 +19,17 @@ def test_micro_quick_fills_a_row_per_dtype_and_batch(tmp_path, capsys, monkeypat
                     "achieved_gflops", "roofline_pct"):
             assert row[key] > 0, (row["dtype"], row["batch"], key)
     assert all(g > 0 for g in report["machine"]["matmul_gflops"].values()) and report["machine"]["copy_gbps"] > 0
+
+
+def test_kernels_command_times_every_path_on_the_tiny_model(capsys):
+    from benchmarks.kernels import PATHS, WORKLOADS, main as kernels_main
+    from model_runner import native
+
+    report = kernels_main(["--model", "tiny-random", "--steps", "1"])
+    if native.library() is None:  # no compiler here: the command says so and compares nothing
+        assert report["rows"] == []
+        return
+    assert [r["step"] for r in report["rows"]] == [w[0] for w in WORKLOADS]
+    for row in report["rows"]:
+        assert all(row[label] > 0 for label, _, _ in PATHS) and row["speed-up"] > 0
+    assert "| decode, batch 64" in capsys.readouterr().out
