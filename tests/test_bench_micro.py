@@ -1,4 +1,5 @@
-"""Smoke tests of the micro-benchmark and the kernels command: they run end to end on the tiny model and fill every row."""
+"""Smoke tests of the micro-benchmark and the kernels command: each runs end to end on the tiny model and
+fills every row of its table."""
 import json
 
 from benchmarks.micro import COLUMNS, main
