@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(VENV)/bin/jitney serve $(ARGS)
 
+# The whole suite on this CPU's own kernels, then again on the next loop down (an AVX-512 machine runs its
+# AVX2 loop, with oneDNN and ATen held to AVX2 too; an AVX2 machine the portable loop; see native.second_path).
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+	env $$($(PY) -m model_runner.native --second-path) $(PY) -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration" $(ARGS)

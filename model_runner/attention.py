@@ -68,9 +68,9 @@ class AttentionMetadata:
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
-    """cache [KVH, blocks, bs, D] <- x [T, KVH, D] at the given slots."""
+    """cache [KVH, blocks, bs, D] <- x [T, KVH, D] at the given slots (rounded to the cache's dtype)."""
     kvh, _, _, d = cache.shape
-    cache.view(kvh, -1, d).index_copy_(1, slot_mapping, x.transpose(0, 1))
+    cache.view(kvh, -1, d).index_copy_(1, slot_mapping, x.transpose(0, 1).to(cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -89,10 +89,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         out[g.start:g.end] = decode_attention(q[g.start:g.end], kv_cache, g, scale)
     for c in meta.prefills:
         qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
-        if c.rows is None:  # a fresh prompt: its keys are exactly this chunk's
-            kc, vc = k[c.start:c.end].transpose(0, 1), v[c.start:c.end].transpose(0, 1)
+        if c.rows is None:  # a fresh prompt: its keys are exactly this chunk's, as the cache holds them
+            kc, vc = (x[c.start:c.end].transpose(0, 1).to(kv_cache.dtype).to(q.dtype) for x in (k, v))
         else:
-            kc, vc = gather_kv(kv_cache, c.rows)[:, :, : c.context_len]
+            kc, vc = gather_kv(kv_cache, c.rows)[:, :, : c.context_len].to(q.dtype)
         o = F.scaled_dot_product_attention(qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=c.mask,
                                            is_causal=c.mask is None, scale=scale, enable_gqa=True)
         out[c.start:c.end] = o[0].transpose(0, 1)
@@ -102,7 +102,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, g: DecodeGroup, scale: float) -> torch.Tensor:
     """One group of single-token queries q [rows, H, D] against their sequences' cached K/V."""
     n, kvh, d = q.shape[0], kv_cache.shape[1], kv_cache.shape[-1]
-    kv = gather_kv(kv_cache, g.rows).view(2, kvh, n, -1, d)        # [2, KVH, rows, ctx, Dh]
+    kv = gather_kv(kv_cache, g.rows).view(2, kvh, n, -1, d).to(q.dtype)  # [2, KVH, rows, ctx, Dh]
     qd = q.view(n, kvh, -1, d).transpose(0, 1)                     # [KVH, rows, q heads per kv head, Dh]
     scores = torch.add(g.bias, torch.matmul(qd, kv[0].transpose(-1, -2)), alpha=scale)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)              # float32 softmax, as the reference does

@@ -7,6 +7,12 @@ uses (with g++, the compiler tried first), so both share one pool of threads.
 
 Where no compiler is found or the build fails, jitney says so once and runs the PyTorch path instead, which
 gives the same results up to rounding. JITNEY_NATIVE=0 turns the kernels off (to compare, or to rule them out).
+
+Each kernel has an AVX-512 loop, an AVX2 + FMA loop and a portable one; which of them a build holds follows
+from the instruction set it is compiled for (the C++ tests the compiler's macros), and that is chosen here:
+JITNEY_ISA=native (the default: everything this CPU has), avx2 (x86-64-v3: what an AMD Zen 2/3 or an Intel
+client chip runs, also on an AVX-512 machine, so one developer can exercise both paths) or portable (no
+intrinsics at all: what an Arm machine runs). `isa()` names the loop a build holds.
 """
 from __future__ import annotations
 
@@ -29,7 +35,14 @@ log = logging.getLogger("jitney")
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 # -march=native: the cached library is keyed by this CPU's flags below, so it never runs on another CPU.
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
+ISA_FLAGS = {
+    "native": ["-march=native"],
+    # x86-64-v3 is AVX2 + FMA + F16C + BMI2, what every AVX2 CPU of the last decade has; tuned for this one.
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],
+    # The compiler may still vectorize the plain loops for this CPU; the intrinsic paths are compiled out.
+    "portable": ["-march=native", "-DJITNEY_PORTABLE"],
+}
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -48,18 +61,29 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _build(cxx: str) -> Path:
-    """The shared library for this source, compiler and CPU: built once, then reused from the cache."""
+def requested_isa() -> str:
+    """The instruction set asked for by JITNEY_ISA (native, avx2 or portable)."""
+    name = os.environ.get("JITNEY_ISA", "native").lower() or "native"
+    if name not in ISA_FLAGS:
+        raise ValueError(f"JITNEY_ISA={name!r}: choose one of {', '.join(ISA_FLAGS)}")
+    if name == "avx2" and not {"avx2", "fma"} <= set(_cpu_flags().split()):
+        raise ValueError("JITNEY_ISA=avx2 needs a CPU with AVX2 and FMA; this one has neither (use portable)")
+    return name
+
+
+def _build(cxx: str, isa: str) -> Path:
+    """The shared library for this source, compiler, CPU and instruction set: built once, then reused."""
+    flags = FLAGS + ISA_FLAGS[isa]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
-    out = cache_dir() / "kernels" / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
+    out = cache_dir() / "kernels" / f"{SOURCE.stem}-{isa}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: safe under races
         part = Path(tmp) / out.name
         try:
-            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True,
+            done = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(part)], capture_output=True, text=True,
                                   timeout=300)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{cxx} took over 300 s") from None
@@ -69,14 +93,14 @@ def _build(cxx: str) -> Path:
     return out
 
 
-def _load(cxx: str) -> ctypes.CDLL:
+def _load(cxx: str, isa: str) -> ctypes.CDLL:
     """The built library; a cached file that does not load (say, truncated by a crash) is rebuilt once."""
-    path = _build(cxx)
+    path = _build(cxx, isa)
     try:
         return ctypes.CDLL(str(path))
     except OSError:
         path.unlink(missing_ok=True)
-        return ctypes.CDLL(str(_build(cxx)))
+        return ctypes.CDLL(str(_build(cxx, isa)))
 
 
 @cache
@@ -90,9 +114,9 @@ def library() -> ctypes.CDLL | None:
                     "install g++ for the native kernels")
         return None
     try:
-        lib = _load(cxx)
+        lib = _load(cxx, requested_isa())
         _declare(lib)
-    except (OSError, RuntimeError, AttributeError) as e:
+    except (OSError, RuntimeError, AttributeError, ValueError) as e:
         log.warning("native kernels failed to build or load (from %s), using PyTorch instead: %s",
                     cache_dir() / "kernels", e)
         return None
@@ -102,10 +126,11 @@ def library() -> ctypes.CDLL | None:
 def _declare(lib: ctypes.CDLL) -> None:
     """The C signatures, so ctypes converts every argument to the width the C side reads."""
     lib.jitney_limits.argtypes, lib.jitney_limits.restype = [_i32], _i32
-    lib.jitney_paged_attention.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i32,
-                                        _i64, _i32, ctypes.c_float]
+    lib.jitney_isa.argtypes, lib.jitney_isa.restype = [], ctypes.c_char_p
+    lib.jitney_paged_attention.argtypes = [_i32, _i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32,
+                                           _i32, _i64, _i32, ctypes.c_float]
     lib.jitney_paged_attention.restype = None
-    lib.jitney_write_kv.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i64, _i32]
+    lib.jitney_write_kv.argtypes = [_i32, _i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i64, _i32]
     lib.jitney_write_kv.restype = None
     lib.jitney_add_rms_norm.argtypes = [_i32, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
     lib.jitney_add_rms_norm.restype = None
@@ -120,13 +145,23 @@ def _check(ok: bool, what: str, *tensors: torch.Tensor) -> None:
                          + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors))
 
 
+def isa() -> str | None:
+    """The loop the loaded kernels run: avx512-bf16, avx512, avx2 or portable (None: no kernels)."""
+    lib = library()
+    return None if lib is None else lib.jitney_isa().decode()
+
+
 def elementwise_supported(device: str, dtype: torch.dtype) -> bool:
     """Whether add_rms_norm and silu_mul can run natively for this device and dtype."""
     return device == "cpu" and dtype in KERNEL_DTYPES and library() is not None
 
 
-def supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
-    lib = library() if device == "cpu" and dtype in KERNEL_DTYPES else None
+def supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int,
+              kv_dtype: torch.dtype | None = None) -> bool:
+    """Whether paged attention (and the K/V write) can run natively: compute in `dtype`, a cache in
+    `kv_dtype` (the same when None; float32 compute over a bfloat16 cache is the AVX2 machines' case)."""
+    ok = device == "cpu" and dtype in KERNEL_DTYPES and (kv_dtype or dtype) in KERNEL_DTYPES
+    lib = library() if ok else None
     if lib is None or heads % kv_heads:
         return False
     return (heads // kv_heads <= lib.jitney_limits(0) and head_dim <= lib.jitney_limits(1)
@@ -137,18 +172,19 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of query rows q [n, H, D] (heads contiguous, any stride between rows) over a layer's cache
     [2, KVH, blocks, block_size, D]: row i attends to the first context_lens[i] tokens (int32, >= 1) of the
-    sequence whose blocks are block_tables[i] (int32; rows of one prompt share a table). Returns [n, H, D].
-    Callers check `supported` first."""
+    sequence whose blocks are block_tables[i] (int32; rows of one prompt share a table). Returns [n, H, D] in
+    q's dtype; the cache may be bfloat16 under float32 queries (widened as read). Callers check `supported`."""
     n, heads, d = q.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
-    _check(q.dtype == kv_cache.dtype in KERNEL_DTYPES and q.stride(2) == 1 and q.stride(1) == d
-           and kv_cache.is_contiguous(), "q and the cache: one float dtype, heads contiguous, a contiguous cache",
+    _check(q.dtype in KERNEL_DTYPES and kv_cache.dtype in KERNEL_DTYPES and q.stride(2) == 1 and q.stride(1) == d
+           and kv_cache.is_contiguous(), "q and the cache: float32 or bfloat16, heads contiguous, a contiguous cache",
            q, kv_cache)
     _check(block_tables.dtype == context_lens.dtype == torch.int32 and block_tables.stride(1) == 1
            and context_lens.is_contiguous() and block_tables.shape[0] == context_lens.shape[0] == n
            and kv_cache.shape[-1] == d, "one int32 table row and context length per query row", block_tables)
     out = torch.empty(n, heads, d, dtype=q.dtype)
-    library().jitney_paged_attention(int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0),
+    library().jitney_paged_attention(int(q.dtype == torch.bfloat16), int(kv_cache.dtype == torch.bfloat16),
+                                     q.data_ptr(), q.stride(0),
                                      kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
                                      context_lens.data_ptr(), out.data_ptr(), n, heads, kv_heads, d, num_blocks,
                                      block_size, scale)
@@ -158,16 +194,19 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
 def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Stores k, v [T, KVH, D] (heads contiguous, any stride between rows) at slots [T] (int64) of a layer's
     cache [2, KVH, blocks, block_size, D]: one pass, where two index_copy_ calls on the strided views took
-    7 ms of a 100 ms decode step."""
+    7 ms of a 100 ms decode step. Float32 k, v going into a bfloat16 cache are rounded to nearest even (as
+    torch's cast)."""
     _, kv_heads, num_blocks, block_size, d = kv_cache.shape
-    _check(k.dtype == v.dtype == kv_cache.dtype in KERNEL_DTYPES and kv_cache.is_contiguous()
+    _check(k.dtype == v.dtype in KERNEL_DTYPES and kv_cache.dtype in KERNEL_DTYPES and kv_cache.is_contiguous()
+           and (k.dtype == kv_cache.dtype or k.dtype == torch.float32)
            and k.shape == v.shape and k.shape[1:] == (kv_heads, d) and k.stride(2) == v.stride(2) == 1
            and k.stride(1) == v.stride(1) == d,
-           "k, v [T, kv_heads, head_dim] with contiguous heads, of the cache's dtype", k, v, kv_cache)
+           "k, v [T, kv_heads, head_dim] with contiguous heads, of the cache's dtype or float32", k, v, kv_cache)
     _check(slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (k.shape[0],),
            "one int64 slot per row", slots)
-    library().jitney_write_kv(k.element_size(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
-                              kv_cache.data_ptr(), k.shape[0], kv_heads, d, num_blocks, block_size)
+    library().jitney_write_kv(int(k.dtype == torch.bfloat16), int(kv_cache.dtype == torch.bfloat16), k.data_ptr(),
+                              k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), kv_cache.data_ptr(),
+                              k.shape[0], kv_heads, d, num_blocks, block_size)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -193,3 +232,21 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
     library().jitney_silu_mul(int(gate_up.dtype == torch.bfloat16), gate_up.data_ptr(), out.data_ptr(), rows, inter)
     return out
+
+
+def second_path() -> str:
+    """The environment that runs the next kernel loop down from this CPU's own (`make test` runs the suite
+    under both): on AVX-512 the AVX2 loop, with oneDNN and PyTorch's own kernels held to AVX2 as well, so an
+    AVX-512 machine stands in for an AVX2 one; on AVX2 the portable loop (what Arm runs); elsewhere the
+    PyTorch path."""
+    flags = set(_cpu_flags().split())
+    if "avx512f" in flags and {"avx2", "fma"} <= flags:
+        return "JITNEY_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2"
+    if {"avx2", "fma"} <= flags:
+        return "JITNEY_ISA=portable"
+    return "JITNEY_NATIVE=0"
+
+
+if __name__ == "__main__":  # python -m model_runner.native --second-path: for the Makefile
+    import sys
+    print(second_path() if sys.argv[1:] == ["--second-path"] else f"kernels: {isa() or 'none (PyTorch path)'}")

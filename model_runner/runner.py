@@ -16,34 +16,11 @@ from .config import ModelConfig, RunnerConfig
 from .errors import InvalidRequestError, ModelLoadError
 from .kv_cache import BlockAllocator, allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
 from .loader import load_model_dir
+from .precision import resolve_precision
 from .model import LlamaModel
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .sequence import Sequence
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if name not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {name!r}: choose auto, {', '.join(DTYPES)}")
-    if name == "float16" and not device.startswith("cuda"):
-        raise ModelLoadError("float16 is for CUDA; on the CPU use bfloat16 or float32")
-    return DTYPES[name]
-
 
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig | None = None, progress: bool = True):
@@ -52,11 +29,13 @@ class ModelRunner:
             raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         self.cfg = cfg
         self.device = cfg.device
-        self.dtype = resolve_dtype(cfg.dtype, cfg.device)
         path, weights, self.tokenizer = load_model_dir(cfg.model, progress=progress)
         self.model_path = path
         self.model_config: ModelConfig = ModelConfig.from_hf_dir(path)
         mc = self.model_config
+        shape = (mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim, cfg.block_size)
+        self.precision = resolve_precision(cfg.dtype, cfg.kv_cache_dtype, cfg.device)
+        self.dtype, self.kv_dtype = self.precision.compute, self.precision.kv_cache
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         # The tokenizer may know more end-of-turn tokens than config.json (e.g. <|im_end|> for chat).
         eos = set(mc.eos_token_ids)
@@ -67,28 +46,27 @@ class ModelRunner:
             self.model = LlamaModel(mc, weights, self.dtype, self.device, self.max_model_len)
         del weights
         self.block_size = cfg.block_size
-        self.num_blocks = plan_num_blocks(mc, cfg.block_size, self.dtype, cfg.device, cfg.kv_cache_memory,
+        self.num_blocks = plan_num_blocks(mc, cfg.block_size, self.kv_dtype, cfg.device, cfg.kv_cache_memory,
                                           cfg.memory_utilization)
-        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.dtype, cfg.device)
+        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.kv_dtype, cfg.device)
         self.block_allocator = BlockAllocator(self.num_blocks, cfg.block_size)
         self.sampler = Sampler(cfg.seed)
         # Attention by the native kernel where it builds for this device and model (see attention.py).
-        self.native_attention = native.supported(self.device, self.dtype, mc.num_attention_heads,
-                                                           mc.num_key_value_heads, mc.head_dim, cfg.block_size)
+        self.native_attention = native.supported(self.device, self.dtype, *shape, self.kv_dtype)
 
     # --- reporting -------------------------------------------------------------------------------------
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.num_blocks * kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype)
+        return self.num_blocks * kv_cache_bytes_per_block(self.model_config, self.block_size, self.kv_dtype)
 
     def describe(self) -> str:
         mc = self.model_config
         return (f"model {self.cfg.model} ({mc.num_hidden_layers} layers, {mc.num_attention_heads}/"
-                f"{mc.num_key_value_heads} heads, vocab {mc.vocab_size}) dtype {str(self.dtype).removeprefix('torch.')}"
-                f" device {self.device}; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} blocks"
-                f" x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens; attention by the "
-                f"{'native kernel' if self.native_attention else 'PyTorch path'}")
+                f"{mc.num_key_value_heads} heads, vocab {mc.vocab_size}) on {self.device}; "
+                f"{self.precision.describe()}; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} "
+                f"blocks x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens; attention by "
+                + (f"the native kernel ({native.isa()} loop)" if self.native_attention else "the PyTorch path"))
 
     # --- requests ---------------------------------------------------------------------------------------
 

@@ -33,3 +33,16 @@ def our_greedy(runner, prompts_ids: list[list[int]], n: int) -> list[list[int]]:
     """Ours, run together as one batch, n tokens each."""
     params = SamplingParams(max_tokens=n, ignore_eos=True)
     return [s.output_token_ids for s in generate(runner, prompts_ids, params)]
+
+
+def hf_with_bf16_kv(path):
+    """transformers' Llama in float32 whose attention rounds keys and values to bfloat16 first: the math of a
+    float32 runner over a bfloat16 KV cache, so the two agree to float32 rounding."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def bf16_kv_attention(module, query, key, value, *args, **kwargs):
+        return sdpa_attention_forward(module, query, key.bfloat16().float(), value.bfloat16().float(), *args, **kwargs)
+
+    AttentionInterface.register("jitney_bf16_kv", bf16_kv_attention)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="jitney_bf16_kv").eval()

@@ -141,12 +141,145 @@ def test_write_kv_matches_index_copy(dtype):
     assert torch.equal(cache, want)
 
 
-def same_bf16(a, b):
-    """bfloat16 results equal to the reference's, but for rare one-ulp flips where the float32 value sits on a
-    rounding tie (our exp and sum order are not torch's); here they come out bit for bit."""
+# Every instruction set this CPU runs, in one process: each test below builds (or finds cached) the kernels for
+# one JITNEY_ISA, so the AVX-512, AVX2 and portable loops are all checked on an AVX-512 machine.
+def runnable_isas():
+    """The keys of native.ISA_FLAGS this CPU can run: native and portable always, avx2 with AVX2 and FMA."""
+    flags = set(native._cpu_flags().split())
+    return [isa for isa in native.ISA_FLAGS if isa != "avx2" or {"avx2", "fma"} <= flags]
+
+
+def expected_loop(isa):
+    """The loop a build for `isa` holds on this CPU, as native.isa() names it."""
+    flags = set(native._cpu_flags().split())
+    if isa == "native" and "avx512f" in flags:
+        return "avx512-bf16" if "avx512_bf16" in flags else "avx512"
+    return "avx2" if isa != "portable" and {"avx2", "fma"} <= flags else "portable"
+
+
+@pytest.fixture(params=runnable_isas())
+def isa(request, monkeypatch):
+    monkeypatch.setenv("JITNEY_ISA", request.param)
+    native.library.cache_clear()
+    assert native.library() is not None, f"the kernels failed to build for JITNEY_ISA={request.param}"
+    yield request.param
+    native.library.cache_clear()  # monkeypatch then restores JITNEY_ISA: later tests load the default build
+
+
+# Query and cache types: float32 throughout, float32 queries over a bfloat16 cache (the default where the CPU
+# has no bfloat16 arithmetic), bfloat16 throughout.
+TYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
+TYPE_IDS = ["float32", "float32-over-bf16", "bf16"]
+
+
+def typed_case(heads, kv_heads, head_dim, block_size, lens, q_dtype, kv_dtype, seed):
+    q, cache, tables, ctx = random_case(heads, kv_heads, head_dim, block_size, lens, torch.float32, seed)
+    return q.to(q_dtype), cache.to(kv_dtype), tables, ctx
+
+
+def test_each_instruction_set_names_its_loop(isa):
+    assert native.isa() == expected_loop(isa)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (9, 3, 64, 16),   # SmolLM2's shape
+    (8, 2, 128, 8),   # Llama's head size; blocks shorter than a group of keys
+    (6, 3, 48, 8),    # a head size with no specialised loop
+    (16, 1, 64, 16),  # 16 query heads per kv head: the portable loop everywhere
+])
+@pytest.mark.parametrize("q_dtype,kv_dtype", TYPES, ids=TYPE_IDS)
+def test_each_instruction_set_matches_the_reference(isa, heads, kv_heads, head_dim, block_size, q_dtype, kv_dtype):
+    rng = random.Random(head_dim)
+    lens = [1, 7, block_size, block_size + 1, 3 * block_size - 1] + [rng.randrange(1, 300) for _ in range(5)]
+    q, cache, tables, ctx = typed_case(heads, kv_heads, head_dim, block_size, lens, q_dtype, kv_dtype, seed=7)
+    assert native.supported("cpu", q_dtype, heads, kv_heads, head_dim, block_size, kv_dtype)
+    out = native.paged_attention(q, cache, tables, ctx, head_dim ** -0.5)
+    # The reference reads the cache as stored (bfloat16 widened to float64 is exact), so a bfloat16 cache adds
+    # no error of its own here. Float32 output: only float32 roundings of the sums remain, 2^-24 (6e-8)
+    # relative each, over sums of head_dim products and up to ~300 weighted values; independent roundings add
+    # up like a random walk, sqrt(300) * 2^-24 ~ 1e-6 of outputs of magnitude ~1: 2e-6, as the float32 bound
+    # above. Bfloat16 output: its own rounding, 2^-9 relative (8 bits of mantissa), on values up to ~2: 8e-3.
+    want = reference(q, cache, tables, lens, head_dim ** -0.5)
+    tol = 2e-6 if q_dtype == torch.float32 else 8e-3
+    assert out.dtype == q_dtype
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("q_dtype,kv_dtype", TYPES, ids=TYPE_IDS)
+def test_each_instruction_set_keeps_sequences_independent_of_their_batch(isa, q_dtype, kv_dtype):
+    q, cache, tables, ctx = typed_case(9, 3, 64, 16, [5, 70, 300, 17], q_dtype, kv_dtype, seed=1)
+    together = native.paged_attention(q, cache, tables, ctx, 0.125)
+    for i in range(4):
+        alone = native.paged_attention(q[i: i + 1], cache, tables[i: i + 1], ctx[i: i + 1], 0.125)
+        assert torch.equal(alone[0], together[i])
+
+
+def float32_bits(*words):
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [64, 12])  # 12: eight elements at a time, then four one at a time
+def test_each_instruction_set_rounds_float32_kv_into_bfloat16_as_torch(isa, head_dim):
+    gen = torch.Generator().manual_seed(head_dim)
+    cache = torch.randn(2, 3, 30, 16, head_dim, generator=gen).to(torch.bfloat16)
+    want = cache.clone()
+    qkv = torch.randn(300, 15, head_dim, generator=gen)
+    special = float32_bits(
+        0x3F808000, 0x3F818000, 0xBF808000,  # ties: to the even neighbour (1.0, 1.0 + 2^-6, -1.0)
+        0x3F808001, 0x7F7FFFFF, 0xFF7FFFFF,  # just above a tie; the largest floats round to +-inf
+        0x00000001, 0x807FFFFF, 0x00408000,  # denormals: rounded, not flushed to zero
+        0x7F800000, 0xFF800000, 0x80000000,  # +-inf, -0
+        0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF)  # NaNs: quiet, negative, signalling, full payload
+    flat = qkv.view(-1)
+    flat[torch.randperm(flat.numel(), generator=gen)[:2000]] = special.repeat(125)
+    k, v = qkv[:, 9:12], qkv[:, 12:]
+    slots = torch.randperm(480, generator=gen)[:300]  # scattered; over 256 rows: the threaded copy
+    for j, x in enumerate((k, v)):
+        view = want[j].view(3, -1, head_dim)
+        view.index_copy_(1, slots, x.transpose(0, 1).to(torch.bfloat16))
+    native.write_kv(cache, slots, k, v)
+    # Bit for bit, but for NaN: torch's own NaN bits depend on the loop ATen picks (0xffff vectorized, 0x7fc0
+    # scalar, as under ATEN_CPU_CAPABILITY=default); ours are the scalar cast's canonical quiet NaN everywhere.
+    nan = want.isnan()
+    assert torch.equal(cache.isnan(), nan)
+    assert torch.equal(cache.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert (cache.view(torch.int16)[nan] == 0x7FC0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_instruction_set_matches_transformers_elementwise(isa, dtype):
+    """add_rms_norm and silu_mul on each build, at widths with a remainder past the last eight elements."""
+    gen = torch.Generator().manual_seed(2)
+    n, inter = 580, 1540
+    x, delta = (torch.randn(9, n, generator=gen).to(dtype) for _ in range(2))
+    weight = (torch.rand(n, generator=gen) + 0.5).to(dtype)
+    fused = x.clone()
+    h = native.add_rms_norm(fused, delta, weight, 1e-5)
+    assert torch.equal(fused, x + delta)
+    check = (lambda a, b: same_bf16(a, b, n)) if dtype == torch.bfloat16 else (
+        lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
+    assert check(h, hf_rms_norm(x + delta, weight, 1e-5))
+    assert check(native.add_rms_norm(x.clone(), None, weight, 1e-5), hf_rms_norm(x, weight, 1e-5))
+    gate_up = 4 * torch.randn(9, 2 * inter, generator=gen).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    check = same_bf16 if dtype == torch.bfloat16 else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
+    assert check(native.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def same_bf16(a, b, n=576):
+    """bfloat16 results as close to the reference's as bfloat16 allows, on any instruction set.
+
+    Both sides compute each value in float32 and round it to bfloat16 twice (the normalised row or the SiLU,
+    then the product), but in another order (a sum of n squares, our exp against torch's): the float32 values
+    differ by up to n float32 roundings, n * 2^-24 of their size. A value that close to a bfloat16 rounding
+    boundary (ulps are 2^-8..2^-7 of the size) rounds the other way: one ulp at the first rounding, which the
+    second can carry to two ulps of the output. So: every element within 2 * 2^-7 of its size, and flips in
+    at most the share of values that lie that close to a boundary, n * 2^-24 / 2^-8 (0.9 % for n = 576).
+    Which values flip, and how many under that bound, depends on the instruction set's summation order."""
     differ = a != b
-    ulp = (b.float().abs() * 2.0 ** -7).clamp_min(2.0 ** -133)
-    return differ.float().mean() <= 1e-3 and bool(((a.float() - b.float()).abs() <= ulp)[differ].all())
+    size = b.float().abs().clamp_min(2.0 ** -126)
+    return (differ.float().mean() <= n * 2.0 ** -24 / 2.0 ** -8
+            and bool(((a.float() - b.float()).abs() <= 2 * 2.0 ** -7 * size)[differ].all()))
 
 
 def hf_rms_norm(x, weight, eps):
@@ -189,7 +322,7 @@ def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path))
     native.library.cache_clear()
     try:
-        built = native._build(native._compiler())  # built, not loaded: a library in use must not be touched
+        built = native._build(native._compiler(), native.requested_isa())  # built, not loaded: a library in use must not be touched
         built.write_bytes(b"")                     # as a crash mid-write could leave it
         assert native.library() is not None and built.stat().st_size > 0
     finally:
@@ -199,7 +332,7 @@ def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
 
 def test_inputs_the_kernels_cannot_read_are_refused():
     q, cache, tables, ctx = random_case(9, 3, 64, 16, [5, 9], torch.float32, seed=5)
-    with pytest.raises(ValueError, match="one float dtype"):
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
         native.paged_attention(q.half(), cache.half(), tables, ctx, 0.125)
     with pytest.raises(ValueError, match="int32 table row"):
         native.paged_attention(q, cache, tables.long(), ctx, 0.125)

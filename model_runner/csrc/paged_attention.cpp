@@ -8,14 +8,26 @@
 // their sequence's blocks, which then stay in cache from one row to the next. Tasks run on the
 // OpenMP threads of the process (built with g++: the same libgomp as PyTorch's, one shared thread pool).
 //
-// Built and loaded by model_runner/native.py; plain C ABI, no PyTorch headers (builds in a second or two).
+// Built and loaded by model_runner/native.py; plain C ABI, no PyTorch headers (a build takes seconds, not the
+// minute a PyTorch extension takes).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+// Which loops a build holds follows from the instruction set it is compiled for (native.py's JITNEY_ISA):
+// JITNEY_AVX512 where the CPU has AVX-512 (-march=native on such a CPU), JITNEY_AVX2 where it has AVX2 and FMA
+// (x86-64-v3 and every AVX-512 CPU: the 8-lane kernel also serves what the AVX-512 one does not take).
+// JITNEY_PORTABLE (set for JITNEY_ISA=portable) compiles the intrinsic paths out: the portable loops alone, as
+// an Arm machine runs them, on any CPU.
+#if defined(__AVX512F__) && !defined(JITNEY_PORTABLE)
+#define JITNEY_AVX512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(JITNEY_PORTABLE)
+#define JITNEY_AVX2 1
+#endif
+#if defined(JITNEY_AVX512) || defined(JITNEY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -92,10 +104,11 @@ inline float rounded(float x) {
 }
 
 // One sequence, one kv head. q: the group's query heads [group, head_dim]; k/v: this head's blocks
-// [num_blocks, block_size, head_dim]; table: the sequence's block ids; out: [group, head_dim].
+// [num_blocks, block_size, head_dim]; table: the sequence's block ids; out: [group, head_dim]. The query and
+// output are of type TQ, the cache of type TC (a bfloat16 cache under float32 queries: the AVX2 machines' case).
 // HD is head_dim when known at compile time (fully unrolled inner loops), 0 for any other size.
-template <typename T, int HD>
-void attend(const T* q, const T* k, const T* v, const int32_t* table, int context_len, T* out, int group,
+template <typename TQ, typename TC, int HD>
+void attend(const TQ* q, const TC* k, const TC* v, const int32_t* table, int context_len, TQ* out, int group,
             int block_size, int head_dim_arg, float scale) {
   const int hd = HD ? HD : head_dim_arg;
   const int64_t block_stride = int64_t(block_size) * hd;
@@ -112,8 +125,8 @@ void attend(const T* q, const T* k, const T* v, const int32_t* table, int contex
   }
   const int num_blocks = (context_len + block_size - 1) / block_size;
   for (int b = 0; b < num_blocks; b++) {
-    const T* kb = k + table[b] * block_stride;
-    const T* vb = v + table[b] * block_stride;
+    const TC* kb = k + table[b] * block_stride;
+    const TC* vb = v + table[b] * block_stride;
     const int n = std::min(block_size, context_len - b * block_size);
     for (int t = 0; t < n; t++) {  // scores of this block's keys, every head of the group
       for (int d = 0; d < hd; d++) row[d] = to_float(kb[t * hd + d]);
@@ -142,9 +155,27 @@ void attend(const T* q, const T* k, const T* v, const int32_t* table, int contex
   }
 }
 
-#if defined(__AVX512F__)
-#define JITNEY_AVX512 1
+// A specialised kernel: one sequence, one kv head, as `attend` with the group and head size fixed.
+template <typename TQ, typename TC = TQ>
+using AttendFn = void (*)(const TQ*, const TC*, const TC*, const int32_t*, int, TQ*, int, float);
 
+#if defined(JITNEY_AVX512) || defined(JITNEY_AVX2)
+// Asks for block b's key and value rows ahead of their use (nothing when b is past the context). Always
+// inlined: GCC 12 deletes a call to a function whose only effects are prefetches (it counts as pure).
+template <int HINT, typename T>
+__attribute__((always_inline)) inline void prefetch_block(const T* k, const T* v, const int32_t* table, int b,
+                                                          int num_blocks, int64_t block_stride) {
+  if (b >= num_blocks) return;
+  const char* kb = reinterpret_cast<const char*>(k + table[b] * block_stride);
+  const char* vb = reinterpret_cast<const char*>(v + table[b] * block_stride);
+  for (int64_t off = 0; off < block_stride * int64_t(sizeof(T)); off += 64) {
+    _mm_prefetch(kb + off, _mm_hint(HINT));
+    _mm_prefetch(vb + off, _mm_hint(HINT));
+  }
+}
+#endif
+
+#ifdef JITNEY_AVX512
 // How the AVX-512 kernel below loads, multiplies and stores each data type. `accumulate` adds a group of
 // keys' value rows, weighted by their softmax numerators, to the float32 accumulators: two vectors per 32
 // elements of a row, in an order of the type's own that `store` undoes.
@@ -253,20 +284,6 @@ inline __m512 exp512_nonpositive(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ), e, _mm512_setzero_ps());
 }
 
-// Asks for block b's key and value rows ahead of their use (nothing when b is past the context). Always
-// inlined: GCC 12 deletes a call to a function whose only effects are prefetches (it counts as pure).
-template <int HINT, typename T>
-__attribute__((always_inline)) inline void prefetch_block(const T* k, const T* v, const int32_t* table, int b,
-                                                          int num_blocks, int64_t block_stride) {
-  if (b >= num_blocks) return;
-  const char* kb = reinterpret_cast<const char*>(k + table[b] * block_stride);
-  const char* vb = reinterpret_cast<const char*>(v + table[b] * block_stride);
-  for (int64_t off = 0; off < block_stride * int64_t(sizeof(T)); off += 64) {
-    _mm_prefetch(kb + off, _mm_hint(HINT));
-    _mm_prefetch(vb + off, _mm_hint(HINT));
-  }
-}
-
 // The hot case: head size HD and G query heads per kv head known at compile time, so the G x HD float32
 // accumulators live in registers. The context goes sixteen keys at a time, all in registers but the weights:
 // - scores: a vector of partial products per key, then one transposing reduction (sum16) for all sixteen;
@@ -337,9 +354,6 @@ void attend_avx512(const T* q, const T* k, const T* v, const int32_t* table, int
   }
 }
 
-template <typename T>
-using AttendFn = void (*)(const T*, const T*, const T*, const int32_t*, int, T*, int, float);
-
 template <typename T, int HD>
 AttendFn<T> pick_group(int group) {
   switch (group) {
@@ -366,35 +380,251 @@ AttendFn<T> pick_avx512(int head_dim, int group) {
 }
 #endif
 
+#ifdef JITNEY_AVX2
+// Eight elements as float32: a float32 load, or bfloat16 widened (a bf16 is the top half of a float32: zero-
+// extend each to 32 bits, shift left by 16).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+
+// Eight float32 rounded to bfloat16 as the scalar `store` rounds them (and torch's cast): to nearest even by
+// adding 0x7fff plus the kept part's lowest bit, then keeping the top 16 bits; NaN becomes the quiet NaN
+// 0x7fc0 (adding could carry it into an infinity). Denormals round like any other value: VCVTNEPS2BF16
+// (AVX512-BF16) would flush them to zero, and so does not give torch's bits.
+inline __m128i bf16_round8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  const __m256i h = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7fc0), nan);
+  // 32 -> 16 bits (values fit, so no saturation): PACKUSDW packs within each 128-bit half, the permute
+  // brings the two halves' four results together.
+  const __m256i packed = _mm256_packus_epi32(h, h);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, _MM_SHUFFLE(3, 1, 2, 0)));
+}
+inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8(uint16_t* p, __m256 x) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_round8(x)); }
+
+// Eight horizontal sums at once: lane i of the result is the sum of v[i]'s lanes (sum16's transposing
+// reduction on 8 lanes: 19 instructions where eight separate horizontal sums take about 50).
+inline __m256 sum8(const __m256 v[8]) {
+  __m256 s2[4], s4[2];
+  for (int i = 0; i < 4; i++)  // per 128-bit lane: v[2i] and v[2i+1], two partial sums each
+    s2[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; i++) {  // per 128-bit lane: v[4i .. 4i+3], one sum each
+    const __m256d a = _mm256_castps_pd(s2[2 * i]), b = _mm256_castps_pd(s2[2 * i + 1]);
+    s4[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(s4[0], s4[1], 0x20), _mm256_permute2f128_ps(s4[0], s4[1], 0x31));
+}
+
+inline float reduce_max8(__m256 x) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float reduce_add8(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// exp_any on 8 lanes: its reduction and polynomial, with FMAs; clamped to [-87, 88]; NaN stays NaN (MAXPS and
+// MINPS return their second operand when one is NaN).
+inline __m256 exp256_any(__m256 x) {
+  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// exp512_nonpositive on 8 lanes, for the softmax (x <= 0): exactly 0 below -87, -inf included.
+inline __m256 exp256_nonpositive(__m256 x) {
+  return _mm256_blendv_ps(exp256_any(x), _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ));
+}
+
+// Eight float32 rounded to T's precision, as `rounded` one.
 template <typename T>
-void paged_attention(const T* q, int64_t q_token_stride, const T* cache, const int32_t* block_tables,
-                  int64_t table_stride, const int32_t* context_lens, T* out, int64_t num_rows, int heads,
-                  int kv_heads, int head_dim, int64_t num_blocks, int block_size, float scale) {
+inline __m256 rounded8(__m256 x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16_round8(x)), 16));
+}
+
+// Eight consecutive key rows [8, HD] as float32, for the score loop to read without a test per key: float32
+// rows where they are, else copied into kf (bfloat16 widened). Where fewer than eight are left (m < 8), the
+// last real row stands in for the missing ones (never a read past the context, which may lie past the
+// block); their scores are then masked out.
+template <int HD, typename TC>
+const float* keys_f32(const TC* rows, int m, float (*kf)[HD]) {
+  if constexpr (std::is_same_v<TC, float>)
+    if (m == 8) return rows;
+  for (int t = 0; t < 8; t++)
+    for (int j = 0; j < HD / 8; j++) _mm256_store_ps(kf[t] + 8 * j, load8(rows + std::min(t, m - 1) * HD + 8 * j));
+  return kf[0];
+}
+
+// The 8-lane kernel: attend_avx512's design with 256-bit vectors, the float32 computation under any mix of
+// query and cache types (widened as read, the output rounded to TQ once). Sixteen ymm registers do not hold a
+// group's G x HD float32 accumulators (24 vectors for SmolLM2's 3 x 64), so they live in an L1 array and each
+// pass over a group of eight keys works on a tile of them that fits:
+// - scores: per query head, a vector of partial products per key, then one transposing reduction (sum8);
+//   bfloat16 keys are widened once into a float32 scratch that all G heads then read;
+// - online softmax on eight scores at once, rescaling only when the running maximum grows;
+// - values: per tile of VT vectors of a row, the G x VT accumulators in registers across the eight keys, each
+//   value vector loaded (and widened) once and weighted by G FMAs.
+// The next blocks are prefetched as in attend_avx512; here that matters even more (measured on one thread,
+// SmolLM2's shape, 64 rows of 100..600 tokens, float32 cache: 6.3 ms without, 3.2 ms with).
+template <typename TQ, typename TC, int HD, int G>
+void attend_avx2(const TQ* q, const TC* k, const TC* v, const int32_t* table, int context_len, TQ* out,
+                 int block_size, float scale) {
+  constexpr int NV = HD / 8;                                          // vectors per row
+  constexpr int VT = std::min(NV, G == 1 ? 8 : G == 2 ? 4 : G <= 4 ? 2 : 1);  // G * VT <= 8 accumulators
+  const int64_t block_stride = int64_t(block_size) * HD;
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  alignas(32) float qf[G][HD];
+  alignas(32) float acc[G][HD];
+  alignas(32) float kf[8][HD];  // bfloat16 keys widened, or a short group's keys padded
+  alignas(32) float weight[G][8];                                  // this group of keys' softmax numerators
+  __m256 denom[G];
+  float running_max[G];
+  for (int g = 0; g < G; g++) {
+    for (int j = 0; j < NV; j++) {
+      _mm256_store_ps(qf[g] + 8 * j, load8(q + g * HD + 8 * j));
+      _mm256_store_ps(acc[g] + 8 * j, _mm256_setzero_ps());
+    }
+    running_max[g] = -INFINITY;
+    denom[g] = _mm256_setzero_ps();
+  }
+  const int num_blocks = (context_len + block_size - 1) / block_size;
+  for (int b = 0; b < num_blocks; b++) {
+    const TC* kb = k + table[b] * block_stride;
+    const TC* vb = v + table[b] * block_stride;
+    const int n = std::min(block_size, context_len - b * block_size);
+    prefetch_block<_MM_HINT_T0>(k, v, table, b + 1, num_blocks, block_stride);
+    prefetch_block<_MM_HINT_T1>(k, v, table, b + 2, num_blocks, block_stride);
+    for (int t0 = 0; t0 < n; t0 += 8) {
+      const int m = std::min(8, n - t0);
+      const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane));
+      const TC* vt = vb + t0 * HD;
+      const float* keys = keys_f32(kb + t0 * HD, m, kf);
+      for (int g = 0; g < G; g++) {
+        __m256 part[8];  // query head g times each key, eight partial sums per key
+        for (int t = 0; t < 8; t++) part[t] = _mm256_setzero_ps();
+        for (int j = 0; j < NV; j++) {  // each query vector loaded once for the eight keys
+          const __m256 qj = _mm256_load_ps(qf[g] + 8 * j);
+          for (int t = 0; t < 8; t++) part[t] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(keys + t * HD + 8 * j), part[t]);
+        }
+        const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(sum8(part), scale_v), real);
+        const float top = reduce_max8(s);
+        if (top > running_max[g]) {  // a new maximum: rescale what was summed under the old one
+          const __m256 c = _mm256_set1_ps(exp_nonpositive(running_max[g] - top));
+          for (int j = 0; j < NV; j++) _mm256_store_ps(acc[g] + 8 * j, _mm256_mul_ps(_mm256_load_ps(acc[g] + 8 * j), c));
+          denom[g] = _mm256_mul_ps(denom[g], c);
+          running_max[g] = top;
+        }
+        const __m256 p = exp256_nonpositive(_mm256_sub_ps(s, _mm256_set1_ps(running_max[g])));
+        denom[g] = _mm256_add_ps(denom[g], p);
+        _mm256_store_ps(weight[g], p);
+      }
+      for (int j0 = 0; j0 < NV; j0 += VT) {
+        __m256 a[G][VT];
+        for (int g = 0; g < G; g++)
+          for (int j = 0; j < VT; j++) a[g][j] = _mm256_load_ps(acc[g] + 8 * (j0 + j));
+        for (int t = 0; t < m; t++)
+          for (int j = 0; j < VT; j++) {
+            const __m256 row = load8(vt + t * HD + 8 * (j0 + j));
+            for (int g = 0; g < G; g++) a[g][j] = _mm256_fmadd_ps(_mm256_broadcast_ss(&weight[g][t]), row, a[g][j]);
+          }
+        for (int g = 0; g < G; g++)
+          for (int j = 0; j < VT; j++) _mm256_store_ps(acc[g] + 8 * (j0 + j), a[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < G; g++) {
+    const __m256 inv = _mm256_set1_ps(1.f / reduce_add8(denom[g]));
+    for (int j = 0; j < NV; j++) store8(out + g * HD + 8 * j, _mm256_mul_ps(_mm256_load_ps(acc[g] + 8 * j), inv));
+  }
+}
+
+template <typename TQ, typename TC, int HD>
+AttendFn<TQ, TC> pick_group_avx2(int group) {
+  switch (group) {
+    case 1: return attend_avx2<TQ, TC, HD, 1>;
+    case 2: return attend_avx2<TQ, TC, HD, 2>;
+    case 3: return attend_avx2<TQ, TC, HD, 3>;
+    case 4: return attend_avx2<TQ, TC, HD, 4>;
+    case 5: return attend_avx2<TQ, TC, HD, 5>;
+    case 6: return attend_avx2<TQ, TC, HD, 6>;
+    case 7: return attend_avx2<TQ, TC, HD, 7>;
+    case 8: return attend_avx2<TQ, TC, HD, 8>;
+    default: return nullptr;
+  }
+}
+
+template <typename TQ, typename TC>
+AttendFn<TQ, TC> pick_avx2(int head_dim, int group) {
+  return head_dim == 64 ? pick_group_avx2<TQ, TC, 64>(group)
+         : head_dim == 128 ? pick_group_avx2<TQ, TC, 128>(group) : nullptr;
+}
+#endif
+
+// Whether this build's AVX-512 kernel runs queries of type TQ over a cache of type TC.
+template <typename TQ, typename TC>
+constexpr bool avx512_takes() {
+#ifdef JITNEY_AVX512
+  if constexpr (std::is_same_v<TQ, TC>) return Vec<TQ>::available;
+#endif
+  return false;
+}
+
+template <typename TQ, typename TC>
+void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const int32_t* block_tables,
+                     int64_t table_stride, const int32_t* context_lens, TQ* out, int64_t num_rows, int heads,
+                     int kv_heads, int head_dim, int64_t num_blocks, int block_size, float scale) {
   const int group = heads / kv_heads;
   const int64_t head_stride = num_blocks * block_size * head_dim;  // one kv head's blocks in the cache
+  // The widest specialised kernel this build holds for these types and this shape, else the portable loop.
+  // The 8-lane kernel is only compiled for the types the AVX-512 one does not take (the build takes twice as
+  // long otherwise); both take the same shapes.
+  AttendFn<TQ, TC> specialised = nullptr;
 #ifdef JITNEY_AVX512
-  const AttendFn<T> specialised = pick_avx512<T>(head_dim, group);
+  if constexpr (avx512_takes<TQ, TC>()) specialised = pick_avx512<TQ>(head_dim, group);
+#endif
+#ifdef JITNEY_AVX2
+  if constexpr (!avx512_takes<TQ, TC>()) specialised = pick_avx2<TQ, TC>(head_dim, group);
 #endif
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < num_rows; i++) {
     for (int h = 0; h < kv_heads; h++) {
-      const T* qi = q + i * q_token_stride + int64_t(h) * group * head_dim;
-      const T* k = cache + int64_t(h) * head_stride;
-      const T* v = cache + int64_t(kv_heads + h) * head_stride;
+      const TQ* qi = q + i * q_token_stride + int64_t(h) * group * head_dim;
+      const TC* k = cache + int64_t(h) * head_stride;
+      const TC* v = cache + int64_t(kv_heads + h) * head_stride;
       const int32_t* table = block_tables + i * table_stride;
-      T* o = out + (i * heads + int64_t(h) * group) * head_dim;
-#ifdef JITNEY_AVX512
+      TQ* o = out + (i * heads + int64_t(h) * group) * head_dim;
       if (specialised) {
         specialised(qi, k, v, table, context_lens[i], o, block_size, scale);
         continue;
       }
-#endif
       if (head_dim == 64)
-        attend<T, 64>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+        attend<TQ, TC, 64>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
       else if (head_dim == 128)
-        attend<T, 128>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+        attend<TQ, TC, 128>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
       else
-        attend<T, 0>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+        attend<TQ, TC, 0>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
     }
   }
 }
@@ -407,22 +637,39 @@ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int64_t rows, i
 #pragma omp parallel for if (rows > 8)
   for (int64_t r = 0; r < rows; r++) {
     T* xr = x + r * n;
+    const T* dr = delta ? delta + r * n : nullptr;
+    T* o = out + r * n;
     float ss = 0.f;
-    if (delta) {
-      const T* dr = delta + r * n;
+    int64_t i = 0;  // elements done by the 8-lane loops (none without them)
+#if defined(JITNEY_AVX2) && !defined(JITNEY_AVX512)
+    // GCC leaves the bfloat16 loops below mostly scalar under AVX2 alone (three times slower than AVX-512's).
+    __m256 ss8 = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = dr ? rounded8<T>(_mm256_add_ps(load8(xr + i), load8(dr + i))) : load8(xr + i);
+      if (dr) store8(xr + i, v);  // exact: v is already of T's precision
+      ss8 = _mm256_fmadd_ps(v, v, ss8);
+    }
+    ss = reduce_add8(ss8);
+#endif
+    if (dr) {
 #pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; i++) {
-        const float v = rounded<T>(to_float(xr[i]) + to_float(dr[i]));
-        store(v, &xr[i]);
+      for (int64_t j = i; j < n; j++) {
+        const float v = rounded<T>(to_float(xr[j]) + to_float(dr[j]));
+        store(v, &xr[j]);
         ss += v * v;
       }
     } else {
 #pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; i++) ss += to_float(xr[i]) * to_float(xr[i]);
+      for (int64_t j = i; j < n; j++) ss += to_float(xr[j]) * to_float(xr[j]);
     }
     const float inv = 1.f / std::sqrt(ss / float(n) + eps);
-    T* o = out + r * n;
-    for (int64_t i = 0; i < n; i++) store(rounded<T>(to_float(xr[i]) * inv) * to_float(weight[i]), &o[i]);
+    int64_t j = 0;
+#if defined(JITNEY_AVX2) && !defined(JITNEY_AVX512)
+    const __m256 inv8 = _mm256_set1_ps(inv);
+    for (; j + 8 <= n; j += 8)
+      store8(o + j, _mm256_mul_ps(rounded8<T>(_mm256_mul_ps(load8(xr + j), inv8)), load8(weight + j)));
+#endif
+    for (; j < n; j++) store(rounded<T>(to_float(xr[j]) * inv) * to_float(weight[j]), &o[j]);
   }
 }
 
@@ -435,10 +682,50 @@ void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
     const T* g = gate_up + r * 2 * inter;
     const T* u = g + inter;
     T* o = out + r * inter;
+    int64_t i = 0;
+#if defined(JITNEY_AVX2) && !defined(JITNEY_AVX512)
+    // GCC vectorizes the loop below with AVX-512 (masked lanes take exp_any's NaN branch) but not with AVX2
+    // alone, where it would run one exp at a time: eight at a time here, the same roundings.
+    for (; i + 8 <= inter; i += 8) {
+      const __m256 x = load8(g + i);
+      const __m256 e = exp256_any(_mm256_sub_ps(_mm256_setzero_ps(), x));
+      const __m256 silu = rounded8<T>(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+      store8(o + i, _mm256_mul_ps(silu, load8(u + i)));
+    }
+#endif
 #pragma omp simd
-    for (int64_t i = 0; i < inter; i++) {
-      const float x = to_float(g[i]);
-      store(rounded<T>(x / (1.f + exp_any(-x))) * to_float(u[i]), &o[i]);
+    for (int64_t j = i; j < inter; j++) {
+      const float x = to_float(g[j]);
+      store(rounded<T>(x / (1.f + exp_any(-x))) * to_float(u[j]), &o[j]);
+    }
+  }
+}
+
+// Writes this step's keys and values into their cache slots: k, v [rows, kv_heads, head_dim] (heads
+// contiguous, k_stride / v_stride elements between rows), slots [rows] (block * block_size + offset), cache as
+// below. Same types: a plain copy of each row. Float32 rows into a bfloat16 cache: rounded to nearest even, by
+// integer arithmetic (bf16_round8) also where AVX512-BF16 has a conversion instruction, which flushes
+// denormals to zero and keeps a NaN's sign and payload: not the bits torch's cast gives.
+template <typename TS, typename TD>
+void write_kv(const TS* k, int64_t k_stride, const TS* v, int64_t v_stride, const int64_t* slots, TD* cache,
+              int64_t rows, int kv_heads, int head_dim, int64_t num_blocks, int block_size) {
+  const int64_t head_stride = num_blocks * block_size * head_dim;  // elements of one kv head's blocks
+#pragma omp parallel for if (rows > 256)
+  for (int64_t i = 0; i < rows; i++) {
+    for (int h = 0; h < kv_heads; h++) {
+      for (int j = 0; j < 2; j++) {  // K, then V
+        const TS* src = (j ? v + i * v_stride : k + i * k_stride) + int64_t(h) * head_dim;
+        TD* dst = cache + (int64_t(j) * kv_heads + h) * head_stride + slots[i] * head_dim;
+        if constexpr (std::is_same_v<TS, TD>) {
+          std::memcpy(dst, src, sizeof(TD) * head_dim);
+        } else {
+          int d = 0;
+#ifdef JITNEY_AVX2
+          for (; d + 8 <= head_dim; d += 8) store8(dst + d, load8(src + d));  // the same bits, 8 at a time
+#endif
+          for (; d < head_dim; d++) store(to_float(src[d]), &dst[d]);
+        }
+      }
     }
   }
 }
@@ -464,26 +751,31 @@ void jitney_silu_mul(int is_bf16, const void* gate_up, void* out, int64_t rows, 
     silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter);
 }
 
-// Writes this step's keys and values into their cache slots: k, v [rows, kv_heads, head_dim] (heads
-// contiguous, k_stride / v_stride elements between rows), slots [rows] (block * block_size + offset), cache as
-// below. Sizes in elements of elem_size bytes; a plain copy, so one function serves every dtype.
-void jitney_write_kv(int elem_size, const void* k, int64_t k_stride, const void* v, int64_t v_stride,
+void jitney_write_kv(int src_bf16, int dst_bf16, const void* k, int64_t k_stride, const void* v, int64_t v_stride,
                      const int64_t* slots, void* cache, int64_t rows, int kv_heads, int head_dim,
                      int64_t num_blocks, int block_size) {
-  const int64_t row_bytes = int64_t(head_dim) * elem_size;
-  const int64_t head_stride = num_blocks * block_size * row_bytes;  // bytes of one kv head's blocks
-  const char* kc = static_cast<const char*>(k);
-  const char* vc = static_cast<const char*>(v);
-  char* c = static_cast<char*>(cache);
-#pragma omp parallel for if (rows > 256)
-  for (int64_t i = 0; i < rows; i++) {
-    for (int h = 0; h < kv_heads; h++) {
-      std::memcpy(c + h * head_stride + slots[i] * row_bytes, kc + (i * k_stride + int64_t(h) * head_dim) * elem_size,
-                  row_bytes);
-      std::memcpy(c + (kv_heads + h) * head_stride + slots[i] * row_bytes,
-                  vc + (i * v_stride + int64_t(h) * head_dim) * elem_size, row_bytes);
-    }
-  }
+  if (src_bf16 && dst_bf16)
+    write_kv(static_cast<const uint16_t*>(k), k_stride, static_cast<const uint16_t*>(v), v_stride, slots,
+             static_cast<uint16_t*>(cache), rows, kv_heads, head_dim, num_blocks, block_size);
+  else if (dst_bf16)
+    write_kv(static_cast<const float*>(k), k_stride, static_cast<const float*>(v), v_stride, slots,
+             static_cast<uint16_t*>(cache), rows, kv_heads, head_dim, num_blocks, block_size);
+  else
+    write_kv(static_cast<const float*>(k), k_stride, static_cast<const float*>(v), v_stride, slots,
+             static_cast<float*>(cache), rows, kv_heads, head_dim, num_blocks, block_size);
+}
+
+// The loop this build runs: what native.py reports at start-up.
+const char* jitney_isa() {
+#if defined(JITNEY_AVX512) && defined(__AVX512BF16__)
+  return "avx512-bf16";
+#elif defined(JITNEY_AVX512)
+  return "avx512";
+#elif defined(JITNEY_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
 }
 
 int jitney_limits(int which) {
@@ -493,19 +785,24 @@ int jitney_limits(int which) {
 // q [rows, heads, head_dim] with q_token_stride elements between rows (heads contiguous);
 // cache: one layer's [2 (K, V), kv_heads, num_blocks, block_size, head_dim], contiguous;
 // block_tables [rows, table_stride] int32; context_lens [rows] int32 (tokens to attend, >= 1);
-// out [rows, heads, head_dim] contiguous. is_bf16: 1 for bfloat16 data, 0 for float32.
-void jitney_paged_attention(int is_bf16, const void* q, int64_t q_token_stride, const void* cache,
-                         const int32_t* block_tables, int64_t table_stride, const int32_t* context_lens,
-                         void* out, int64_t num_rows, int heads, int kv_heads, int head_dim,
-                         int64_t num_blocks, int block_size, float scale) {
-  if (is_bf16)
+// out [rows, heads, head_dim] contiguous, of q's type. q_bf16 / kv_bf16: 1 for bfloat16, 0 for float32
+// (bfloat16 queries need a bfloat16 cache).
+void jitney_paged_attention(int q_bf16, int kv_bf16, const void* q, int64_t q_token_stride, const void* cache,
+                            const int32_t* block_tables, int64_t table_stride, const int32_t* context_lens,
+                            void* out, int64_t num_rows, int heads, int kv_heads, int head_dim,
+                            int64_t num_blocks, int block_size, float scale) {
+  if (q_bf16 && kv_bf16)
     paged_attention(static_cast<const uint16_t*>(q), q_token_stride, static_cast<const uint16_t*>(cache),
-                 block_tables, table_stride, context_lens, static_cast<uint16_t*>(out), num_rows, heads,
-                 kv_heads, head_dim, num_blocks, block_size, scale);
+                    block_tables, table_stride, context_lens, static_cast<uint16_t*>(out), num_rows, heads,
+                    kv_heads, head_dim, num_blocks, block_size, scale);
+  else if (kv_bf16)
+    paged_attention(static_cast<const float*>(q), q_token_stride, static_cast<const uint16_t*>(cache),
+                    block_tables, table_stride, context_lens, static_cast<float*>(out), num_rows, heads,
+                    kv_heads, head_dim, num_blocks, block_size, scale);
   else
     paged_attention(static_cast<const float*>(q), q_token_stride, static_cast<const float*>(cache), block_tables,
-                 table_stride, context_lens, static_cast<float*>(out), num_rows, heads, kv_heads, head_dim,
-                 num_blocks, block_size, scale);
+                    table_stride, context_lens, static_cast<float*>(out), num_rows, heads, kv_heads, head_dim,
+                    num_blocks, block_size, scale);
 }
 
 }  // extern "C"

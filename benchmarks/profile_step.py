@@ -1,0 +1,113 @@
+"""Where a model step's time goes, operation by operation: decodes at batch 1, 32 and 128 and one 512-token
+prefill of the default model, under torch.profiler, with each native kernel call named as an operation.
+
+    python -m benchmarks.profile_step [--model M] [--dtype auto] [--kv-cache-dtype auto] [--steps 5]
+                                      [--json out.json]
+
+Each row is one kind of operation: its share of the step, milliseconds per step and calls per step. "python
+and glue" is the step's wall time that no operation accounts for (the runner's Python, building the step's
+tensors, the interpreter between calls). To see an AVX2 machine's profile on an AVX-512 one, run it under
+JITNEY_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from functools import wraps
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from model_runner import native
+from model_runner.config import RunnerConfig
+from model_runner.loader import DEFAULT_MODEL
+from model_runner.precision import cpu_kind
+from model_runner.runner import ModelRunner
+
+from .kernels import make_step
+from .machine import cpu_model
+from .report import finish
+
+# (name, batch, context lo, context hi, tokens per sequence in the step)
+STEPS = [("decode, batch 1, context ~256", 1, 256, 256, 1),
+         ("decode, batch 32, context 100..600", 32, 100, 600, 1),
+         ("decode, batch 128, context 100..600", 128, 100, 600, 1),
+         ("prefill, one 512-token prompt", 1, 512, 512, 512)]
+KERNELS = ("paged_attention", "write_kv", "add_rms_norm", "silu_mul")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per workload (after one warm-up)")
+    p.add_argument("--json", help="write every figure to this file")
+    return p.parse_args(argv)
+
+
+def name_native_calls() -> None:
+    """Wraps each native kernel so the profiler shows it as an operation of its own (ctypes calls are
+    otherwise invisible to it). Only here: record_function costs a little on every call."""
+    for name in KERNELS:
+        fn = getattr(native, name)
+
+        @wraps(fn)
+        def named(*args, _fn=fn, _name=name, **kwargs):
+            with record_function(f"native::{_name}"):
+                return _fn(*args, **kwargs)
+        setattr(native, name, named)
+
+
+def breakdown(runner: ModelRunner, plan, steps: int) -> tuple[float, dict[str, tuple[float, float]]]:
+    """(wall ms per step, {operation: (ms per step, calls per step)}), top-level operations only."""
+    runner.execute(plan)  # warm-up: the first call of a shape picks oneDNN kernels
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.execute(plan)
+        wall = (time.perf_counter() - t0) * 1000 / steps
+    per_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    open_until = -1.0  # operations inside another (aten::linear -> aten::addmm) are counted once, as the outer
+    for e in events:
+        if e.time_range.start < open_until:
+            continue
+        open_until = e.time_range.end
+        name = e.name.removeprefix("aten::")
+        per_op[name][0] += e.cpu_time_total / 1000 / steps
+        per_op[name][1] += 1 / steps
+    return wall, {k: (v[0], v[1]) for k, v in per_op.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    name_native_calls()
+    runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                                      kv_cache_memory=2 << 30))
+    print(f"machine: {cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(runner.describe())
+    results = []
+    for name, batch, lo, hi, chunk in STEPS:
+        seqs, plan = make_step(runner, batch, lo, hi, chunk)
+        wall, ops = breakdown(runner, plan, args.steps)
+        for s in seqs:
+            runner.block_allocator.free(s.block_table)
+        ops["python and glue"] = (max(0.0, wall - sum(ms for ms, _ in ops.values())), 0.0)
+        rows = sorted(ops.items(), key=lambda kv: -kv[1][0])
+        print(f"\n{name}: {wall:.1f} ms a step\n\n| operation | share | ms/step | calls/step |\n|---|---|---|---|")
+        for op, (ms, calls) in rows[:12]:
+            print(f"| {op} | {100 * ms / wall:.0f} % | {ms:.2f} | {calls:.0f} |")
+        rest = sum(ms for _, (ms, _) in rows[12:])
+        if rest:
+            print(f"| (everything else) | {100 * rest / wall:.0f} % | {rest:.2f} | |")
+        results.append({"step": name, "wall_ms": round(wall, 2),
+                        "ops": {op: {"ms": round(ms, 3), "calls": round(c, 1)} for op, (ms, c) in rows}})
+    return finish({"model": args.model, "precision": runner.precision.describe(), "isa": native.isa(),
+                   "cpu": f"{cpu_model()} ({cpu_kind()})", "results": results}, args.json, started)
+
+
+if __name__ == "__main__":
+    main()

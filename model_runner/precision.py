@@ -1,0 +1,100 @@
+"""Which dtypes a runner computes and caches in, and why: `--dtype auto` and `--kv-cache-dtype auto`.
+
+A CPU with AVX512-BF16 (AMD Zen 4/5, Intel Xeon since Cooper Lake) multiplies bfloat16 natively: half the
+bytes of float32 for the same matmul, so everything is bfloat16. Elsewhere (AVX2 machines such as Zen 2/3
+and Intel client chips, or Arm) oneDNN has no bf16 matmul, or emulates it slower than float32, so compute
+stays float32. The KV cache can still be bfloat16 there (`--kv-cache-dtype bfloat16`), because widening a
+bf16 to a float32 is a 16-bit shift the attention kernel does as it reads: a decode step at long contexts is
+bound by reading the cache, and that halves its largest stream of bytes. It is not the default: rounding every
+key and value to 8 significant bits moves SmolLM2's logits by 0.2-0.6 % of their range (float32 cache: 3e-6),
+and greedy text then parts from transformers' float32 on one of the eight reference prompts (at token 38 of
+48; tests/test_precision.py checks the kernel against a reference that rounds the same way). So `auto` keeps
+the cache in the compute dtype, as vLLM's `--kv-cache-dtype auto` does.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ModelLoadError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (x86 "flags", Arm "Features"), empty where /proc/cpuinfo is absent.
+    Under JITNEY_ISA=avx2 (native.py) the AVX-512 and AMX flags are left out, so that an AVX-512 machine
+    chooses as an AVX2 one would (with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for PyTorch)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return set()
+    flags = set(line.partition(":")[2].split())
+    if os.environ.get("JITNEY_ISA", "").lower() == "avx2":
+        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
+    return flags
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_kind() -> str:
+    """The CPU's vector instruction set in a few words, for start-up lines and benchmark tables."""
+    flags = cpu_flags()
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        return "AVX-512 with AVX512-BF16"
+    if "avx512f" in flags:
+        return "AVX-512 without AVX512-BF16"
+    if "avx2" in flags:
+        return "AVX2" + (" + FMA" if "fma" in flags else "") + " without AVX512-BF16"
+    if "asimd" in flags:
+        return "Arm NEON" + (" with BF16" if "bf16" in flags else " without BF16")
+    return "no AVX2"
+
+
+@dataclass(frozen=True)
+class Precision:
+    compute: torch.dtype   # weights, activations, matmuls
+    kv_cache: torch.dtype  # what the KV cache stores
+    reason: str            # why, in words, for the start-up line
+
+    def describe(self) -> str:
+        name = lambda d: str(d).removeprefix("torch.")
+        what = (f"{name(self.compute)} compute and KV cache" if self.compute == self.kv_cache
+                else f"{name(self.compute)} compute, {name(self.kv_cache)} KV cache")
+        return f"{what}: {self.reason}"
+
+
+def compute_dtype(name: str, device: str) -> tuple[torch.dtype, str]:
+    """The compute dtype for --dtype NAME on this device, and why."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "this GPU computes bfloat16 natively (--dtype auto)"
+            return torch.float16, "this GPU has no bfloat16 (--dtype auto)"
+        if cpu_has_native_bf16():
+            return torch.bfloat16, f"this CPU has {cpu_kind()} (--dtype auto)"
+        return torch.float32, f"this CPU has {cpu_kind()}: no native bf16 matmul (--dtype auto)"
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+    if name == "float16" and not device.startswith("cuda"):
+        raise ModelLoadError("float16 is for CUDA; on the CPU use bfloat16 or float32")
+    return DTYPES[name], f"--dtype {name}"
+
+
+def resolve_precision(dtype: str, kv_cache_dtype: str, device: str) -> Precision:
+    """Compute and KV-cache dtypes for --dtype and --kv-cache-dtype on this device."""
+    compute, why = compute_dtype(dtype, device)
+    if kv_cache_dtype == "auto":
+        return Precision(compute, compute, why)
+    if kv_cache_dtype not in DTYPES:
+        raise ModelLoadError(f"unknown KV-cache dtype {kv_cache_dtype!r}: choose auto, {', '.join(DTYPES)}")
+    kv = DTYPES[kv_cache_dtype]
+    if kv != compute and not (compute == torch.float32 and kv == torch.bfloat16):
+        raise ModelLoadError(f"a {kv_cache_dtype} KV cache under {str(compute).removeprefix('torch.')} compute "
+                             "is not supported: the KV cache is the compute dtype, or bfloat16 under float32")
+    return Precision(compute, kv, f"{why}, --kv-cache-dtype {kv_cache_dtype}")
