@@ -1,7 +1,8 @@
 """The HTTP layer: Starlette routes over the engine. No model or scheduling logic lives here.
 
 Routes: POST /generate (jitney's own), POST /v1/completions and /v1/chat/completions (OpenAI-compatible, with
-SSE streaming), GET /v1/models, GET /health, GET /metrics.
+SSE streaming), POST /tokenize and /detokenize (vLLM's shape), GET /v1/models, /health, /metrics and
+/openapi.json (the contract, generated from the same field tables the checks use).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -23,12 +25,18 @@ from batcher.engine import Engine, EngineStopped, RequestOutput, RequestStream
 from batcher.request_queue import Overloaded
 from model_runner.errors import InvalidRequestError
 
-from .errors import APIError, error_response
+from . import schemas
+from .chat import chat_prompt_ids
+from .errors import APIError, BodyTimeout, ClientGone, error_response, unsupported
+from .jsonbody import parse_json
 from .metrics import Metrics
-from .schemas import ParsedRequest, chat_prompt_ids, check_n, field as body_field, parse_json, prompt_ids, sampling_params
+from .openapi import openapi_document
+from .schemas import Model, ParsedRequest, check_fields, chat_messages, prompt_ids, sampling_params, spec, value
 
 access_log = logging.getLogger("jitney.access")
-ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models",
+          "/health", "/metrics", "/openapi.json")
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 
 
 @dataclass
@@ -36,7 +44,10 @@ class ServerSettings:
     model_name: str
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0      # the whole body must arrive within this (a slow or endless body: 408)
     generate_max_tokens: int = 128    # /generate's default max_tokens (OpenAI completions default to 16)
+    allowed_origins: tuple[str, ...] = ()  # CORS: off unless origins are named
+    allow_special_tokens_in_content: bool = False
     draining: bool = field(default=False)
 
 
@@ -45,12 +56,35 @@ class ServerSettings:
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refusing (413) as soon as it passes the limit, whatever Content-Length claimed."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the body is larger than {limit} bytes", code="body_too_large",
+                               headers={"Connection": "close"})  # the rest of it is not worth reading
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    except BodyTimeout:
+        raise APIError(408, "the request body did not arrive in time; send it whole and promptly",
+                       code="body_timeout", headers={"Connection": "close"}) from None
     return b"".join(chunks)
+
+
+def check_content_type(request: Request) -> None:
+    """JSON bodies only. This also keeps web pages out: a browser sends a cross-origin POST without asking
+    first only for "simple" content types (text/plain, forms), never for application/json."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got "
+                            f"{media[:60] or 'none'!r})", code="unsupported_media_type")
+
+
+async def json_body(request: Request, settings: "ServerSettings", route: str) -> dict:
+    check_content_type(request)
+    body = parse_json(await read_body(request, settings.max_body_bytes))
+    check_fields(body, route)
+    return body
 
 
 async def watch_disconnect(request: Request, stream: RequestStream) -> None:
@@ -58,6 +92,7 @@ async def watch_disconnect(request: Request, stream: RequestStream) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            request.state.client_closed = True
             stream.abort()
             return
 
@@ -161,9 +196,10 @@ class ChatFormat(CompletionFormat):
 
 # --- the app --------------------------------------------------------------------------------------------
 
-def build_app(engine: Engine, settings: ServerSettings) -> Starlette:
+def build_app(engine: Engine, settings: ServerSettings):
     metrics = Metrics(engine)
     tokenizer = engine.runner.tokenizer
+    model = Model(engine.runner.max_model_len, engine.runner.model_config.vocab_size)
 
     async def submit(parsed: ParsedRequest) -> RequestStream:
         try:
@@ -189,6 +225,8 @@ def build_app(engine: Engine, settings: ServerSettings) -> Starlette:
                 watcher.cancel()
             metrics.observe_request(final)
             request.state.usage = usage(final)
+            if getattr(request.state, "client_closed", False):
+                raise ClientGone()
             err = failure(final) or (cut_by_shutdown() if final.finish_reason == "abort" and not engine.accepting
                                      else None)
             if err:
@@ -224,43 +262,89 @@ def build_app(engine: Engine, settings: ServerSettings) -> Starlette:
             finally:
                 watcher.cancel()
                 if not out.finished:  # the client went away mid-stream
+                    request.state.client_closed = True
                     stream.abort()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def check_model(body: dict) -> None:
-        model = body.get("model")
-        if model not in (None, settings.model_name):
-            raise APIError(404, f"model {model!r} is not served here; this server serves {settings.model_name!r}",
-                           "invalid_request_error", "model_not_found")
+        name = body.get("model")
+        if name is not None and name != settings.model_name:
+            raise APIError(404, f"model {str(name)[:100]!r} is not served here; this server serves "
+                                f"{settings.model_name!r}", "invalid_request_error", "model_not_found")
+
+    def openai_request(body: dict, route: str, ids: list[int], default_max_tokens: int) -> ParsedRequest:
+        value(body, spec(route, "model"))
+        check_model(body)
+        if value(body, spec(route, "n")) != 1:
+            raise unsupported("only n=1 is supported: send several requests for several completions")
+        value(body, spec(route, "user"))
+        stream = value(body, spec(route, "stream"))
+        options = body.get("stream_options")
+        if options is not None:
+            if not isinstance(options, dict) or set(options) - {"include_usage"} \
+                    or not isinstance(options.get("include_usage", False), bool):
+                raise schemas.invalid("'stream_options' must be {\"include_usage\": true or false}", "invalid_type")
+            if not stream:
+                raise APIError(400, "'stream_options' is only allowed with \"stream\": true", code="invalid_value")
+        return ParsedRequest(ids, sampling_params(body, route, model, len(ids), default_max_tokens), stream,
+                             bool((options or {}).get("include_usage")))
 
     async def generate(request: Request) -> Response:
-        body = parse_json(await read_body(request, settings.max_body_bytes))
-        parsed = ParsedRequest(prompt_ids(body, tokenizer), sampling_params(body, settings.generate_max_tokens),
-                               body_field(body, "stream", bool, False))
+        body = await json_body(request, settings, "/generate")
+        ids = prompt_ids(body, tokenizer)
+        parsed = ParsedRequest(ids, sampling_params(body, "/generate", model, len(ids), settings.generate_max_tokens),
+                               value(body, spec("/generate", "stream")))
         return await respond(request, parsed, GenerateFormat(settings.model_name))
 
-    def openai_request(body: dict, ids: list[int], default_max_tokens: int) -> ParsedRequest:
-        check_model(body)
-        check_n(body)
-        options = body_field(body, "stream_options", dict, None) or {}
-        return ParsedRequest(ids, sampling_params(body, default_max_tokens), body_field(body, "stream", bool, False),
-                             bool(options.get("include_usage")))
-
     async def completions(request: Request) -> Response:
-        body = parse_json(await read_body(request, settings.max_body_bytes))
-        parsed = openai_request(body, prompt_ids(body, tokenizer), 16)
+        body = await json_body(request, settings, "/v1/completions")
+        parsed = openai_request(body, "/v1/completions", prompt_ids(body, tokenizer), 16)
         return await respond(request, parsed, CompletionFormat(settings.model_name))
 
+    def chat_ids(body: dict, add_generation_prompt: bool = True) -> list[int]:
+        return chat_prompt_ids(chat_messages(body), tokenizer, settings.allow_special_tokens_in_content,
+                               add_generation_prompt)
+
     async def chat_completions(request: Request) -> Response:
-        body = parse_json(await read_body(request, settings.max_body_bytes))
-        ids = chat_prompt_ids(body, tokenizer)
-        if "max_completion_tokens" in body and "max_tokens" not in body:
-            body["max_tokens"] = body["max_completion_tokens"]
+        route = "/v1/chat/completions"
+        body = await json_body(request, settings, route)
+        ids = chat_ids(body)
+        newer = value(body, spec(route, "max_completion_tokens"))
+        if newer is not None:
+            if body.get("max_tokens") not in (None, newer):
+                raise schemas.invalid("give max_tokens or max_completion_tokens, not two different values")
+            body["max_tokens"] = newer
         # Chat defaults to "until the context is full", as OpenAI's does.
-        room = max(1, engine.runner.max_model_len - len(ids))
-        return await respond(request, openai_request(body, ids, room), ChatFormat(settings.model_name))
+        return await respond(request, openai_request(body, route, ids, model.max_model_len),
+                             ChatFormat(settings.model_name))
+
+    async def tokenize(request: Request) -> Response:
+        route = "/tokenize"
+        body = await json_body(request, settings, route)
+        check_model(body)
+        if (body.get("prompt") is None) == (body.get("messages") is None):
+            raise schemas.invalid("give exactly one of 'prompt' (text) or 'messages' (chat turns)", "missing_field")
+        if body.get("messages") is not None:
+            ids = chat_ids(body, value(body, spec(route, "add_generation_prompt")))
+        else:
+            text = value(body, spec(route, "prompt"))
+            ids = tokenizer(text, add_special_tokens=value(body, spec(route, "add_special_tokens")))["input_ids"]
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len})
+
+    async def detokenize(request: Request) -> Response:
+        body = await json_body(request, settings, "/detokenize")
+        check_model(body)
+        if body.get("tokens") is None:
+            raise schemas.invalid("'tokens' is required", "missing_field")
+        ids = schemas.token_ids(body, "tokens", model.vocab_size, model.max_model_len)
+        return JSONResponse({"prompt": tokenizer.decode(ids)})
+
+    document = openapi_document(settings.model_name, model)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{
@@ -288,17 +372,46 @@ def build_app(engine: Engine, settings: ServerSettings) -> Starlette:
         Route("/generate", generate, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
     ], lifespan=lifespan)
+    # "/generate/" is a 404 like any unknown path: Starlette's default answers it with a redirect whose
+    # Location is built from the client's own Host header.
+    app.router.redirect_slashes = False
     app.add_exception_handler(APIError, lambda request, exc: exc.response())
+    app.add_exception_handler(ClientGone, client_gone)
+    app.add_exception_handler(Exception, lambda request, exc: error_response(
+        500, "internal error (logged on the server)", "server_error", "internal_error"))
     app.add_exception_handler(404, lambda request, exc: error_response(404, f"no route {request.url.path}",
                                                                       code="not_found"))
     app.add_exception_handler(405, lambda request, exc: error_response(405, f"{request.method} is not allowed on "
                                                                       f"{request.url.path}", code="method_not_allowed"))
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
-    return Gatekeeper(app, settings, metrics)
+    gate = Gatekeeper(app, settings, metrics)
+    if not settings.allowed_origins:
+        return gate
+    # Outside the key check: a browser's preflight (OPTIONS) carries no key, and must be answered.
+    return CORSMiddleware(gate, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                          allow_headers=["Authorization", "Content-Type", "X-API-Key"])
+
+
+class NoResponse(Response):
+    """Sends nothing: the client is gone (see ClientGone)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=CLIENT_CLOSED)
+
+    async def __call__(self, scope, receive, send) -> None:
+        return None
+
+
+def client_gone(request: Request, exc: ClientGone) -> Response:
+    request.state.client_closed = True
+    return NoResponse()
 
 
 class Gatekeeper:
@@ -321,12 +434,30 @@ class Gatekeeper:
                 status = message["status"]
             await send(message)
 
+        deadline, body_done = time.monotonic() + self.settings.body_timeout_s, False
+
+        async def receive_in_time():
+            """receive(), but the body must be whole by the deadline (a trickled or endless body: 408).
+            After the body, receive() only waits for a disconnect, which may take as long as it likes."""
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout() from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
         try:
             if rejection := self.reject(path, headers):
                 await rejection(scope, receive, send_and_note)
             else:
-                await self.app(scope, receive, send_and_note)
+                await self.app(scope, receive_in_time, send_and_note)
         finally:
+            if scope.get("state", {}).get("client_closed"):
+                status = CLIENT_CLOSED
             label = path if path in ROUTES else "other"
             self.metrics.http.labels(label, str(status)).inc()
             u = scope.get("state", {}).get("usage") or {}
@@ -349,5 +480,6 @@ class Gatekeeper:
                                       "authentication_error", "invalid_api_key")
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > s.max_body_bytes:
-            return error_response(413, f"the body is larger than {s.max_body_bytes} bytes", code="body_too_large")
+            return error_response(413, f"the body is larger than {s.max_body_bytes} bytes", code="body_too_large",
+                                  headers={"Connection": "close"})
         return None

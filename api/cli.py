@@ -85,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from model_runner.runner import ModelRunner
 
     from .app import ServerSettings, build_app
+    from .protocol import ConnectionLimits
     from .server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -104,14 +105,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       memory_utilization=args.memory_utilization, max_model_len=args.max_model_len))
     engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,
-                              max_body_bytes=args.max_body_bytes)
+                              max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
+                              allowed_origins=tuple(args.allowed_origins or ()),
+                              allow_special_tokens_in_content=args.allow_special_tokens_in_content)
+    limits = ConnectionLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+                              header_timeout_s=args.header_timeout_s, max_connections=args.max_connections)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "
           f"max_num_batched_tokens {args.max_num_batched_tokens}, max_batch_size {args.max_batch_size}, "
           f"max_wait_ms {args.max_wait_ms:g}); API keys {'on' if keys else 'off'}; "
           f"serving on {scheme}://{args.host}:{args.port}", flush=True)
     serve(build_app(engine, settings), engine, settings, args.host, args.port, args.grace_s,
-          args.ssl_certfile, args.ssl_keyfile)
+          args.ssl_certfile, args.ssl_keyfile, limits, args.keep_alive_s)
     return 0
 
 
@@ -154,6 +159,25 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
                    help="log prompts and outputs (off by default: they are never logged otherwise)")
     s.add_argument("--max-body-bytes", type=parse_bytes, default=1 << 20,
                    help="largest request body accepted, larger gets 413 (default: 1MiB)")
+    s.add_argument("--body-timeout-s", type=float, default=30.0,
+                   help="the whole request body must arrive within this many seconds, else 408 and the "
+                        "connection is closed (default: 30)")
+    s.add_argument("--max-header-bytes", type=parse_bytes, default=32 * 1024,
+                   help="largest request line + headers, larger gets 431 (default: 32KiB)")
+    s.add_argument("--max-headers", type=int, default=100, help="most request headers, more get 431 (default: 100)")
+    s.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="a request's headers must be whole this many seconds after their first byte (and a new "
+                        "connection must send its first request in this time), else 408 and close (default: 10)")
+    s.add_argument("--keep-alive-s", type=float, default=5.0,
+                   help="an idle keep-alive connection is closed after this many seconds (default: 5)")
+    s.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at most; one more is answered 503 and closed (default: 1024)")
+    s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="answer CORS requests from these browser origins, e.g. https://app.example.com "
+                        "(default: none, CORS off)")
+    s.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="read special-token text in chat message content (e.g. '<|im_start|>') as the special "
+                        "token itself, which lets a user forge turns (default: off, read as plain text)")
     s.add_argument("--grace-s", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
     s.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")

@@ -1,11 +1,15 @@
 """Request bodies -> (prompt, SamplingParams), with a clear 4xx for anything wrong.
 
-Hand-written checks rather than a schema library: the fields are few, and each message can say exactly
-which field is wrong and what it accepts.
+Every field a route accepts is declared once, in the tables below (name, type, bounds, what it does): the
+checks read them, and so does the OpenAPI document (api/openapi.py), so the published contract cannot drift
+from the code. A field no table names is refused (400, "not supported"): a client that sends `logprobs` or
+`tools` learns at once that it will not get them, instead of getting an answer that silently lacks them.
+
+Status codes: 400 for a body that is not JSON, a field this server does not support, or a request that
+cannot fit the context window; 422 for a known field with a wrong type or a value out of its bounds.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -15,37 +19,153 @@ from model_runner.sampling_params import SamplingParams
 
 from .errors import APIError, invalid
 
-_MISSING = object()
+MAX_STOP = 16             # stop strings, and stop token ids, per request
+MAX_STOP_CHARS = 256      # characters in one stop string
+MAX_MESSAGES = 1024       # chat turns per request
+MAX_PARTS = 64            # content parts per message
+MAX_NAME_CHARS = 256      # model, user
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Field:
+    """One accepted body field. kind is a JSON Schema type, or one of the shapes checked by its own function
+    (prompt, messages, stop, token_ids, stream_options). Bounds are inclusive unless open_lo."""
+    name: str
+    kind: str
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    default: Any = None
+
+
+MAX_TOKENS = Field("max_tokens", "integer", "tokens to generate at most; prompt + max_tokens must fit the context "
+                   "window (400 otherwise)", lo=1)
+SAMPLING = (
+    MAX_TOKENS,
+    Field("temperature", "number", "0 = greedy; higher samples more freely", lo=0.0, hi=2.0, default=0.0),
+    Field("top_p", "number", "nucleus sampling: the smallest set of tokens holding this much probability",
+          lo=0.0, hi=1.0, open_lo=True, default=1.0),
+    Field("top_k", "integer", "sample among the k likeliest tokens; 0 or -1 = off", lo=-1, hi=1 << 20, default=0),
+    Field("seed", "integer", "makes a sampled request reproducible, whatever shares its batch", lo=0, hi=2**63 - 1),
+    Field("repetition_penalty", "number", "> 1 discourages tokens already seen (prompt and output), < 1 "
+          "encourages them; 1 = off", lo=0.1, hi=10.0, default=1.0),
+    Field("stop", "stop", f"a string or up to {MAX_STOP} strings (1..{MAX_STOP_CHARS} characters each) that end "
+          "the output; the stop string itself is not returned"),
+    Field("stop_token_ids", "token_ids", f"up to {MAX_STOP} token ids that end the output"),
+    Field("ignore_eos", "boolean", "keep generating past end-of-sequence tokens", default=False),
+    Field("min_tokens", "integer", "end-of-sequence and stop tokens are ignored until this many tokens are out "
+          "(at most max_tokens)", lo=0, default=0),
+    Field("stream", "boolean", "answer as Server-Sent Events", default=False),
+)
+PROMPT = Field("prompt", "prompt", "the text to continue, or its token ids (a one-element list of either is "
+               "unwrapped)")
+MODEL = Field("model", "string", "the served model's name (404 for any other)", hi=MAX_NAME_CHARS)
+OPENAI = (
+    MODEL,
+    Field("n", "integer", "completions per prompt; only 1 is supported (400 otherwise)", lo=1, hi=128, default=1),
+    Field("stream_options", "stream_options", "{\"include_usage\": bool}: a last chunk with token counts; only "
+          "with stream"),
+    Field("user", "string", "an end-user id, accepted for compatibility; this server does not use it",
+          hi=MAX_NAME_CHARS),
+)
+MESSAGES = Field("messages", "messages", f"1..{MAX_MESSAGES} turns of {{role: system|user|assistant, content: "
+                 "string or text parts}}")
+
+ROUTE_FIELDS: dict[str, tuple[Field, ...]] = {
+    "/generate": (PROMPT, *SAMPLING),
+    "/v1/completions": (PROMPT, *OPENAI, *SAMPLING),
+    "/v1/chat/completions": (MESSAGES, *OPENAI, *SAMPLING,
+                             Field("max_completion_tokens", "integer", "OpenAI's newer name for max_tokens", lo=1)),
+    "/tokenize": (MODEL, Field("prompt", "string", "text to tokenize (or give messages)"),
+                  Field("messages", "messages", "chat turns, rendered through the chat template (or give prompt)"),
+                  Field("add_special_tokens", "boolean", "add the tokenizer's BOS/EOS around a prompt", default=True),
+                  Field("add_generation_prompt", "boolean", "messages: end with the assistant turn's opening",
+                        default=True)),
+    "/detokenize": (MODEL, Field("tokens", "token_ids", "token ids to turn back into text")),
+}
+
+# OpenAI (and vLLM) fields this server does not implement. Each may be sent with its "off" value (what the
+# official clients send by default, or null); any other value is refused rather than silently ignored.
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (False, None), "top_logprobs": (0, None), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "min_p": (0,),
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "parallel_tool_calls": (), "guided_json": (), "guided_regex": (),
+    "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "use_beam_search": (False,),
+    "length_penalty": (1,), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,), "truncate_prompt_tokens": (), "prompt_logprobs": (),
+    "service_tier": ("auto", "default"), "store": (False,), "metadata": (), "modalities": (["text"],),
+    "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (), "chat_template": (),
+    "chat_template_kwargs": (), "documents": (), "priority": (0,), "request_id": (),
+}
+
+
+def _bounds(f: Field) -> str:
+    lo = f"{'>' if f.open_lo else '>='} {f.lo:g}" if f.lo is not None else None
+    if f.lo is not None and f.hi is not None:
+        return f"in {'(' if f.open_lo else '['}{f.lo:g}, {f.hi:g}]"
+    return lo or (f"<= {f.hi:g}" if f.hi is not None else "")
+
+
+def check_fields(body: dict, route: str) -> None:
+    """Refuses (400) any field the route does not accept, unless it is a known unsupported field set to off."""
+    accepted = {f.name for f in ROUTE_FIELDS[route]}
+    for name, value in body.items():
+        if name in accepted or value is None:
+            continue
+        if name in UNSUPPORTED:
+            if any(value == off and isinstance(value, bool) == isinstance(off, bool) for off in UNSUPPORTED[name]):
+                continue
+            raise APIError(400, f"'{name}' is not supported by this server; leave it out (accepted on {route}: "
+                                f"{', '.join(sorted(accepted))})", code="unsupported_field")
+        raise APIError(400, f"'{name[:100]}' is not supported on {route}: it is not a field this server knows "
+                            f"(accepted: {', '.join(sorted(accepted))})", code="unsupported_field")
+
+
+def spec(route: str, name: str) -> Field:
+    return next(f for f in ROUTE_FIELDS[route] if f.name == name)
+
+
+def value(body: dict, f: Field, default: Any = None, hi: float | None = None) -> Any:
+    """body[f.name] for a scalar field, checked for type (bool is not a number here) and bounds; null = default.
+    hi, when given, tightens the field's upper bound (a bound that depends on the model)."""
+    v = body.get(f.name)
+    if v is None:
+        return f.default if default is None else default
+    ok = {"integer": isinstance(v, int), "number": isinstance(v, (int, float)), "boolean": isinstance(v, bool),
+          "string": isinstance(v, str)}[f.kind]
+    if not ok or (isinstance(v, bool) and f.kind != "boolean"):
+        raise invalid(f"'{f.name}' must be {'an' if f.kind == 'integer' else 'a'} {f.kind}, got "
+                      f"{_json_type(v)}", "invalid_type")
+    if f.kind == "string":
+        if f.hi is not None and len(v) > f.hi:
+            raise invalid(f"'{f.name}' must be at most {f.hi:g} characters, got {len(v)}")
+        return encodable(v, f.name)
+    if f.kind == "number":
+        v = float(v)
+        if not math.isfinite(v):
+            raise invalid(f"'{f.name}' must be a finite number")
+    if f.kind in ("integer", "number"):
+        hi = f.hi if hi is None else hi if f.hi is None else min(f.hi, hi)
+        bounded = Field(f.name, f.kind, f.doc, f.lo, hi, f.open_lo)
+        if (f.lo is not None and (v <= f.lo if f.open_lo else v < f.lo)) or (hi is not None and v > hi):
+            raise invalid(f"'{f.name}' must be {_bounds(bounded)}, got {v}")
+    return v
+
+
+def _json_type(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def encodable(text: str, name: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"); no tokenizer can encode them."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    return data
-
-
-def field(body: dict, name: str, kind: type | tuple, default: Any = _MISSING, *, lo=None, hi=None) -> Any:
-    """body[name], checked for type (bool is not an int here) and range."""
-    value = body.get(name)
-    if value is None:  # absent or an explicit null: the default, as OpenAI's API reads it
-        if default is _MISSING:
-            raise invalid(f"'{name}' is required", "missing_field")
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise invalid(f"'{name}' must be {names}, got {type(value).__name__}", "invalid_type")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise invalid(f"'{name}' must be a finite number")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        raise invalid(f"'{name}' must be between {lo} and {hi}, got {value}")
-    return value
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"'{name}' contains a lone surrogate (invalid Unicode); send valid UTF-8 text") from None
+    return text
 
 
 def stop_strings(body: dict) -> tuple[str, ...]:
@@ -54,25 +174,59 @@ def stop_strings(body: dict) -> tuple[str, ...]:
         return ()
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
-        raise invalid("'stop' must be a non-empty string or a list of at most 16 non-empty strings", "invalid_type")
-    return tuple(stop)
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise invalid(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} non-empty strings of "
+                      f"at most {MAX_STOP_CHARS} characters", "invalid_type")
+    return tuple(encodable(s, "stop") for s in stop)
 
 
-def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
-    """The sampling fields shared by /generate and the OpenAI routes (greedy unless a temperature is given)."""
-    top_k = field(body, "top_k", int, 0, lo=-1)
+def token_ids(body: dict, name: str, vocab_size: int, most: int) -> list[int]:
+    ids = body.get(name)
+    if ids is None:
+        return []
+    if (not isinstance(ids, list) or len(ids) > most
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+        raise invalid(f"'{name}' must be a list of at most {most} token ids (integers)", "invalid_type")
+    if bad := [t for t in ids if not 0 <= t < vocab_size]:
+        raise invalid(f"'{name}' holds {bad[0]}, outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+@dataclass
+class Model:
+    """What the checks need to know of the served model."""
+    max_model_len: int
+    vocab_size: int
+
+
+def sampling_params(body: dict, route: str, model: Model, prompt_len: int, default_max_tokens: int) -> SamplingParams:
+    """The sampling fields shared by every generating route (greedy unless a temperature is given).
+
+    max_tokens beyond what the context leaves after the prompt is refused (400, with both numbers), never
+    quietly cut; a default max_tokens (the client gave none) is lowered to fit instead."""
+    room = model.max_model_len - prompt_len
+    max_tokens = value(body, MAX_TOKENS, hi=model.max_model_len)
+    if max_tokens is not None and prompt_len < model.max_model_len and max_tokens > room:
+        raise APIError(400, f"max_tokens is {max_tokens} but the prompt has {prompt_len} tokens and the context "
+                            f"window is {model.max_model_len} tokens, leaving room for {room}: ask for at most {room} "
+                            "or shorten the prompt", code="context_length_exceeded")
+    max_tokens = max_tokens or max(1, min(default_max_tokens, room))
+    top_k = value(body, spec(route, "top_k"))
+    min_tokens = value(body, spec(route, "min_tokens"))
+    if min_tokens > max_tokens:
+        raise invalid(f"'min_tokens' must be at most max_tokens ({max_tokens}), got {min_tokens}")
     params = SamplingParams(
-        max_tokens=field(body, "max_tokens", int, default_max_tokens, lo=1) or default_max_tokens,
-        temperature=field(body, "temperature", float, 0.0, lo=0.0, hi=2.0) or 0.0,
-        top_p=field(body, "top_p", float, 1.0, lo=0.0, hi=1.0),
+        max_tokens=max_tokens,
+        temperature=value(body, spec(route, "temperature")),
+        top_p=value(body, spec(route, "top_p")),
         top_k=0 if top_k == -1 else top_k,
-        seed=field(body, "seed", int, None, lo=0, hi=2**63 - 1),
-        repetition_penalty=field(body, "repetition_penalty", float, 1.0, lo=0.0, hi=10.0),
+        seed=value(body, spec(route, "seed")),
+        repetition_penalty=value(body, spec(route, "repetition_penalty")),
         stop=stop_strings(body),
-        stop_token_ids=tuple(field(body, "stop_token_ids", list, [])),
-        ignore_eos=field(body, "ignore_eos", bool, False),
-        min_tokens=field(body, "min_tokens", int, 0, lo=0),
+        stop_token_ids=tuple(token_ids(body, "stop_token_ids", model.vocab_size, MAX_STOP)),
+        ignore_eos=value(body, spec(route, "ignore_eos")),
+        min_tokens=min_tokens,
     )
     try:
         return params.validate()
@@ -88,19 +242,11 @@ class ParsedRequest:
     include_usage: bool = False
 
 
-def encodable(text: str, name: str) -> str:
-    """JSON can carry lone UTF-16 surrogates ("\\ud800"); no tokenizer can encode them."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(f"'{name}' contains a lone surrogate (invalid Unicode); send valid UTF-8 text") from None
-    return text
-
-
 def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:
-    """A prompt given as text, or as token ids (OpenAI allows both); a one-element list is unwrapped."""
-    prompt = body.get(name, _MISSING)
-    if prompt is _MISSING or prompt is None:
+    """A prompt given as text, or as token ids (OpenAI allows both); a one-element list is unwrapped.
+    Special-token text in a text prompt is read as the special token: completions are raw text by design."""
+    prompt = body.get(name)
+    if prompt is None:
         raise invalid(f"'{name}' is required", "missing_field")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -112,30 +258,29 @@ def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:
                   "(batched prompts are not supported: send one request per prompt)", "invalid_type")
 
 
-def chat_prompt_ids(body: dict, tokenizer) -> list[int]:
+def chat_messages(body: dict) -> list[dict[str, str]]:
+    """'messages' checked and flattened to [{role, content: str}] (OpenAI's text content parts joined)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list of {role, content} objects", "missing_field")
+    if len(messages) > MAX_MESSAGES:
+        raise invalid(f"'messages' holds {len(messages)} turns; at most {MAX_MESSAGES} are accepted")
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise invalid(f"messages[{i}] must have a role of system, user or assistant")
+        if extra := {k for k, v in m.items() if v is not None} - {"role", "content"}:
+            raise APIError(400, f"messages[{i}].{sorted(extra)[0][:100]} is not supported (names, tool calls and "
+                                "other message fields are not implemented)", code="unsupported_field")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise invalid(f"messages[{i}].content parts must be text parts (images are not supported)")
+            if len(content) > MAX_PARTS or not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                    and set(p) <= {"type", "text"} for p in content):
+                raise invalid(f"messages[{i}].content parts must be at most {MAX_PARTS} text parts "
+                              "(images and other parts are not supported)")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise invalid(f"messages[{i}].content must be a string")
+            raise invalid(f"messages[{i}].content must be a string or a list of text parts")
         clean.append({"role": m["role"], "content": encodable(content, f"messages[{i}].content")})
-    if not tokenizer.chat_template:
-        raise APIError(400, "this model has no chat template: use /v1/completions", code="no_chat_template")
-    return tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-
-
-def check_n(body: dict) -> None:
-    if field(body, "n", int, 1) != 1:
-        raise invalid("only n=1 is supported: send several requests for several completions", "unsupported")
-    if body.get("logprobs") not in (None, False, 0) or body.get("best_of") not in (None, 1):
-        raise invalid("logprobs and best_of are not supported", "unsupported")
+    return clean

@@ -14,6 +14,7 @@ import uvicorn
 from batcher.engine import Engine
 
 from .app import ServerSettings
+from .protocol import ConnectionLimits, limited_protocol
 
 log = logging.getLogger("jitney.server")
 
@@ -41,7 +42,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app, engine: Engine, settings: ServerSettings, host: str, port: int, grace_s: float,
-          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+          limits: ConnectionLimits = ConnectionLimits(), keep_alive_s: float = 5.0) -> None:
+    # Our protocol class (api/protocol.py) is uvicorn's httptools one with limits on headers and connections.
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="info", lifespan="on",
-                            timeout_graceful_shutdown=5, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+                            timeout_graceful_shutdown=5, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                            http=limited_protocol(limits), timeout_keep_alive=keep_alive_s)
     DrainingServer(config, engine, settings, grace_s).run()

@@ -1,0 +1,102 @@
+"""GET /openapi.json: the API's contract, built from the very field tables the checks read (api/schemas.py),
+so a bound changed there changes here. The fuzz test (tests/test_fuzz.py) generates requests from this
+document and holds the server to it: no 5xx, every error the JSON shape below.
+"""
+from __future__ import annotations
+
+from .schemas import (MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS, UNSUPPORTED, Field, Model)
+
+ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {
+    "type": "object", "required": ["message", "type", "code"], "additionalProperties": False,
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": ["string", "null"]}}}}}
+ERRORS = {
+    "400": "not JSON, nested too deeply, a number out of range, a duplicate key; a field this server does not "
+           "support; max_tokens beyond what the context leaves after the prompt; an unusable prompt",
+    "401": "a missing or wrong API key (when the server has keys)",
+    "404": "an unknown route, or a model this server does not serve",
+    "408": "the body did not arrive within --body-timeout-s",
+    "413": "a body over --max-body-bytes",
+    "415": "a body without 'Content-Type: application/json'",
+    "422": "a missing field, a wrong type, or a value out of its bounds",
+    "429": "over the queue bound (Retry-After says when to retry)",
+    "503": "the server is shutting down",
+    "504": "the request waited longer than --timeout-s to start",
+}
+REQUIRED = {"/generate": ["prompt"], "/v1/completions": ["prompt"], "/v1/chat/completions": ["messages"],
+            "/detokenize": ["tokens"]}
+
+
+def field_schema(f: Field, model: Model) -> dict:
+    ids = {"type": "integer", "minimum": 0, "maximum": model.vocab_size - 1}
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+    shapes = {
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": ids, "maxItems": model.max_model_len - 1},
+                             {"type": "array", "minItems": 1, "maxItems": 1, "items": {"oneOf": [
+                                 {"type": "string"}, {"type": "array", "items": ids}]}}]},
+        "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": {
+            "type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
+                "role": {"enum": ["system", "user", "assistant"]},
+                "content": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": MAX_PARTS, "items": {
+                    "type": "object", "required": ["type", "text"], "additionalProperties": False,
+                    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}}}},
+        "stop": {"oneOf": [text, {"type": "array", "maxItems": MAX_STOP, "items": text}]},
+        "token_ids": {"type": "array", "items": ids,
+                      "maxItems": model.max_model_len if f.name == "tokens" else MAX_STOP},
+        "stream_options": {"type": "object", "additionalProperties": False,
+                           "properties": {"include_usage": {"type": "boolean"}}},
+    }
+    if f.kind in shapes:
+        schema = shapes[f.kind]
+    else:
+        schema = {"type": f.kind}
+        hi = model.max_model_len if f.name in ("max_tokens", "max_completion_tokens", "min_tokens") else f.hi
+        if f.kind == "string":
+            schema |= {"maxLength": int(hi)} if hi is not None else {}
+        else:
+            if f.lo is not None:
+                schema["exclusiveMinimum" if f.open_lo else "minimum"] = f.lo
+            if hi is not None:
+                schema["maximum"] = hi
+        if f.default is not None:
+            schema["default"] = f.default
+    return {**schema, "description": f.doc}
+
+
+def request_schema(route: str, model: Model) -> dict:
+    return {"type": "object", "additionalProperties": False, "required": REQUIRED.get(route, []),
+            "properties": {f.name: field_schema(f, model) for f in ROUTE_FIELDS[route]},
+            "description": "Any other field is refused with 400 'not supported'. Known OpenAI/vLLM fields this "
+                           f"server does not implement ({', '.join(sorted(UNSUPPORTED))}) are accepted only "
+                           "with their 'off' value (or null). null in any field means its default."}
+
+
+def operation(summary: str, model: Model, route: str | None = None, ok: str = "application/json") -> dict:
+    op = {"summary": summary, "responses": {
+        "200": {"description": "success", "content": {ok: {"schema": {}}}},
+        **{code: {"description": why, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+           for code, why in ERRORS.items()}}}
+    if route is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": request_schema(route, model)}}}
+    return op
+
+
+def openapi_document(model_name: str, model: Model) -> dict:
+    gen = "/generate"
+    paths = {
+        gen: {"post": operation("jitney's own generation route (Server-Sent Events with stream)", model, gen)},
+        "/v1/completions": {"post": operation("OpenAI completions", model, "/v1/completions")},
+        "/v1/chat/completions": {"post": operation("OpenAI chat completions, through the model's chat template",
+                                                   model, "/v1/chat/completions")},
+        "/tokenize": {"post": operation("text or chat turns -> {tokens, count, max_model_len} (vLLM's shape)",
+                                        model, "/tokenize")},
+        "/detokenize": {"post": operation("token ids -> {prompt} (vLLM's shape)", model, "/detokenize")},
+        "/v1/models": {"get": operation("the served model", model)},
+        "/health": {"get": operation("200 when the model is loaded and the engine loop alive, else 503", model)},
+        "/metrics": {"get": operation("Prometheus metrics", model, ok="text/plain")},
+        "/openapi.json": {"get": operation("this document", model)},
+    }
+    return {"openapi": "3.1.0",
+            "info": {"title": "jitney", "version": "0.1.0",
+                     "description": f"Serving {model_name} (context window {model.max_model_len} tokens). Every error "
+                                    "is JSON {\"error\": {\"message\", \"type\", \"code\"}}."},
+            "paths": paths, "components": {"schemas": {"Error": ERROR}}}
