@@ -10,7 +10,10 @@ connection stays open. This subclass adds, each a `jitney serve` flag:
   --header-timeout-s                  the headers must be whole this long after their first byte (or after
                                       the connection opens): 408, then close
   --max-connections                   open connections: one more is answered 503 and closed
-  a request whose body is still coming when its answer is complete: the connection is closed
+  a request answered before its body was read (401, 415, 413, a route that ignores bodies): up to
+  DRAIN_BYTES more of the body are read and dropped within --header-timeout-s, then the connection closes.
+  (Closing at once would be simpler, but a socket closed with unread bytes in it is reset, and the reset can
+  destroy the answer before the client reads it.)
 
 The body deadline (--body-timeout-s) is kept by the app's middleware (api/app.py), which can answer 408 in
 JSON through the normal path. uvicorn's own answer to malformed HTTP (a plain-text 400) is JSON here too.
@@ -32,6 +35,9 @@ class ConnectionLimits:
     max_connections: int = 1024
 
 
+DRAIN_BYTES = 64 * 1024
+
+
 class _TooLarge(Exception):
     """Raised inside a parser callback to stop parsing; httptools hands it to data_received as a parse error."""
 
@@ -50,7 +56,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._refusal: tuple[int, str, str] | None = None
         self._waiting_headers, self._pending_bytes, self._header_bytes, self._header_count = True, 0, 0, 0
-        self._header_timer = None
+        self._header_timer = self._drain_timer = None
+        self._drain_left = 0
         if len(self.connections) > self.limits.max_connections:
             self._refuse(503, f"this server holds at most {self.limits.max_connections} connections; retry later",
                          "too_many_connections")
@@ -59,6 +66,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_timer()
+        self._stop_draining()
         super().connection_lost(exc)
 
     # --- headers: size, count, deadline ---------------------------------------------------------------
@@ -66,10 +74,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
-        if self._waiting_headers and self._pending_bytes == 0:
+        if self._drain_timer is not None:
+            self._drain_left -= len(data)
+            if self._drain_left < 0:
+                self.transport.close()
+                return
+        elif self._waiting_headers and self._pending_bytes == 0:
             self._arm_header_timer()  # the first byte of a request starts its header clock
         super().data_received(data)
-        if self._waiting_headers and not self.transport.is_closing():
+        if self._waiting_headers and self._drain_timer is None and not self.transport.is_closing():
             # Bytes held while the headers are incomplete (httptools buffers a partial header line whole).
             self._pending_bytes += len(data)
             if self._pending_bytes > self.limits.max_header_bytes:
@@ -127,13 +140,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # --- after the answer -----------------------------------------------------------------------------
 
     def on_response_complete(self) -> None:
-        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
-            # Answered before its body was read (401, 413, 408, or a route that ignores bodies): reading the
-            # rest only to drop it would let a client hold the connection with an endless body.
-            self.transport.close()
+        draining = self.cycle is not None and self.cycle.more_body and not self.transport.is_closing()
+        if draining:  # answered before its body was read: read out a little more of it, then close
+            self._drain_left = DRAIN_BYTES
+            self._drain_timer = self.loop.call_later(self.limits.header_timeout_s, self.transport.close)
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if not draining and not self.transport.is_closing():
             self._waiting_headers, self._pending_bytes = True, 0  # keep-alive: uvicorn's idle timer runs
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._drain_timer is not None:  # the dropped body ended in time: the connection lives on
+            self._stop_draining()
+            self._waiting_headers, self._pending_bytes = True, 0
+
+    def _stop_draining(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
 
     # --- answers uvicorn would give in plain text ------------------------------------------------------
 
