@@ -4,7 +4,7 @@ document and holds the server to it: no 5xx, every error the JSON shape below.
 """
 from __future__ import annotations
 
-from .schemas import (MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS, UNSUPPORTED, Field, Model)
+from .schemas import (MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS, UNSUPPORTED, Field, Model)
 
 ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {
     "type": "object", "required": ["message", "type", "code"], "additionalProperties": False,
@@ -42,6 +42,9 @@ def field_schema(f: Field, model: Model) -> dict:
         "stop": {"oneOf": [text, {"type": "array", "maxItems": MAX_STOP, "items": text}]},
         "token_ids": {"type": "array", "items": ids,
                       "maxItems": model.max_model_len if f.name == "tokens" else MAX_STOP},
+        "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS,
+                       "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
         "stream_options": {"type": "object", "additionalProperties": False,
                            "properties": {"include_usage": {"type": "boolean"}}},
     }

@@ -24,6 +24,7 @@ MAX_STOP_CHARS = 256      # characters in one stop string
 MAX_MESSAGES = 1024       # chat turns per request
 MAX_PARTS = 64            # content parts per message
 MAX_NAME_CHARS = 256      # model, user
+MAX_LOGIT_BIAS = 300      # logit_bias entries per request (OpenAI's own limit)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,14 @@ SAMPLING = (
     Field("ignore_eos", "boolean", "keep generating past end-of-sequence tokens", default=False),
     Field("min_tokens", "integer", "end-of-sequence and stop tokens are ignored until this many tokens are out "
           "(at most max_tokens)", lo=0, default=0),
+    Field("presence_penalty", "number", "subtracted from the logit of every token already generated (OpenAI's "
+          "penalty; the prompt does not count); < 0 encourages repeats", lo=-2.0, hi=2.0, default=0.0),
+    Field("frequency_penalty", "number", "subtracted from a token's logit once per time it was generated "
+          "(OpenAI's penalty; the prompt does not count)", lo=-2.0, hi=2.0, default=0.0),
+    Field("logit_bias", "logit_bias", f"{{token id (as a string): bias in [-100, 100]}}, at most {MAX_LOGIT_BIAS} "
+          "entries, added to those logits before sampling (greedy included); -100 bans a token, 100 forces it"),
+    Field("min_p", "number", "sampling only: drop tokens less likely than min_p times the likeliest; 0 = off",
+          lo=0.0, hi=1.0, default=0.0),
     Field("stream", "boolean", "answer as Server-Sent Events", default=False),
 )
 PROMPT = Field("prompt", "prompt", "the text to continue, or its token ids (a one-element list of either is "
@@ -89,7 +98,6 @@ ROUTE_FIELDS: dict[str, tuple[Field, ...]] = {
 # official clients send by default, or null); any other value is refused rather than silently ignored.
 UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (False, None), "top_logprobs": (0, None), "echo": (False,), "best_of": (1,), "suffix": ("",),
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "min_p": (0,),
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
     "function_call": ("none",), "parallel_tool_calls": (), "guided_json": (), "guided_regex": (),
     "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "use_beam_search": (False,),
@@ -193,6 +201,24 @@ def token_ids(body: dict, name: str, vocab_size: int, most: int) -> list[int]:
     return ids
 
 
+def logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} (JSON keys are strings) as (id, bias) pairs, each checked."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise invalid(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} entries "
+                      "{\"token id\": bias}", "invalid_type")
+    pairs = []
+    for key, b in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) >= vocab_size:
+            raise invalid(f"'logit_bias' keys must be token ids in 0..{vocab_size - 1}, got {key[:20]!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise invalid(f"'logit_bias' values must be numbers in [-100, 100]; token {key} has {str(b)[:40]}")
+        pairs.append((int(key), float(b)))
+    return tuple(pairs)
+
+
 @dataclass
 class Model:
     """What the checks need to know of the served model."""
@@ -227,6 +253,10 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
         stop_token_ids=tuple(token_ids(body, "stop_token_ids", model.vocab_size, MAX_STOP)),
         ignore_eos=value(body, spec(route, "ignore_eos")),
         min_tokens=min_tokens,
+        presence_penalty=value(body, spec(route, "presence_penalty")),
+        frequency_penalty=value(body, spec(route, "frequency_penalty")),
+        logit_bias=logit_bias(body, model.vocab_size),
+        min_p=value(body, spec(route, "min_p")),
     )
     try:
         return params.validate()

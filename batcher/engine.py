@@ -199,6 +199,7 @@ class Engine:
             raise EngineStopped("the server is shutting down")
         params.validate()
         self.runner.check_prompt(prompt_token_ids)
+        self.runner.check_params(params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self.requests:

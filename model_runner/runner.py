@@ -85,6 +85,13 @@ class ModelRunner:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Token ids in the sampling parameters must index this model's vocabulary (the sampler scatters on them)."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in (*params.stop_token_ids, *(t for t, _ in params.logit_bias)) if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [n, vocab] at every position of a prompt (reference checks), through the paged path."""
@@ -127,8 +134,10 @@ class ModelRunner:
             self._suppress_early_stops(logits, sampled_items)
             histories = ([s.token_ids for s in sampled_items]
                          if any(s.params.repetition_penalty != 1.0 for s in sampled_items) else None)
+            outputs = ([s.output_token_ids for s in sampled_items]
+                       if any(s.params.has_penalties for s in sampled_items) else None)
             ids = self.sampler(logits, [s.params for s in sampled_items], [s.generator for s in sampled_items],
-                               histories).tolist()
+                               histories, outputs).tolist()
             tokens = {s.seq_id: t for s, t in zip(sampled_items, ids)}
         return [tokens.get(seq.seq_id) for seq, _ in scheduled]
 

@@ -16,21 +16,63 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return g
 
 
+def padded_ids(token_histories: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """Ragged histories as one [B, W] tensor, padded with the id `vocab`: one column past the vocabulary, which
+    the callers scatter into and then drop, so padding never counts as a real token."""
+    width = max((len(h) for h in token_histories), default=0)
+    return torch.tensor([list(h) + [vocab] * (width - len(h)) for h in token_histories], dtype=torch.long,
+                        device=device).view(len(token_histories), width)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, token_histories: list[list[int]]) -> torch.Tensor:
     """HF/CTRL repetition penalty: a seen token's logit is divided by the row's penalty if > 0, else multiplied.
 
     logits [B, V] float, penalties [B], token_histories: B lists of token ids (ragged). Returns a new tensor.
     """
-    width = max((len(h) for h in token_histories), default=0)
-    if width == 0:
+    if max((len(h) for h in token_histories), default=0) == 0:
         return logits
     vocab = logits.shape[1]
-    # Pad with an extra column index `vocab` that is dropped afterwards, so padding never marks a real token as seen.
-    ids = torch.tensor([h + [vocab] * (width - len(h)) for h in token_histories], device=logits.device)
+    ids = padded_ids(token_histories, vocab, logits.device)
     seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)[:, :vocab]
     penalties = penalties.to(logits).unsqueeze(1)
     penalised = torch.where(logits > 0, logits / penalties, logits * penalties)
     return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency_penalty(logits: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor,
+                                     output_histories: list[list[int]]) -> torch.Tensor:
+    """OpenAI's penalties: logit[j] -= frequency * count[j] + presence * (count[j] > 0), where count[j] is how
+    often token j was generated so far in this row (the prompt does not count). Returns a new tensor.
+
+    logits [B, V] float; presence, frequency [B]; output_histories: B ragged lists of generated token ids.
+    """
+    vocab = logits.shape[1]
+    ids = padded_ids(output_histories, vocab, logits.device)
+    counts = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts = counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))[:, :vocab]
+    return (logits - frequency.to(logits).unsqueeze(1) * counts
+            - presence.to(logits).unsqueeze(1) * (counts > 0).to(logits.dtype))
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+    """Adds each row's (token id, bias) pairs to its logits, in place; returns logits. One scatter for the batch."""
+    rows = [r for r, pairs in enumerate(biases) for _ in pairs]
+    if rows:
+        cols = [t for pairs in biases for t, _ in pairs]
+        vals = torch.tensor([b for pairs in biases for _, b in pairs], dtype=logits.dtype, device=logits.device)
+        logits.index_put_((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+                          vals, accumulate=True)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """min-p: drop tokens whose probability is below min_p x the row's top probability; returns a new tensor.
+
+    In logit space p_j < min_p * p_max is x_j - x_max < log(min_p): no softmax needed, and min_p = 0 gives a
+    threshold of -inf, so rows with it off stay exactly as they are.
+    """
+    threshold = logits.amax(-1, keepdim=True) + min_p.to(logits).log().unsqueeze(1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -79,28 +121,19 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
         token_histories: list[list[int]] | None = None,
+        output_histories: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Sample one token per row of logits [B, V]; returns int64 [B].
 
         generators[i] is row i's own generator (make_generator) or None for the shared one; token_histories[i] is
-        row i's prompt + output ids, needed only for rows with repetition_penalty != 1.
+        row i's prompt + output ids, needed only for rows with repetition_penalty != 1; output_histories[i] is
+        its generated ids, needed only for rows with a presence or frequency penalty.
         """
         if logits.dim() != 2 or not len(params) == len(generators) == logits.shape[0]:
             raise ValueError(f"need logits [B, V] with B = len(params) = len(generators); got {tuple(logits.shape)}, "
                              f"{len(params)} params, {len(generators)} generators")
         device = logits.device
-
-        penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        if penalised:
-            if token_histories is None:
-                raise ValueError("token_histories is required when a row has repetition_penalty != 1")
-            idx = torch.tensor(penalised, device=device)
-            rows = apply_repetition_penalty(
-                logits[idx].float(),
-                torch.tensor([params[i].repetition_penalty for i in penalised]),
-                [list(token_histories[i]) for i in penalised],
-            )
-            logits = logits.float().index_copy(0, idx, rows)  # out of place: the caller's logits stay as they were
+        logits = self._adjust(logits, params, token_histories, output_histories)
 
         tokens = logits.argmax(-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -110,6 +143,8 @@ class Sampler:
         idx = torch.tensor(sampled, device=device)
         sp = [params[i] for i in sampled]
         x = logits[idx].float() / torch.tensor([p.temperature for p in sp], device=device).unsqueeze(1)
+        if any(p.min_p > 0 for p in sp):
+            x = apply_min_p(x, torch.tensor([p.min_p for p in sp], device=device))
         vocab = x.shape[1]
         ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in sp]
         x = apply_top_k_top_p(
@@ -119,6 +154,36 @@ class Sampler:
         )
         tokens[idx] = self._exponential_race(x.softmax(-1), [generators[i] for i in sampled])
         return tokens
+
+    @staticmethod
+    def _adjust(logits: torch.Tensor, params: list[SamplingParams], token_histories: list[list[int]] | None,
+                output_histories: list[list[int]] | None) -> torch.Tensor:
+        """The processors that can change even a greedy row's token, in vLLM's order: logit bias, repetition
+        penalty, presence/frequency penalties. Each touches only the rows that set it; with none set (the
+        common case) the caller's logits come back as they are, with no copy."""
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
+        repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        penalised = [i for i, p in enumerate(params) if p.has_penalties]
+        if not (biased or repeated or penalised):
+            return logits
+        x = logits.to(torch.float32, copy=True)  # float32, and the caller's logits stay as they were
+        if biased:
+            apply_logit_bias(x, [p.logit_bias for p in params])
+        if repeated:
+            if token_histories is None:
+                raise ValueError("token_histories is required when a row has repetition_penalty != 1")
+            idx = torch.tensor(repeated, device=x.device)
+            x[idx] = apply_repetition_penalty(x[idx], torch.tensor([params[i].repetition_penalty for i in repeated]),
+                                              [list(token_histories[i]) for i in repeated])
+        if penalised:
+            if output_histories is None:
+                raise ValueError("output_histories is required when a row has a presence or frequency penalty")
+            idx = torch.tensor(penalised, device=x.device)
+            x[idx] = apply_presence_frequency_penalty(
+                x[idx], torch.tensor([params[i].presence_penalty for i in penalised]),
+                torch.tensor([params[i].frequency_penalty for i in penalised]),
+                [list(output_histories[i]) for i in penalised])
+        return x
 
     def _exponential_race(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """argmax(p / E) with E ~ Exp(1) picks token j with probability p_j (the smallest E/p_j wins the race).

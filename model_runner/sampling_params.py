@@ -32,11 +32,25 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, checked at text level by the engine
     ignore_eos: bool = False
     min_tokens: int = 0
+    # OpenAI's penalties, over the counts of the tokens generated so far (the prompt does not count):
+    # logit -= frequency_penalty * count + presence_penalty * (count > 0). Negative values encourage repeats.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), greedy rows included
+    min_p: float = 0.0  # sampled rows: drop tokens whose probability is below min_p x the top token's; 0 = off
 
     def __post_init__(self) -> None:
         # Requests arrive as JSON, so lists are normal here; a bare string is one stop string, not its characters.
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = tuple(self.logit_bias.items())
+        self.logit_bias = tuple(tuple(kv) for kv in self.logit_bias)
+
+    @property
+    def has_penalties(self) -> bool:
+        """Presence or frequency penalties: the sampler needs this row's output token ids."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -60,4 +74,11 @@ class SamplingParams:
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean")
         check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               f"an integer in [0, max_tokens={self.max_tokens}]")
+        check(_is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+              "a number in [-2, 2]")
+        check(_is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              "a number in [-2, 2]")
+        check(all(len(kv) == 2 and _is_int(kv[0]) and kv[0] >= 0 and _is_number(kv[1]) and -100 <= kv[1] <= 100
+                  for kv in self.logit_bias), "logit_bias", "pairs of (token id >= 0, bias in [-100, 100])")
+        check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
         return self

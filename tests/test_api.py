@@ -244,6 +244,27 @@ def test_openai_extra_body_sampling_fields(oai):
     assert c.usage.completion_tokens == 30 and c.choices[0].finish_reason == "length"
 
 
+def test_openai_penalties_logit_bias_and_min_p(oai, client):
+    """The official client's own fields reach the sampler: each changes the greedy text, and /generate with the
+    same fields gives the same text (one implementation behind every route)."""
+    plain = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=64,
+                                   extra_body={"ignore_eos": True}).choices[0].text
+    a = client.post("/tokenize", json={"prompt": "A", "add_special_tokens": False}).json()["tokens"][0]
+    forced = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=16, logit_bias={str(a): 100},
+                                    extra_body={"ignore_eos": True}).choices[0].text
+    assert forced == "A" * 16  # +100 outweighs any logit of this model
+    for fields in ({"presence_penalty": 1.5}, {"frequency_penalty": 1.0}):
+        text = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=64,
+                                      extra_body={"ignore_eos": True}, **fields).choices[0].text
+        assert text != plain
+        same = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 64, "ignore_eos": True, **fields})
+        assert same.json()["text"] == text
+    chat = oai.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=8, logit_bias={str(a): 100}, presence_penalty=0.5,
+                                       frequency_penalty=0.0, extra_body={"ignore_eos": True, "min_p": 0.1})
+    assert chat.choices[0].message.content == "A" * 8  # greedy: min_p only narrows what sampling may pick
+
+
 def test_openai_n_2_is_refused(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=5, n=2)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from model_runner.errors import InvalidRequestError
-from model_runner.sampler import Sampler, apply_repetition_penalty, apply_top_k_top_p, make_generator
+from model_runner.sampler import (Sampler, apply_logit_bias, apply_min_p, apply_presence_frequency_penalty,
+                                  apply_repetition_penalty, apply_top_k_top_p, make_generator)
 from model_runner.sampling_params import SamplingParams
 
 V = 50
@@ -140,6 +141,8 @@ def test_repetition_penalty_matches_transformers():
     ("top_k", -2), ("top_k", 2.0), ("top_p", 0.0), ("top_p", 1.01), ("repetition_penalty", 0.0),
     ("seed", -1), ("seed", 2**63), ("seed", "1"), ("min_tokens", -1), ("min_tokens", 17),
     ("stop_token_ids", [-1]), ("stop", [""]), ("ignore_eos", "yes"),
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("frequency_penalty", float("inf")),
+    ("logit_bias", {3: 100.5}), ("logit_bias", {-1: 1.0}), ("min_p", -0.1), ("min_p", 1.1),
 ])
 def test_validate_rejects(field, value):
     with pytest.raises(InvalidRequestError, match=field):
@@ -151,3 +154,64 @@ def test_validate_accepts_and_normalises():
                        stop_token_ids=[2, 3], stop="\n\n", min_tokens=5).validate()
     assert p.stop_token_ids == (2, 3) and p.stop == ("\n\n",) and not p.greedy
     assert SamplingParams(stop=["a", "b"]).validate().stop == ("a", "b") and SamplingParams().validate().greedy
+
+
+# --- OpenAI's penalties, logit_bias, min_p ----------------------------------------------------------------
+
+def test_presence_frequency_penalty_is_openais_formula():
+    """logit[j] -= frequency * count[j] + presence * (count[j] > 0), over the generated tokens only.
+    Exact: the inputs are small integers and halves, which float32 represents and adds exactly."""
+    logits = torch.zeros(3, 8)
+    outputs = [[3, 3, 5], [], [7]]
+    got = apply_presence_frequency_penalty(logits, torch.tensor([0.5, 1.0, -1.0]), torch.tensor([1.0, 2.0, 0.5]),
+                                           outputs)
+    expected = torch.zeros(3, 8)
+    expected[0, 3], expected[0, 5] = -(2 * 1.0 + 0.5), -(1 * 1.0 + 0.5)
+    expected[2, 7] = -(0.5 - 1.0)  # negative penalties encourage
+    assert torch.equal(got, expected) and torch.equal(logits, torch.zeros(3, 8))
+
+
+def test_penalties_through_the_sampler_change_greedy_tokens_per_row():
+    """Row 0 repeats its argmax; a frequency penalty larger than the gap to the runner-up moves it there.
+    Row 1 has no penalty and must keep its argmax."""
+    logits = torch.tensor([[0.0, 3.0, 2.5, 0.0], [0.0, 3.0, 2.5, 0.0]])
+    params = [SamplingParams(frequency_penalty=1.0), SamplingParams()]
+    out = Sampler()(logits, params, [None, None], None, [[1], [1]])
+    assert out.tolist() == [2, 1]
+    with pytest.raises(ValueError, match="output_histories"):
+        Sampler()(logits, params, [None, None])
+
+
+def test_logit_bias_per_row_and_batched():
+    logits = torch.zeros(3, 6)
+    out = apply_logit_bias(logits, [((1, 5.0), (4, -100.0)), (), ((0, 2.5), (0, 1.0))])
+    expected = torch.zeros(3, 6)
+    expected[0, 1], expected[0, 4], expected[2, 0] = 5.0, -100.0, 3.5
+    assert torch.equal(out, expected)
+
+
+def test_logit_bias_forces_and_bans_through_the_sampler():
+    torch.manual_seed(0)
+    logits = torch.randn(4, V)  # |randn| < 100 - the bias dominates by construction
+    top = logits.argmax(-1)
+    params = [SamplingParams(logit_bias={7: 100.0}), SamplingParams(logit_bias={int(top[1]): -100.0}),
+              SamplingParams(), SamplingParams(temperature=1.0, seed=1, logit_bias={9: 100.0})]
+    out = sample(Sampler(), logits, params)
+    assert out[0] == 7 and out[1] != top[1] and out[2] == top[2] and out[3] == 9
+
+
+def test_no_processor_set_means_no_copy():
+    """The common path does no extra work: the logits tensor itself reaches argmax."""
+    logits = torch.randn(4, V, dtype=torch.bfloat16)
+    assert Sampler._adjust(logits, [SamplingParams()] * 4, None, None) is logits
+
+
+def test_min_p_keeps_tokens_within_the_ratio():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = apply_min_p(probs.log().unsqueeze(0), torch.tensor([0.25])).isfinite()[0].tolist()
+    assert kept == [True, True, True, False]  # 0.15 >= 0.25 * 0.5 > 0.05
+    out = sample(Sampler(seed=0), probs.log().expand(400, 4), [SamplingParams(temperature=1.0, min_p=0.25)] * 400)
+    assert set(out.tolist()) == {0, 1, 2}
+    off = torch.randn(2, V)
+    assert torch.equal(apply_min_p(off, torch.tensor([0.0, 0.0])), off)  # 0 = off: untouched
+    assert torch.equal(sample(Sampler(seed=0), off, [SamplingParams(temperature=1.0, min_p=1.0)] * 2), off.argmax(-1))
