@@ -24,11 +24,13 @@ from starlette.routing import Route
 from batcher.engine import Engine, EngineStopped, RequestOutput, RequestStream
 from batcher.request_queue import Overloaded
 from model_runner.errors import InvalidRequestError
+from model_runner.sampler import TokenLogprob
 
 from . import schemas
 from .chat import chat_prompt_ids
 from .errors import APIError, BodyTimeout, ClientGone, error_response, unsupported
 from .jsonbody import parse_json
+from .logprobs import TokenTexts, chat_logprobs, completion_logprobs, generate_logprobs
 from .metrics import Metrics
 from .openapi import openapi_document
 from .schemas import Model, ParsedRequest, check_fields, chat_messages, prompt_ids, sampling_params, spec, value
@@ -122,44 +124,96 @@ def cut_by_shutdown() -> APIError:
 
 # --- response shapes, one per route ---------------------------------------------------------------------
 
-class GenerateFormat:
-    def __init__(self, model: str):
-        self.model = model
+class Format:
+    """What every route's shape shares: the request it answers, and the logprobs not yet sent in a stream (a
+    token whose text the detokenizer still holds back sends its logprobs with the next chunk that has text)."""
 
-    def full(self, text: str, out: RequestOutput) -> dict:
-        t = out.timings
-        return {"text": text, "finish_reason": out.finish_reason, "usage": usage(out),
-                "timing_ms": {"queue": t.queue_ms, "ttft": t.ttft_ms, "total": t.total_ms}}
+    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts):
+        self.model, self.parsed, self.params, self.texts = model, parsed, parsed.params, texts
+        self.pending: list[TokenLogprob] = []
+        self.pending_prompt: list[TokenLogprob | None] | None = None
 
-    def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
-        if not out.finished:
-            return [sse({"text": out.text})] if out.text else []
-        return [sse(self.full(out.text, out))]
+    def take_logprobs(self, out: RequestOutput) -> tuple[list[TokenLogprob], list[TokenLogprob | None] | None]:
+        """This output's logprobs with any held back before it; the caller now sends them."""
+        self.pending += out.logprobs or []
+        self.pending_prompt = out.prompt_logprobs or self.pending_prompt
+        taken = (self.pending, self.pending_prompt)
+        self.pending, self.pending_prompt = [], None
+        return taken
 
     def end(self) -> list[str]:
         return []
 
 
-class CompletionFormat:
+class GenerateFormat(Format):
+    def full(self, text: str, out: RequestOutput, logprobs: list[TokenLogprob] = (),
+             prompt_logprobs: list[TokenLogprob | None] | None = None) -> dict:
+        t = out.timings
+        body = {"text": text, "finish_reason": out.finish_reason, "usage": usage(out),
+                "timing_ms": {"queue": t.queue_ms, "ttft": t.ttft_ms, "total": t.total_ms}}
+        return body | self.logprob_fields(list(logprobs), prompt_logprobs)
+
+    def logprob_fields(self, logprobs: list[TokenLogprob], prompt_logprobs) -> dict:
+        fields = {}
+        if self.params.logprobs is not None:
+            fields["logprobs"] = generate_logprobs(self.texts, logprobs)
+        if prompt_logprobs is not None:
+            fields["prompt_logprobs"] = generate_logprobs(self.texts, prompt_logprobs)
+        return fields
+
+    def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
+        if not out.finished:
+            if not out.text:  # nothing to show yet: its logprobs wait for the next piece of text
+                self.pending += out.logprobs or []
+                self.pending_prompt = out.prompt_logprobs or self.pending_prompt
+                return []
+            return [sse({"text": out.text} | self.logprob_fields(*self.take_logprobs(out)))]
+        return [sse(self.full(out.text, out, *self.take_logprobs(out)))]
+
+
+class CompletionFormat(Format):
     object, chunk_object = "text_completion", "text_completion"
 
-    def __init__(self, model: str):
-        self.model, self.id, self.created = model, f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts):
+        super().__init__(model, parsed, texts)
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.echoed = not parsed.echo  # the prompt goes out once, first
+        self.offset = 0                 # text_offset of the next token, in characters of the returned text
 
-    def choice(self, text: str, finish_reason: str | None, final: bool) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def wrap(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def full(self, text: str, out: RequestOutput) -> dict:
-        return self.wrap(self.object, [self.choice(text, out.finish_reason, True)], usage=usage(out))
+    def render(self, text: str, logprobs: list[TokenLogprob], prompt_logprobs) -> tuple[str, dict | None]:
+        """(text, logprobs object) of the next piece: the echoed prompt before the first one."""
+        ids, entries = [], []
+        if not self.echoed:
+            self.echoed = True
+            text = self.parsed.echo_text + text
+            if prompt_logprobs is not None:
+                ids, entries = list(self.parsed.prompt_ids), list(prompt_logprobs)
+        if self.params.logprobs is None:
+            return text, None
+        ids += [e.token_id for e in logprobs]
+        entries += logprobs
+        shaped = completion_logprobs(self.texts, ids, entries, self.offset)
+        self.offset += sum(len(t) for t in shaped["tokens"])
+        return text, shaped
+
+    def full(self, text: str, out: RequestOutput, logprobs: list[TokenLogprob] = (),
+             prompt_logprobs: list[TokenLogprob | None] | None = None) -> dict:
+        text, shaped = self.render(text, list(logprobs), prompt_logprobs)
+        return self.wrap(self.object, [self.choice(text, out.finish_reason, shaped)], usage=usage(out))
 
     def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
-        if not out.finished and not out.text:
+        if not out.finished and not out.text and self.echoed:
+            self.pending += out.logprobs or []
             return []
-        events = [sse(self.wrap(self.chunk_object, [self.choice(out.text, out.finish_reason, out.finished)]))]
+        text, shaped = self.render(out.text, *self.take_logprobs(out))
+        events = [sse(self.wrap(self.chunk_object, [self.choice(text, out.finish_reason, shaped)]))]
         if out.finished and include_usage:
             events.append(sse(self.wrap(self.chunk_object, [], usage=usage(out))))
         return events
@@ -171,13 +225,18 @@ class CompletionFormat:
 class ChatFormat(CompletionFormat):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str):
-        super().__init__(model)
+    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts):
+        super().__init__(model, parsed, texts)
         self.id, self.started = f"chatcmpl-{uuid.uuid4().hex}", False
 
-    def choice(self, text: str, finish_reason: str | None, final: bool) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+    def shaped(self, logprobs: list[TokenLogprob]) -> dict | None:
+        return None if self.params.logprobs is None else chat_logprobs(self.texts, logprobs)
+
+    def full(self, text: str, out: RequestOutput, logprobs: list[TokenLogprob] = (),
+             prompt_logprobs: list[TokenLogprob | None] | None = None) -> dict:
+        return self.wrap(self.object, [{"index": 0, "message": {"role": "assistant", "content": text},
+                                        "logprobs": self.shaped(list(logprobs)),
+                                        "finish_reason": out.finish_reason}], usage=usage(out))
 
     def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
         events = []
@@ -187,8 +246,11 @@ class ChatFormat(CompletionFormat):
                                                               "logprobs": None, "finish_reason": None}])))
         if out.text or out.finished:
             delta = {"content": out.text} if out.text else {}
-            events.append(sse(self.wrap(self.chunk_object, [{"index": 0, "delta": delta, "logprobs": None,
+            events.append(sse(self.wrap(self.chunk_object, [{"index": 0, "delta": delta,
+                                                              "logprobs": self.shaped(self.take_logprobs(out)[0]),
                                                               "finish_reason": out.finish_reason}])))
+        else:
+            self.pending += out.logprobs or []
         if out.finished and include_usage:
             events.append(sse(self.wrap(self.chunk_object, [], usage=usage(out))))
         return events
@@ -200,6 +262,7 @@ def build_app(engine: Engine, settings: ServerSettings):
     metrics = Metrics(engine)
     tokenizer = engine.runner.tokenizer
     model = Model(engine.runner.max_model_len, engine.runner.model_config.vocab_size)
+    texts = TokenTexts(tokenizer)
 
     async def submit(parsed: ParsedRequest) -> RequestStream:
         try:
@@ -217,9 +280,11 @@ def build_app(engine: Engine, settings: ServerSettings):
         watcher = asyncio.create_task(watch_disconnect(request, stream))
         if not parsed.stream:
             try:
-                text, final = "", None
+                text, final, logprobs, prompt_logprobs = "", None, [], None
                 async for out in stream:
                     text += out.text
+                    logprobs += out.logprobs or []
+                    prompt_logprobs = out.prompt_logprobs or prompt_logprobs
                     final = out
             finally:
                 watcher.cancel()
@@ -231,7 +296,7 @@ def build_app(engine: Engine, settings: ServerSettings):
                                      else None)
             if err:
                 raise err
-            return JSONResponse(fmt.full(text, final))
+            return JSONResponse(fmt.full(text, final, logprobs, prompt_logprobs))
         # Streaming: wait for the first output, so a request that fails before its first token (deadline,
         # shutdown) still gets a proper status code instead of a 200 with an error inside.
         try:
@@ -288,20 +353,28 @@ def build_app(engine: Engine, settings: ServerSettings):
                 raise schemas.invalid("'stream_options' must be {\"include_usage\": true or false}", "invalid_type")
             if not stream:
                 raise APIError(400, "'stream_options' is only allowed with \"stream\": true", code="invalid_value")
+        echo = route == "/v1/completions" and value(body, spec(route, "echo"))
         return ParsedRequest(ids, sampling_params(body, route, model, len(ids), default_max_tokens), stream,
-                             bool((options or {}).get("include_usage")))
+                             bool((options or {}).get("include_usage")), echo,
+                             echo_text(body, ids) if echo else "")
 
     async def generate(request: Request) -> Response:
         body = await json_body(request, settings, "/generate")
         ids = prompt_ids(body, tokenizer)
         parsed = ParsedRequest(ids, sampling_params(body, "/generate", model, len(ids), settings.generate_max_tokens),
                                value(body, spec("/generate", "stream")))
-        return await respond(request, parsed, GenerateFormat(settings.model_name))
+        return await respond(request, parsed, GenerateFormat(settings.model_name, parsed, texts))
 
     async def completions(request: Request) -> Response:
         body = await json_body(request, settings, "/v1/completions")
         parsed = openai_request(body, "/v1/completions", prompt_ids(body, tokenizer), 16)
-        return await respond(request, parsed, CompletionFormat(settings.model_name))
+        return await respond(request, parsed, CompletionFormat(settings.model_name, parsed, texts))
+
+    def echo_text(body: dict, ids: list[int]) -> str:
+        """The prompt as the client sent it, if text; else its ids decoded."""
+        prompt = body["prompt"]
+        prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else prompt
+        return prompt if isinstance(prompt, str) else tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
     def chat_ids(body: dict, add_generation_prompt: bool = True) -> list[int]:
         return chat_prompt_ids(chat_messages(body), tokenizer, settings.allow_special_tokens_in_content,
@@ -317,8 +390,8 @@ def build_app(engine: Engine, settings: ServerSettings):
                 raise schemas.invalid("give max_tokens or max_completion_tokens, not two different values")
             body["max_tokens"] = newer
         # Chat defaults to "until the context is full", as OpenAI's does.
-        return await respond(request, openai_request(body, route, ids, model.max_model_len),
-                             ChatFormat(settings.model_name))
+        parsed = openai_request(body, route, ids, model.max_model_len)
+        return await respond(request, parsed, ChatFormat(settings.model_name, parsed, texts))
 
     async def tokenize(request: Request) -> Response:
         route = "/tokenize"

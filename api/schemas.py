@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_runner.errors import InvalidRequestError
-from model_runner.sampling_params import SamplingParams
+from model_runner.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from .errors import APIError, invalid
 
@@ -81,11 +81,33 @@ OPENAI = (
 MESSAGES = Field("messages", "messages", f"1..{MAX_MESSAGES} turns of {{role: system|user|assistant, content: "
                  "string or text parts}}")
 
+LOGPROBS_DOC = ("log-probabilities of the raw model distribution (float32 log_softmax of the logits, before "
+                "penalties, bias or temperature)")
+# Completions may ask for no tokens at all when echoing: the prompt is then only scored (lm-evaluation-harness).
+ECHO_MAX_TOKENS = Field("max_tokens", "integer", MAX_TOKENS.doc + "; 0 only with echo (scores the prompt)", lo=0)
+COMPLETION_EXTRAS = (
+    Field("logprobs", "integer", f"the chosen token's and the N likeliest tokens' {LOGPROBS_DOC}, per token",
+          lo=0, hi=MAX_LOGPROBS),
+    Field("echo", "boolean", "return the prompt before the completion (with logprobs: the prompt tokens' too, "
+          "the first null)", default=False),
+)
+CHAT_EXTRAS = (
+    Field("logprobs", "boolean", f"return each generated token's {LOGPROBS_DOC}", default=False),
+    Field("top_logprobs", "integer", "with logprobs: also the N likeliest tokens at each position",
+          lo=0, hi=MAX_LOGPROBS),
+    Field("max_completion_tokens", "integer", "OpenAI's newer name for max_tokens", lo=1),
+)
+GENERATE_EXTRAS = (
+    Field("logprobs", "integer", f"per generated token: its and the N likeliest tokens' {LOGPROBS_DOC}",
+          lo=0, hi=MAX_LOGPROBS),
+    Field("prompt_logprobs", "integer", "per prompt token (the first has none): its and the N likeliest "
+          "tokens' logprobs", lo=0, hi=MAX_LOGPROBS),
+)
+
 ROUTE_FIELDS: dict[str, tuple[Field, ...]] = {
-    "/generate": (PROMPT, *SAMPLING),
-    "/v1/completions": (PROMPT, *OPENAI, *SAMPLING),
-    "/v1/chat/completions": (MESSAGES, *OPENAI, *SAMPLING,
-                             Field("max_completion_tokens", "integer", "OpenAI's newer name for max_tokens", lo=1)),
+    "/generate": (PROMPT, *SAMPLING, *GENERATE_EXTRAS),
+    "/v1/completions": (PROMPT, *OPENAI, ECHO_MAX_TOKENS, *SAMPLING[1:], *COMPLETION_EXTRAS),
+    "/v1/chat/completions": (MESSAGES, *OPENAI, *SAMPLING, *CHAT_EXTRAS),
     "/tokenize": (MODEL, Field("prompt", "string", "text to tokenize (or give messages)"),
                   Field("messages", "messages", "chat turns, rendered through the chat template (or give prompt)"),
                   Field("add_special_tokens", "boolean", "add the tokenizer's BOS/EOS around a prompt", default=True),
@@ -97,7 +119,7 @@ ROUTE_FIELDS: dict[str, tuple[Field, ...]] = {
 # OpenAI (and vLLM) fields this server does not implement. Each may be sent with its "off" value (what the
 # official clients send by default, or null); any other value is refused rather than silently ignored.
 UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (False, None), "top_logprobs": (0, None), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "best_of": (1,), "suffix": ("",),
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
     "function_call": ("none",), "parallel_tool_calls": (), "guided_json": (), "guided_regex": (),
     "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "use_beam_search": (False,),
@@ -232,12 +254,14 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
     max_tokens beyond what the context leaves after the prompt is refused (400, with both numbers), never
     quietly cut; a default max_tokens (the client gave none) is lowered to fit instead."""
     room = model.max_model_len - prompt_len
-    max_tokens = value(body, MAX_TOKENS, hi=model.max_model_len)
+    max_tokens = value(body, spec(route, "max_tokens"), hi=model.max_model_len)
+    logprobs, prompt_logprobs = logprob_fields(body, route, max_tokens)
     if max_tokens is not None and prompt_len < model.max_model_len and max_tokens > room:
         raise APIError(400, f"max_tokens is {max_tokens} but the prompt has {prompt_len} tokens and the context "
                             f"window is {model.max_model_len} tokens, leaving room for {room}: ask for at most {room} "
                             "or shorten the prompt", code="context_length_exceeded")
-    max_tokens = max_tokens or max(1, min(default_max_tokens, room))
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max_tokens, room))
     top_k = value(body, spec(route, "top_k"))
     min_tokens = value(body, spec(route, "min_tokens"))
     if min_tokens > max_tokens:
@@ -257,11 +281,31 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
         frequency_penalty=value(body, spec(route, "frequency_penalty")),
         logit_bias=logit_bias(body, model.vocab_size),
         min_p=value(body, spec(route, "min_p")),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
     try:
         return params.validate()
     except InvalidRequestError as e:
         raise invalid(str(e)) from None
+
+
+def logprob_fields(body: dict, route: str, max_tokens: int | None) -> tuple[int | None, int | None]:
+    """(logprobs, prompt_logprobs) for SamplingParams from each route's own way of asking for them."""
+    if route == "/generate":
+        return value(body, spec(route, "logprobs")), value(body, spec(route, "prompt_logprobs"))
+    if route == "/v1/completions":
+        n, echo = value(body, spec(route, "logprobs")), value(body, spec(route, "echo"))
+        if max_tokens == 0 and not echo:
+            raise invalid("'max_tokens' may be 0 only with \"echo\": true (scoring the prompt)")
+        # Echo + logprobs scores the prompt too; echo alone with max_tokens 0 still needs a prompt pass to end.
+        return n, (n if echo and n is not None else 0 if echo and max_tokens == 0 else None)
+    top = value(body, spec(route, "top_logprobs"))
+    if not value(body, spec(route, "logprobs")):
+        if top:
+            raise invalid("'top_logprobs' needs \"logprobs\": true")
+        return None, None
+    return top or 0, None
 
 
 @dataclass
@@ -270,6 +314,8 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool = False
+    echo: bool = False  # completions: the prompt's text (and logprobs) come first
+    echo_text: str = ""
 
 
 def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:

@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from model_runner.errors import InvalidRequestError
-from model_runner.runner import ModelRunner
+from model_runner.runner import ModelRunner, StepLogprobs
+from model_runner.sampler import TokenLogprob
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import FinishReason, Sequence
 
@@ -75,6 +76,9 @@ class RequestOutput:
     num_output_tokens: int = 0
     timings: Timings | None = None
     error: str | None = None     # set when the request failed (e.g. "timeout"); the message is in `text`
+    logprobs: list[TokenLogprob] | None = None   # one per token in token_ids, when the request asked for them
+    # Once, on the first output, when asked for: one per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Request:
@@ -83,6 +87,8 @@ class Request:
         self.timings = Timings(arrival=time.monotonic())
         self.outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.done = False
+        self.prompt_logprobs: dict[int, TokenLogprob] = {}  # by prompt index, gathered chunk by chunk
+        self.prompt_logprobs_sent = False
 
 
 class RequestStream:
@@ -277,7 +283,7 @@ class Engine:
                 for observe in self.step_observers:
                     observe(rec)
             finished = self.scheduler.update(plan, sampled)
-            self._emit(plan, sampled, finished)
+            self._emit(plan, sampled, self.runner.step_logprobs)
 
     def _between_steps(self, now: float) -> None:
         """Admission, aborts and deadlines: every change to who is scheduled happens here, between steps."""
@@ -301,12 +307,20 @@ class Engine:
                 if req.timings.scheduled is None and now - req.timings.arrival >= self.cfg.timeout_s:
                     self._fail(req, message)
 
-    def _emit(self, plan, sampled: list[int | None], finished) -> None:
+    def _emit(self, plan, sampled: list[int | None], step_logprobs: dict[int, StepLogprobs]) -> None:
         now = time.monotonic()
         for (seq, _), token in zip(plan.scheduled, sampled):
+            req = self._by_seq[seq.seq_id]
+            lps = step_logprobs.get(seq.seq_id)
+            if lps is not None:
+                req.prompt_logprobs.update(lps.prompt)  # a recomputed (preempted) prompt writes the same values
             if token is None:
                 continue
-            req = self._by_seq[seq.seq_id]
+            extra = self._logprob_fields(req, lps)
+            if seq.params.max_tokens == 0:  # the prompt was only scored (the scheduler ended it): no token
+                extra.pop("logprobs", None)
+                self._finish(req, **extra)
+                continue
             t = req.timings
             t.first_token = t.first_token or now
             t.token_times.append(now)
@@ -315,11 +329,25 @@ class Engine:
             if req.detok.stopped and not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.STOP)
             if seq.is_finished:
-                self._finish(req, text, [token])
+                self._finish(req, text, [token], **extra)
             else:
-                req.outputs.put_nowait(RequestOutput(req.request_id, text, [token]))
+                req.outputs.put_nowait(RequestOutput(req.request_id, text, [token], **extra))
 
-    def _finish(self, req: Request, text: str = "", token_ids: list[int] | None = None) -> None:
+    @staticmethod
+    def _logprob_fields(req: Request, lps: StepLogprobs | None) -> dict:
+        """The logprobs an output carries: the new token's, and the prompt's on the first output only."""
+        extra = {}
+        if lps is not None and lps.sampled is not None:
+            extra["logprobs"] = [lps.sampled]
+        if req.seq.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            req.prompt_logprobs_sent = True
+            extra["prompt_logprobs"] = [None] + [req.prompt_logprobs.get(i)
+                                                 for i in range(1, req.seq.num_prompt_tokens)]
+        return extra
+
+    def _finish(self, req: Request, text: str = "", token_ids: list[int] | None = None,
+                logprobs: list[TokenLogprob] | None = None,
+                prompt_logprobs: list[TokenLogprob | None] | None = None) -> None:
         if req.done:
             return
         req.done = True
@@ -330,7 +358,8 @@ class Engine:
         self.prompt_tokens += seq.num_prompt_tokens
         text += req.detok.flush()
         req.outputs.put_nowait(RequestOutput(req.request_id, text, token_ids or [], True, reason,
-                                             seq.num_prompt_tokens, seq.num_output_tokens, req.timings))
+                                             seq.num_prompt_tokens, seq.num_output_tokens, req.timings,
+                                             logprobs=logprobs, prompt_logprobs=prompt_logprobs))
         self._forget(req)
         if self.log_requests:
             log.info("request %s finished (%s): %r", req.request_id, reason, req.detok.text)

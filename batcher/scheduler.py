@@ -150,7 +150,8 @@ class Scheduler:
 
     def _prefix_hits(self, seq: Sequence) -> list[tuple[int, int]]:
         """(block, hash) of cached blocks holding seq's leading full blocks; at least one token is left to compute."""
-        if not self.allocator.enable_prefix_caching:
+        # A request for prompt logprobs needs every prompt position's logits: its prompt is computed, not reused.
+        if not self.allocator.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         bs, hits, parent = self.block_size, [], None
         num_full = (len(seq) - 1) // bs  # the last token is always computed: its logits are needed
@@ -175,7 +176,10 @@ class Scheduler:
             self._register_full_blocks(seq)
             if token is None:
                 continue
-            seq.append_token(token, self.eos_token_ids, self.max_model_len)
+            if seq.params.max_tokens == 0:  # the prompt was only to be scored: its logprobs are out, stop here
+                seq.finish_reason = FinishReason.LENGTH
+            else:
+                seq.append_token(token, self.eos_token_ids, self.max_model_len)
             if seq.is_finished:
                 self.finish(seq, seq.finish_reason)
                 finished.append(seq)

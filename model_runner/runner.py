@@ -7,6 +7,7 @@ token for every sequence whose chunk reached its last token. It never changes a 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,9 +19,18 @@ from .kv_cache import BlockAllocator, allocate_kv_cache, kv_cache_bytes_per_bloc
 from .loader import load_model_dir
 from .precision import resolve_precision
 from .model import LlamaModel
-from .sampler import Sampler
+from .sampler import Sampler, TokenLogprob, gather_logprobs
 from .sampling_params import SamplingParams
 from .sequence import Sequence
+
+
+@dataclass
+class StepLogprobs:
+    """What one step computed for one sequence: prompt tokens' logprobs (by their index in the prompt) for the
+    chunk it fed, and the sampled token's, when the sequence asked for them."""
+    prompt: list[tuple[int, TokenLogprob]] = field(default_factory=list)
+    sampled: TokenLogprob | None = None
+
 
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig | None = None, progress: bool = True):
@@ -51,6 +61,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.kv_dtype, cfg.device)
         self.block_allocator = BlockAllocator(self.num_blocks, cfg.block_size)
         self.sampler = Sampler(cfg.seed)
+        self.step_logprobs: dict[int, StepLogprobs] = {}
         # Attention by the native kernel where it builds for this device and model (see attention.py).
         self.native_attention = native.supported(self.device, self.dtype, *shape, self.kv_dtype)
 
@@ -111,7 +122,8 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> list[int | None]:
         """Runs one forward over the scheduled chunks; returns a sampled token per entry (None if mid-prompt).
 
-        Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens.
+        Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens. Sequences
+        that asked for logprobs find them in self.step_logprobs[seq_id] afterwards (until the next step).
         """
         # Single-token chunks first, shortest context first (the PyTorch path attends them in groups of similar
         # length; the native kernel takes any order).
@@ -128,18 +140,49 @@ class ModelRunner:
             if seq.num_computed_tokens + n == len(seq.token_ids):
                 rows.append(end - 1)
                 sampled_items.append(seq)
+        self.step_logprobs = {}
+        if any(s.params.prompt_logprobs is not None for s, _ in items):
+            self._prompt_logprobs(items, hidden)
         tokens: dict[int, int] = {}
         if rows:
             logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+            # Logprobs of the raw distribution: taken before min_tokens, penalties, bias or temperature touch it.
+            want = [i for i, s in enumerate(sampled_items) if s.params.logprobs is not None]
+            raw = logits[torch.tensor(want, device=self.device)].float().log_softmax(-1) if want else None
             self._suppress_early_stops(logits, sampled_items)
             histories = ([s.token_ids for s in sampled_items]
                          if any(s.params.repetition_penalty != 1.0 for s in sampled_items) else None)
             outputs = ([s.output_token_ids for s in sampled_items]
                        if any(s.params.has_penalties for s in sampled_items) else None)
-            ids = self.sampler(logits, [s.params for s in sampled_items], [s.generator for s in sampled_items],
-                               histories, outputs).tolist()
-            tokens = {s.seq_id: t for s, t in zip(sampled_items, ids)}
+            chosen = self.sampler(logits, [s.params for s in sampled_items], [s.generator for s in sampled_items],
+                                  histories, outputs)
+            if want:
+                entries = gather_logprobs(raw, chosen[torch.tensor(want, device=chosen.device)],
+                                          [sampled_items[i].params.logprobs for i in want])
+                for i, entry in zip(want, entries):
+                    self.step_logprobs.setdefault(sampled_items[i].seq_id, StepLogprobs()).sampled = entry
+            tokens = {s.seq_id: t for s, t in zip(sampled_items, chosen.tolist())}
         return [tokens.get(seq.seq_id) for seq, _ in scheduled]
+
+    def _prompt_logprobs(self, items: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
+        """For chunks of sequences that asked for prompt_logprobs: the logprob of each prompt token this chunk
+        predicts (the row at position p predicts token p + 1), from the same hidden states, in float32."""
+        rows, targets, ks, owners = [], [], [], []
+        start_row = 0
+        for seq, n in items:
+            if seq.params.prompt_logprobs is not None:
+                first = seq.num_computed_tokens
+                for p in range(first, min(first + n, seq.num_prompt_tokens - 1)):
+                    rows.append(start_row + p - first)
+                    targets.append(seq.token_ids[p + 1])
+                    ks.append(seq.params.prompt_logprobs)
+                    owners.append((seq.seq_id, p + 1))
+            start_row += n
+        if not rows:
+            return
+        logprobs = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).float().log_softmax(-1)
+        for (seq_id, index), entry in zip(owners, gather_logprobs(logprobs, torch.tensor(targets), ks)):
+            self.step_logprobs.setdefault(seq_id, StepLogprobs()).prompt.append((index, entry))
 
     def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """min_tokens: a sequence that may not stop yet cannot sample EOS or its stop tokens."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from model_runner.sampling_params import SamplingParams
@@ -96,6 +98,25 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         drop |= outside & (top_p < 1)
     drop[:, 0] = False  # the top token always survives
     return torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+@dataclass
+class TokenLogprob:
+    """One position's log-probabilities: the token that is there (sampled, or the prompt's) and the k likeliest."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), likeliest first; k of them
+
+
+def gather_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int]) -> list[TokenLogprob]:
+    """logprobs [B, V] float32 (log_softmax of the logits), chosen [B] token ids, ks[i] top entries for row i.
+    One topk at the batch's largest k serves every row."""
+    k = max(ks, default=0)
+    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    picked = logprobs.gather(1, chosen.view(-1, 1).to(logprobs.device)).view(-1).tolist()
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    return [TokenLogprob(int(t), lp, list(zip(top_ids[i][:ks[i]], top_lp[i][:ks[i]])))
+            for i, (t, lp) in enumerate(zip(chosen.tolist(), picked))]
 
 
 class Sampler:

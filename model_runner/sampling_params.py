@@ -10,6 +10,7 @@ from model_runner.errors import InvalidRequestError
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32 to inf, and the
 # distribution is a point mass on the argmax anyway (the same cut-off vLLM uses).
 GREEDY_TEMPERATURE_EPS = 1e-5
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's bound for chat's top_logprobs)
 
 
 def _is_int(x: object) -> bool:
@@ -38,6 +39,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), greedy rows included
     min_p: float = 0.0  # sampled rows: drop tokens whose probability is below min_p x the top token's; 0 = off
+    # Log-probabilities from the raw model distribution (float32 log_softmax of the logits, before any processor:
+    # vLLM's default "raw_logprobs"). None = off; N = the chosen token's and the N likeliest tokens' logprobs.
+    logprobs: int | None = None          # for each generated token
+    prompt_logprobs: int | None = None   # for each prompt token but the first (what scoring a text needs)
 
     def __post_init__(self) -> None:
         # Requests arrive as JSON, so lists are normal here; a bare string is one stop string, not its characters.
@@ -63,7 +68,10 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequestError(f"{field} must be {allowed}, got {getattr(self, field)!r}")
 
-        check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1")
+        # max_tokens 0 only scores the prompt: it needs prompt_logprobs, or there would be nothing to return.
+        least = 0 if self.prompt_logprobs is not None else 1
+        check(_is_int(self.max_tokens) and self.max_tokens >= least, "max_tokens",
+              f"an integer >= {least}" + (" (0 only with prompt_logprobs)" if least else ""))
         check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0")
         check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "-1 or 0 (off), or an integer >= 1")
         check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
@@ -81,4 +89,7 @@ class SamplingParams:
         check(all(len(kv) == 2 and _is_int(kv[0]) and kv[0] >= 0 and _is_number(kv[1]) and -100 <= kv[1] <= 100
                   for kv in self.logit_bias), "logit_bias", "pairs of (token id >= 0, bias in [-100, 100])")
         check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            check(n is None or (_is_int(n) and 0 <= n <= MAX_LOGPROBS), name, f"null or an integer in [0, {MAX_LOGPROBS}]")
         return self

@@ -265,6 +265,106 @@ def test_openai_penalties_logit_bias_and_min_p(oai, client):
     assert chat.choices[0].message.content == "A" * 8  # greedy: min_p only narrows what sampling may pick
 
 
+@pytest.fixture(scope="module")
+def hf_tiny():
+    """transformers on tiny-random's weights (the server's model: a seeded random init, the same anywhere)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model_runner.loader import cache_dir
+    from model_runner.tiny import tiny_random_dir
+    return AutoModelForCausalLM.from_pretrained(tiny_random_dir(cache_dir()), dtype=torch.float32).eval()
+
+
+def hf_logprobs(hf, ids):
+    """float32 log_softmax at every position, and the bound of tests/test_logprobs.py (2e-4 x max|logit|:
+    our logits agree with transformers' to 1e-4 of the largest, and log_softmax moves at most twice that)."""
+    import torch
+    with torch.inference_mode():
+        logits = hf(torch.tensor([ids])).logits[0].float()
+    return logits.log_softmax(-1), 2e-4 * logits.abs().max().item()
+
+
+def ids_of(client, text):
+    return client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+
+def test_openai_completion_logprobs_match_transformers(oai, client, hf_tiny):
+    c = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=8, logprobs=3,
+                               extra_body={"ignore_eos": True})
+    lp, prompt = c.choices[0].logprobs, ids_of(client, PROMPT)
+    generated = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 8, "ignore_eos": True,
+                                                "logprobs": 0}).json()["logprobs"]
+    ids = [e["token_id"] for e in generated]
+    ref, tol = hf_logprobs(hf_tiny, prompt + ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    for j, (token_id, logprob, top) in enumerate(zip(ids, lp.token_logprobs, lp.top_logprobs)):
+        assert abs(logprob - ref[len(prompt) - 1 + j, token_id].item()) < tol
+        # The 3 likeliest and the chosen one, keyed by text: byte tokens holding part of a character all read
+        # U+FFFD, so keys can merge (OpenAI's shape has the same limit; /generate's lists keep ids).
+        assert lp.tokens[j] in top and 1 <= len(top) <= 4
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_openai_echo_scores_the_prompt_like_lm_eval(oai, client, hf_tiny):
+    """lm-evaluation-harness's log-likelihood request: echo, logprobs 1, max_tokens 0 (or 1)."""
+    prompt = ids_of(client, PROMPT)
+    ref, tol = hf_logprobs(hf_tiny, prompt)
+    for max_tokens in (0, 1):
+        c = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=max_tokens, echo=True, logprobs=1,
+                                   temperature=0, extra_body={"ignore_eos": True})
+        choice, lp = c.choices[0], c.choices[0].logprobs
+        assert choice.text.startswith(PROMPT) and c.usage.completion_tokens == max_tokens
+        assert c.usage.prompt_tokens == len(prompt) and len(lp.token_logprobs) == len(prompt) + max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for i in range(1, len(prompt)):
+            assert abs(lp.token_logprobs[i] - ref[i - 1, prompt[i]].item()) < tol
+        # lm-eval's is_greedy: the likeliest entry of each top_logprobs is the token itself, or not.
+        assert all(len(top) in (1, 2) for top in lp.top_logprobs[1:])
+    with pytest.raises(openai.UnprocessableEntityError):  # 0 tokens without echo asks for nothing
+        oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=0)
+    plain = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=0, echo=True)
+    assert plain.choices[0].text == PROMPT and plain.choices[0].logprobs is None
+
+
+def test_openai_streaming_logprobs_equal_the_whole_answer(oai):
+    whole = oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=20, logprobs=2, echo=True,
+                                   extra_body={"ignore_eos": True}).choices[0]
+    chunks = list(oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=20, logprobs=2, echo=True,
+                                         stream=True, extra_body={"ignore_eos": True}))
+    pieces = [ch.choices[0] for ch in chunks if ch.choices]
+    assert "".join(p.text for p in pieces) == whole.text
+    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for p in pieces if p.logprobs for x in getattr(p.logprobs, name)] == getattr(whole.logprobs, name)
+
+    kw = dict(model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=20, logprobs=True,
+              top_logprobs=2, extra_body={"ignore_eos": True})
+    chat = oai.chat.completions.create(**kw)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 20
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+               and t.logprob <= 0 and t.bytes == list(t.token.encode()) for t in content)
+    streamed = [t for ch in oai.chat.completions.create(**kw, stream=True) if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    no = oai.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert no.choices[0].logprobs is None
+
+
+def test_generate_logprobs_shape_and_stream(client):
+    body = {"prompt": PROMPT, "max_tokens": 6, "ignore_eos": True, "logprobs": 2, "prompt_logprobs": 1}
+    r = client.post("/generate", json=body).json()
+    assert len(r["logprobs"]) == 6 and all(len(e["top_logprobs"]) == 2 for e in r["logprobs"])
+    assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == r["usage"]["prompt_tokens"]
+    events = stream_events(client, "/generate", {**body, "stream": True})
+    streamed = [e for ev in events for e in ev.get("logprobs") or []]
+    assert streamed == r["logprobs"]
+    assert [ev["prompt_logprobs"] for ev in events if "prompt_logprobs" in ev] == [r["prompt_logprobs"]]
+    err = assert_error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                                 "top_logprobs": 2}), 422)
+    assert "top_logprobs" in err["message"]
+
+
 def test_openai_n_2_is_refused(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=5, n=2)
