@@ -28,7 +28,7 @@ from model_runner.sampler import TokenLogprob
 
 from . import schemas
 from .chat import chat_prompt_ids
-from .errors import APIError, BodyTimeout, ClientGone, error_response, unsupported
+from .errors import APIError, BodyTimeout, ClientGone, error_response
 from .jsonbody import parse_json
 from .logprobs import TokenTexts, chat_logprobs, completion_logprobs, generate_logprobs
 from .metrics import Metrics
@@ -89,19 +89,64 @@ async def json_body(request: Request, settings: "ServerSettings", route: str) ->
     return body
 
 
-async def watch_disconnect(request: Request, stream: RequestStream) -> None:
+async def watch_disconnect(request: Request, streams: list[RequestStream]) -> None:
     """Aborts the request in the engine when the client goes away (frees its KV blocks within a step)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             request.state.client_closed = True
-            stream.abort()
+            for stream in streams:
+                stream.abort()
             return
 
 
+async def merged(streams: list[RequestStream]):
+    """(choice index, output) from every sample's stream as they come, until all have finished."""
+    if len(streams) == 1:  # the common case: no tasks, no extra queue
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        async for out in stream:
+            queue.put_nowait((i, out))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, out = await queue.get()
+            left -= out.finished
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def usage(out: RequestOutput) -> dict:
-    return {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
-            "total_tokens": out.num_prompt_tokens + out.num_output_tokens}
+    return usage_of([out])
+
+
+def usage_of(finals: list[RequestOutput]) -> dict:
+    """Parallel samples share their prompt: it counts once; their completions add up."""
+    prompt, completion = finals[0].num_prompt_tokens, sum(f.num_output_tokens for f in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@dataclass
+class Collected:
+    """One sample's outputs gathered for a non-streaming answer."""
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    final: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.logprobs += out.logprobs or []
+        self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
+        self.final = out
 
 
 def sse(data: dict | str) -> str:
@@ -128,8 +173,8 @@ class Format:
     """What every route's shape shares: the request it answers, and the logprobs not yet sent in a stream (a
     token whose text the detokenizer still holds back sends its logprobs with the next chunk that has text)."""
 
-    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts):
-        self.model, self.parsed, self.params, self.texts = model, parsed, parsed.params, texts
+    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts, index: int = 0):
+        self.model, self.parsed, self.params, self.texts, self.index = model, parsed, parsed.params, texts, index
         self.pending: list[TokenLogprob] = []
         self.pending_prompt: list[TokenLogprob | None] | None = None
 
@@ -144,8 +189,14 @@ class Format:
     def end(self) -> list[str]:
         return []
 
+    def usage_chunk(self, totals: dict) -> list[str]:
+        return []
+
 
 class GenerateFormat(Format):
+    def whole(self, choices: list[dict], totals: dict) -> dict:
+        return choices[0]  # /generate has one sample, whose own usage the body already holds
+
     def full(self, text: str, out: RequestOutput, logprobs: list[TokenLogprob] = (),
              prompt_logprobs: list[TokenLogprob | None] | None = None) -> dict:
         t = out.timings
@@ -161,7 +212,7 @@ class GenerateFormat(Format):
             fields["prompt_logprobs"] = generate_logprobs(self.texts, prompt_logprobs)
         return fields
 
-    def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
+    def chunks(self, out: RequestOutput) -> list[str]:
         if not out.finished:
             if not out.text:  # nothing to show yet: its logprobs wait for the next piece of text
                 self.pending += out.logprobs or []
@@ -174,14 +225,14 @@ class GenerateFormat(Format):
 class CompletionFormat(Format):
     object, chunk_object = "text_completion", "text_completion"
 
-    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts):
-        super().__init__(model, parsed, texts)
+    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts, index: int = 0):
+        super().__init__(model, parsed, texts, index)
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.echoed = not parsed.echo  # the prompt goes out once, first
         self.offset = 0                 # text_offset of the next token, in characters of the returned text
 
     def choice(self, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def wrap(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
@@ -205,18 +256,22 @@ class CompletionFormat(Format):
 
     def full(self, text: str, out: RequestOutput, logprobs: list[TokenLogprob] = (),
              prompt_logprobs: list[TokenLogprob | None] | None = None) -> dict:
+        """This sample's choice in the whole answer."""
         text, shaped = self.render(text, list(logprobs), prompt_logprobs)
-        return self.wrap(self.object, [self.choice(text, out.finish_reason, shaped)], usage=usage(out))
+        return self.choice(text, out.finish_reason, shaped)
 
-    def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
+    def whole(self, choices: list[dict], totals: dict) -> dict:
+        return self.wrap(self.object, choices, usage=totals)
+
+    def chunks(self, out: RequestOutput) -> list[str]:
         if not out.finished and not out.text and self.echoed:
             self.pending += out.logprobs or []
             return []
         text, shaped = self.render(out.text, *self.take_logprobs(out))
-        events = [sse(self.wrap(self.chunk_object, [self.choice(text, out.finish_reason, shaped)]))]
-        if out.finished and include_usage:
-            events.append(sse(self.wrap(self.chunk_object, [], usage=usage(out))))
-        return events
+        return [sse(self.wrap(self.chunk_object, [self.choice(text, out.finish_reason, shaped)]))]
+
+    def usage_chunk(self, totals: dict) -> list[str]:
+        return [sse(self.wrap(self.chunk_object, [], usage=totals))]
 
     def end(self) -> list[str]:
         return [sse("[DONE]")]
@@ -225,8 +280,8 @@ class CompletionFormat(Format):
 class ChatFormat(CompletionFormat):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts):
-        super().__init__(model, parsed, texts)
+    def __init__(self, model: str, parsed: ParsedRequest, texts: TokenTexts, index: int = 0):
+        super().__init__(model, parsed, texts, index)
         self.id, self.started = f"chatcmpl-{uuid.uuid4().hex}", False
 
     def shaped(self, logprobs: list[TokenLogprob]) -> dict | None:
@@ -234,25 +289,23 @@ class ChatFormat(CompletionFormat):
 
     def full(self, text: str, out: RequestOutput, logprobs: list[TokenLogprob] = (),
              prompt_logprobs: list[TokenLogprob | None] | None = None) -> dict:
-        return self.wrap(self.object, [{"index": 0, "message": {"role": "assistant", "content": text},
-                                        "logprobs": self.shaped(list(logprobs)),
-                                        "finish_reason": out.finish_reason}], usage=usage(out))
+        return {"index": self.index, "message": {"role": "assistant", "content": text},
+                "logprobs": self.shaped(list(logprobs)), "finish_reason": out.finish_reason}
 
-    def chunks(self, out: RequestOutput, include_usage: bool) -> list[str]:
+    def chunks(self, out: RequestOutput) -> list[str]:
         events = []
         if not self.started:  # the first chunk announces the role, as OpenAI's does
             self.started = True
-            events.append(sse(self.wrap(self.chunk_object, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+            events.append(sse(self.wrap(self.chunk_object, [{"index": self.index,
+                                                              "delta": {"role": "assistant", "content": ""},
                                                               "logprobs": None, "finish_reason": None}])))
         if out.text or out.finished:
             delta = {"content": out.text} if out.text else {}
-            events.append(sse(self.wrap(self.chunk_object, [{"index": 0, "delta": delta,
+            events.append(sse(self.wrap(self.chunk_object, [{"index": self.index, "delta": delta,
                                                               "logprobs": self.shaped(self.take_logprobs(out)[0]),
                                                               "finish_reason": out.finish_reason}])))
         else:
             self.pending += out.logprobs or []
-        if out.finished and include_usage:
-            events.append(sse(self.wrap(self.chunk_object, [], usage=usage(out))))
         return events
 
 
@@ -264,9 +317,9 @@ def build_app(engine: Engine, settings: ServerSettings):
     model = Model(engine.runner.max_model_len, engine.runner.model_config.vocab_size)
     texts = TokenTexts(tokenizer)
 
-    async def submit(parsed: ParsedRequest) -> RequestStream:
+    async def submit(parsed: ParsedRequest) -> list[RequestStream]:
         try:
-            return await engine.add_request(parsed.prompt_ids, parsed.params)
+            return await engine.add_parallel_requests(parsed.prompt_ids, parsed.params, parsed.n)
         except InvalidRequestError as e:
             raise APIError(400, str(e), code="invalid_prompt") from None
         except Overloaded as e:
@@ -275,63 +328,85 @@ def build_app(engine: Engine, settings: ServerSettings):
         except EngineStopped as e:
             raise APIError(503, str(e), "unavailable", "shutting_down") from None
 
-    async def respond(request: Request, parsed: ParsedRequest, fmt) -> Response:
-        stream = await submit(parsed)
-        watcher = asyncio.create_task(watch_disconnect(request, stream))
+    def ended_badly(finals: list[RequestOutput]) -> APIError | None:
+        return next((e for f in finals if (e := failure(f))), None) or (
+            cut_by_shutdown() if any(f.finish_reason == "abort" for f in finals) and not engine.accepting else None)
+
+    async def respond(request: Request, parsed: ParsedRequest, fmts: list) -> Response:
+        """Runs the request (n samples: one format each, fmts[i] for choice i) and answers whole or streamed."""
+        streams = await submit(parsed)
+        watcher = asyncio.create_task(watch_disconnect(request, streams))
+        outputs = merged(streams)
         if not parsed.stream:
+            collected = [Collected() for _ in streams]
             try:
-                text, final, logprobs, prompt_logprobs = "", None, [], None
-                async for out in stream:
-                    text += out.text
-                    logprobs += out.logprobs or []
-                    prompt_logprobs = out.prompt_logprobs or prompt_logprobs
-                    final = out
+                async for i, out in outputs:
+                    collected[i].add(out)
             finally:
                 watcher.cancel()
-            metrics.observe_request(final)
-            request.state.usage = usage(final)
+            finals = [c.final for c in collected]
+            for final in finals:
+                metrics.observe_request(final)
+            request.state.usage = totals = usage_of(finals)
             if getattr(request.state, "client_closed", False):
                 raise ClientGone()
-            err = failure(final) or (cut_by_shutdown() if final.finish_reason == "abort" and not engine.accepting
-                                     else None)
-            if err:
+            if err := ended_badly(finals):
                 raise err
-            return JSONResponse(fmt.full(text, final, logprobs, prompt_logprobs))
+            return JSONResponse(fmts[0].whole([f.full(c.text, c.final, c.logprobs, c.prompt_logprobs)
+                                               for f, c in zip(fmts, collected)], totals))
         # Streaming: wait for the first output, so a request that fails before its first token (deadline,
         # shutdown) still gets a proper status code instead of a 200 with an error inside.
         try:
-            first = await anext(stream)
+            first = await anext(outputs)
         except BaseException:
             watcher.cancel()
+            await outputs.aclose()
             raise
-        if first.finished and (err := failure(first)):
+        if first[1].finished and (err := failure(first[1])):
             watcher.cancel()
+            await outputs.aclose()
             raise err
 
         async def events():
-            out = first
+            finals: dict[int, RequestOutput] = {}
+            i, out = first
             try:
                 while True:
-                    for event in fmt.chunks(out, parsed.include_usage):
+                    for event in fmts[i].chunks(out):
                         yield event
                     if out.finished:
-                        break
-                    out = await anext(stream)
-                metrics.observe_request(out)
-                request.state.usage = usage(out)
-                if out.finish_reason == "abort" and not engine.accepting:
+                        finals[i] = out
+                        if len(finals) == len(streams):
+                            break
+                    i, out = await anext(outputs)
+                for final in finals.values():
+                    metrics.observe_request(final)
+                request.state.usage = totals = usage_of([finals[k] for k in sorted(finals)])
+                if parsed.include_usage:
+                    for event in fmts[0].usage_chunk(totals):
+                        yield event
+                if finals and any(f.finish_reason == "abort" for f in finals.values()) and not engine.accepting:
                     e = cut_by_shutdown()
                     yield sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
-                for event in fmt.end():
+                for event in fmts[0].end():
                     yield event
             finally:
                 watcher.cancel()
-                if not out.finished:  # the client went away mid-stream
+                await outputs.aclose()
+                if len(finals) < len(streams):  # the client went away mid-stream
                     request.state.client_closed = True
-                    stream.abort()
+                    for stream in streams:
+                        stream.abort()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def formats(cls, parsed: ParsedRequest) -> list:
+        """One format per sample; the choices of one answer share its id and creation time."""
+        fmts = [cls(settings.model_name, parsed, texts, i) for i in range(parsed.n)]
+        for f in fmts[1:]:
+            f.id, f.created = fmts[0].id, fmts[0].created
+        return fmts
 
     def check_model(body: dict) -> None:
         name = body.get("model")
@@ -342,8 +417,7 @@ def build_app(engine: Engine, settings: ServerSettings):
     def openai_request(body: dict, route: str, ids: list[int], default_max_tokens: int) -> ParsedRequest:
         value(body, spec(route, "model"))
         check_model(body)
-        if value(body, spec(route, "n")) != 1:
-            raise unsupported("only n=1 is supported: send several requests for several completions")
+        n = value(body, spec(route, "n"))
         value(body, spec(route, "user"))
         stream = value(body, spec(route, "stream"))
         options = body.get("stream_options")
@@ -356,19 +430,19 @@ def build_app(engine: Engine, settings: ServerSettings):
         echo = route == "/v1/completions" and value(body, spec(route, "echo"))
         return ParsedRequest(ids, sampling_params(body, route, model, len(ids), default_max_tokens), stream,
                              bool((options or {}).get("include_usage")), echo,
-                             echo_text(body, ids) if echo else "")
+                             echo_text(body, ids) if echo else "", n)
 
     async def generate(request: Request) -> Response:
         body = await json_body(request, settings, "/generate")
         ids = prompt_ids(body, tokenizer)
         parsed = ParsedRequest(ids, sampling_params(body, "/generate", model, len(ids), settings.generate_max_tokens),
                                value(body, spec("/generate", "stream")))
-        return await respond(request, parsed, GenerateFormat(settings.model_name, parsed, texts))
+        return await respond(request, parsed, formats(GenerateFormat, parsed))
 
     async def completions(request: Request) -> Response:
         body = await json_body(request, settings, "/v1/completions")
         parsed = openai_request(body, "/v1/completions", prompt_ids(body, tokenizer), 16)
-        return await respond(request, parsed, CompletionFormat(settings.model_name, parsed, texts))
+        return await respond(request, parsed, formats(CompletionFormat, parsed))
 
     def echo_text(body: dict, ids: list[int]) -> str:
         """The prompt as the client sent it, if text; else its ids decoded."""
@@ -391,7 +465,7 @@ def build_app(engine: Engine, settings: ServerSettings):
             body["max_tokens"] = newer
         # Chat defaults to "until the context is full", as OpenAI's does.
         parsed = openai_request(body, route, ids, model.max_model_len)
-        return await respond(request, parsed, ChatFormat(settings.model_name, parsed, texts))
+        return await respond(request, parsed, formats(ChatFormat, parsed))
 
     async def tokenize(request: Request) -> Response:
         route = "/tokenize"

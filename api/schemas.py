@@ -16,6 +16,7 @@ from typing import Any
 
 from model_runner.errors import InvalidRequestError
 from model_runner.sampling_params import MAX_LOGPROBS, SamplingParams
+from batcher.engine import MAX_N
 
 from .errors import APIError, invalid
 
@@ -72,7 +73,8 @@ PROMPT = Field("prompt", "prompt", "the text to continue, or its token ids (a on
 MODEL = Field("model", "string", "the served model's name (404 for any other)", hi=MAX_NAME_CHARS)
 OPENAI = (
     MODEL,
-    Field("n", "integer", "completions per prompt; only 1 is supported (400 otherwise)", lo=1, hi=128, default=1),
+    Field("n", "integer", "samples of the prompt, one choice each (index 0..n-1); they share the prompt's KV "
+          "blocks, and sample i draws from seed + i", lo=1, hi=MAX_N, default=1),
     Field("stream_options", "stream_options", "{\"include_usage\": bool}: a last chunk with token counts; only "
           "with stream"),
     Field("user", "string", "an end-user id, accepted for compatibility; this server does not use it",
@@ -316,6 +318,7 @@ class ParsedRequest:
     include_usage: bool = False
     echo: bool = False  # completions: the prompt's text (and logprobs) come first
     echo_text: str = ""
+    n: int = 1          # parallel samples (OpenAI's n), one choice each
 
 
 def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from model_runner.errors import InvalidRequestError
 from model_runner.runner import ModelRunner, StepLogprobs
@@ -28,6 +28,7 @@ from .request_queue import Overloaded, RequestQueue
 from .scheduler import Scheduler
 
 log = logging.getLogger("jitney.engine")
+MAX_N = 16  # parallel samples per request (OpenAI's n)
 
 
 class EngineStopped(Exception):
@@ -89,6 +90,8 @@ class Request:
         self.done = False
         self.prompt_logprobs: dict[int, TokenLogprob] = {}  # by prompt index, gathered chunk by chunk
         self.prompt_logprobs_sent = False
+        self.forks: list[Request] = []  # n > 1: the siblings waiting for this one's prompt to be computed
+        self.forked = False             # a sibling: its prompt tokens are the first sample's, counted once
 
 
 class RequestStream:
@@ -201,28 +204,70 @@ class Engine:
     async def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                           request_id: str | None = None) -> RequestStream:
         """Validates and enqueues a request, or raises at once: InvalidRequestError, Overloaded, EngineStopped."""
+        return (await self.add_parallel_requests(prompt_token_ids, params, 1, request_id))[0]
+
+    async def add_parallel_requests(self, prompt_token_ids: list[int], params: SamplingParams, n: int,
+                                    request_id: str | None = None) -> list[RequestStream]:
+        """n samples of one prompt (OpenAI's n), one stream each. The first sample prefills the prompt; when it
+        samples its first token the others fork from it: they take its full prompt blocks by reference count
+        (no copy, no recompute) and compute only the last, partial block themselves. Sample i draws from
+        seed + i when a seed is given. Raises like add_request."""
         if not self.accepting:
             raise EngineStopped("the server is shutting down")
+        if not (isinstance(n, int) and 1 <= n <= MAX_N):
+            raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
         params.validate()
         self.runner.check_prompt(prompt_token_ids)
         self.runner.check_params(params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
-        elif request_id in self.requests:
+        ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+        if any(rid in self.requests for rid in ids):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._check_capacity(len(prompt_token_ids))
         await self.queue.throttle()
-        seq = Sequence(prompt_token_ids, params)
-        detok = IncrementalDetokenizer(self.runner.tokenizer, prompt_token_ids, stop=params.stop)
-        req = Request(request_id, seq, detok)
-        self.requests[request_id] = req
-        self._by_seq[seq.seq_id] = req
-        self.queue.put(req, len(prompt_token_ids), self.cfg.timeout_s)
+        reqs = []
+        for i, rid in enumerate(ids):
+            p = params if i == 0 or params.seed is None else replace(params, seed=(params.seed + i) % 2**63)
+            seq = Sequence(prompt_token_ids, p)
+            req = Request(rid, seq, IncrementalDetokenizer(self.runner.tokenizer, prompt_token_ids, stop=p.stop))
+            self.requests[rid] = req
+            self._by_seq[seq.seq_id] = req
+            reqs.append(req)
+        first = reqs[0]
+        first.forks = reqs[1:]
+        for r in first.forks:
+            r.forked = True
+        self.queue.put(first, len(prompt_token_ids), self.cfg.timeout_s)
         if self.log_requests:
-            log.info("request %s: %d prompt tokens, params %s, prompt %r", request_id, len(prompt_token_ids),
-                     params, self.runner.tokenizer.decode(prompt_token_ids))
+            log.info("request %s: %d prompt tokens, n %d, params %s, prompt %r", request_id, len(prompt_token_ids),
+                     n, params, self.runner.tokenizer.decode(prompt_token_ids))
         self._wake.set()
-        return RequestStream(self, req)
+        return [RequestStream(self, r) for r in reqs]
+
+    def _fork(self, plan, sampled: list[int | None]) -> None:
+        """Starts the siblings of every sequence that just sampled its first token (its prompt's K/V are all
+        written now): each shares the prompt's full blocks, as a prefix-cache hit would, and is scheduled next."""
+        bs, alloc = self.runner.block_size, self.runner.block_allocator
+        for (seq, _), token in zip(plan.scheduled, sampled):
+            req = self._by_seq.get(seq.seq_id)
+            if token is None or req is None or not req.forks:
+                continue
+            forks, req.forks = req.forks, []
+            if (lps := self.runner.step_logprobs.get(seq.seq_id)) is not None:
+                req.prompt_logprobs.update(lps.prompt)  # siblings compute only the tail: they share the rest
+            # The last prompt token is always computed by each sibling: its logits are that sibling's first draw.
+            shared = seq.block_table[:(seq.num_prompt_tokens - 1) // bs]
+            for child in forks:
+                if child.done:
+                    continue
+                for b in shared:
+                    alloc.share(b)
+                child.seq.block_table = list(shared)
+                child.seq.num_computed_tokens = len(shared) * bs
+                child.timings.released = req.timings.released
+                child.prompt_logprobs = dict(req.prompt_logprobs)
+                self.scheduler.add_forked(child.seq)
 
     def _not_started(self) -> list[Sequence]:
         """Released to the scheduler but never run (preempted sequences, which have output, do not count)."""
@@ -282,7 +327,8 @@ class Engine:
                     self.step_log.append(rec)
                 for observe in self.step_observers:
                     observe(rec)
-            finished = self.scheduler.update(plan, sampled)
+            self._fork(plan, sampled)  # before update, which may end (and free) a sequence on its first token
+            self.scheduler.update(plan, sampled)
             self._emit(plan, sampled, self.runner.step_logprobs)
 
     def _between_steps(self, now: float) -> None:
@@ -355,14 +401,22 @@ class Engine:
         req.timings.finished = time.monotonic()
         reason = (seq.finish_reason or FinishReason.ABORT).value
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
-        self.prompt_tokens += seq.num_prompt_tokens
+        self.prompt_tokens += 0 if req.forked else seq.num_prompt_tokens
         text += req.detok.flush()
         req.outputs.put_nowait(RequestOutput(req.request_id, text, token_ids or [], True, reason,
                                              seq.num_prompt_tokens, seq.num_output_tokens, req.timings,
                                              logprobs=logprobs, prompt_logprobs=prompt_logprobs))
         self._forget(req)
+        for sibling in self._unforked(req):  # ended before its prompt was computed: so do the others
+            self.scheduler.finish(sibling.seq, FinishReason.ABORT)
+            self._finish(sibling)
         if self.log_requests:
             log.info("request %s finished (%s): %r", req.request_id, reason, req.detok.text)
+
+    @staticmethod
+    def _unforked(req: Request) -> list[Request]:
+        forks, req.forks = req.forks, []
+        return forks
 
     def _fail(self, req: Request, message: str) -> None:
         if req.done:
@@ -375,6 +429,8 @@ class Engine:
         req.outputs.put_nowait(RequestOutput(req.request_id, message, [], True, "abort", req.seq.num_prompt_tokens,
                                              req.seq.num_output_tokens, req.timings, error=kind))
         self._forget(req)
+        for sibling in self._unforked(req):
+            self._fail(sibling, message)
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)

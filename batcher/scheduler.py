@@ -60,6 +60,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_forked(self, seq: Sequence) -> None:
+        """A parallel sample that already holds its shared prompt blocks: first in line (it holds memory), and
+        under the run-to-completion policies a member of the running batch."""
+        (self.waiting if self.cfg.policy == "continuous" else self.batch).appendleft(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.batch)
 
@@ -128,19 +133,21 @@ class Scheduler:
             source, limit = self.batch, self.cfg.max_batch_size
         while source and budget > 0 and len(self.running) < limit:
             seq = source[0]
-            hits = self._prefix_hits(seq)
-            cached = [b for b, _ in hits]
-            start = len(cached) * self.block_size
+            forked = bool(seq.block_table)  # a parallel sample: it holds its shared prompt blocks already
+            hits = [] if forked else self._prefix_hits(seq)
+            cached = seq.block_table if forked else [b for b, _ in hits]
+            start = seq.num_computed_tokens if forked else len(cached) * self.block_size
             n = min(len(seq) - start, budget)
             revived = sum(self.allocator.ref_counts[b] == 0 for b in cached)  # hits that sit in the free list
             if self.allocator.blocks_needed(cached, start + n) > self.allocator.num_free - revived:
                 break  # first come, first served: nobody overtakes the head of the line
             source.popleft()
-            for b in cached:
-                self.allocator.share(b)
-            seq.block_table = cached
-            seq.block_hashes = [h for _, h in hits]
-            seq.num_computed_tokens = start
+            if not forked:
+                for b in cached:
+                    self.allocator.share(b)
+                seq.block_table = cached
+                seq.block_hashes = [h for _, h in hits]
+                seq.num_computed_tokens = start
             seq.num_cached_tokens = start
             self.allocator.grow(seq.block_table, start + n)
             self.running.append(seq)

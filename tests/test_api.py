@@ -365,11 +365,49 @@ def test_generate_logprobs_shape_and_stream(client):
     assert "top_logprobs" in err["message"]
 
 
-def test_openai_n_2_is_refused(oai):
-    with pytest.raises(openai.BadRequestError) as e:
-        oai.completions.create(model="tiny-random", prompt=PROMPT, max_tokens=5, n=2)
-    assert e.value.status_code == 400 and e.value.body["code"] == "unsupported_field"
-    assert "not supported" in e.value.body["message"] or "only n=1" in e.value.body["message"]
+def test_openai_n_parallel_samples(oai, client):
+    """n = 3: three choices indexed 0..2, choice i equal to a lone request with seed + i, the prompt counted once
+    in usage and the completions summed."""
+    kw = dict(model="tiny-random", prompt=PROMPT, max_tokens=12, temperature=1.0, extra_body={"ignore_eos": True})
+    c = oai.completions.create(n=3, seed=5, **kw)
+    assert [ch.index for ch in c.choices] == [0, 1, 2]
+    alone = [oai.completions.create(seed=5 + i, **kw) for i in range(3)]
+    assert [ch.text for ch in c.choices] == [a.choices[0].text for a in alone]
+    assert len({ch.text for ch in c.choices}) == 3
+    assert c.usage.prompt_tokens == alone[0].usage.prompt_tokens and c.usage.completion_tokens == 36
+    assert c.usage.total_tokens == c.usage.prompt_tokens + 36
+
+    chat_kw = dict(model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=10, n=3, seed=9,
+                   temperature=1.0, logprobs=True, extra_body={"ignore_eos": True})
+    whole = oai.chat.completions.create(**chat_kw)
+    assert [len(ch.logprobs.content) for ch in whole.choices] == [10, 10, 10]
+    texts, finishes = ["", "", ""], [None] * 3
+    chunks = list(oai.chat.completions.create(**chat_kw, stream=True, stream_options={"include_usage": True}))
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [ch.message.content for ch in whole.choices] and finishes == ["length"] * 3
+    assert chunks[-1].usage.completion_tokens == 30 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_n_is_bounded(client):
+    err = assert_error(client.post("/v1/completions", json={"prompt": PROMPT, "n": 17}), 422)
+    assert "'n'" in err["message"] and "16" in err["message"]
+
+
+def test_disconnect_mid_stream_with_n_frees_every_sample(client):
+    before = aborts(wait_idle(client))
+    body = {"prompt": PROMPT, **LONG, "n": 4, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen == 8:
+                break
+    m = wait_idle(client)  # every block of every sample back
+    assert aborts(m) == before + 4
 
 
 def test_openai_unknown_model_is_404(oai):

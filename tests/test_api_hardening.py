@@ -217,14 +217,14 @@ def test_unsupported_fields_are_400_naming_them(client, path, extra):
     assert f"'{name}'" in err["message"] and "not supported" in err["message"], err
 
 
-@pytest.mark.parametrize("extra", [{"n": 1}, {"best_of": 1}, {"user": "someone"}, {"suffix": None}])
+@pytest.mark.parametrize("extra", [{"best_of": 1}, {"user": "someone"}, {"suffix": None}])
 def test_off_values_of_unimplemented_fields_are_accepted(client, extra):
     """What the official clients send by default (or null) is accepted: it asks for nothing unimplemented.
     Anything else in the same field is refused."""
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **extra})
     assert r.status_code == 200, r.text
     name = next(iter(extra))
-    on = {"n": 2, "best_of": 3, "user": 5, "suffix": "x"}[name]
+    on = {"best_of": 3, "user": 5, "suffix": "x"}[name]
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, name: on})
     assert r.status_code in (400, 422) and name in r.json()["error"]["message"], r.text
 
