@@ -178,10 +178,14 @@ class Format:
         self.pending: list[TokenLogprob] = []
         self.pending_prompt: list[TokenLogprob | None] | None = None
 
-    def take_logprobs(self, out: RequestOutput) -> tuple[list[TokenLogprob], list[TokenLogprob | None] | None]:
-        """This output's logprobs with any held back before it; the caller now sends them."""
+    def hold(self, out: RequestOutput) -> None:
+        """Keeps an output's logprobs for the next chunk sent (this output sends nothing)."""
         self.pending += out.logprobs or []
         self.pending_prompt = out.prompt_logprobs or self.pending_prompt
+
+    def take_logprobs(self, out: RequestOutput) -> tuple[list[TokenLogprob], list[TokenLogprob | None] | None]:
+        """This output's logprobs with any held back before it; the caller now sends them."""
+        self.hold(out)
         taken = (self.pending, self.pending_prompt)
         self.pending, self.pending_prompt = [], None
         return taken
@@ -215,8 +219,7 @@ class GenerateFormat(Format):
     def chunks(self, out: RequestOutput) -> list[str]:
         if not out.finished:
             if not out.text:  # nothing to show yet: its logprobs wait for the next piece of text
-                self.pending += out.logprobs or []
-                self.pending_prompt = out.prompt_logprobs or self.pending_prompt
+                self.hold(out)
                 return []
             return [sse({"text": out.text} | self.logprob_fields(*self.take_logprobs(out)))]
         return [sse(self.full(out.text, out, *self.take_logprobs(out)))]
@@ -265,7 +268,7 @@ class CompletionFormat(Format):
 
     def chunks(self, out: RequestOutput) -> list[str]:
         if not out.finished and not out.text and self.echoed:
-            self.pending += out.logprobs or []
+            self.hold(out)
             return []
         text, shaped = self.render(out.text, *self.take_logprobs(out))
         return [sse(self.wrap(self.chunk_object, [self.choice(text, out.finish_reason, shaped)]))]
@@ -305,7 +308,7 @@ class ChatFormat(CompletionFormat):
                                                               "logprobs": self.shaped(self.take_logprobs(out)[0]),
                                                               "finish_reason": out.finish_reason}])))
         else:
-            self.pending += out.logprobs or []
+            self.hold(out)
         return events
 
 

@@ -2,8 +2,8 @@
 
 Every field a route accepts is declared once, in the tables below (name, type, bounds, what it does): the
 checks read them, and so does the OpenAPI document (api/openapi.py), so the published contract cannot drift
-from the code. A field no table names is refused (400, "not supported"): a client that sends `logprobs` or
-`tools` learns at once that it will not get them, instead of getting an answer that silently lacks them.
+from the code. A field no table names is refused (400, "not supported"): a client that sends `tools` or
+`response_format` learns at once that it will not get them, instead of getting an answer that silently lacks them.
 
 Status codes: 400 for a body that is not JSON, a field this server does not support, or a request that
 cannot fit the context window; 422 for a known field with a wrong type or a value out of its bounds.
