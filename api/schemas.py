@@ -56,8 +56,8 @@ SAMPLING = (
           "the output; the stop string itself is not returned"),
     Field("stop_token_ids", "token_ids", f"up to {MAX_STOP} token ids that end the output"),
     Field("ignore_eos", "boolean", "keep generating past end-of-sequence tokens", default=False),
-    Field("min_tokens", "integer", "end-of-sequence and stop tokens are ignored until this many tokens are out "
-          "(at most max_tokens)", lo=0, default=0),
+    Field("min_tokens", "integer", "end-of-sequence and stop tokens cannot be sampled until this many tokens are "
+          "out (at most max_tokens)", lo=0, default=0),
     Field("presence_penalty", "number", "subtracted from the logit of every token already generated (OpenAI's "
           "penalty; the prompt does not count); < 0 encourages repeats", lo=-2.0, hi=2.0, default=0.0),
     Field("frequency_penalty", "number", "subtracted from a token's logit once per time it was generated "

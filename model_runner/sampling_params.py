@@ -21,6 +21,11 @@ def _is_number(x: object) -> bool:
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
 
 
+def _is_bias(kv: object) -> bool:
+    return (isinstance(kv, (tuple, list)) and len(kv) == 2 and _is_int(kv[0]) and kv[0] >= 0
+            and _is_number(kv[1]) and -100 <= kv[1] <= 100)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -48,9 +53,8 @@ class SamplingParams:
         # Requests arrive as JSON, so lists are normal here; a bare string is one stop string, not its characters.
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if isinstance(self.logit_bias, dict):
+        if isinstance(self.logit_bias, dict):  # {token id: bias}, as OpenAI's JSON has it (ids as ints here)
             self.logit_bias = tuple(self.logit_bias.items())
-        self.logit_bias = tuple(tuple(kv) for kv in self.logit_bias)
 
     @property
     def has_penalties(self) -> bool:
@@ -86,8 +90,8 @@ class SamplingParams:
               "a number in [-2, 2]")
         check(_is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
               "a number in [-2, 2]")
-        check(all(len(kv) == 2 and _is_int(kv[0]) and kv[0] >= 0 and _is_number(kv[1]) and -100 <= kv[1] <= 100
-                  for kv in self.logit_bias), "logit_bias", "pairs of (token id >= 0, bias in [-100, 100])")
+        check(isinstance(self.logit_bias, (tuple, list)) and all(_is_bias(kv) for kv in self.logit_bias),
+              "logit_bias", "pairs of (token id >= 0, bias in [-100, 100])")
         check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)

@@ -142,7 +142,7 @@ def test_repetition_penalty_matches_transformers():
     ("seed", -1), ("seed", 2**63), ("seed", "1"), ("min_tokens", -1), ("min_tokens", 17),
     ("stop_token_ids", [-1]), ("stop", [""]), ("ignore_eos", "yes"),
     ("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("frequency_penalty", float("inf")),
-    ("logit_bias", {3: 100.5}), ("logit_bias", {-1: 1.0}), ("min_p", -0.1), ("min_p", 1.1),
+    ("logit_bias", {3: 100.5}), ("logit_bias", {-1: 1.0}), ("logit_bias", [1, 2]), ("min_p", -0.1), ("min_p", 1.1),
 ])
 def test_validate_rejects(field, value):
     with pytest.raises(InvalidRequestError, match=field):
