@@ -99,6 +99,8 @@ CHAT_EXTRAS = (
           lo=0, hi=MAX_LOGPROBS),
     Field("max_completion_tokens", "integer", "OpenAI's newer name for max_tokens", lo=1),
 )
+SCORING_MAX_TOKENS = Field("max_tokens", "integer", MAX_TOKENS.doc + "; 0 only with prompt_logprobs (scores the "
+                           "prompt)", lo=0)
 GENERATE_EXTRAS = (
     Field("logprobs", "integer", f"per generated token: its and the N likeliest tokens' {LOGPROBS_DOC}",
           lo=0, hi=MAX_LOGPROBS),
@@ -107,7 +109,7 @@ GENERATE_EXTRAS = (
 )
 
 ROUTE_FIELDS: dict[str, tuple[Field, ...]] = {
-    "/generate": (PROMPT, *SAMPLING, *GENERATE_EXTRAS),
+    "/generate": (PROMPT, SCORING_MAX_TOKENS, *SAMPLING[1:], *GENERATE_EXTRAS),
     "/v1/completions": (PROMPT, *OPENAI, ECHO_MAX_TOKENS, *SAMPLING[1:], *COMPLETION_EXTRAS),
     "/v1/chat/completions": (MESSAGES, *OPENAI, *SAMPLING, *CHAT_EXTRAS),
     "/tokenize": (MODEL, Field("prompt", "string", "text to tokenize (or give messages)"),
@@ -295,7 +297,10 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
 def logprob_fields(body: dict, route: str, max_tokens: int | None) -> tuple[int | None, int | None]:
     """(logprobs, prompt_logprobs) for SamplingParams from each route's own way of asking for them."""
     if route == "/generate":
-        return value(body, spec(route, "logprobs")), value(body, spec(route, "prompt_logprobs"))
+        prompt_logprobs = value(body, spec(route, "prompt_logprobs"))
+        if max_tokens == 0 and prompt_logprobs is None:
+            raise invalid("'max_tokens' may be 0 only with 'prompt_logprobs' (scoring the prompt)")
+        return value(body, spec(route, "logprobs")), prompt_logprobs
     if route == "/v1/completions":
         n, echo = value(body, spec(route, "logprobs")), value(body, spec(route, "echo"))
         if max_tokens == 0 and not echo:

@@ -363,6 +363,15 @@ def test_generate_logprobs_shape_and_stream(client):
     err = assert_error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                                  "top_logprobs": 2}), 422)
     assert "top_logprobs" in err["message"]
+    # Scoring only: max_tokens 0 with prompt_logprobs gives the prompt's logprobs and no text.
+    scored = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 0, "prompt_logprobs": 1}).json()
+    assert scored["text"] == "" and scored["usage"]["completion_tokens"] == 0
+    # The same prefill computation as above: equal up to float32 rounding of |logprob| < 20 (~1e-5; 1e-4 here).
+    assert [e["token_id"] for e in scored["prompt_logprobs"][1:]] == [e["token_id"] for e in r["prompt_logprobs"][1:]]
+    assert all(abs(a["logprob"] - b["logprob"]) < 1e-4
+               for a, b in zip(scored["prompt_logprobs"][1:], r["prompt_logprobs"][1:]))
+    err = assert_error(client.post("/generate", json={"prompt": PROMPT, "max_tokens": 0}), 422)
+    assert "prompt_logprobs" in err["message"]
 
 
 def test_openai_n_parallel_samples(oai, client):
