@@ -385,6 +385,11 @@ def test_openai_n_parallel_samples(oai, client):
     assert len({ch.text for ch in c.choices}) == 3
     assert c.usage.prompt_tokens == alone[0].usage.prompt_tokens and c.usage.completion_tokens == 36
     assert c.usage.total_tokens == c.usage.prompt_tokens + 36
+    streamed = ["", "", ""]
+    for chunk in oai.completions.create(n=3, seed=5, stream=True, **kw):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [ch.text for ch in c.choices]
 
     chat_kw = dict(model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=10, n=3, seed=9,
                    temperature=1.0, logprobs=True, extra_body={"ignore_eos": True})
