@@ -32,7 +32,7 @@ NOISY_PCT = 5     # other processes' share of the CPUs above which a row's timin
 MAX_TRIES = 3     # measurements of a row taken beside busy neighbours, the quietest kept
 PROMPT_TEXT = "The jitney leaves when it is full or when it has waited long enough, and stops at every corner. "
 COLUMNS = ["dtype", "batch", "jitney decode step ms", "jitney decode tok/s", "jitney generate tok/s",
-           "HF generate tok/s", "speed-up", "achieved GFLOP/s", "% of roofline"]
+           "HF generate tok/s", "speed-up", "speed-up bound", "achieved GFLOP/s", "% of roofline"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +64,7 @@ def make_prompts(tokenizer, batch: int, prompt_len: int) -> list[list[int]]:
 def kv_cache_memory(mc: ModelConfig, dtype: str, max_batch: int, tokens_per_seq: int, block_size: int = 16) -> int:
     """Enough KV cache for the largest batch with a block of margin per sequence, and no more."""
     blocks = max_batch * (-(-tokens_per_seq // block_size) + 1)
-    return blocks * kv_cache_bytes_per_block(mc, block_size, compute_dtype(dtype, "cpu")[0])  # at most the compute dtype's size
+    return blocks * kv_cache_bytes_per_block(mc, block_size, compute_dtype(dtype, "cpu")[0])
 
 
 # --- timings -------------------------------------------------------------------------------------------------
@@ -126,6 +126,19 @@ def decode_step_cost(mc: ModelConfig, batch: int, context_len: float, elem_bytes
     return flops, matmul_params(mc) * elem_bytes + kv_bytes
 
 
+def generate_floor_s(mc: ModelConfig, machine: Machine, dtype: str, batch: int, prompt_len: int, gen_len: int,
+                     elem_bytes: int) -> float:
+    """The least time any engine could take for this generate on this machine: the prompts' FLOPs at the matmul
+    ceiling, then each decode step on the roofline (its FLOPs at the ceiling or its weight and KV bytes at the
+    copy bandwidth, whichever binds), and nothing else. transformers' time over it bounds the speed-up."""
+    lm_head = mc.vocab_size * mc.hidden_size  # run for each prompt's last token only
+    seconds = (2 * (matmul_params(mc) - lm_head) * prompt_len + 2 * lm_head) * batch / machine.matmul_gflops[dtype] / 1e9
+    for i in range(gen_len - 1):
+        flops, nbytes = decode_step_cost(mc, batch, prompt_len + i + 1, elem_bytes)
+        seconds += flops / machine.roofline_gflops(dtype, flops / nbytes) / 1e9
+    return seconds
+
+
 # --- one row -------------------------------------------------------------------------------------------------
 
 def bench_row(runner: ModelRunner, hf_model, machine: Machine, dtype: str, batch: int, prompt_len: int,
@@ -143,7 +156,9 @@ def bench_row(runner: ModelRunner, hf_model, machine: Machine, dtype: str, batch
     achieved = flops / step_s / 1e9
     return dict(dtype=dtype, batch=batch, decode_step_ms=step_s * 1e3, decode_tok_s=batch / step_s,
                 generate_tok_s=batch * gen_len / gen_s, hf_generate_tok_s=batch * gen_len / hf_s,
-                speedup=hf_s / gen_s, context_len=context_len, flops_per_step=flops, bytes_per_step=nbytes,
+                speedup=hf_s / gen_s, speedup_bound=hf_s / generate_floor_s(runner.model_config, machine, dtype, batch,
+                                                                           prompt_len, gen_len, runner.dtype.itemsize),
+                context_len=context_len, flops_per_step=flops, bytes_per_step=nbytes,
                 intensity=flops / nbytes, roofline_gflops=roofline, achieved_gflops=achieved,
                 roofline_pct=100 * achieved / roofline, others_cpu_pct=100 * others_cpu)
 
@@ -185,6 +200,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["dtype"], str(r["batch"]), f"{r['decode_step_ms']:.1f}", f"{r['decode_tok_s']:,.0f}",
                  f"{r['generate_tok_s']:,.0f}", f"{r['hf_generate_tok_s']:,.0f}", f"{r['speedup']:.2f}x",
+                 f"{r['speedup_bound']:.2f}x",
                  f"{r['achieved_gflops']:.1f}", f"{r['roofline_pct']:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

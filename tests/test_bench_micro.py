@@ -16,7 +16,7 @@ def test_micro_quick_fills_a_row_per_dtype_and_batch(tmp_path, capsys, monkeypat
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[1:]]
     assert [(c[0], c[1]) for c in cells] == [(d, b) for d in ("float32", "bfloat16") for b in ("1", "8")]
     for row in report["rows"]:
-        for key in ("decode_step_ms", "decode_tok_s", "generate_tok_s", "hf_generate_tok_s", "speedup",
+        for key in ("decode_step_ms", "decode_tok_s", "generate_tok_s", "hf_generate_tok_s", "speedup", "speedup_bound",
                     "achieved_gflops", "roofline_pct"):
             assert row[key] > 0, (row["dtype"], row["batch"], key)
     assert all(g > 0 for g in report["machine"]["matmul_gflops"].values()) and report["machine"]["copy_gbps"] > 0

