@@ -23,17 +23,26 @@ from .errors import ModelLoadError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's instruction-set flags (x86 "flags", Arm "Features"), empty where /proc/cpuinfo is absent.
-    Under JITNEY_ISA=avx2 (native.py) the AVX-512 and AMX flags are left out, so that an AVX-512 machine
-    chooses as an AVX2 one would (with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for PyTorch)."""
+def _cpuinfo_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             line = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         return set()
-    flags = set(line.partition(":")[2].split())
-    if os.environ.get("JITNEY_ISA", "").lower() == "avx2":
+    return set(line.partition(":")[2].split())
+
+
+def emulating_avx2() -> bool:
+    """JITNEY_ISA=avx2 on a CPU with AVX-512: the start-up line and benchmark tables say so."""
+    return os.environ.get("JITNEY_ISA", "").lower() == "avx2" and "avx512f" in _cpuinfo_flags()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (x86 "flags", Arm "Features"), empty where /proc/cpuinfo is absent.
+    Under JITNEY_ISA=avx2 (native.py) the AVX-512 and AMX flags are left out, so that an AVX-512 machine
+    chooses as an AVX2 one would (with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for PyTorch)."""
+    flags = _cpuinfo_flags()
+    if emulating_avx2():
         flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
     return flags
 
@@ -50,7 +59,8 @@ def cpu_kind() -> str:
     if "avx512f" in flags:
         return "AVX-512 without AVX512-BF16"
     if "avx2" in flags:
-        return "AVX2" + (" + FMA" if "fma" in flags else "") + " without AVX512-BF16"
+        emulated = " (emulated on an AVX-512 CPU: JITNEY_ISA=avx2)" if emulating_avx2() else ""
+        return "AVX2" + (" + FMA" if "fma" in flags else "") + " without AVX512-BF16" + emulated
     if "asimd" in flags:
         return "Arm NEON" + (" with BF16" if "bf16" in flags else " without BF16")
     return "no AVX2"
