@@ -410,16 +410,21 @@ def test_n_is_bounded(client):
     assert "'n'" in err["message"] and "16" in err["message"]
 
 
-def test_disconnect_mid_stream_with_n_frees_every_sample(client):
-    before = aborts(wait_idle(client))
-    body = {"prompt": PROMPT, **LONG, "n": 4, "stream": True}
-    with client.stream("POST", "/v1/completions", json=body) as r:
+def read_then_leave(client, path: str, body: dict, events: int) -> None:
+    """Reads `events` SSE events of a streamed request, then leaves: closing the half-read response closes the
+    connection, which the server must take as the client gone."""
+    with client.stream("POST", path, json=body) as r:
         assert r.status_code == 200
         seen = 0
         for line in r.iter_lines():
             seen += line.startswith("data: ")
-            if seen == 8:
+            if seen == events:
                 break
+
+
+def test_disconnect_mid_stream_with_n_frees_every_sample(client):
+    before = aborts(wait_idle(client))
+    read_then_leave(client, "/v1/completions", {"prompt": PROMPT, **LONG, "n": 4, "stream": True}, 8)
     m = wait_idle(client)  # every block of every sample back
     assert aborts(m) == before + 4
 
@@ -529,14 +534,7 @@ def test_unencodable_prompt_is_a_client_error(server, path, body):
 
 def test_disconnect_mid_stream_aborts_and_frees_kv(client):
     before = aborts(wait_idle(client))
-    with client.stream("POST", "/generate", json={"prompt": PROMPT, **LONG, "stream": True}) as r:
-        assert r.status_code == 200
-        seen = 0
-        for line in r.iter_lines():
-            seen += line.startswith("data: ")
-            if seen == 3:
-                break
-    # Leaving the block closes the half-read response, and with it the connection.
+    read_then_leave(client, "/generate", {"prompt": PROMPT, **LONG, "stream": True}, 3)
     m = wait_idle(client)
     assert aborts(m) == before + 1
 
