@@ -70,7 +70,7 @@ class ModelConfig:
 class RunnerConfig:
     model: str = "smollm2-135m"
     dtype: str = "auto"          # auto | float32 | bfloat16 | float16
-    kv_cache_dtype: str = "auto"  # auto (the compute dtype; bfloat16 under auto float32 on the CPU) | a dtype
+    kv_cache_dtype: str = "auto"  # auto (the compute dtype) | float32 | bfloat16 (also under float32 compute)
     device: str = "cpu"          # cpu | cuda
     block_size: int = 16         # tokens per KV block
     kv_cache_memory: int | None = None  # bytes for the KV cache; None -> default budget (CPU) or a fraction (CUDA)

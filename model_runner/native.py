@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .loader import cache_dir
+from .precision import cpuinfo_flags
 
 log = logging.getLogger("jitney")
 
@@ -47,14 +48,9 @@ _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _cpu_flags() -> str:
-    """What -march=native depends on: the machine and its instruction-set flags (x86 "flags", Arm "Features")."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            features = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        features = ""
-    return f"{platform.machine()} {features}"
+def _machine() -> str:
+    """What -march=native depends on: the machine and its instruction-set flags."""
+    return f"{platform.machine()} {' '.join(sorted(cpuinfo_flags()))}"
 
 
 def _compiler() -> str | None:
@@ -66,7 +62,7 @@ def requested_isa() -> str:
     name = os.environ.get("JITNEY_ISA", "native").lower() or "native"
     if name not in ISA_FLAGS:
         raise ValueError(f"JITNEY_ISA={name!r}: choose one of {', '.join(ISA_FLAGS)}")
-    if name == "avx2" and not {"avx2", "fma"} <= set(_cpu_flags().split()):
+    if name == "avx2" and not {"avx2", "fma"} <= cpuinfo_flags():
         raise ValueError("JITNEY_ISA=avx2 needs a CPU with AVX2 and FMA; this one has neither (use portable)")
     return name
 
@@ -75,7 +71,7 @@ def _build(cxx: str, isa: str) -> Path:
     """The shared library for this source, compiler, CPU and instruction set: built once, then reused."""
     flags = FLAGS + ISA_FLAGS[isa]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _machine()]).encode())
     out = cache_dir() / "kernels" / f"{SOURCE.stem}-{isa}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -239,7 +235,7 @@ def second_path() -> str:
     under both): on AVX-512 the AVX2 loop, with oneDNN and PyTorch's own kernels held to AVX2 as well, so an
     AVX-512 machine stands in for an AVX2 one (MKL too); on AVX2 the portable loop (what Arm runs); elsewhere the
     PyTorch path."""
-    flags = set(_cpu_flags().split())
+    flags = cpuinfo_flags()
     if "avx512f" in flags and {"avx2", "fma"} <= flags:
         return "JITNEY_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2"
     if {"avx2", "fma"} <= flags:

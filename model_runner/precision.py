@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -23,25 +24,28 @@ from .errors import ModelLoadError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _cpuinfo_flags() -> set[str]:
+@cache
+def cpuinfo_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags as /proc/cpuinfo lists them (x86 "flags", Arm "Features"), empty where
+    it is absent: read once, the one place that reads them (native.py keys and picks its builds by them too)."""
     try:
         with open("/proc/cpuinfo") as f:
             line = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
 def emulating_avx2() -> bool:
     """JITNEY_ISA=avx2 on a CPU with AVX-512: the start-up line and benchmark tables say so."""
-    return os.environ.get("JITNEY_ISA", "").lower() == "avx2" and "avx512f" in _cpuinfo_flags()
+    return os.environ.get("JITNEY_ISA", "").lower() == "avx2" and "avx512f" in cpuinfo_flags()
 
 
 def cpu_flags() -> set[str]:
     """The CPU's instruction-set flags (x86 "flags", Arm "Features"), empty where /proc/cpuinfo is absent.
     Under JITNEY_ISA=avx2 (native.py) the AVX-512 and AMX flags are left out, so that an AVX-512 machine
     chooses as an AVX2 one would (with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for PyTorch)."""
-    flags = _cpuinfo_flags()
+    flags = set(cpuinfo_flags())
     if emulating_avx2():
         flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
     return flags

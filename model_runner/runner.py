@@ -43,7 +43,6 @@ class ModelRunner:
         self.model_path = path
         self.model_config: ModelConfig = ModelConfig.from_hf_dir(path)
         mc = self.model_config
-        shape = (mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim, cfg.block_size)
         self.precision = resolve_precision(cfg.dtype, cfg.kv_cache_dtype, cfg.device)
         self.dtype, self.kv_dtype = self.precision.compute, self.precision.kv_cache
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -63,7 +62,8 @@ class ModelRunner:
         self.sampler = Sampler(cfg.seed)
         self.step_logprobs: dict[int, StepLogprobs] = {}
         # Attention by the native kernel where it builds for this device and model (see attention.py).
-        self.native_attention = native.supported(self.device, self.dtype, *shape, self.kv_dtype)
+        self.native_attention = native.supported(self.device, self.dtype, mc.num_attention_heads,
+                                                 mc.num_key_value_heads, mc.head_dim, cfg.block_size, self.kv_dtype)
 
     # --- reporting -------------------------------------------------------------------------------------
 

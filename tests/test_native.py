@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model_runner import native
+from model_runner.precision import cpuinfo_flags
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -145,13 +146,13 @@ def test_write_kv_matches_index_copy(dtype):
 # one JITNEY_ISA, so the AVX-512, AVX2 and portable loops are all checked on an AVX-512 machine.
 def runnable_isas():
     """The keys of native.ISA_FLAGS this CPU can run: native and portable always, avx2 with AVX2 and FMA."""
-    flags = set(native._cpu_flags().split())
+    flags = cpuinfo_flags()
     return [isa for isa in native.ISA_FLAGS if isa != "avx2" or {"avx2", "fma"} <= flags]
 
 
 def expected_loop(isa):
     """The loop a build for `isa` holds on this CPU, as native.isa() names it."""
-    flags = set(native._cpu_flags().split())
+    flags = cpuinfo_flags()
     if isa == "native" and "avx512f" in flags:
         return "avx512-bf16" if "avx512_bf16" in flags else "avx512"
     return "avx2" if isa != "portable" and {"avx2", "fma"} <= flags else "portable"
