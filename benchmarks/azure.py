@@ -1,10 +1,11 @@
 """The Azure LLM inference trace (2023, conversation service): a window of it, scaled to fit a small machine.
 
 The trace holds one hour of real arrivals with their context and generated token counts (no text): about
-5.4 requests/s, contexts of median 1,020 tokens, outputs of median 129. A CPU serving a 135M model cannot keep
+5.5 requests/s, contexts of median 1,020 tokens, outputs of median 129. A CPU serving a 135M model cannot keep
 up with that, so a replay takes a window and two scales, and every figure made from it must name them:
 time_scale stretches the arrival gaps (2 = half the request rate), token_scale divides every length (4 = a
-quarter of the tokens). Patel et al., "Splitwise", ISCA 2024; CC-BY 4.0 (see the traces README).
+quarter of the tokens). Patel et al., "Splitwise", ISCA 2024; CC-BY 4.0: the copy in benchmarks/data/ comes
+with its licence and citation (benchmarks/data/README.md).
 """
 from __future__ import annotations
 
@@ -17,16 +18,14 @@ import numpy as np
 
 from .trace import TraceRequest
 
-TRACE_FILE = "azure_llm_2023_conv.csv"
-# The shared checkout lies beside the repository: <root>/../shared/traces/.
-DEFAULT_PATH = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / TRACE_FILE
+DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "azure_llm_2023_conv.csv"  # shipped with the package
 
 
 def find_trace(path: str | Path | None = None) -> Path:
     p = Path(path) if path else DEFAULT_PATH
     if not p.is_file():
-        raise FileNotFoundError(f"Azure trace not found at {p}: it ships in the shared checkout "
-                                f"(../shared/traces/{TRACE_FILE} from the repository root); pass its path instead")
+        raise FileNotFoundError(f"Azure trace not found at {p}: give the path of a CSV with the columns TIMESTAMP, "
+                                f"ContextTokens, GeneratedTokens (the default is {DEFAULT_PATH})")
     return p
 
 

@@ -1,6 +1,6 @@
 """The ceiling on a trace's throughput for any batching policy on this engine and machine, measured.
 
-    python -m benchmarks.ceiling [--workload poisson|burst] [engine_bench's trace flags] [--compare static=704]
+    python -m benchmarks.ceiling [jitney bench's workload, model and knob flags] [--compare static=704]
 
 However requests are scheduled, every prompt token must be prefilled and every output token but the first
 decoded. This command times the engine's cheapest way to do each on the trace's own lengths: decode steps at
@@ -20,11 +20,13 @@ import time
 from model_runner.config import RunnerConfig
 from model_runner.runner import ModelRunner
 
-from . import engine_bench
-from .kernels import hold
+from .bench import add_model_args, add_workload_args, resolve
 from .machine import NeighbourMeter, best_seconds, cpu_model
+from .replay import BATCHER_KNOBS, batcher_config
 from .report import finish
+from .steps import held
 from .trace import TraceRequest
+from .workloads import WORKLOADS
 
 DECODE_BATCHES = (16, 32, 64, 128, 256)
 
@@ -32,10 +34,13 @@ DECODE_BATCHES = (16, 32, 64, 128, 256)
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, float]]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="\n\n".join(__doc__.split("\n\n")[::2]))  # all but the usage line
+    add_model_args(p)
+    add_workload_args(p)
     p.add_argument("--compare", action="append", default=[], metavar="POLICY=TOK_S",
                    help="a measured policy's output tok/s, to state against the ceiling (repeatable)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per shape (the fastest is kept)")
-    args = engine_bench.parse_args(argv, p)
+    p.add_argument("--json", help="write every figure to this file")
+    args = resolve(p, p.parse_args(argv))
     compare = {}
     for item in args.compare:
         name, _, value = item.partition("=")
@@ -48,13 +53,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, fl
 
 def step_seconds(runner: ModelRunner, contexts: list[int], chunk: list[int], reps: int) -> float:
     """The fastest of `reps` steps that feed chunk[i] tokens to sequences of contexts[i] tokens."""
-    seqs = hold(runner, contexts, chunk)
-    try:
-        plan = [(s, n) for s, n in zip(seqs, chunk)]
+    with held(runner, contexts, chunk) as plan:
         return best_seconds(lambda: runner.execute(plan), reps)
-    finally:
-        for s in seqs:
-            runner.block_allocator.free(s.block_table)
 
 
 def decode_contexts(trace: list[TraceRequest], k: int, rng: random.Random) -> list[int]:
@@ -79,9 +79,9 @@ def prefill_prompts(trace: list[TraceRequest], budget: int, rng: random.Random) 
 def main(argv: list[str] | None = None) -> dict:
     args, compare = parse_args(argv)
     started = time.perf_counter()
-    trace = engine_bench.make_trace(args)
-    cfg = engine_bench.batcher_config(args, "continuous")
-    kv = int((args.kv_cache_gib or 4) * 2**30)
+    trace, _ = WORKLOADS[args.workload].build(args)
+    cfg = batcher_config("continuous", {k: getattr(args, k) for k in BATCHER_KNOBS})
+    kv = args.kv_cache_memory or 4 << 30
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, kv_cache_memory=kv), progress=True)
     print(f"machine: {cpu_model()}\n{runner.describe()}")
     rng, meter = random.Random(args.seed), NeighbourMeter()

@@ -10,7 +10,6 @@ holds whatever the blocks last held: attention costs the same whatever the value
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 import torch
@@ -18,11 +17,10 @@ import torch
 from model_runner.config import RunnerConfig
 from model_runner.loader import DEFAULT_MODEL
 from model_runner.runner import ModelRunner
-from model_runner.sampling_params import SamplingParams
-from model_runner.sequence import Sequence
 
 from .machine import NeighbourMeter, best_seconds, cpu_model
 from .report import finish
+from .steps import random_step
 
 # (name, batch, context lo, context hi, tokens per sequence in the step)
 WORKLOADS = [("decode, batch 64, context ~64", 64, 48, 80, 1),
@@ -38,26 +36,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per cell (the fastest is kept)")
     p.add_argument("--json", help="write every figure to this file")
     return p.parse_args(argv)
-
-
-def hold(runner: ModelRunner, contexts: list[int], chunks: list[int]) -> list[Sequence]:
-    """Sequences holding KV blocks for contexts[i] tokens, of which all but the last chunks[i] count as already
-    in the cache (the cache holds whatever the blocks last held: attention costs the same whatever the values)."""
-    seqs, vocab = [], runner.model_config.vocab_size
-    for i, (ctx, n) in enumerate(zip(contexts, chunks)):
-        ids = [3 + (i + j) % min(500, vocab - 3) for j in range(ctx)]
-        s = Sequence(ids, SamplingParams(max_tokens=1, ignore_eos=True))
-        assert runner.block_allocator.grow(s.block_table, ctx), "raise the KV budget"
-        s.num_computed_tokens = ctx - n
-        seqs.append(s)
-    return seqs
-
-
-def make_step(runner: ModelRunner, batch: int, lo: int, hi: int, chunk: int, seed: int = 0):
-    """Sequences of lo..hi tokens of context, and the step that feeds each `chunk` more tokens."""
-    rng = random.Random(seed)
-    seqs = hold(runner, [rng.randint(lo, hi) for _ in range(batch)], [chunk] * batch)
-    return seqs, [(s, chunk) for s in seqs]
 
 
 def set_path(runner: ModelRunner, attention: bool, elementwise: bool) -> None:
@@ -76,14 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
         return finish({"rows": []}, args.json, started)
     meter, rows = NeighbourMeter(), []
     for name, batch, lo, hi, chunk in WORKLOADS:
-        seqs, plan = make_step(runner, batch, lo, hi, chunk)
         ms = {}
-        for label, attention, elementwise in PATHS:
-            set_path(runner, attention, elementwise and native_ops)
-            runner.execute(plan)  # warm-up: the first call of a shape picks oneDNN kernels
-            ms[label] = 1000 * best_seconds(lambda: runner.execute(plan), args.steps)
-        for s in seqs:
-            runner.block_allocator.free(s.block_table)
+        with random_step(runner, batch, lo, hi, chunk) as plan:
+            for label, attention, elementwise in PATHS:
+                set_path(runner, attention, elementwise and native_ops)
+                runner.execute(plan)  # warm-up: the first call of a shape picks oneDNN kernels
+                ms[label] = 1000 * best_seconds(lambda: runner.execute(plan), args.steps)
         base = ms[PATHS[0][0]]
         rows.append({"step": name, **{k: round(v, 2) for k, v in ms.items()},
                      "speed-up": round(base / ms[PATHS[-1][0]], 2)})

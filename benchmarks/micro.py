@@ -16,21 +16,18 @@ import torch
 from tqdm import tqdm
 
 from model_runner.config import ModelConfig, RunnerConfig
-from model_runner.generate import generate, step
-from model_runner.kv_cache import kv_cache_bytes_per_block
+from model_runner.generate import generate
 from model_runner.loader import DEFAULT_MODEL, resolve_model
-from model_runner.precision import compute_dtype
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
-from model_runner.sequence import Sequence
 
+from .cost import decode_step_cost, generate_floor_s, matmul_params
 from .machine import Machine, NeighbourMeter
 from .report import finish
+from .steps import WARMUP_STEPS, kv_cache_memory, make_prompts, mean_decode_context, time_decode_step
 
-WARMUP_STEPS = 2  # decode steps run before timing: the first calls of a new shape pick oneDNN kernels
 NOISY_PCT = 5     # other processes' share of the CPUs above which a row's timings are in doubt
 MAX_TRIES = 3     # measurements of a row taken beside busy neighbours, the quietest kept
-PROMPT_TEXT = "The jitney leaves when it is full or when it has waited long enough, and stops at every corner. "
 COLUMNS = ["dtype", "batch", "jitney decode step ms", "jitney decode tok/s", "jitney generate tok/s",
            "HF generate tok/s", "speed-up", "speed-up bound", "achieved GFLOP/s", "% of roofline"]
 
@@ -52,43 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# --- workload ------------------------------------------------------------------------------------------------
-
-def make_prompts(tokenizer, batch: int, prompt_len: int) -> list[list[int]]:
-    """Deterministic prompts of exactly prompt_len tokens, each different (its number leads), so no padding."""
-    text = PROMPT_TEXT * (prompt_len // 4 + 1)  # more than prompt_len tokens whatever the tokenizer
-    return [tokenizer(f"Rider {i}: {text}", add_special_tokens=False)["input_ids"][:prompt_len]
-            for i in range(batch)]
-
-
-def kv_cache_memory(mc: ModelConfig, dtype: str, max_batch: int, tokens_per_seq: int, block_size: int = 16) -> int:
-    """Enough KV cache for the largest batch with a block of margin per sequence, and no more."""
-    blocks = max_batch * (-(-tokens_per_seq // block_size) + 1)
-    return blocks * kv_cache_bytes_per_block(mc, block_size, compute_dtype(dtype, "cpu")[0])
-
-
 # --- timings -------------------------------------------------------------------------------------------------
-
-def mean_decode_context(prompt_len: int, gen_len: int) -> float:
-    """Mean context of time_decode_step's timed steps: decode step k (warm-up included) sees prompt_len + k tokens."""
-    return prompt_len + WARMUP_STEPS + (gen_len + 1) / 2
-
-
-def time_decode_step(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
-    """Mean seconds of a step() that decodes one token for every sequence, after prefill and a warm-up."""
-    params = SamplingParams(max_tokens=1 + WARMUP_STEPS + gen_len, ignore_eos=True)
-    seqs = [Sequence(p, params) for p in prompts]
-    try:
-        for _ in range(1 + WARMUP_STEPS):  # prefill (samples the first token), then warm-up decodes
-            step(runner, seqs)
-        t0 = time.perf_counter()
-        for _ in range(gen_len):
-            step(runner, seqs)
-        return (time.perf_counter() - t0) / gen_len
-    finally:
-        for s in seqs:
-            runner.block_allocator.free(s.block_table)
-
 
 def time_generate(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
     t0 = time.perf_counter()
@@ -106,36 +67,6 @@ def time_hf_generate(model, prompts: list[list[int]], gen_len: int, pad_token_id
     out = model.generate(**kwargs, max_new_tokens=gen_len, min_new_tokens=gen_len)
     seconds = time.perf_counter() - t0
     assert out.shape == (len(prompts), len(prompts[0]) + gen_len), "HF generated a different number of tokens"
-    return seconds
-
-
-# --- roofline ------------------------------------------------------------------------------------------------
-
-def matmul_params(mc: ModelConfig) -> int:
-    """Weights a token multiplies through: q, k, v, o, gate, up, down per layer, and the lm_head."""
-    attn = mc.hidden_size * mc.head_dim * 2 * (mc.num_attention_heads + mc.num_key_value_heads)
-    mlp = 3 * mc.hidden_size * mc.intermediate_size
-    return mc.num_hidden_layers * (attn + mlp) + mc.vocab_size * mc.hidden_size
-
-
-def decode_step_cost(mc: ModelConfig, batch: int, context_len: float, elem_bytes: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of one decode step: every weight is read once for the batch, each sequence's KV once."""
-    attn_flops = 4 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * context_len  # q.k and p.v
-    flops = (2 * matmul_params(mc) + attn_flops) * batch
-    kv_bytes = mc.kv_bytes_per_token_per_element * context_len * elem_bytes * batch
-    return flops, matmul_params(mc) * elem_bytes + kv_bytes
-
-
-def generate_floor_s(mc: ModelConfig, machine: Machine, dtype: str, batch: int, prompt_len: int, gen_len: int,
-                     elem_bytes: int) -> float:
-    """The least time any engine could take for this generate on this machine: the prompts' FLOPs at the matmul
-    ceiling, then each decode step on the roofline (its FLOPs at the ceiling or its weight and KV bytes at the
-    copy bandwidth, whichever binds), and nothing else. transformers' time over it bounds the speed-up."""
-    lm_head = mc.vocab_size * mc.hidden_size  # run for each prompt's last token only
-    seconds = (2 * (matmul_params(mc) - lm_head) * prompt_len + 2 * lm_head) * batch / machine.matmul_gflops[dtype] / 1e9
-    for i in range(gen_len - 1):
-        flops, nbytes = decode_step_cost(mc, batch, prompt_len + i + 1, elem_bytes)
-        seconds += flops / machine.roofline_gflops(dtype, flops / nbytes) / 1e9
     return seconds
 
 

@@ -25,9 +25,9 @@ from model_runner.loader import DEFAULT_MODEL
 from model_runner.precision import cpu_kind
 from model_runner.runner import ModelRunner
 
-from .kernels import make_step
 from .machine import cpu_model
 from .report import finish
+from .steps import random_step
 
 # (name, batch, context lo, context hi, tokens per sequence in the step)
 STEPS = [("decode, batch 1, context ~256", 1, 256, 256, 1),
@@ -91,10 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(runner.describe())
     results = []
     for name, batch, lo, hi, chunk in STEPS:
-        seqs, plan = make_step(runner, batch, lo, hi, chunk)
-        wall, ops = breakdown(runner, plan, args.steps)
-        for s in seqs:
-            runner.block_allocator.free(s.block_table)
+        with random_step(runner, batch, lo, hi, chunk) as plan:
+            wall, ops = breakdown(runner, plan, args.steps)
         ops["python and glue"] = (max(0.0, wall - sum(ms for ms, _ in ops.values())), 0.0)
         rows = sorted(ops.items(), key=lambda kv: -kv[1][0])
         print(f"\n{name}: {wall:.1f} ms a step\n\n| operation | share | ms/step | calls/step |\n|---|---|---|---|")

@@ -11,9 +11,6 @@ from batcher.engine import StepRecord
 
 from .replay import RequestRecord
 
-COLUMNS = ["policy", "output tok/s", "req/s", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99", "mean batch",
-           "preemptions"]
-
 
 def wall_seconds(records: list[RequestRecord]) -> float:
     """From the first arrival to the last finish: the time the whole trace took to serve."""
@@ -73,44 +70,19 @@ def fmt_ms(ms: float | None) -> str:
     return f"{ms:,.0f} ms" if ms < 1000 else f"{ms / 1000:,.2f} s"
 
 
-def _row(policy: str, s: dict) -> list[str]:
-    batch = "-" if s["mean_batch"] is None else f"{s['mean_batch']:.1f}"
-    return [policy, f"{s['output_tok_s']:,.0f}", f"{s['req_s']:.2f}", fmt_ms(s["ttft_ms"]["p50"]),
-            fmt_ms(s["ttft_ms"]["p99"]), fmt_ms(s["e2e_ms"]["p50"]), fmt_ms(s["e2e_ms"]["p99"]), batch,
-            "-" if s["preemptions"] is None else str(s["preemptions"])]
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def markdown_table(rows: dict[str, dict]) -> str:
-    """One line per policy: summaries keyed by policy name, in the order given."""
-    return _table(COLUMNS, [_row(p, s) for p, s in rows.items()])
-
-
-def ratio_table(rows: dict[str, dict], base: str = "continuous") -> str:
-    """How base compares with every other policy: throughput multiple, and how many times lower its p99 e2e is."""
-    b = rows[base]
-    lines = []
-    for p, s in rows.items():
-        if p == base:
-            continue
-        tput = b["output_tok_s"] / s["output_tok_s"] if s["output_tok_s"] else float("inf")
-        lat = s["e2e_ms"]["p99"] / b["e2e_ms"]["p99"] if s["e2e_ms"]["p99"] and b["e2e_ms"]["p99"] else None
-        lines.append([p, f"{tput:.2f}x", "-" if lat is None else f"{lat:.2f}x"])
-    return _table([f"{base} vs", "output tok/s (x higher)", "p99 e2e (x lower)"], lines)
-
-
-# --- the bench command: engine-side figures and its two tables -----------------------------------------------
+# --- engine-side figures, and the tables every bench prints ---------------------------------------------------
 
 def step_figures(step_log: list[StepRecord], num_blocks: int, t0: float,
                  max_points: int = 4000) -> tuple[dict, dict[str, list[float]]]:
     """In-process, from the step log: mean batch size, KV-cache usage (mean weighted by step time, and max),
     preemptions; and the timeline of batch size, queue length and KV usage (thinned to max_points)."""
     if not step_log:
-        return dict(mean_batch=None, kv_usage_mean=None, kv_usage_max=None, preemptions=0), {}
+        return dict(mean_batch=None, kv_usage_mean=None, kv_usage_max=None, preemptions=0, steps=0), {}
     kv = np.array([s.kv_blocks_used for s in step_log]) / num_blocks
     secs = np.array([s.seconds for s in step_log])
     points = []  # (t, running, waiting, kv usage)
@@ -121,7 +93,7 @@ def step_figures(step_log: list[StepRecord], num_blocks: int, t0: float,
             points.append((end - t0, 0, 0, 0.0))
     t, running, waiting, kv_usage = (list(c) for c in zip(*points[::max(1, len(points) // max_points)]))
     timeline = dict(t=t, running=running, waiting=waiting, kv_usage=kv_usage)
-    return dict(mean_batch=float(np.mean([s.batch_size for s in step_log])),
+    return dict(mean_batch=float(np.mean([s.batch_size for s in step_log])), steps=len(step_log),
                 kv_usage_mean=float(np.average(kv, weights=secs)) if secs.sum() else float(kv.mean()),
                 kv_usage_max=float(kv.max()), preemptions=sum(s.preempted for s in step_log)), timeline
 
@@ -135,9 +107,11 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+COLUMNS = ["run", "offered req/s", "done", "output tok/s", "req/s", "goodput req/s", "mean batch", "KV mean / max",
+           "CPU % machine / server", "preempt", "$/M out tok"]
+
+
 def throughput_table(runs: list[tuple[str, dict]]) -> str:
-    header = ["run", "offered req/s", "done", "output tok/s", "req/s", "goodput req/s", "mean batch",
-              "KV mean / max", "CPU % machine / server", "preempt", "$/M out tok"]
     rows = []
     for label, s in runs:
         kv = "-" if s.get("kv_usage_mean") is None else f"{s['kv_usage_mean']:.1%} / {s['kv_usage_max']:.1%}"
@@ -146,7 +120,7 @@ def throughput_table(runs: list[tuple[str, dict]]) -> str:
                      f"{s['output_tok_s']:,.0f}", f"{s['req_s']:.2f}", f"{s['goodput_req_s']:.2f}",
                      _num(s["mean_batch"], ".1f"), kv, cpu, _num(s["preemptions"], "d"),
                      _num(s.get("cost_per_mtok"), ",.2f")])
-    return _table(header, rows)
+    return _table(COLUMNS, rows)
 
 
 def latency_table(runs: list[tuple[str, dict]]) -> str:
@@ -154,6 +128,22 @@ def latency_table(runs: list[tuple[str, dict]]) -> str:
     header = ["run"] + [f"{name} p{p}" for name, _ in kinds for p in (50, 90, 99)]
     return _table(header, [[label] + [fmt_ms(s[key][f"p{p}"]) for _, key in kinds for p in (50, 90, 99)]
                            for label, s in runs])
+
+
+def ratio_table(runs: list[tuple[str, dict]], base: str = "continuous") -> str | None:
+    """How the base run compares with each other one: its throughput multiple, and how many times lower its p99
+    end-to-end latency is (None unless the base ran beside others)."""
+    rows = dict(runs)
+    if base not in rows or len(rows) < 2:
+        return None
+    b, lines = rows[base], []
+    for label, s in rows.items():
+        if label == base:
+            continue
+        tput = b["output_tok_s"] / s["output_tok_s"] if s["output_tok_s"] else float("inf")
+        lat = s["e2e_ms"]["p99"] / b["e2e_ms"]["p99"] if s["e2e_ms"]["p99"] and b["e2e_ms"]["p99"] else None
+        lines.append([label, f"{tput:.2f}x", "-" if lat is None else f"{lat:.2f}x"])
+    return _table([f"{base} vs", "output tok/s (x higher)", "p99 e2e (x lower)"], lines)
 
 
 @dataclass

@@ -19,15 +19,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from model_runner.config import ModelConfig, RunnerConfig
-from model_runner.generate import step
 from model_runner.loader import DEFAULT_MODEL, resolve_model
 from model_runner.runner import ModelRunner
-from model_runner.sampling_params import SamplingParams
-from model_runner.sequence import Sequence
 
+from .cost import decode_step_cost, matmul_params, prefill_cost, ridge_point
 from .machine import DTYPES, Machine, NeighbourMeter
-from .micro import (WARMUP_STEPS, decode_step_cost, kv_cache_memory, make_prompts, matmul_params,
-                    mean_decode_context, time_decode_step)
+from .steps import (WARMUP_STEPS, kv_cache_memory, make_prompts, mean_decode_context, time_decode_step,
+                    time_prefill)
 
 COLUMNS = ["kind", "batch", "tokens/step", "step ms", "tokens/s", "FLOP/byte", "achieved GFLOP/s",
            "attainable GFLOP/s", "% of attainable", "bound", "others' CPU %"]
@@ -50,41 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# --- cost and timing of a prefill (decode's are in benchmarks.micro) ------------------------------------------
-
-def prefill_cost(mc: ModelConfig, n: int, elem_bytes: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of one sequence's n-token prefill: weights read once, each token's K/V written once.
-
-    Every token goes through every layer, but only the last one through the lm_head (only it is sampled), and
-    causal attention lets token i see i + 1 keys."""
-    lm_head = mc.vocab_size * mc.hidden_size
-    attn_flops = 4 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * n * (n + 1) / 2
-    flops = 2 * (matmul_params(mc) - lm_head) * n + 2 * lm_head + attn_flops
-    return flops, (matmul_params(mc) + mc.kv_bytes_per_token_per_element * n) * elem_bytes
-
-
-def time_prefill(runner: ModelRunner, prompt: list[int], reps: int) -> float:
-    """Mean seconds of a step() that prefills the prompt into a fresh sequence, after one warm-up prefill."""
-    def once() -> None:
-        seq = Sequence(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
-        try:
-            step(runner, [seq])
-        finally:  # step() frees a finished sequence's blocks itself; this covers an exception
-            runner.block_allocator.free(seq.block_table)
-
-    once()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        once()
-    return (time.perf_counter() - t0) / reps
-
-
 # --- points on the roofline ----------------------------------------------------------------------------------
-
-def ridge_point(machine: Machine, dtype: str) -> float:
-    """The intensity (FLOP/byte) where the bandwidth slope meets the compute ceiling."""
-    return machine.matmul_gflops[dtype] / machine.copy_gbps
-
 
 def roofline_point(machine: Machine, dtype: str, kind: str, batch: int, tokens: int, context_len: float,
                    seconds: float, flops: float, nbytes: float) -> dict:

@@ -13,24 +13,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from benchmarks.azure import azure_lengths, azure_trace, find_trace
+from benchmarks.azure import DEFAULT_PATH, azure_lengths, azure_trace, find_trace
 from benchmarks.bench import run_bench
 from benchmarks.http_replay import replay_http
 from benchmarks.trace import TraceRequest, arrival_times, lengths, offered_rate, rescale_time, synthetic
 
 from .server_helpers import free_port
 
-try:
-    find_trace()
-    HAVE_AZURE = True
-except FileNotFoundError:
-    HAVE_AZURE = False
-needs_azure = pytest.mark.skipif(not HAVE_AZURE, reason="the shared Azure trace is not checked out")
-
-
 # --- traces --------------------------------------------------------------------------------------------------
 
-@needs_azure
+def test_azure_trace_ships_with_the_repository():
+    assert find_trace() == DEFAULT_PATH and DEFAULT_PATH.parent.joinpath("LICENSE-CC-BY-4.0.txt").is_file()
+
+
 def test_azure_window_and_scales():
     base = azure_trace(start_s=600, duration_s=60)
     assert 200 < len(base.requests) < 600  # ~5.5 req/s in that hour
@@ -49,7 +44,7 @@ def test_azure_window_and_scales():
 
 
 def test_azure_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Azure trace not found.*shared/traces"):
+    with pytest.raises(FileNotFoundError, match="Azure trace not found.*nope.csv.*TIMESTAMP"):
         azure_trace(tmp_path / "nope.csv")
 
 
@@ -154,7 +149,7 @@ def test_bench_with_started_servers_writes_table_json_and_plots(tmp_path, capsys
 
 
 def test_bench_rate_sweep_in_process(tmp_path):
-    result = run_bench(TINY + ["--synthetic", "gamma", "--policies", "dynamic,continuous", "--num-requests", "6",
+    result = run_bench(TINY + ["--workload", "gamma", "--policies", "dynamic,continuous", "--num-requests", "6",
                                "--sweep-rates", "20,40", "--out", str(tmp_path)])
     assert [(r["policy"], r["x"]) for r in result["runs"]] == [("dynamic", 20), ("continuous", 20),
                                                                ("dynamic", 40), ("continuous", 40)]

@@ -1,7 +1,8 @@
-"""The engine benchmark on the tiny model: traces round-trip, replay is open-loop, the command fills its table."""
+"""`jitney bench` in-process on the tiny model: traces round-trip, replay is open-loop, --quick fills its table."""
 from batcher.config import BatcherConfig
-from benchmarks.engine_bench import main, run_policy
+from benchmarks.bench import run_bench
 from benchmarks.report import COLUMNS, summarize, wall_seconds
+from benchmarks.targets import run_policy
 from benchmarks.trace import TraceRequest, burst, load_trace, poisson, save_trace, synth_prompt_ids
 
 from .engine_helpers import kv_blocks
@@ -53,16 +54,17 @@ async def test_replay_is_open_loop_while_the_engine_is_busy(tiny_runner):
     assert s["e2e_ms"]["p99"] >= s["e2e_ms"]["p50"] >= s["ttft_ms"]["p50"] > 0
 
 
-def test_engine_bench_quick_prints_every_policy(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    report = main(["--model", "tiny-random", "--quick", "--dtype", "float32", "--json", str(out)])
+def test_bench_quick_prints_every_policy(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    report = run_bench(["--model", "tiny-random", "--quick", "--dtype", "float32", "--no-progress",
+                        "--out", str(tmp_path)])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert table[0] == "| " + " | ".join(COLUMNS) + " |"
     assert [line.split("|")[1].strip() for line in table[1:5]] == ["sequential", "static", "dynamic", "continuous"]
-    for policy, result in report["policies"].items():
-        s = result["summary"]
+    for result in report["runs"]:
+        policy, s = result["policy"], result["summary"]
         assert s["completed"] == 8 and s["output_tok_s"] > 0 and s["refused"] == 0, policy
-        assert len(result["records"]) == 8 and result["steps"]
+        assert len(result["records"]) == 8 and s["steps"]
     assert out.exists()
 
 
@@ -85,5 +87,7 @@ def test_ceiling_draws_the_traces_own_lengths_and_bounds_every_policy(tmp_path, 
     assert set(report["decode_s_per_token"]) == {16, 32, 64, 128}  # up to max_num_seqs
     # The least busy time is every prompt token at the prefill cost and every later output token at the best
     # decode cost; a measured run of the same trace (the engine bench) cannot beat it by much.
-    bench = main(["--model", "tiny-random", "--quick", "--dtype", "float32", "--policies", "continuous"])
-    assert bench["policies"]["continuous"]["summary"]["output_tok_s"] < 1.5 * report["ceiling_tok_s"]
+    bench = run_bench(["--model", "tiny-random", "--quick", "--dtype", "float32", "--policies", "continuous",
+                       "--no-progress", "--out", str(tmp_path / "bench")])
+    continuous = next(r for r in bench["runs"] if r["policy"] == "continuous")
+    assert continuous["summary"]["output_tok_s"] < 1.5 * report["ceiling_tok_s"]

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from benchmarks import memory_plan as mp
-from benchmarks.micro import decode_step_cost
-from benchmarks.roofline import COLUMNS, main as roofline_main, prefill_cost
+from benchmarks.cost import decode_step_cost, prefill_cost
+from benchmarks.roofline import COLUMNS, main as roofline_main
 
 # --- memory planner ------------------------------------------------------------------------------------------
 
