@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.micro $(ARGS)
 
-# Every figure in README.md and docs/ (about 40 minutes on 2 cores; nothing else should run meanwhile).
+# Every figure in README.md and docs/ (about 30 minutes on 2 cores, docs/benchmarks.md; nothing else may run).
 bench-all: $(STAMP)
 	bash benchmarks/scripts/measure_all.sh
 	bash benchmarks/scripts/measure_prefix.sh
