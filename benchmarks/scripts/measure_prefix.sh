@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prefix caching, measured: 64 requests sharing a 384-token system prompt (+ 16..64 tokens of their own),
-# continuous batching with the prefix cache on, then off (results/prefix-on/, results/prefix-off/). About 2 minutes on the 2-core development machine.
+# continuous batching with the prefix cache on, then off (results/prefix-on/, results/prefix-off/). Under a minute on the 2-core development machine (docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p results
