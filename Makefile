@@ -41,6 +41,7 @@ bench: $(STAMP)
 bench-all: $(STAMP)
 	bash benchmarks/scripts/measure_all.sh
 	bash benchmarks/scripts/measure_prefix.sh
+	$(PY) -m benchmarks.tables  # the docs' tables, rewritten from results/
 
 clean:
 	rm -rf $(VENV) build *.egg-info

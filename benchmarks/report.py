@@ -130,6 +130,18 @@ def latency_table(runs: list[tuple[str, dict]]) -> str:
                            for label, s in runs])
 
 
+DIGEST = ["run", "output tok/s", "goodput req/s", "TTFT p50", "TTFT p99", "ITL p99", "e2e p99", "mean batch",
+          "preemptions"]
+
+
+def digest_table(runs: list[tuple[str, dict]]) -> str:
+    """One line a run, the figures a sweep is read by: what the docs print beside each knob."""
+    return _table(DIGEST, [[label, f"{s['output_tok_s']:,.0f}", f"{s['goodput_req_s']:.2f}",
+                            fmt_ms(s["ttft_ms"]["p50"]), fmt_ms(s["ttft_ms"]["p99"]),
+                            fmt_ms(s["inter_token_ms"]["p99"]), fmt_ms(s["e2e_ms"]["p99"]),
+                            _num(s["mean_batch"], ".1f"), _num(s["preemptions"], "d")] for label, s in runs])
+
+
 def ratio_table(runs: list[tuple[str, dict]], base: str = "continuous") -> str | None:
     """How the base run compares with each other one: its throughput multiple, and how many times lower its p99
     end-to-end latency is (None unless the base ran beside others)."""

@@ -156,3 +156,23 @@ def test_bench_rate_sweep_in_process(tmp_path):
     assert all(r["summary"]["completed"] == 6 for r in result["runs"])
     assert result["runs"][2]["summary"]["offered_req_s"] > result["runs"][0]["summary"]["offered_req_s"]
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_docs_tables_are_written_from_result_files(tmp_path, capsys):
+    from benchmarks.replay import RequestRecord
+    from benchmarks.report import COLUMNS, summarize
+    from benchmarks.tables import main as tables_main
+
+    rec = RequestRecord(0.0, 0.0, 8, output_tokens=4, finished_s=1.0, ttft_ms=100.0, total_ms=400.0,
+                        inter_token_ms=[100.0] * 3)
+    (tmp_path / "results" / "readme").mkdir(parents=True)
+    (tmp_path / "results" / "readme" / "results.json").write_text(json.dumps(
+        {"runs": [{"label": "continuous", "summary": summarize([rec], 1.0)}]}))
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "page.md"
+    doc.write_text("text\n<!-- table: policies -->\n| old |\n<!-- /table -->\n"
+                   "<!-- table: prefix -->\n| kept |\n<!-- /table -->\n")
+    missing = tables_main(["--results", str(tmp_path / "results"), "--docs", str(tmp_path / "docs")])
+    text = doc.read_text()
+    assert "| old |" not in text and "| " + " | ".join(COLUMNS) + " |" in text and "| continuous | - | 1/1 | 4 |" in text
+    assert missing == {"prefix"} and "| kept |" in text and "no results for prefix" in capsys.readouterr().out
