@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# jitney beside llama.cpp's server on the workload, over HTTP, in one run, on this machine:
+# jitney beside llama.cpp's server on vLLM's benchmark shape, over HTTP, in one run, on this machine:
 # /v1/completions, prompts of 32..512 random tokens, 16..256 output tokens forced with ignore_eos, greedy,
 # streamed; (a) 128 requests at once, (b) 64 requests at 2 req/s (Poisson). The client is `jitney bench --url`
 # for every server, so each is measured the same way. Servers run one at a time on 127.0.0.1.
