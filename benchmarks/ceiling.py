@@ -25,7 +25,7 @@ from .machine import NeighbourMeter, best_seconds, cpu_model
 from .replay import BATCHER_KNOBS, batcher_config
 from .report import finish
 from .steps import held
-from .trace import TraceRequest
+from .trace import TraceRequest, save_trace
 from .workloads import WORKLOADS
 
 DECODE_BATCHES = (16, 32, 64, 128, 256)
@@ -40,7 +40,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, fl
                    help="a measured policy's output tok/s, to state against the ceiling (repeatable)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per shape (the fastest is kept)")
     p.add_argument("--json", help="write every figure to this file")
-    args = resolve(p, p.parse_args(argv))
+    args = p.parse_args(argv)
+    # What the ceiling does not depend on (no queue, no prefix cache, synthetic prompts of any content): refused
+    # rather than ignored.
+    if unread := [f for f in ("max_wait_ms", "static_flush_ms", "max_batch_size", "no_prefix_caching",
+                              "shared_prefix") if getattr(args, f)]:
+        p.error(f"the ceiling does not depend on --{', --'.join(unread).replace('_', '-')}")
+    args = resolve(p, args)
     compare = {}
     for item in args.compare:
         name, _, value = item.partition("=")
@@ -80,9 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     args, compare = parse_args(argv)
     started = time.perf_counter()
     trace, _ = WORKLOADS[args.workload].build(args)
+    if args.save_trace:
+        save_trace(trace, args.save_trace)
     cfg = batcher_config("continuous", {k: getattr(args, k) for k in BATCHER_KNOBS})
     kv = args.kv_cache_memory or 4 << 30
-    runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, kv_cache_memory=kv), progress=True)
+    runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, kv_cache_memory=kv,
+                                      block_size=args.block_size or RunnerConfig.block_size), progress=True)
     print(f"machine: {cpu_model()}\n{runner.describe()}")
     rng, meter = random.Random(args.seed), NeighbourMeter()
 
