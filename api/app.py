@@ -21,7 +21,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from batcher.engine import Engine, EngineStopped, RequestOutput, RequestStream
+from batcher.engine import Engine, EngineStopped
+from batcher.request import RequestOutput, RequestStream
 from batcher.request_queue import Overloaded
 from model_runner.errors import InvalidRequestError
 from model_runner.sampler import TokenLogprob
@@ -154,17 +155,17 @@ def sse(data: dict | str) -> str:
 
 
 def failure(out: RequestOutput) -> APIError | None:
-    """The HTTP error for a request the engine ended with an error (or aborted at shutdown)."""
+    """The HTTP error for a request the engine ended with an error (its kind says which), else None.
+
+    A request the drain cut (kind shutdown) gets a 503 before a response starts, a final error event in a stream
+    that has started; a stream cut before its first token still starts, so every stream ends the same way."""
     if out.error == "timeout":
         return APIError(504, out.text, "timeout", "queue_timeout")
-    if out.error:
+    if out.error == "internal":
         return APIError(500, out.text, "server_error", "internal_error")
+    if out.error == "shutdown":
+        return APIError(503, "the server shut down before the request finished", "unavailable", "shutting_down")
     return None
-
-
-def cut_by_shutdown() -> APIError:
-    """A request the drain aborted: a 503 before the response starts, a final error event in a stream."""
-    return APIError(503, "the server shut down before the request finished", "unavailable", "shutting_down")
 
 
 # --- response shapes, one per route ---------------------------------------------------------------------
@@ -331,10 +332,6 @@ def build_app(engine: Engine, settings: ServerSettings):
         except EngineStopped as e:
             raise APIError(503, str(e), "unavailable", "shutting_down") from None
 
-    def ended_badly(finals: list[RequestOutput]) -> APIError | None:
-        return next((e for f in finals if (e := failure(f))), None) or (
-            cut_by_shutdown() if any(f.finish_reason == "abort" for f in finals) and not engine.accepting else None)
-
     async def respond(request: Request, parsed: ParsedRequest, fmts: list) -> Response:
         """Runs the request (n samples: one format each, fmts[i] for choice i) and answers whole or streamed."""
         streams = await submit(parsed)
@@ -353,7 +350,7 @@ def build_app(engine: Engine, settings: ServerSettings):
             request.state.usage = totals = usage_of(finals)
             if getattr(request.state, "client_closed", False):
                 raise ClientGone()
-            if err := ended_badly(finals):
+            if err := next((e for f in finals if (e := failure(f))), None):
                 raise err
             return JSONResponse(fmts[0].whole([f.full(c.text, c.final, c.logprobs, c.prompt_logprobs)
                                                for f, c in zip(fmts, collected)], totals))
@@ -365,7 +362,7 @@ def build_app(engine: Engine, settings: ServerSettings):
             watcher.cancel()
             await outputs.aclose()
             raise
-        if first[1].finished and (err := failure(first[1])):
+        if first[1].finished and first[1].error != "shutdown" and (err := failure(first[1])):
             watcher.cancel()
             await outputs.aclose()
             raise err
@@ -388,8 +385,8 @@ def build_app(engine: Engine, settings: ServerSettings):
                 if parsed.include_usage:
                     for event in fmts[0].usage_chunk(totals):
                         yield event
-                if finals and any(f.finish_reason == "abort" for f in finals.values()) and not engine.accepting:
-                    e = cut_by_shutdown()
+                if cut := [f for f in finals.values() if f.error == "shutdown"]:
+                    e = failure(cut[0])
                     yield sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
                 for event in fmts[0].end():
                     yield event

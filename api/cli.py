@@ -7,6 +7,7 @@ import time
 
 from model_runner.errors import InvalidRequestError, ModelLoadError
 from model_runner.loader import DEFAULT_MODEL, NAMED_MODELS
+from model_runner.units import parse_bytes
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from model_runner.config import RunnerConfig
-    from model_runner.generate import generate
+    from batcher.generate import generate
     from model_runner.runner import ModelRunner
     from model_runner.sampling_params import SamplingParams
 
@@ -59,22 +60,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
-    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-    t = text.strip().lower().removesuffix("b")
-    for suffix in sorted(units, key=len, reverse=True):
-        if t.endswith(suffix):
-            try:
-                return int(float(t[: -len(suffix)]) * units[suffix])
-            except ValueError:
-                break
-    try:
-        return int(float(t))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB, 512MiB or a byte count)") from None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -90,13 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keys = tuple(args.api_key or ()) + tuple(k for k in os.environ.get("JITNEY_API_KEY", "").split(",") if k)
-    batcher_cfg = BatcherConfig(
-        policy=args.policy, max_wait_ms=args.max_wait_ms, max_batch_size=args.max_batch_size,
-        static_flush_ms=args.static_flush_ms, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue, max_rps=args.max_rps,
-        timeout_s=args.timeout_s, enable_prefix_caching=not args.no_prefix_caching)
     try:
-        batcher_cfg.validate()
+        batcher_cfg = BatcherConfig(
+            policy=args.policy, max_wait_ms=args.max_wait_ms, max_batch_size=args.max_batch_size,
+            static_flush_ms=args.static_flush_ms, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue, max_rps=args.max_rps,
+            timeout_s=args.timeout_s, enable_prefix_caching=not args.no_prefix_caching)
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,

@@ -12,6 +12,7 @@ import logging
 import uvicorn
 
 from batcher.engine import Engine
+from batcher.request import EndReason
 
 from .app import ServerSettings
 from .protocol import ConnectionLimits, limited_protocol
@@ -28,7 +29,7 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         if self._drain_task is not None:  # a second signal: abort everything and stop now
             for request_id in list(self.engine.requests):
-                self.engine.abort(request_id)
+                self.engine.abort(request_id, EndReason.SHUT_DOWN)
             self.force_exit = self.should_exit = True
             return
         log.info("shutting down: draining in-flight requests for up to %.0fs", self.grace_s)

@@ -1,4 +1,5 @@
-"""The batcher's knobs, in one place (the API and benchmarks fill this from their flags)."""
+"""The batcher's knobs, in one place (the API and benchmarks fill this from their flags), checked once: a
+BatcherConfig that exists is a valid one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,16 +22,18 @@ class BatcherConfig:
     max_rps: float | None = None        # admission rate limit (requests/second), None = unlimited
     timeout_s: float | None = None      # a request still waiting to start after this long fails (504)
     enable_prefix_caching: bool = True
+    num_kv_blocks: int | None = None    # KV blocks the engine may use; None = all the runner's cache holds
 
-    def validate(self) -> "BatcherConfig":
+    def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be at least 1")
         for name in ("max_batch_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "max_queued_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0 or self.static_flush_ms < 0:
             raise ValueError("max_wait_ms and static_flush_ms must be >= 0")
-        return self
 
     @property
     def window_s(self) -> float:

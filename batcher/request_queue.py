@@ -30,7 +30,6 @@ class Pending:
     item: Any
     num_tokens: int
     arrival: float
-    deadline: float | None
 
 
 class RequestQueue:
@@ -44,12 +43,14 @@ class RequestQueue:
             self.throttler = Throttler(rate_limit=rate, period=rate / cfg.max_rps)
         self.num_throttled = 0
 
-    def check_capacity(self, num_tokens: int, waiting_outside: int, tokens_outside: int,
-                       seconds_per_request: float) -> None:
-        """Raises Overloaded if one more request would pass a bound (counting those already released but not
-        started, which the engine reports)."""
-        n = len(self.pending) + waiting_outside + self.num_throttled
-        t = self.num_tokens + tokens_outside
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted here and not released yet (throttled, or in the window)."""
+        return len(self.pending) + self.num_throttled
+
+    def check_capacity(self, num_tokens: int, n: int, t: int, seconds_per_request: float) -> None:
+        """Raises Overloaded if one more request of num_tokens would pass a bound, n requests of t prompt tokens
+        waiting already (the engine counts them: here and released to the scheduler but not running)."""
         if n + 1 > self.cfg.max_queue or t + num_tokens > self.cfg.max_queued_tokens:
             retry = max(1.0, min(60.0, n * seconds_per_request))
             raise Overloaded(f"server overloaded: {n} requests ({t} prompt tokens) are waiting; "
@@ -65,9 +66,8 @@ class RequestQueue:
         finally:
             self.num_throttled -= 1
 
-    def put(self, item: Any, num_tokens: int, timeout_s: float | None) -> Pending:
-        now = time.monotonic()
-        p = Pending(item, num_tokens, now, now + timeout_s if timeout_s else None)
+    def put(self, item: Any, num_tokens: int) -> Pending:
+        p = Pending(item, num_tokens, time.monotonic())
         self.pending.append(p)
         self.num_tokens += num_tokens
         return p
@@ -84,7 +84,7 @@ class RequestQueue:
         return out
 
     def remove(self, pred) -> list[Any]:
-        """Takes out the items matching pred (aborted or past their deadline)."""
+        """Takes out the items matching pred (those that ended while waiting here)."""
         keep, gone = deque(), []
         for p in self.pending:
             (gone if pred(p) else keep).append(p)

@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from model_runner.kv_cache import BlockAllocator, block_hash
 from model_runner.sequence import FinishReason, Sequence
 
 from .config import BatcherConfig
+from .kv_cache_manager import KVCacheManager
 
 
 @dataclass
@@ -34,6 +34,14 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
 
+    def __repr__(self) -> str:
+        """e.g. SchedulerOutput(13 tokens: #3+1, #4+12 new; preempted #5): sequence #4 admitted with a 12-token chunk."""
+        new = {id(s) for s in self.admitted}
+        steps = ", ".join(f"#{s.seq_id}+{n}{' new' if id(s) in new else ''}" for s, n in self.scheduled)
+        ended = "".join(f"; {label} " + " ".join(f"#{s.seq_id}" for s in seqs)
+                        for label, seqs in (("preempted", self.preempted), ("finished", self.finished)) if seqs)
+        return f"SchedulerOutput({self.num_tokens} tokens: {steps or 'nothing'}{ended})"
+
 
 @dataclass
 class SchedulerStats:
@@ -44,11 +52,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, cfg: BatcherConfig, allocator: BlockAllocator, eos_token_ids: tuple[int, ...],
+    def __init__(self, cfg: BatcherConfig, kv: KVCacheManager, eos_token_ids: tuple[int, ...],
                  max_model_len: int):
-        self.cfg = cfg.validate()
-        self.allocator = allocator
-        self.block_size = allocator.block_size
+        self.cfg = cfg
+        self.kv = kv
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # in admission order: the last is the first to be preempted
@@ -68,13 +75,21 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.batch)
 
+    @property
+    def num_waiting(self) -> int:
+        """Sequences here and not running: not admitted yet, or preempted."""
+        return len(self.waiting) + len(self.batch)
+
+    def waiting_seqs(self) -> list[Sequence]:
+        return [*self.waiting, *self.batch]
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Ends a sequence wherever it is (running, waiting, or in a batch) and frees its blocks now."""
         seq.finish_reason = seq.finish_reason or reason
         for group in (self.running, self.waiting, self.batch):
             if seq in group:
                 group.remove(seq)
-        self.allocator.free(seq.block_table)
+        self.kv.free(seq)
 
     # --- one step -----------------------------------------------------------------------------------------
 
@@ -96,11 +111,24 @@ class Scheduler:
             self._admit(out, budget)
         self.stats.chunked_prefills += any(
             s.num_computed_tokens + n < len(s) for s, n in out.scheduled)
+        self._check(out)
         return out
+
+    def _check(self, out: SchedulerOutput) -> None:
+        """The plan's invariants: within both budgets, each sequence once, each holding the blocks its step
+        writes (the runner indexes block tables by position, unchecked)."""
+        limit = self.cfg.max_num_seqs if self.cfg.policy == "continuous" else self.cfg.max_batch_size
+        assert out.num_tokens <= self.cfg.max_num_batched_tokens, out
+        running = {id(s) for s in self.running}
+        assert len(running) <= limit and all(id(s) in running for s, _ in out.scheduled), out
+        assert len({id(s) for s, _ in out.scheduled}) == len(out.scheduled), out
+        bs = self.kv.block_size
+        for s, n in out.scheduled:
+            assert n > 0 and len(s.block_table) * bs >= s.num_computed_tokens + n, (s, n)
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Grows seq's block table, preempting the newest running sequences until it fits (or seq itself goes)."""
-        while not self.allocator.grow(seq.block_table, num_tokens):
+        while not self.kv.allocate_slots(seq, num_tokens - seq.num_computed_tokens):
             if self.running == [seq]:  # alone and still too big: it can never fit, so it ends here
                 self.finish(seq, FinishReason.LENGTH)
                 out.finished.append(seq)
@@ -115,9 +143,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the KV, keep the tokens; it will prefill prompt + output again."""
-        self.allocator.free(seq.block_table)
+        assert seq not in self.running and seq.block_table and not seq.is_finished, f"cannot preempt {seq!r}"
+        self.kv.free(seq)
         seq.num_computed_tokens = 0
-        seq.block_hashes.clear()
         # It stays a member of its batch under the run-to-completion policies.
         (self.waiting if self.cfg.policy == "continuous" else self.batch).appendleft(seq)
         self.stats.preemptions += 1
@@ -133,45 +161,22 @@ class Scheduler:
             source, limit = self.batch, self.cfg.max_batch_size
         while source and budget > 0 and len(self.running) < limit:
             seq = source[0]
-            forked = bool(seq.block_table)  # a parallel sample: it holds its shared prompt blocks already
-            hits = [] if forked else self._prefix_hits(seq)
-            cached = seq.block_table if forked else [b for b, _ in hits]
-            start = seq.num_computed_tokens if forked else len(cached) * self.block_size
+            if seq.block_table:  # a parallel sample: it holds its shared prompt blocks already
+                hit, start = None, seq.num_computed_tokens
+            else:
+                hit = self.kv.find_computed_blocks(seq)
+                start = len(hit) * self.kv.block_size
+                self.stats.prefix_queries += hit.num_queried
+                self.stats.prefix_hits += len(hit)
             n = min(len(seq) - start, budget)
-            revived = sum(self.allocator.ref_counts[b] == 0 for b in cached)  # hits that sit in the free list
-            if self.allocator.blocks_needed(cached, start + n) > self.allocator.num_free - revived:
+            if not self.kv.allocate_slots(seq, n, hit):
                 break  # first come, first served: nobody overtakes the head of the line
             source.popleft()
-            if not forked:
-                for b in cached:
-                    self.allocator.share(b)
-                seq.block_table = cached
-                seq.block_hashes = [h for _, h in hits]
-                seq.num_computed_tokens = start
-            seq.num_cached_tokens = start
-            self.allocator.grow(seq.block_table, start + n)
+            seq.num_computed_tokens = seq.num_cached_tokens = start
             self.running.append(seq)
             out.admitted.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
-
-    def _prefix_hits(self, seq: Sequence) -> list[tuple[int, int]]:
-        """(block, hash) of cached blocks holding seq's leading full blocks; at least one token is left to compute."""
-        # A request for prompt logprobs needs every prompt position's logits: its prompt is computed, not reused.
-        if not self.allocator.enable_prefix_caching or seq.params.prompt_logprobs is not None:
-            return []
-        bs, hits, parent = self.block_size, [], None
-        num_full = (len(seq) - 1) // bs  # the last token is always computed: its logits are needed
-        self.stats.prefix_queries += num_full
-        for i in range(num_full):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            parent = block_hash(parent, tokens)
-            b = self.allocator.lookup(parent, tokens)
-            if b is None:
-                break
-            hits.append((b, parent))
-        self.stats.prefix_hits += len(hits)
-        return hits
 
     # --- applying a step's results ------------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class Scheduler:
         finished = list(out.finished)
         for (seq, n), token in zip(out.scheduled, sampled):
             seq.num_computed_tokens += n
-            self._register_full_blocks(seq)
+            self.kv.cache_full_blocks(seq)
             if token is None:
                 continue
             if seq.params.max_tokens == 0:  # the prompt was only to be scored: its logprobs are out, stop here
@@ -191,14 +196,3 @@ class Scheduler:
                 self.finish(seq, seq.finish_reason)
                 finished.append(seq)
         return finished
-
-    def _register_full_blocks(self, seq: Sequence) -> None:
-        """Blocks whose K/V are now complete become findable by later requests with the same prefix."""
-        if not self.allocator.enable_prefix_caching:
-            return
-        bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
-            seq.block_hashes.append(h)
-            self.allocator.register(seq.block_table[i], h, tokens)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from api.cli import parse_bytes
 from batcher.config import POLICIES, BatcherConfig
 from model_runner.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
+from model_runner.units import parse_bytes
 
 from . import plots
 from .machine import cpu_model

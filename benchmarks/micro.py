@@ -15,8 +15,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
+from batcher.generate import generate, kv_manager
 from model_runner.config import ModelConfig, RunnerConfig
-from model_runner.generate import generate
 from model_runner.loader import DEFAULT_MODEL, resolve_model
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- timings -------------------------------------------------------------------------------------------------
 
 def time_generate(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
+    kv = kv_manager(runner)
     t0 = time.perf_counter()
-    generate(runner, prompts, SamplingParams(max_tokens=gen_len, ignore_eos=True))
+    generate(runner, prompts, SamplingParams(max_tokens=gen_len, ignore_eos=True), kv=kv)
     return time.perf_counter() - t0
 
 

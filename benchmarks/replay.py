@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from batcher.config import BatcherConfig
-from batcher.engine import Engine, RequestOutput
+from batcher.engine import Engine
+from batcher.request import RequestOutput
 from batcher.request_queue import Overloaded
 from model_runner.errors import InvalidRequestError
 from model_runner.sampling_params import SamplingParams
@@ -99,4 +100,4 @@ def batcher_config(policy: str, knobs: dict, **settings) -> BatcherConfig:
     """A benchmark's batcher: the knobs given, and unbounded admission: a benchmark measures how long requests
     wait, so none may be refused at the door."""
     return BatcherConfig(policy=policy, max_queue=10**6, max_queued_tokens=10**12, **settings,
-                         **{k: v for k, v in knobs.items() if k in BATCHER_KNOBS and v is not None}).validate()
+                         **{k: v for k, v in knobs.items() if k in BATCHER_KNOBS and v is not None})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from batcher.engine import StepRecord
+from batcher.stats import StepRecord
 
 from .replay import RequestRecord
 

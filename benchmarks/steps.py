@@ -8,8 +8,9 @@ import random
 import time
 from collections.abc import Iterator
 
+from batcher.generate import kv_manager, step
+from batcher.kv_cache_manager import KVCacheManager
 from model_runner.config import ModelConfig
-from model_runner.generate import step
 from model_runner.kv_cache import kv_cache_bytes_per_block
 from model_runner.precision import compute_dtype
 from model_runner.runner import ModelRunner
@@ -23,13 +24,13 @@ Plan = list[tuple[Sequence, int]]
 
 
 @contextlib.contextmanager
-def holding(runner: ModelRunner, seqs: list[Sequence]) -> Iterator[list[Sequence]]:
-    """The sequences, whose KV blocks (grown by whatever runs inside) are all freed when the block ends."""
+def holding(kv: KVCacheManager, seqs: list[Sequence]) -> Iterator[list[Sequence]]:
+    """The sequences, whose KV blocks (grown from kv by whatever runs inside) are all freed when the block ends."""
     try:
         yield seqs
     finally:
         for s in seqs:
-            runner.block_allocator.free(s.block_table)
+            kv.free(s)
 
 
 @contextlib.contextmanager
@@ -37,13 +38,13 @@ def held(runner: ModelRunner, contexts: list[int], chunks: list[int]) -> Iterato
     """A step's plan: sequences holding KV blocks for contexts[i] tokens, of which all but the last chunks[i]
     count as already in the cache (the cache holds whatever the blocks last held: attention costs the same
     whatever the values), each fed chunks[i] tokens."""
-    vocab = runner.model_config.vocab_size
-    with holding(runner, []) as seqs:
+    vocab, kv = runner.model_config.vocab_size, kv_manager(runner)
+    with holding(kv, []) as seqs:
         for i, (ctx, n) in enumerate(zip(contexts, chunks)):
             s = Sequence([3 + (i + j) % min(500, vocab - 3) for j in range(ctx)],
                          SamplingParams(max_tokens=1, ignore_eos=True))
             seqs.append(s)
-            assert runner.block_allocator.grow(s.block_table, ctx), "raise the KV budget"
+            assert kv.allocate_slots(s, ctx), "raise the KV budget"
             s.num_computed_tokens = ctx - n
         yield [(s, n) for s, n in zip(seqs, chunks)]
 
@@ -77,20 +78,23 @@ def mean_decode_context(prompt_len: int, gen_len: int) -> float:
 def time_decode_step(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
     """Mean seconds of a step() that decodes one token for every sequence, after prefill and a warm-up."""
     params = SamplingParams(max_tokens=1 + WARMUP_STEPS + gen_len, ignore_eos=True)
-    with holding(runner, [Sequence(p, params) for p in prompts]) as seqs:
+    kv = kv_manager(runner)
+    with holding(kv, [Sequence(p, params) for p in prompts]) as seqs:
         for _ in range(1 + WARMUP_STEPS):  # prefill (samples the first token), then warm-up decodes
-            step(runner, seqs)
+            step(runner, seqs, kv)
         t0 = time.perf_counter()
         for _ in range(gen_len):
-            step(runner, seqs)
+            step(runner, seqs, kv)
         return (time.perf_counter() - t0) / gen_len
 
 
 def time_prefill(runner: ModelRunner, prompt: list[int], reps: int) -> float:
     """Mean seconds of a step() that prefills the prompt into a fresh sequence, after one warm-up prefill."""
+    kv = kv_manager(runner)
+
     def once() -> None:
-        with holding(runner, [Sequence(prompt, SamplingParams(max_tokens=1, ignore_eos=True))]) as seqs:
-            step(runner, seqs)
+        with holding(kv, [Sequence(prompt, SamplingParams(max_tokens=1, ignore_eos=True))]) as seqs:
+            step(runner, seqs, kv)
 
     once()
     t0 = time.perf_counter()

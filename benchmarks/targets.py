@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 
 from batcher.config import BatcherConfig
-from batcher.engine import Engine, StepRecord
+from batcher.engine import Engine
+from batcher.stats import StepRecord
 from model_runner.config import RunnerConfig
-from model_runner.kv_cache import BlockAllocator
 from model_runner.runner import ModelRunner
 
 from .http_replay import MetricsSampler, new_client, replay_http
@@ -65,9 +65,8 @@ async def run_policy(runner: ModelRunner, cfg: BatcherConfig, trace: list[TraceR
                      progress: bool = True, desc: str = "replay", ids: list[list[int]] | None = None,
                      t0: float | None = None) -> tuple[list[RequestRecord], list[StepRecord]]:
     """One open-loop replay through a fresh Engine on this runner: the records and the engine's step log."""
-    # A fresh allocator: the previous run served the very same prompts, and its prefix cache would hand this
-    # one their KV for free.
-    runner.block_allocator = BlockAllocator(runner.num_blocks, runner.block_size)
+    # A new engine, a new KV-cache manager: the previous run served the very same prompts, and its prefix cache
+    # would have handed this one their KV for free.
     engine = Engine(runner, cfg, record_steps=True)
     await engine.start()
     try:

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .errors import ModelLoadError
+from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_RANDOM = "tiny-random"
 NAMED_MODELS = (DEFAULT_MODEL, TINY_RANDOM)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("JITNEY_CACHE_DIR") or Path.home() / ".cache" / "jitney")
 
 
 def _file_digest(path: Path) -> str:
@@ -103,8 +99,3 @@ def load_model_dir(name: str, progress: bool = True):
     if missing or (not cfg.tie_word_embeddings and "lm_head.weight" not in weights):
         raise ModelLoadError(f"{path} lacks weights this model needs: {missing or ['lm_head.weight']}")
     return path, weights, load_tokenizer(path)
-
-
-def write_hf_config(path: Path, config: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))

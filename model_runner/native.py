@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .loader import cache_dir
+from .paths import cache_dir
 from .precision import cpuinfo_flags
 
 log = logging.getLogger("jitney")

@@ -15,7 +15,7 @@ from . import native
 from .attention import AttentionMetadata, DecodeGroup, NativeAttention, PrefillChunk
 from .config import ModelConfig, RunnerConfig
 from .errors import InvalidRequestError, ModelLoadError
-from .kv_cache import BlockAllocator, allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
+from .kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
 from .loader import load_model_dir
 from .precision import resolve_precision
 from .model import LlamaModel
@@ -58,7 +58,6 @@ class ModelRunner:
         self.num_blocks = plan_num_blocks(mc, cfg.block_size, self.kv_dtype, cfg.device, cfg.kv_cache_memory,
                                           cfg.memory_utilization)
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.kv_dtype, cfg.device)
-        self.block_allocator = BlockAllocator(self.num_blocks, cfg.block_size)
         self.sampler = Sampler(cfg.seed)
         self.step_logprobs: dict[int, StepLogprobs] = {}
         # Attention by the native kernel where it builds for this device and model (see attention.py).
@@ -104,17 +103,11 @@ class ModelRunner:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor:
-        """Float32 logits [n, vocab] at every position of a prompt (reference checks), through the paged path."""
-        self.check_prompt(token_ids)
-        seq = Sequence(token_ids, SamplingParams())
-        if not self.block_allocator.grow(seq.block_table, len(token_ids)):
-            raise InvalidRequestError("not enough free KV blocks to score this prompt now")
-        try:
-            meta, input_ids, positions = self._prepare([(seq, len(token_ids))])
-            return self.model.logits(self.model.forward(input_ids, positions, self.kv_cache, meta))
-        finally:
-            self.block_allocator.free(seq.block_table)
+    def score(self, seq: Sequence) -> torch.Tensor:
+        """Logits [n, vocab] at every position of seq's tokens (reference checks), through the paged path; seq
+        holds blocks for all of them and none is computed yet."""
+        meta, input_ids, positions = self._prepare([(seq, len(seq))])
+        return self.model.logits(self.model.forward(input_ids, positions, self.kv_cache, meta))
 
     # --- one step ---------------------------------------------------------------------------------------
 

@@ -28,12 +28,15 @@ class Sequence:
         self.params = params
         self.generator: torch.Generator | None = make_generator(params.seed, "cpu")
         self.finish_reason: FinishReason | None = None
-        # Scheduler bookkeeping: hashes of this sequence's full blocks (prefix cache), tokens found cached.
-        self.block_hashes: list[int] = []
-        self.num_cached_tokens = 0
+        self.num_cached_tokens = 0                # prompt tokens the prefix cache held when it was admitted
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        end = f", {self.finish_reason.value}" if self.finish_reason else ""
+        return (f"Sequence(#{self.seq_id}: {self.num_prompt_tokens} prompt + {self.num_output_tokens} output tokens, "
+                f"{self.num_computed_tokens} computed, blocks {self.block_table}{end})")
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -69,7 +69,6 @@ def tiny_random_dir(root: Path, seed: int = 0, **overrides) -> Path:
     """Creates (once) and returns the directory of a tiny random model; overrides change config fields."""
     from safetensors.torch import save_file
 
-    from .loader import write_hf_config
     config = TINY_CONFIG | overrides
     tag = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8] if overrides else "base"
     path = root / f"tiny-random-s{seed}-{tag}"
@@ -80,7 +79,7 @@ def tiny_random_dir(root: Path, seed: int = 0, **overrides) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(random_weights(config, seed), str(tmp / "model.safetensors"))
     byte_level_tokenizer().save_pretrained(tmp)
-    write_hf_config(tmp, config)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished first: its copy is identical

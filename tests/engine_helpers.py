@@ -1,23 +1,10 @@
 """Driving an Engine from tests: submit requests at given offsets, collect every output."""
 import asyncio
-import contextlib
 
-from model_runner.kv_cache import BlockAllocator
 from model_runner.sampling_params import SamplingParams
 
 from batcher.config import BatcherConfig
 from batcher.engine import Engine
-
-
-@contextlib.contextmanager
-def kv_blocks(runner, n):
-    """Runs with only n KV blocks (to force preemption), then gives the runner its allocator back."""
-    saved = runner.block_allocator
-    runner.block_allocator = BlockAllocator(n, runner.block_size)
-    try:
-        yield runner.block_allocator
-    finally:
-        runner.block_allocator = saved
 
 
 async def collect(stream):
@@ -30,9 +17,10 @@ async def collect(stream):
     return tokens, text, final
 
 
-async def run_requests(runner, cfg: BatcherConfig, prompts, params, offsets=None):
-    """Submits prompts[i] with params[i] at offsets[i] seconds; returns ([(tokens, text, final)], stats)."""
-    engine = Engine(runner, cfg)
+async def run_requests(runner, cfg: BatcherConfig, prompts, params, offsets=None, kv=None):
+    """Submits prompts[i] with params[i] at offsets[i] seconds; returns ([(tokens, text, final)], stats), the stats
+    taken once every request has ended. kv: the KV-cache manager to use (an earlier engine's), else a new one."""
+    engine = Engine(runner, cfg, kv=kv)
     await engine.start()
 
     async def one(i):

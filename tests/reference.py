@@ -1,7 +1,9 @@
 """Helpers comparing our runner with transformers on the same model directory."""
 import torch
 
-from model_runner.generate import generate
+import weakref
+
+from batcher.generate import generate, kv_manager, score
 from model_runner.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -29,10 +31,25 @@ def hf_greedy(hf, prompt_ids: list[int], n: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
+_kv_of = weakref.WeakKeyDictionary()
+
+
+def runner_kv(runner):
+    """One KV-cache manager per runner for the tests' one-shot batches, so a leak shows across calls."""
+    if runner not in _kv_of:
+        _kv_of[runner] = kv_manager(runner)
+    return _kv_of[runner]
+
+
 def our_greedy(runner, prompts_ids: list[list[int]], n: int) -> list[list[int]]:
     """Ours, run together as one batch, n tokens each."""
     params = SamplingParams(max_tokens=n, ignore_eos=True)
-    return [s.output_token_ids for s in generate(runner, prompts_ids, params)]
+    return [s.output_token_ids for s in generate(runner, prompts_ids, params, kv=runner_kv(runner))]
+
+
+def our_logits(runner, token_ids: list[int]) -> torch.Tensor:
+    """Our logits at every position of token_ids."""
+    return score(runner, token_ids, runner_kv(runner))
 
 
 def hf_with_bf16_kv(path):

@@ -271,7 +271,7 @@ def hf_tiny():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from model_runner.loader import cache_dir
+    from model_runner.paths import cache_dir
     from model_runner.tiny import tiny_random_dir
     return AutoModelForCausalLM.from_pretrained(tiny_random_dir(cache_dir()), dtype=torch.float32).eval()
 

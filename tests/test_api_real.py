@@ -4,7 +4,7 @@ import httpx
 import openai
 import pytest
 
-from model_runner.generate import generate
+from batcher.generate import generate
 from model_runner.sampling_params import SamplingParams
 
 from .server_helpers import ServerProcess

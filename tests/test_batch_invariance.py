@@ -5,12 +5,13 @@ import random
 
 import pytest
 
-from model_runner.generate import generate
+from batcher.generate import generate
 
 from batcher.config import BatcherConfig
 from batcher.engine import Engine
+from batcher.kv_cache_manager import KVCacheManager
 
-from .engine_helpers import collect, greedy, kv_blocks, run_requests
+from .engine_helpers import collect, greedy, run_requests
 
 pytestmark = pytest.mark.integration
 
@@ -38,28 +39,37 @@ CASES = {
     "static": BatcherConfig(policy="static", max_batch_size=6, static_flush_ms=100),
     "dynamic": BatcherConfig(policy="dynamic", max_batch_size=8, max_wait_ms=20),
     "continuous": BatcherConfig(policy="continuous"),
-    "continuous-no-prefix-cache": BatcherConfig(policy="continuous", enable_prefix_caching=False),
     "continuous-chunked": BatcherConfig(policy="continuous", max_num_batched_tokens=7),
+    # Last: its engine's own KV-cache manager overwrites blocks that the shared prefix cache holds.
+    "continuous-no-prefix-cache": BatcherConfig(policy="continuous", enable_prefix_caching=False),
 }
 
 
+@pytest.fixture(scope="module")
+def prefix_cache(smol_runner):
+    """One KV-cache manager for the cases with prefix caching, which run one after another: a later case finds
+    an earlier one's prompts cached. No other manager may write the runner's cache between them."""
+    return KVCacheManager(smol_runner.num_blocks, smol_runner.block_size, enable_prefix_caching=True)
+
+
 @pytest.mark.parametrize("case", CASES)
-async def test_same_text_under_every_policy(smol_runner, workload, case):
+async def test_same_text_under_every_policy(smol_runner, workload, prefix_cache, case):
     prompts, lengths, offsets, alone = workload
-    results, stats = await run_requests(smol_runner, CASES[case], prompts, [greedy(n) for n in lengths], offsets)
+    kv = prefix_cache if CASES[case].enable_prefix_caching else None
+    results, stats = await run_requests(smol_runner, CASES[case], prompts, [greedy(n) for n in lengths], offsets, kv)
     assert [r[0] for r in results] == alone
     if case == "continuous-chunked":
-        assert smol_runner.block_allocator.num_free == smol_runner.num_blocks
+        assert stats.kv_blocks_used == 0
     if case == "continuous":
         assert stats.prefix_cache_hit_rate > 0   # the shared system prompt was found in the cache
 
 
 async def test_same_text_through_preemption(smol_runner, workload):
     prompts, lengths, offsets, alone = workload
-    with kv_blocks(smol_runner, 14) as alloc:  # far fewer blocks than 16 concurrent requests need
-        results, stats = await run_requests(smol_runner, BatcherConfig(policy="continuous"), prompts,
-                                            [greedy(n) for n in lengths], offsets)
-        assert alloc.num_free == alloc.num_blocks
+    # 14 KV blocks: far fewer than 16 concurrent requests need.
+    results, stats = await run_requests(smol_runner, BatcherConfig(policy="continuous", num_kv_blocks=14), prompts,
+                                        [greedy(n) for n in lengths], offsets)
+    assert stats.kv_blocks_used == 0
     assert stats.preemptions > 0
     assert [r[0] for r in results] == alone
 

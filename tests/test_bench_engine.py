@@ -5,8 +5,6 @@ from benchmarks.report import COLUMNS, summarize, wall_seconds
 from benchmarks.targets import run_policy
 from benchmarks.trace import TraceRequest, burst, load_trace, poisson, save_trace, synth_prompt_ids
 
-from .engine_helpers import kv_blocks
-
 
 def test_trace_jsonl_round_trip(tmp_path):
     trace = poisson(20, 5.0, (8, 64), (4, 32), seed=3) + [TraceRequest(9.5, 3, 2, prompt="hello there")]
@@ -40,9 +38,7 @@ async def test_replay_is_open_loop_while_the_engine_is_busy(tiny_runner):
     # Sequential, 150 forced tokens each, arrivals 2 ms apart: every request after the first arrives while
     # the engine is busy with the first (150 steps), whatever the machine's speed.
     trace = [TraceRequest(0.002 * i, 16, 150) for i in range(10)]
-    with kv_blocks(tiny_runner, tiny_runner.num_blocks):  # run_policy swaps the shared runner's allocator
-        records, steps = await run_policy(tiny_runner, BatcherConfig(policy="sequential"), trace, seed=0,
-                                          progress=False)
+    records, steps = await run_policy(tiny_runner, BatcherConfig(policy="sequential"), trace, seed=0, progress=False)
     assert all(r.ok and r.output_tokens == 150 and r.finish_reason == "length" and r.prompt_tokens == 16
                for r in records)
     lags = [r.submitted_s - r.arrival_s for r in records]

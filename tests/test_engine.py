@@ -10,36 +10,37 @@ from batcher.config import BatcherConfig
 from batcher.engine import Engine
 from batcher.request_queue import Overloaded
 
-from .engine_helpers import collect, greedy, kv_blocks, run_requests
+from .engine_helpers import collect, greedy, run_requests
 
 
 async def test_randomized_mix_leaks_nothing(tiny_runner):
     rng = random.Random(1)
     # Few running slots and long outputs, so a backlog builds and some requests pass their deadline: 300
     # arrivals in 0.5 s against ~3,700 decode steps of work, which takes seconds however fast the machine.
-    cfg = BatcherConfig(max_num_seqs=4, max_num_batched_tokens=24, timeout_s=0.2, max_queue=1000)
-    with kv_blocks(tiny_runner, 12) as alloc:  # one request fits alone (<= 11 blocks); four contend
-        engine = Engine(tiny_runner, cfg)
-        await engine.start()
-        outcomes = {"stop": 0, "length": 0, "abort": 0, "timeout": 0}
+    # 12 KV blocks: one request fits alone (<= 11 blocks); four contend.
+    cfg = BatcherConfig(max_num_seqs=4, max_num_batched_tokens=24, timeout_s=0.2, max_queue=1000, num_kv_blocks=12)
+    engine = Engine(tiny_runner, cfg)
+    alloc = engine.kv
+    await engine.start()
+    outcomes = {"stop": 0, "length": 0, "abort": 0, "timeout": 0}
 
-        async def one(i):
-            await asyncio.sleep(rng.uniform(0, 0.5))
-            prompt = [rng.randrange(3, 300) for _ in range(rng.randrange(1, 70))]
-            stream = await engine.add_request(prompt, greedy(rng.randrange(1, 100)))
-            if rng.random() < 0.3:  # abort at a random moment: queued, prefilling or decoding
-                asyncio.get_running_loop().call_later(rng.uniform(0, 0.3), stream.abort)
-            _, _, final = await collect(stream)
-            assert final.finished
-            outcomes["timeout" if final.error == "timeout" else final.finish_reason] += 1
+    async def one(i):
+        await asyncio.sleep(rng.uniform(0, 0.5))
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randrange(1, 70))]
+        stream = await engine.add_request(prompt, greedy(rng.randrange(1, 100)))
+        if rng.random() < 0.3:  # abort at a random moment: queued, prefilling or decoding
+            asyncio.get_running_loop().call_later(rng.uniform(0, 0.3), stream.abort)
+        _, _, final = await collect(stream)
+        assert final.finished
+        outcomes["timeout" if final.error == "timeout" else final.finish_reason] += 1
 
-        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), timeout=120)
-        stats = engine.stats()
-        await engine.stop()
-        assert sum(outcomes.values()) == 300 and not engine.requests
-        assert alloc.num_free == alloc.num_blocks and stats.kv_blocks_used == 0
-        assert stats.preemptions > 0 and outcomes["abort"] > 0 and outcomes["length"] > 0
-        assert outcomes["timeout"] > 0, outcomes
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), timeout=120)
+    stats = engine.stats()
+    await engine.stop()
+    assert sum(outcomes.values()) == 300 and not engine.requests
+    assert alloc.num_free == alloc.num_blocks and stats.kv_blocks_used == 0
+    assert stats.preemptions > 0 and outcomes["abort"] > 0 and outcomes["length"] > 0
+    assert outcomes["timeout"] > 0, outcomes
 
 
 async def test_overload_is_refused_at_once_and_accepted_requests_finish(tiny_runner):

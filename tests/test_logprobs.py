@@ -9,10 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from batcher.config import BatcherConfig
-from model_runner.sampling_params import SamplingParams
-
-from .engine_helpers import collect, run_requests
 from batcher.engine import Engine
+from model_runner.sampling_params import SamplingParams
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4, 5,", "Once upon a time, in a small village by the sea,"]
 N, K = 12, 5
@@ -89,9 +87,15 @@ async def test_scoring_only_with_max_tokens_0(tiny_runner, hf):
     prompt = tiny_runner.tokenizer(PROMPTS[2] * 2)["input_ids"]  # several full blocks: cacheable
     plain = SamplingParams(max_tokens=2, ignore_eos=True)
     score = SamplingParams(max_tokens=0, prompt_logprobs=1)
-    results, stats = await run_requests(tiny_runner, BatcherConfig(), [prompt, prompt], [plain, score], [0, 0.3])
-    runs = await outputs_of(tiny_runner, [prompt], [score])
-    (outs,) = runs
+    engine = Engine(tiny_runner, BatcherConfig())
+    await engine.start()
+    try:
+        async for _ in await engine.add_request(prompt, plain):  # warms the prefix cache with this prompt
+            pass
+        outs = [out async for out in await engine.add_request(prompt, score)]
+        stats = engine.stats()
+    finally:
+        await engine.stop()
     final = outs[-1]
     assert final.finished and final.num_output_tokens == 0 and final.finish_reason == "length"
     lps = [o.prompt_logprobs for o in outs if o.prompt_logprobs][0]
@@ -99,7 +103,7 @@ async def test_scoring_only_with_max_tokens_0(tiny_runner, hf):
     assert lps[0] is None and all(e is not None for e in lps[1:])
     for i, entry in enumerate(lps[1:], start=1):
         assert_entry_matches(entry, ref[i - 1], prompt[i], tol)
-    assert tiny_runner.block_allocator.num_used == 0 and stats.kv_blocks_used == 0
+    assert engine.kv.num_used == 0 and stats.kv_blocks_used == 0
 
 
 async def test_no_logprobs_asked_none_computed(tiny_runner):

@@ -4,11 +4,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from model_runner.config import RunnerConfig
-from model_runner.loader import cache_dir
+from model_runner.paths import cache_dir
 from model_runner.runner import ModelRunner
 from model_runner.tiny import tiny_random_dir
 
-from .reference import PROMPTS, hf_greedy, our_greedy, relative_error
+from .reference import PROMPTS, hf_greedy, our_greedy, our_logits, relative_error, runner_kv
 
 # Each variant exercises a different branch of the model: rope scalings, GQA ratios, biases, tied embeddings.
 VARIANTS = {
@@ -31,7 +31,7 @@ def test_tiny_logits_match_transformers(variant):
     ids = runner.tokenizer("A long enough prompt to cover several KV blocks, " * 6)["input_ids"]
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
-    assert relative_error(runner.score(ids), ref) < 1e-4
+    assert relative_error(our_logits(runner, ids), ref) < 1e-4
 
 
 def test_tiny_greedy_matches_transformers_generate(tiny_runner):
@@ -39,7 +39,7 @@ def test_tiny_greedy_matches_transformers_generate(tiny_runner):
     prompts = [tiny_runner.tokenizer(p)["input_ids"] for p in PROMPTS]
     ours = our_greedy(tiny_runner, prompts, 48)
     assert ours == [hf_greedy(hf, p, 48) for p in prompts]
-    assert tiny_runner.block_allocator.num_free == tiny_runner.num_blocks
+    assert runner_kv(tiny_runner).num_free == tiny_runner.num_blocks
 
 
 @pytest.mark.integration
@@ -48,7 +48,7 @@ def test_smollm2_logits_match_transformers(smol_runner, smol_hf):
         ids = smol_runner.tokenizer(text)["input_ids"]
         with torch.inference_mode():
             ref = smol_hf(torch.tensor([ids])).logits[0]
-        assert relative_error(smol_runner.score(ids), ref) < 1e-4, text
+        assert relative_error(our_logits(smol_runner, ids), ref) < 1e-4, text
 
 
 @pytest.mark.integration

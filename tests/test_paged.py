@@ -6,7 +6,7 @@ import pytest
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import Sequence
 
-from .reference import our_greedy
+from .reference import our_greedy, runner_kv
 
 
 @pytest.fixture(params=["native", "torch"])
@@ -22,7 +22,7 @@ def runner(request, tiny_runner):
 def run_staggered(runner, jobs, chunk):
     """A hand-rolled schedule: job i joins at step jobs[i][0]; prompts are prefilled `chunk` tokens at a time,
     in the same forward as the other sequences' decodes; each sequence leaves the step it finishes."""
-    alloc, step, active, done = runner.block_allocator, 0, [], []
+    alloc, step, active, done = runner_kv(runner), 0, [], []
     pending = sorted(jobs, key=lambda j: j[0])
     tables_seen = []
     while pending or active:
@@ -32,7 +32,7 @@ def run_staggered(runner, jobs, chunk):
         plan = []
         for s in active:
             todo = min(len(s) - s.num_computed_tokens, chunk)
-            assert alloc.grow(s.block_table, s.num_computed_tokens + todo)
+            assert alloc.allocate_slots(s, todo)
             plan.append((s, todo))
         for (s, n), tok in zip(plan, runner.execute(plan)):
             s.num_computed_tokens += n
@@ -40,7 +40,7 @@ def run_staggered(runner, jobs, chunk):
                 s.append_token(tok, runner.eos_token_ids, runner.max_model_len)
         for s in [s for s in active if s.is_finished]:
             tables_seen.append(list(s.block_table))
-            alloc.free(s.block_table)
+            alloc.free(s)
             active.remove(s)
             done.append(s)
         step += 1
@@ -59,27 +59,13 @@ def test_mixed_batch_equals_alone(runner, chunk):
         assert by_prompt[tuple(prompt)] == our_greedy(runner, [prompt], n)[0]
     # Interleaved growth must have produced at least one non-contiguous block table.
     assert any(t != list(range(t[0], t[0] + len(t))) for t in tables)
-    assert runner.block_allocator.num_free == runner.num_blocks
+    assert runner_kv(runner).num_free == runner.num_blocks
 
 
 def test_batch_of_many_equals_alone(runner):
     prompts = [runner.tokenizer("p" * (i + 1) + " q")["input_ids"] for i in range(20)]
     together = our_greedy(runner, prompts, 12)
     assert together == [our_greedy(runner, [p], 12)[0] for p in prompts]
-
-
-def test_allocator_refcounts():
-    from model_runner.kv_cache import BlockAllocator
-    a = BlockAllocator(4, 16)
-    t = []
-    assert a.grow(t, 33) and len(t) == 3 and a.num_free == 1
-    assert not a.grow(t, 80) and len(t) == 3  # refused whole, nothing taken
-    a.share(t[0])
-    shared = t[0]
-    a.free(t)
-    assert t == [] and a.num_free == 3 and a.ref_counts[shared] == 1
-    a.free([shared])
-    assert a.num_free == 4
 
 
 def test_decode_groups_split_by_context_length():

@@ -9,7 +9,7 @@ from model_runner.errors import ModelLoadError
 from model_runner.precision import resolve_precision
 from model_runner.runner import ModelRunner
 
-from .reference import PROMPTS, hf_with_bf16_kv, our_greedy, relative_error
+from .reference import PROMPTS, hf_with_bf16_kv, our_greedy, our_logits, relative_error, runner_kv
 
 ZEN4 = {"avx2", "fma", "avx512f", "avx512_bf16"}
 ZEN3 = {"avx2", "fma"}
@@ -69,11 +69,11 @@ def test_bf16_kv_logits_match_a_reference_that_rounds_kv_the_same_way(bf16_kv_ru
     ids = bf16_kv_runner.tokenizer("A long enough prompt to cover several KV blocks, " * 6)["input_ids"]
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
-    assert relative_error(bf16_kv_runner.score(ids), ref) < 2.0 ** -8
+    assert relative_error(our_logits(bf16_kv_runner, ids), ref) < 2.0 ** -8
 
 
 def test_bf16_kv_greedy_text_is_the_same_alone_and_batched_and_frees_every_block(bf16_kv_runner):
     prompts = [bf16_kv_runner.tokenizer(p)["input_ids"] for p in PROMPTS]
     batched = our_greedy(bf16_kv_runner, prompts, 48)
     assert batched == [our_greedy(bf16_kv_runner, [p], 48)[0] for p in prompts]
-    assert bf16_kv_runner.block_allocator.num_free == bf16_kv_runner.num_blocks
+    assert runner_kv(bf16_kv_runner).num_free == bf16_kv_runner.num_blocks

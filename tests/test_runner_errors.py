@@ -5,8 +5,8 @@ import pytest
 
 from model_runner.config import RunnerConfig
 from model_runner.errors import InvalidRequestError, ModelLoadError
-from model_runner.generate import generate
-from model_runner.loader import cache_dir
+from batcher.generate import generate
+from model_runner.paths import cache_dir
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
 from model_runner.tiny import tiny_random_dir

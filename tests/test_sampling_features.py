@@ -11,6 +11,7 @@ from batcher.config import BatcherConfig
 from model_runner.sampling_params import SamplingParams
 
 from .engine_helpers import run_requests
+from .reference import our_logits
 
 # The engine's decode logits and the reference's one-shot prefill logits differ only by float32 rounding in a
 # different order of summation: |logits| < ~10 here, each through 2 layers of 64..128-term dot products, so
@@ -26,7 +27,7 @@ def reference_greedy(runner, prompt, n, adjust):
     """Greedy tokens where step t picks argmax(adjust(raw logits, output so far))."""
     out = []
     for _ in range(n):
-        x = adjust(runner.score(prompt + out)[-1].clone(), out)
+        x = adjust(our_logits(runner, prompt + out)[-1].clone(), out)
         top2 = x.topk(2).values
         assert top2[0] - top2[1] > MARGIN, "ill-posed step: a near-tie in the reference"
         out.append(int(x.argmax()))

@@ -1,9 +1,9 @@
 """The scheduler alone: a step's plan is plain data, checked here without any model."""
-from model_runner.kv_cache import BlockAllocator
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import FinishReason, Sequence
 
 from batcher.config import BatcherConfig
+from batcher.kv_cache_manager import KVCacheManager
 from batcher.scheduler import Scheduler
 
 EOS = 0
@@ -11,8 +11,8 @@ EOS = 0
 
 def make(policy="continuous", blocks=64, block_size=4, **kw):
     cfg = BatcherConfig(policy=policy, **kw)
-    alloc = BlockAllocator(blocks, block_size, enable_prefix_caching=cfg.enable_prefix_caching)
-    return Scheduler(cfg, alloc, (EOS,), max_model_len=4096)
+    kv = KVCacheManager(blocks, block_size, enable_prefix_caching=cfg.enable_prefix_caching)
+    return Scheduler(cfg, kv, (EOS,), max_model_len=4096)
 
 
 def seq(n_prompt, max_tokens=4, first=1):
@@ -42,7 +42,7 @@ def test_continuous_admits_every_step_and_retires_each_when_done():
     assert a.block_table == []                              # freed the step it finished
     while s.has_work():
         step(s)
-    assert s.allocator.num_free == 64
+    assert s.kv.num_free == 64
 
 
 def test_token_budget_chunks_long_prompts_beside_decodes():
@@ -66,7 +66,7 @@ def test_preemption_frees_newest_and_requeues_it_first():
     s.add(a)
     s.add(b)
     step(s)
-    assert len(s.running) == 2 and s.allocator.num_free == 4
+    assert len(s.running) == 2 and s.kv.num_free == 4
     preempted = []
     for _ in range(12):
         out, _ = step(s)
@@ -79,7 +79,7 @@ def test_preemption_frees_newest_and_requeues_it_first():
     while s.has_work():
         step(s)
     assert a.num_output_tokens == 20 and b.num_output_tokens == 20
-    assert s.allocator.num_free == 8
+    assert s.kv.num_free == 8
 
 
 def test_a_sequence_too_big_for_the_whole_cache_ends_with_length():
@@ -89,7 +89,7 @@ def test_a_sequence_too_big_for_the_whole_cache_ends_with_length():
     fins = []
     for _ in range(10):
         fins += step(s)[1]
-    assert fins == [a] and a.finish_reason == FinishReason.LENGTH and s.allocator.num_free == 2
+    assert fins == [a] and a.finish_reason == FinishReason.LENGTH and s.kv.num_free == 2
 
 
 def test_static_batch_runs_to_completion_without_joiners():
@@ -138,8 +138,8 @@ def test_prefix_cache_never_reuses_on_a_hash_collision():
     s.add(a)
     step(s)
     # Forge a collision: b's first block hashes to a's, but holds other tokens.
-    h, _ = s.allocator.block_key[next(iter(s.allocator.block_key))]
-    assert s.allocator.lookup(h, (9, 9, 9, 9)) is None
+    h, _ = s.kv.block_key[next(iter(s.kv.block_key))]
+    assert s.kv.lookup(h, (9, 9, 9, 9)) is None
 
 
 def test_prefix_cache_off_computes_everything():
