@@ -154,18 +154,21 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+# The engine's error kinds (RequestOutput.error) as HTTP errors: status, type, code.
+ERRORS = {"timeout": (504, "timeout", "queue_timeout"), "internal": (500, "server_error", "internal_error"),
+          "shutdown": (503, "unavailable", "shutting_down")}
+
+
 def failure(out: RequestOutput) -> APIError | None:
     """The HTTP error for a request the engine ended with an error (its kind says which), else None.
 
     A request the drain cut (kind shutdown) gets a 503 before a response starts, a final error event in a stream
     that has started; a stream cut before its first token still starts, so every stream ends the same way."""
-    if out.error == "timeout":
-        return APIError(504, out.text, "timeout", "queue_timeout")
-    if out.error == "internal":
-        return APIError(500, out.text, "server_error", "internal_error")
-    if out.error == "shutdown":
-        return APIError(503, "the server shut down before the request finished", "unavailable", "shutting_down")
-    return None
+    if out.error is None:
+        return None
+    status, type_, code = ERRORS[out.error]
+    message = "the server shut down before the request finished" if out.error == "shutdown" else out.text
+    return APIError(status, message, type_, code)
 
 
 # --- response shapes, one per route ---------------------------------------------------------------------

@@ -23,13 +23,18 @@ from dataclasses import dataclass, field
 from model_runner.sequence import Sequence
 
 
-def hash_block(parent: int | None, token_ids: tuple[int, ...]) -> int:
+# The parent of a prompt's first block. A constant, not None: before Python 3.12 hash(None) differs from one
+# process to the next, and chains must agree across processes (replicas compare them).
+ROOT_HASH = 0
+
+
+def hash_block(parent: int, token_ids: tuple[int, ...]) -> int:
     """Identity of a full block: its tokens and, through the parent's hash, every token before it."""
     return hash((parent, token_ids))
 
 
 def _chain(token_ids: list[int], block_size: int, start: int = 0,
-           parent: int | None = None) -> Iterator[tuple[int, tuple[int, ...]]]:
+           parent: int = ROOT_HASH) -> Iterator[tuple[int, tuple[int, ...]]]:
     """(hash, tokens) of each full block from block index `start`, lazily (a lookup stops at its first miss)."""
     for i in range(start, len(token_ids) // block_size):
         tokens = tuple(token_ids[i * block_size:(i + 1) * block_size])
@@ -39,8 +44,9 @@ def _chain(token_ids: list[int], block_size: int, start: int = 0,
 
 def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
     """The hash chain of a token list's full blocks, as the prefix cache keys them: two lists share their first
-    k hashes exactly when they share their first k blocks of tokens. Python hashes tuples of ints the same in
-    every process (PYTHONHASHSEED salts only str and bytes), so replicas can compare chains."""
+    k hashes when they share their first k blocks of tokens (and, but for a 64-bit collision, only then).
+    Python hashes tuples of ints the same in every process (PYTHONHASHSEED salts only str and bytes), so
+    replicas can compare chains."""
     return [h for h, _ in _chain(token_ids, block_size)]
 
 
@@ -148,7 +154,7 @@ class KVCacheManager:
         if len(hashes) >= num_full:
             return
         chain = _chain(seq.token_ids[:num_full * self.block_size], self.block_size, len(hashes),
-                       hashes[-1] if hashes else None)
+                       hashes[-1] if hashes else ROOT_HASH)
         for i, (h, tokens) in enumerate(chain, start=len(hashes)):
             hashes.append(h)
             b = seq.block_table[i]

@@ -137,3 +137,16 @@ def test_prefix_block_hashes_chain_over_full_blocks():
     assert len(a) == 3 and a == prefix_block_hashes([1, 2, 3, 4, 5, 6, 9], 2)
     b = prefix_block_hashes([1, 2, 9, 4, 5, 6], 2)
     assert b[0] == a[0] and b[1] != a[1] and b[2] != a[2]             # a change reaches every later block
+
+
+def test_prefix_block_hashes_agree_across_processes():
+    """A router compares chains computed in other processes: no per-process salt may enter them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's batcher, whatever is installed
+    code = "from batcher.kv_cache_manager import prefix_block_hashes as p; print(p(list(range(40)), 16))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}).stdout
+    assert out.strip() == str(prefix_block_hashes(list(range(40)), 16))
