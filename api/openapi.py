@@ -4,6 +4,7 @@ document and holds the server to it: no 5xx, every error the JSON shape below.
 """
 from __future__ import annotations
 
+from .response_format import MAX_NAME_CHARS, MAX_SCHEMA_CHARS
 from .schemas import (MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS, UNSUPPORTED, Field, Model)
 
 ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {
@@ -47,6 +48,18 @@ def field_schema(f: Field, model: Model) -> dict:
                        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
         "stream_options": {"type": "object", "additionalProperties": False,
                            "properties": {"include_usage": {"type": "boolean"}}},
+        "response_format": {"oneOf": [
+            {"type": "object", "required": ["type"], "additionalProperties": False,
+             "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False, "properties": {
+                "type": {"const": "json_schema"},
+                "json_schema": {"type": "object", "required": ["schema"], "additionalProperties": False, "properties": {
+                    "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
+                    "description": {"type": "string"},
+                    "strict": {"type": "boolean", "description": "accepted either way: the schema is always enforced"},
+                    "schema": {"type": "object", "description": "a JSON Schema (what llguidance implements of draft "
+                               f"2020-12; at most {MAX_SCHEMA_CHARS} characters of JSON, nested at most 32 deep in the "
+                               "body); an unimplemented keyword (not, uniqueItems, ...) is a 400"}}}}}]},
     }
     if f.kind in shapes:
         schema = shapes[f.kind]

@@ -1,0 +1,127 @@
+"""Constrained decoding: a JSON schema turned into a token mask at every step, by llguidance (the grammar engine
+behind vLLM's "guidance" backend and llama.cpp's; why this one: docs/constrained-decoding.md).
+
+Three pieces, one owner each:
+  GrammarCompiler      one per runner: schema -> Grammar, validated and cached. Compiling is a few ms for a
+                       typical schema; the API runs it in a worker thread, never on the event loop.
+  Grammar              a compiled schema: a warmed template matcher that every sequence copies (one matcher per
+                       sample, so n > 1 samples each follow the grammar on their own).
+  apply_grammar_masks  in the step, just before sampling: each row with a matcher gets its allowed-token bitmask
+                       and every other logit of that row is set to -inf; rows without one are not touched.
+The matcher advances in Sequence.append_token, on every token the sequence takes (model_runner/sequence.py).
+When the document is complete the matcher allows only end-of-sequence tokens, so the sequence stops there.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+import llguidance
+import llguidance.hf
+import torch
+
+from .errors import InvalidRequestError
+
+CACHE_SIZE = 64  # compiled schemas kept (clients tend to send the same few schemas again and again)
+
+
+class GrammarError(InvalidRequestError):
+    """A schema llguidance cannot enforce (malformed, or a keyword it does not implement)."""
+
+
+class Grammar:
+    """A compiled schema. matcher() gives a fresh matcher at its start: a copy of the template, which shares
+    the lexer states the template built while it was warmed (a copy costs about 10 us)."""
+
+    def __init__(self, template: llguidance.LLMatcher, source: str):
+        self._template, self.source = template, source
+
+    def matcher(self) -> llguidance.LLMatcher:
+        return self._template.deep_copy()
+
+    def __repr__(self) -> str:
+        return f"Grammar({self.source[:60]!r}{'...' if len(self.source) > 60 else ''})"
+
+
+class GrammarCompiler:
+    def __init__(self, hf_tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self._hf, self._eos = hf_tokenizer, list(eos_token_ids)
+        # The mask covers every logit and every tokenizer id, whichever is the larger.
+        self._vocab = max(vocab_size, len(hf_tokenizer))
+        self.mask_words = -(-self._vocab // 32)  # int32 words of one row's bitmask
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()  # the API compiles in worker threads; the cache and the tokenizer are shared
+        self._cache: OrderedDict[str, Grammar] = OrderedDict()
+
+    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+        # Built on first use (about 0.5 s for a 49k vocabulary), not at start-up: most servers never need it.
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab, eos_token=self._eos)
+            return self._tokenizer
+
+    @staticmethod
+    def key(schema: dict | bool) -> str:
+        return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    def cached(self, schema: dict | bool) -> Grammar | None:
+        """The compiled grammar if this schema was compiled before (cheap: no thread needed)."""
+        with self._lock:
+            hit = self._cache.get(self.key(schema))
+            if hit is not None:
+                self._cache.move_to_end(hit.source)
+            return hit
+
+    def json_schema(self, schema: dict | bool) -> Grammar:
+        """Compiles a JSON schema; raises GrammarError with llguidance's reason when it cannot be enforced."""
+        if (hit := self.cached(schema)) is not None:
+            return hit
+        source = self.key(schema)
+        tokenizer = self._llg_tokenizer()
+        try:
+            # Compact JSON (no whitespace between tokens): with free whitespace (llguidance's and vLLM's default)
+            # a weak model can spend every token on spaces and newlines between the braces. A schema may still ask
+            # for it with llguidance's own {"x-guidance": {"whitespace_flexible": true}}.
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(source, defaults={"whitespace_flexible": False})
+        except ValueError as e:
+            raise GrammarError(str(e)) from None
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+        if is_error:
+            raise GrammarError(messages[0] if messages else "invalid schema")
+        template = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if template.is_error():
+            raise GrammarError(template.get_error())
+        template.compute_bitmask()  # warms the lexer for the first token; copies start warm
+        compiled = Grammar(template, source)
+        with self._lock:
+            self._cache[source] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+
+# Bit k of byte b says whether token 8b + k is allowed (llguidance's bitmask: int32 words, bit j of word w is token
+# 32w + j; read as little-endian bytes, as on x86 and ARM). One lookup turns every byte into its 8 booleans.
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+
+
+def apply_grammar_masks(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None], mask_words: int) -> None:
+    """Sets to -inf, in place, every logit the row's matcher forbids. logits [B, V]; matchers[i] is row i's
+    matcher or None (that row is left exactly as it is); mask_words: the compiler's words per bitmask row."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    bitmask = torch.empty(len(rows), mask_words, dtype=torch.int32)
+    for k, i in enumerate(rows):
+        # Fills the row in place (llguidance drops the GIL while it computes).
+        matchers[i].unsafe_compute_mask_ptr(bitmask[k].data_ptr(), mask_words * 4)
+    vocab = logits.shape[1]
+    allowed = _BYTE_BITS[bitmask.view(torch.uint8).long()].view(len(rows), -1)[:, :vocab]
+    if allowed.shape[1] < vocab:  # logits beyond the tokenizer's ids: no text, never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+__all__ = ["Grammar", "GrammarCompiler", "GrammarError", "apply_grammar_masks"]
