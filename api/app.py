@@ -514,6 +514,7 @@ def build_app(engine: Engine, settings: ServerSettings):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        await asyncio.to_thread(engine.runner.grammars.prepare)  # response_format's vocabulary, before any request
         if not engine.alive:
             await engine.start()
         yield
