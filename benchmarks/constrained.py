@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
@@ -41,6 +42,7 @@ LONG = {"type": "object", "additionalProperties": False, "required": ["cities"],
     "type": "array", "minItems": 40, "maxItems": 40,
     "items": {"type": "string", "minLength": 8, "maxLength": 20}}}}
 QUESTION = "List forty cities of Europe as JSON."
+REPEATS = 3
 
 
 def timed(fn):
@@ -86,8 +88,8 @@ def prompt_ids(runner: ModelRunner) -> list[int]:
                                                 tokenize=True, return_dict=True)["input_ids"]
 
 
-def decode_steps(runner: ModelRunner, batch: int, steps: int, grammar) -> tuple[float, float, int]:
-    """(mean seconds per decode step, mean seconds of the mask alone per step, tokens) for `batch` sequences.
+def decode_steps(runner: ModelRunner, batch: int, steps: int, grammar) -> tuple[list[float], list[float]]:
+    """(seconds of each decode step, seconds of the mask alone at each step) for `batch` sequences.
     A step is the runner's execute plus appending the tokens (where each matcher consumes its token)."""
     ids = prompt_ids(runner)
     params = SamplingParams(max_tokens=steps + 3, temperature=0.8, seed=0, grammar=grammar,
@@ -117,7 +119,7 @@ def decode_steps(runner: ModelRunner, batch: int, steps: int, grammar) -> tuple[
     finally:
         for s in seqs:
             alloc.free(s.block_table)
-    return statistics.mean(step_s), statistics.mean(mask_s) if mask_s else 0.0, batch * steps
+    return step_s, mask_s
 
 
 async def parallel(runner: ModelRunner, n: int, max_tokens: int) -> dict:
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=4)
     args = p.parse_args(argv)
     runner = ModelRunner(RunnerConfig(model=args.model), progress=False)
-    print(f"CPU: {cpu_model()}; torch threads {torch.get_num_threads()}; {runner.describe()}")
+    print(f"CPU: {cpu_model()}; torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}; "
+          f"{runner.describe()}")
     print("\n## grammar compile (ms)")
     for what, s in compile_times(runner).items():
         print(f"  {what:55s} {1000 * s:8.2f}")
@@ -166,11 +169,17 @@ def main(argv: list[str] | None = None) -> None:
         seconds, gap = asyncio.run(loop_stall(work))
         print(f"    {what}: {1000 * seconds:.1f} ms of work, longest gap {1000 * gap:.1f} ms")
     grammar = runner.grammars.json_schema(LONG)
-    print(f"\n## decode step, {args.steps} timed steps, temperature 0.8 (ms per step)")
+    print(f"\n## decode step: median ms of {REPEATS} x {args.steps} timed steps, with and without a grammar "
+          "taking turns, temperature 0.8")
     print("  batch   unconstrained   constrained   mask alone   overhead per token")
     for b in (int(x) for x in args.batch_sizes.split(",")):
-        plain, _, _ = decode_steps(runner, b, args.steps, None)
-        cons, mask, _ = decode_steps(runner, b, args.steps, grammar)
+        plain_s, cons_s, mask_s = [], [], []
+        for _ in range(REPEATS):  # in turns, so a slow spell of the machine falls on both
+            plain_s += decode_steps(runner, b, args.steps, None)[0]
+            steps, masks = decode_steps(runner, b, args.steps, grammar)
+            cons_s += steps
+            mask_s += masks
+        plain, cons, mask = (statistics.median(x) for x in (plain_s, cons_s, mask_s))
         print(f"  {b:5d}   {1000 * plain:13.2f}   {1000 * cons:11.2f}   {1000 * mask:10.3f}   "
               f"{100 * (cons - plain) / plain:+6.1f}% ({1000 * (cons - plain) / b:+.3f} ms/token)")
     print("\n## parallel sampling: one request, n samples, 64 tokens each")
