@@ -34,6 +34,7 @@ from .jsonbody import parse_json
 from .logprobs import TokenTexts, chat_logprobs, completion_logprobs, generate_logprobs
 from .metrics import Metrics
 from .openapi import openapi_document
+from .response_format import compile_response_format
 from .schemas import Model, ParsedRequest, check_fields, chat_messages, prompt_ids, sampling_params, spec, value
 
 access_log = logging.getLogger("jitney.access")
@@ -324,7 +325,8 @@ def build_app(engine: Engine, settings: ServerSettings):
     model = Model(engine.runner.max_model_len, engine.runner.model_config.vocab_size)
     texts = TokenTexts(tokenizer)
 
-    async def submit(parsed: ParsedRequest) -> list[RequestStream]:
+    async def submit(parsed: ParsedRequest, body: dict) -> list[RequestStream]:
+        parsed.params.grammar = await compile_response_format(body, engine.runner.grammars, parsed.params)
         try:
             return await engine.add_parallel_requests(parsed.prompt_ids, parsed.params, parsed.n)
         except InvalidRequestError as e:
@@ -335,9 +337,9 @@ def build_app(engine: Engine, settings: ServerSettings):
         except EngineStopped as e:
             raise APIError(503, str(e), "unavailable", "shutting_down") from None
 
-    async def respond(request: Request, parsed: ParsedRequest, fmts: list) -> Response:
+    async def respond(request: Request, body: dict, parsed: ParsedRequest, fmts: list) -> Response:
         """Runs the request (n samples: one format each, fmts[i] for choice i) and answers whole or streamed."""
-        streams = await submit(parsed)
+        streams = await submit(parsed, body)
         watcher = asyncio.create_task(watch_disconnect(request, streams))
         outputs = merged(streams)
         if not parsed.stream:
@@ -440,12 +442,12 @@ def build_app(engine: Engine, settings: ServerSettings):
         ids = prompt_ids(body, tokenizer)
         parsed = ParsedRequest(ids, sampling_params(body, "/generate", model, len(ids), settings.generate_max_tokens),
                                value(body, spec("/generate", "stream")))
-        return await respond(request, parsed, formats(GenerateFormat, parsed))
+        return await respond(request, body, parsed, formats(GenerateFormat, parsed))
 
     async def completions(request: Request) -> Response:
         body = await json_body(request, settings, "/v1/completions")
         parsed = openai_request(body, "/v1/completions", prompt_ids(body, tokenizer), 16)
-        return await respond(request, parsed, formats(CompletionFormat, parsed))
+        return await respond(request, body, parsed, formats(CompletionFormat, parsed))
 
     def echo_text(body: dict, ids: list[int]) -> str:
         """The prompt as the client sent it, if text; else its ids decoded."""
@@ -468,7 +470,7 @@ def build_app(engine: Engine, settings: ServerSettings):
             body["max_tokens"] = newer
         # Chat defaults to "until the context is full", as OpenAI's does.
         parsed = openai_request(body, route, ids, model.max_model_len)
-        return await respond(request, parsed, formats(ChatFormat, parsed))
+        return await respond(request, body, parsed, formats(ChatFormat, parsed))
 
     async def tokenize(request: Request) -> Response:
         route = "/tokenize"
@@ -512,6 +514,7 @@ def build_app(engine: Engine, settings: ServerSettings):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        await asyncio.to_thread(engine.runner.grammars.prepare)  # response_format's vocabulary, before any request
         if not engine.alive:
             await engine.start()
         yield

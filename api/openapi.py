@@ -1,9 +1,12 @@
 """GET /openapi.json: the API's contract, built from the very field tables the checks read (api/schemas.py),
 so a bound changed there changes here. The fuzz test (tests/test_fuzz.py) generates requests from this
-document and holds the server to it: no 5xx, every error the JSON shape below.
+document and holds the server to it: no 5xx, every error the JSON shape below, every success body (and every
+streamed event) the shape api/responses.py publishes.
 """
 from __future__ import annotations
 
+from .response_format import MAX_NAME_CHARS, MAX_SCHEMA_CHARS
+from .responses import SCHEMAS, SUCCESS
 from .schemas import (MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS, UNSUPPORTED, Field, Model)
 
 ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {
@@ -47,6 +50,18 @@ def field_schema(f: Field, model: Model) -> dict:
                        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
         "stream_options": {"type": "object", "additionalProperties": False,
                            "properties": {"include_usage": {"type": "boolean"}}},
+        "response_format": {"oneOf": [
+            {"type": "object", "required": ["type"], "additionalProperties": False,
+             "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False, "properties": {
+                "type": {"const": "json_schema"},
+                "json_schema": {"type": "object", "required": ["schema"], "additionalProperties": False, "properties": {
+                    "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
+                    "description": {"type": "string"},
+                    "strict": {"type": "boolean", "description": "accepted either way: the schema is always enforced"},
+                    "schema": {"type": "object", "description": "a JSON Schema (what llguidance implements of draft "
+                               f"2020-12; at most {MAX_SCHEMA_CHARS} characters of JSON, nested at most 32 deep in the "
+                               "body); an unimplemented keyword (not, uniqueItems, ...) is a 400"}}}}}]},
     }
     if f.kind in shapes:
         schema = shapes[f.kind]
@@ -73,9 +88,10 @@ def request_schema(route: str, model: Model) -> dict:
                            "with their 'off' value (or null). null in any field means its default."}
 
 
-def operation(summary: str, model: Model, route: str | None = None, ok: str = "application/json") -> dict:
+def operation(summary: str, model: Model, path: str, route: str | None = None) -> dict:
+    """route: the field table of the request body, if the operation takes one."""
     op = {"summary": summary, "responses": {
-        "200": {"description": "success", "content": {ok: {"schema": {}}}},
+        "200": {"description": "success", "content": SUCCESS[path]},
         **{code: {"description": why, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
            for code, why in ERRORS.items()}}}
     if route is not None:
@@ -84,22 +100,18 @@ def operation(summary: str, model: Model, route: str | None = None, ok: str = "a
 
 
 def openapi_document(model_name: str, model: Model) -> dict:
-    gen = "/generate"
-    paths = {
-        gen: {"post": operation("jitney's own generation route (Server-Sent Events with stream)", model, gen)},
-        "/v1/completions": {"post": operation("OpenAI completions", model, "/v1/completions")},
-        "/v1/chat/completions": {"post": operation("OpenAI chat completions, through the model's chat template",
-                                                   model, "/v1/chat/completions")},
-        "/tokenize": {"post": operation("text or chat turns -> {tokens, count, max_model_len} (vLLM's shape)",
-                                        model, "/tokenize")},
-        "/detokenize": {"post": operation("token ids -> {prompt} (vLLM's shape)", model, "/detokenize")},
-        "/v1/models": {"get": operation("the served model", model)},
-        "/health": {"get": operation("200 when the model is loaded and the engine loop alive, else 503", model)},
-        "/metrics": {"get": operation("Prometheus metrics", model, ok="text/plain")},
-        "/openapi.json": {"get": operation("this document", model)},
-    }
+    posts = {"/generate": "jitney's own generation route (Server-Sent Events with stream)",
+             "/v1/completions": "OpenAI completions",
+             "/v1/chat/completions": "OpenAI chat completions, through the model's chat template",
+             "/tokenize": "text or chat turns -> {tokens, count, max_model_len} (vLLM's shape)",
+             "/detokenize": "token ids -> {prompt} (vLLM's shape)"}
+    gets = {"/v1/models": "the served model",
+            "/health": "200 when the model is loaded and the engine loop alive, else 503",
+            "/metrics": "Prometheus metrics", "/openapi.json": "this document"}
+    paths = {**{p: {"post": operation(why, model, p, p)} for p, why in posts.items()},
+             **{p: {"get": operation(why, model, p)} for p, why in gets.items()}}
     return {"openapi": "3.1.0",
             "info": {"title": "jitney", "version": "0.1.0",
                      "description": f"Serving {model_name} (context window {model.max_model_len} tokens). Every error "
                                     "is JSON {\"error\": {\"message\", \"type\", \"code\"}}."},
-            "paths": paths, "components": {"schemas": {"Error": ERROR}}}
+            "paths": paths, "components": {"schemas": {"Error": ERROR, **SCHEMAS}}}

@@ -3,7 +3,7 @@
 Every field a route accepts is declared once, in the tables below (name, type, bounds, what it does): the
 checks read them, and so does the OpenAPI document (api/openapi.py), so the published contract cannot drift
 from the code. A field no table names is refused (400, "not supported"): a client that sends `tools` or
-`response_format` learns at once that it will not get them, instead of getting an answer that silently lacks them.
+`functions` learns at once that it will not get them, instead of getting an answer that silently lacks them.
 
 Status codes: 400 for a body that is not JSON, a field this server does not support, or a request that
 cannot fit the context window; 422 for a known field with a wrong type or a value out of its bounds.
@@ -67,6 +67,10 @@ SAMPLING = (
     Field("min_p", "number", "sampling only: drop tokens less likely than min_p times the likeliest; 0 = off",
           lo=0.0, hi=1.0, default=0.0),
     Field("stream", "boolean", "answer as Server-Sent Events", default=False),
+    Field("response_format", "response_format", "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+          "\"json_schema\": {\"schema\": ...}}: constrained decoding, the output is JSON matching it and ends when "
+          "the document is complete (unless max_tokens or a stop cuts it first: finish_reason \"length\"/\"stop\"); "
+          "not with ignore_eos or min_tokens; a schema llguidance cannot enforce is a 400"),
 )
 PROMPT = Field("prompt", "prompt", "the text to continue, or its token ids (a one-element list of either is "
                "unwrapped)")
@@ -124,7 +128,7 @@ ROUTE_FIELDS: dict[str, tuple[Field, ...]] = {
 # official clients send by default, or null); any other value is refused rather than silently ignored.
 UNSUPPORTED: dict[str, tuple] = {
     "best_of": (1,), "suffix": ("",),
-    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],),
     "function_call": ("none",), "parallel_tool_calls": (), "guided_json": (), "guided_regex": (),
     "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "use_beam_search": (False,),
     "length_penalty": (1,), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),

@@ -15,6 +15,7 @@ from . import native
 from .attention import AttentionMetadata, DecodeGroup, NativeAttention, PrefillChunk
 from .config import ModelConfig, RunnerConfig
 from .errors import InvalidRequestError, ModelLoadError
+from .grammar import GrammarCompiler, apply_grammar_masks
 from .kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
 from .loader import load_model_dir
 from .precision import resolve_precision
@@ -59,6 +60,7 @@ class ModelRunner:
                                           cfg.memory_utilization)
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.kv_dtype, cfg.device)
         self.sampler = Sampler(cfg.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.eos_token_ids)  # response_format
         self.step_logprobs: dict[int, StepLogprobs] = {}
         # Attention by the native kernel where it builds for this device and model (see attention.py).
         self.native_attention = native.supported(self.device, self.dtype, mc.num_attention_heads,
@@ -143,6 +145,8 @@ class ModelRunner:
             want = [i for i, s in enumerate(sampled_items) if s.params.logprobs is not None]
             raw = logits[torch.tensor(want, device=self.device)].float().log_softmax(-1) if want else None
             self._suppress_early_stops(logits, sampled_items)
+            if any(s.matcher is not None for s in sampled_items):  # every later step keeps -inf at -inf
+                apply_grammar_masks(logits, [s.matcher for s in sampled_items], self.grammars.mask_words)
             histories = ([s.token_ids for s in sampled_items]
                          if any(s.params.repetition_penalty != 1.0 for s in sampled_items) else None)
             outputs = ([s.output_token_ids for s in sampled_items]

@@ -48,6 +48,9 @@ class SamplingParams:
     # vLLM's default "raw_logprobs"). None = off; N = the chosen token's and the N likeliest tokens' logprobs.
     logprobs: int | None = None          # for each generated token
     prompt_logprobs: int | None = None   # for each prompt token but the first (what scoring a text needs)
+    # Constrained decoding: a compiled schema (model_runner.grammar.Grammar) the output must match; each sequence
+    # follows it with its own matcher. The output then ends when the document is complete (end-of-sequence).
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         # Requests arrive as JSON, so lists are normal here; a bare string is one stop string, not its characters.
@@ -93,6 +96,10 @@ class SamplingParams:
         check(isinstance(self.logit_bias, (tuple, list)) and all(_is_bias(kv) for kv in self.logit_bias),
               "logit_bias", "pairs of (token id >= 0, bias in [-100, 100])")
         check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
+        if self.grammar is not None:
+            # The grammar ends the output with end-of-sequence once the document is complete: neither can hold.
+            check(not self.ignore_eos, "ignore_eos", "false with a grammar (response_format)")
+            check(self.min_tokens == 0, "min_tokens", "0 with a grammar (response_format)")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             check(n is None or (_is_int(n) and 0 <= n <= MAX_LOGPROBS), name, f"null or an integer in [0, {MAX_LOGPROBS}]")

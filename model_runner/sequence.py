@@ -27,6 +27,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.params = params
         self.generator: torch.Generator | None = make_generator(params.seed, "cpu")
+        # Its own grammar matcher (response_format), advanced by every token appended (model_runner/grammar.py).
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
         self.finish_reason: FinishReason | None = None
         self.num_cached_tokens = 0                # prompt tokens the prefix cache held when it was admitted
 
@@ -53,6 +55,8 @@ class Sequence:
     def append_token(self, token_id: int, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
         """Adds a sampled token and decides whether the sequence ends with it (token-level stop rules)."""
         self.token_ids.append(token_id)
+        if self.matcher is not None:
+            self.matcher.consume_token(token_id)  # allowed by its mask; an end-of-sequence token stops it
         p, n = self.params, self.num_output_tokens
         if n >= p.min_tokens and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in eos_token_ids)):
             self.finish_reason = FinishReason.STOP

@@ -70,3 +70,40 @@ def test_chat_knows_the_capital_of_france(real):
         chunks = oai.chat.completions.create(model=MODEL, max_tokens=30, stream=True,
                                              messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == answer
+
+
+CITY = {"type": "object", "additionalProperties": False, "required": ["city", "country", "population_millions"],
+        "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40},
+                       "population_millions": {"type": "integer", "minimum": 0, "maximum": 100}}}
+
+
+def test_json_schema_output_parses_and_matches_through_the_openai_client(real):
+    """response_format json_schema on the real model: greedy, and n = 3 sampled samples (each with its own
+    matcher), each output parses and matches; the client's own parse() with a pydantic model too."""
+    import json
+
+    import jsonschema
+    import pydantic
+
+    server, _ = real
+    messages = [{"role": "user", "content": "Describe the capital of France as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as oai:
+        greedy = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=80, response_format=fmt)
+        sampled = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=80, response_format=fmt,
+                                              temperature=1.0, seed=7, n=3)
+        for choice in greedy.choices + sampled.choices:
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content), CITY)
+        assert greedy.usage.prompt_tokens == sampled.usage.prompt_tokens  # n = 3 counts its prompt once
+
+        class Capital(pydantic.BaseModel):
+            city: str = pydantic.Field(max_length=40)
+            is_capital: bool
+
+        parsed = oai.chat.completions.parse(model=MODEL, messages=messages, max_tokens=60, response_format=Capital)
+        assert isinstance(parsed.choices[0].message.parsed, Capital)
+        completion = oai.completions.create(model=MODEL, prompt="A JSON object about Paris: ", max_tokens=80,
+                                            extra_body={"response_format": {"type": "json_object"}})
+        assert completion.choices[0].finish_reason == "stop"
+        assert isinstance(json.loads(completion.choices[0].text), dict)

@@ -3,7 +3,8 @@
 Requests are drawn by hypothesis from the published request schemas, with any field swapped for arbitrary
 JSON (extreme numbers, wrong types, nesting), unknown fields added, and now and then a non-JSON body or content
 type. The property: no answer is a 5xx, every error is the JSON shape {"error": {"message", "type", "code"}},
-and the server logs no traceback. In the normal run: tiny-random, a fixed seed, a bounded number of cases.
+every success body (and each streamed event's data) matches the document's 200 schema for its route, and the
+server logs no traceback. In the normal run: tiny-random, a fixed seed, a bounded number of cases.
 
 A long run, against a server it starts (the figure in the README):
 
@@ -16,6 +17,7 @@ import json
 import sys
 
 import httpx
+import jsonschema
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -92,7 +94,25 @@ def request_strategy(document: dict) -> st.SearchStrategy:
     return st.one_of(choices)
 
 
-def check(client: httpx.Client, request: tuple) -> int:
+def check_success(document: dict, method: str, path: str, r: httpx.Response) -> None:
+    """A 200 body against the document's schema for it: JSON as a whole, an event stream event by event."""
+    content = document["paths"][path][method.lower()]["responses"]["200"]["content"]
+    media = r.headers["content-type"].split(";")[0]
+    assert media in content, (path, media)
+    entry = content[media]
+    schema, payloads = entry["schema"], [r.text]
+    if media == "application/json":
+        payloads = [r.json()]
+    elif media == "text/event-stream":
+        schema = entry["x-sse-data"]
+        payloads = [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+                    for line in r.text.split("\n") if line.startswith("data: ")]
+        assert payloads, r.text[:300]
+    for payload in payloads:
+        jsonschema.validate(payload, {**schema, "components": document["components"]})
+
+
+def check(client: httpx.Client, request: tuple, document: dict | None = None) -> int:
     method, path, ctype, raw = request
     headers = {"content-type": ctype} if ctype else {}
     r = client.request(method, path, content=raw, headers=headers)
@@ -100,6 +120,8 @@ def check(client: httpx.Client, request: tuple) -> int:
     if r.status_code >= 400:
         body = r.json()
         assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}, body
+    elif document is not None:
+        check_success(document, method, path, r)
     return r.status_code
 
 
@@ -114,7 +136,7 @@ def fuzz(server_url: str, cases: int, fixed_seed: int = 11) -> dict[int, int]:
                   suppress_health_check=list(HealthCheck))
         @given(request_strategy(document))
         def one(request):
-            status = check(client, request)
+            status = check(client, request, document)
             statuses[status] = statuses.get(status, 0) + 1
 
         one()
@@ -144,6 +166,11 @@ def test_openapi_document_names_every_route_and_bound():
     props = gen["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert props["max_tokens"]["maximum"] == 1024 and props["repetition_penalty"]["minimum"] == 0.1
     assert gen["responses"]["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    for path, ops in doc["paths"].items():  # every success body is described, not left as {}
+        for op in ops.values():
+            assert all(entry["schema"] for entry in op["responses"]["200"]["content"].values()), path
+    kinds = [alt["properties"]["type"] for alt in props["response_format"]["oneOf"]]
+    assert kinds == [{"enum": ["text", "json_object"]}, {"const": "json_schema"}]
 
 
 def main(argv: list[str] | None = None) -> int:
