@@ -146,3 +146,11 @@ def test_torch_fallback_is_the_dequantized_weight(monkeypatch):
     w = weight("q4_1", 16, 64, seed=7)
     x = torch.randn(3, 64)
     torch.testing.assert_close(w.matmul(x), x @ w.dequantize().T, rtol=0, atol=0)
+
+
+def test_memory_plan_uses_the_formats_real_sizes():
+    from benchmarks.memory_plan import WEIGHT_FORMAT_BYTES
+    for fmt in ("q4_0", "q4_1", "q8_0"):
+        assert WEIGHT_FORMAT_BYTES[fmt] == quant.FORMATS[fmt][1] / QK
+    w = weight("q4_1", 64, 256, seed=8)
+    assert w.nbytes == 64 * 256 * WEIGHT_FORMAT_BYTES["q4_1"]  # whole tiles: nothing beyond the file's bytes
