@@ -99,7 +99,7 @@ def agreement(ref: list[list[int]], out: list[list[int]]) -> tuple[float, int]:
 def quality(a: argparse.Namespace) -> list[dict]:
     rows, ref = [], None
     for mode in a.modes:
-        runner = runner_for(a.model, mode, "float32", 64 << 20)
+        runner = runner_for(a.model, mode, "float32", 256 << 20)  # 32 prompts x ~80 tokens in float32
         tok = runner.tokenizer
         ids = tok(TEXT.read_text())["input_ids"][: a.ppl_tokens + 1]
         prompts = [tok(f"Write a short paragraph about {t}.")["input_ids"] for t in TOPICS]
