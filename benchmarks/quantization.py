@@ -19,6 +19,7 @@ import argparse
 import math
 import re
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -221,7 +222,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (sequences decoding together)")
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)
     ax.legend(title="--quantization")
     ax.grid(alpha=0.3)
     fig.tight_layout()
