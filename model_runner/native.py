@@ -113,7 +113,7 @@ def load_source(source: Path, declare, fallback: str) -> ctypes.CDLL | None:
         lib = _load(cxx, requested_isa(), source)
         declare(lib)
     except (OSError, RuntimeError, AttributeError, ValueError) as e:
-        log.warning("native kernels (%s) failed to build or load (from %s): %s; %s", source.name,
+        log.warning("native kernels failed to build or load (%s, from %s): %s; %s", source.name,
                     cache_dir() / "kernels", e, fallback)
         return None
     return lib
