@@ -23,7 +23,12 @@ GB = 1e9
 FIXED_OVERHEAD_GB = 1.0     # per device: CUDA context, cuBLAS/NCCL workspaces, allocator slack
 OVERHEAD_OF_WEIGHTS = 0.10  # activations grow with the model's width, which the weights track
 CARD_COUNTS = (1, 2, 4, 8)  # tensor-parallel sizes one node offers
-SMALLER_BYTES = (1, 0.5)    # int8/fp8 and int4: the quantized formats to try when a plan does not fit
+# Bytes per weight of the formats jitney holds (model_runner/quant.py): GGUF blocks of 32 values carry an fp16
+# scale (and Q4_1 an fp16 min), so Q8_0 is 34 B per 32 weights and Q4_0 18 B, not 1 and 0.5; int8 has one
+# float32 scale per output row (4 B per row of thousands: taken as 1).
+WEIGHT_FORMAT_BYTES = {"fp32": 4.0, "bf16": 2.0, "q8_0": 34 / 32, "int8": 1.0, "q4_1": 20 / 32, "q4_0": 18 / 32}
+SMALLER_BYTES = (WEIGHT_FORMAT_BYTES["q8_0"], WEIGHT_FORMAT_BYTES["q4_0"])  # weights to try when a plan does not fit
+KV_SMALLER_BYTES = (1,)     # fp8/int8 KV (no 4-bit KV cache)
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,8 @@ def count(n: float) -> str:
 
 
 def dtype_name(nbytes: float) -> str:
-    return {4: "fp32", 2: "bf16", 1: "int8/fp8", 0.5: "int4"}.get(nbytes, f"{nbytes:g} B")
+    names = {v: k for k, v in WEIGHT_FORMAT_BYTES.items()} | {1.0: "int8/fp8", 0.5: "int4"}
+    return names.get(nbytes, f"{nbytes:g} B")
 
 
 def format_plan(m: ModelShape, s: Settings) -> str:
@@ -193,7 +199,7 @@ def format_plan(m: ModelShape, s: Settings) -> str:
 def format_ways_out(m: ModelShape, s: Settings) -> list[str]:
     """What would hold the plan: fewer bytes per weight or KV element, more cards (tensor parallel), or both."""
     weight_bytes = [s.dtype_bytes] + [w for w in SMALLER_BYTES if w < s.dtype_bytes]
-    kv_bytes = [s.kv_dtype_bytes] + [kv for kv in SMALLER_BYTES[:1] if kv < s.kv_dtype_bytes]  # fp8 KV, not int4
+    kv_bytes = [s.kv_dtype_bytes] + [kv for kv in KV_SMALLER_BYTES if kv < s.kv_dtype_bytes]
     lines = [f"ways out (batch {s.batch}, context {s.context:,}; one card = {s.device_gb:g} GB):",
              "| weights | KV cache | total GB on one card | max batch on one card | max context on one card "
              "| cards needed (tensor parallel) |", "|---|---|---:|---:|---:|---:|"]
@@ -218,6 +224,8 @@ def parse_args(argv: list[str] | None) -> tuple[ModelShape, Settings]:
     d = Settings()
     p.add_argument("--dtype-bytes", type=float, default=d.dtype_bytes,
                    help="bytes per weight (2 bf16, 1 int8, 0.5 int4)")
+    p.add_argument("--weight-format", choices=list(WEIGHT_FORMAT_BYTES),
+                   help="bytes per weight of a format jitney holds, scales included (overrides --dtype-bytes)")
     p.add_argument("--kv-dtype-bytes", type=float, default=d.kv_dtype_bytes, help="bytes per KV element")
     p.add_argument("--context", type=int, default=d.context, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=d.batch, help="sequences resident at once")
@@ -227,7 +235,8 @@ def parse_args(argv: list[str] | None) -> tuple[ModelShape, Settings]:
                    f"{FIXED_OVERHEAD_GB:g} GB + {OVERHEAD_OF_WEIGHTS:.0%} of the weights")
     p.add_argument("--headroom", type=float, default=d.headroom, help="fraction of the device left unused")
     a = p.parse_args(argv)
-    settings = Settings(device_gb=a.device_gb, dtype_bytes=a.dtype_bytes, kv_dtype_bytes=a.kv_dtype_bytes,
+    dtype_bytes = WEIGHT_FORMAT_BYTES[a.weight_format] if a.weight_format else a.dtype_bytes
+    settings = Settings(device_gb=a.device_gb, dtype_bytes=dtype_bytes, kv_dtype_bytes=a.kv_dtype_bytes,
                         context=a.context, batch=a.batch, overhead_gb=a.overhead_gb, headroom=a.headroom,
                         cards=a.cards)
     given = dict(params=a.params, layers=a.layers, kv_heads=a.kv_heads, head_dim=a.head_dim)

@@ -12,11 +12,13 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
 from model_runner.errors import ModelLoadError
+from model_runner.quant import QuantWeight
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -272,6 +274,35 @@ def _write_safetensors(plan: list[tuple[str, ReaderTensor, int | None]], path: p
             if n_head is not None:
                 w = _unpermute(w, n_head)
             f.write(np.ascontiguousarray(w, dtype="<f4").data)
+
+
+# GGUF block formats that --quantization q4 keeps as stored (model_runner/quant.py computes with them).
+STORED_FORMATS = {GGMLQuantizationType.Q4_0: "q4_0", GGMLQuantizationType.Q4_1: "q4_1",
+                  GGMLQuantizationType.Q8_0: "q8_0"}
+
+
+def stored_blocks(gguf_path: str | os.PathLike) -> tuple[dict[str, QuantWeight], dict[str, str]]:
+    """The matmul weights of a GGUF file held in Q4_0, Q4_1 or Q8_0, by HF name, as the file stores them (q and k
+    rows un-permuted, which moves whole rows of blocks and changes no byte of any), and the other matmul weights'
+    formats by name (they are loaded dequantized)."""
+    path = pathlib.Path(gguf_path)
+    reader = _open(path)
+    meta = _Metadata(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    kept: dict[str, QuantWeight] = {}
+    others: dict[str, str] = {}
+    for hf, t, n_head in _plan(tensors, _config(meta, tensors), path):
+        if len(t.shape) != 2:
+            continue
+        fmt = STORED_FORMATS.get(t.tensor_type)
+        if fmt is None:
+            others[hf] = t.tensor_type.name
+            continue
+        raw = np.asarray(t.data).reshape(int(t.shape[1]), -1)  # [rows, bytes a row]
+        if n_head is not None:
+            raw = _unpermute(raw, n_head)
+        kept[hf] = QuantWeight.from_gguf(fmt, torch.from_numpy(np.array(raw)), int(t.shape[0]))
+    return kept, others
 
 
 def _write_tokenizer(gguf_path: pathlib.Path, chat_template: str | None, out: pathlib.Path) -> None:

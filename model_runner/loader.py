@@ -65,9 +65,45 @@ def resolve_model(name: str, progress: bool = True) -> Path:
                          f"file, or a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
 
 
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file a model name stands for, or None (a Hugging Face directory, the tiny random model)."""
+    if name == DEFAULT_MODEL:
+        from .gguf import smollm2_gguf_path
+        return smollm2_gguf_path()
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
+def _stored_q4(name: str, converted: Path, progress: bool) -> dict:
+    """--quantization q4: the GGUF's Q4_0/Q4_1/Q8_0 matmul weights as stored, repacked for the kernel once and
+    cached beside the converted directory's float weights."""
+    from . import quant
+    source = gguf_source(name)
+    if source is None:
+        raise ModelLoadError(
+            f"--quantization q4 serves the Q4_0/Q4_1/Q8_0 blocks of a GGUF file as stored, and {name} is not a "
+            f"GGUF file: use --quantization int8 (any model, quantized at load), or make a Q4_0 GGUF of it with "
+            f"llama.cpp (convert_hf_to_gguf.py, then llama-quantize ... Q4_0) and pass the .gguf path")
+    cached = converted / "q4_blocks.safetensors"
+    if cached.is_file():
+        return quant.load(cached)
+    from .gguf import stored_blocks
+    if progress:
+        print(f"repacking the Q4/Q8 blocks of {source.name} for the quantized matmul (once)", flush=True)
+    kept, others = stored_blocks(source)
+    if not kept:
+        raise ModelLoadError(
+            f"--quantization q4: {source} holds no Q4_0, Q4_1 or Q8_0 matmul weights (it has "
+            f"{', '.join(sorted(set(others.values())))}): use --quantization int8 or none")
+    tmp = cached.with_suffix(f".{os.getpid()}.partial")
+    quant.save(kept, tmp)
+    os.replace(tmp, cached)  # a concurrent writer wrote the same bytes
+    return kept
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != "q4_blocks.safetensors")
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights (PyTorch .bin checkpoints are not loaded: "
                              f"convert them to safetensors)")
@@ -88,12 +124,20 @@ def load_tokenizer(path: Path):
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {e}") from e
 
 
-def load_model_dir(name: str, progress: bool = True):
-    """(directory, weights by HF name, tokenizer) for a model source."""
+def load_model_dir(name: str, progress: bool = True, quantization: str = "none"):
+    """(directory, weights by HF name, tokenizer) for a model source. Under --quantization q4 or int8 the matmul
+    weights are model_runner.quant.QuantWeight (q4: as the GGUF stores them; int8: quantized here)."""
+    from . import quant
     from .config import ModelConfig
+    if quantization not in quant.MODES:
+        raise ModelLoadError(f"unknown quantization {quantization!r}: choose {', '.join(quant.MODES)}")
     path = resolve_model(name, progress)
     cfg = ModelConfig.from_hf_dir(path)  # first: a wrong architecture is the clearer message
+    stored = _stored_q4(name, path, progress) if quantization == "q4" else {}
     weights = load_weights(path)
+    weights.update(stored)
+    if quantization == "int8":
+        weights = quant.quantize_int8(weights)
     missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight")
                if k not in weights]
     if missing or (not cfg.tie_word_embeddings and "lm_head.weight" not in weights):

@@ -13,19 +13,29 @@ from . import native
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .linear import Linear
+from .quant import QuantLinear, QuantWeight
 from .rope import RotaryEmbedding, apply_rotary
 
 
+def linear(parts: list, bias: torch.Tensor | None, pack: bool) -> Linear | QuantLinear:
+    """One matmul over weights stacked by rows: float (packed for oneDNN) or quantized (model_runner.quant)."""
+    if all(isinstance(p, QuantWeight) for p in parts):
+        return QuantLinear(parts, bias)
+    if any(isinstance(p, QuantWeight) for p in parts):  # a fused matmul held partly in a GGUF float format
+        dtype = next(p.dtype for p in parts if not isinstance(p, QuantWeight))
+        parts = [p.dequantize().to(dtype) if isinstance(p, QuantWeight) else p for p in parts]
+    return Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias, pack)
+
+
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str, pack: bool):
+    def __init__(self, cfg: ModelConfig, w: dict, prefix: str, pack: bool):
         a, m = prefix + "self_attn.", prefix + "mlp."
-        qkv_w = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
         qkv_b = (torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
                  if cfg.attention_bias else None)
-        self.qkv = Linear(qkv_w, qkv_b, pack)
-        self.o = Linear(w[a + "o_proj.weight"], None, pack)
-        self.gate_up = Linear(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]), None, pack)
-        self.down = Linear(w[m + "down_proj.weight"], None, pack)
+        self.qkv = linear([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]], qkv_b, pack)
+        self.o = linear([w[a + "o_proj.weight"]], None, pack)
+        self.gate_up = linear([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]], None, pack)
+        self.down = linear([w[m + "down_proj.weight"]], None, pack)
         self.input_norm = w[prefix + "input_layernorm.weight"]
         self.post_attn_norm = w[prefix + "post_attention_layernorm.weight"]
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -71,22 +81,23 @@ class ElementwiseOps:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
-                 max_positions: int):
+    def __init__(self, cfg: ModelConfig, weights: dict, dtype: torch.dtype, device: str, max_positions: int):
+        """weights: tensors by HF name, the matmul ones possibly quantized (QuantWeight: CPU only)."""
         pack = device == "cpu"
-        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        w = {k: v if isinstance(v, QuantWeight) else v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.embed = w["model.embed_tokens.weight"]
         self.layers = [DecoderLayer(cfg, w, f"model.layers.{i}.", pack) for i in range(cfg.num_hidden_layers)]
         self.norm = w["model.norm.weight"]
-        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"], None, pack)
+        self.lm_head = linear([self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]], None, pack)
         self.ops = ElementwiseOps(native.elementwise_supported(device, dtype))
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. kv_cache: [layers, 2, kv_heads, blocks, block_size, head_dim]. -> hidden [T, d]"""
-        x = self.embed[input_ids]
+        x = (self.embed.dequantize_rows(input_ids).to(self.dtype) if isinstance(self.embed, QuantWeight)
+             else self.embed[input_ids])
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         h = self.ops.add_rms_norm(x, None, self.layers[0].input_norm, self.cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):

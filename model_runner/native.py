@@ -67,19 +67,19 @@ def requested_isa() -> str:
     return name
 
 
-def _build(cxx: str, isa: str) -> Path:
+def _build(cxx: str, isa: str, source: Path = SOURCE) -> Path:
     """The shared library for this source, compiler, CPU and instruction set: built once, then reused."""
     flags = FLAGS + ISA_FLAGS[isa]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _machine()]).encode())
-    out = cache_dir() / "kernels" / f"{SOURCE.stem}-{isa}-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _machine()]).encode())
+    out = cache_dir() / "kernels" / f"{source.stem}-{isa}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: safe under races
         part = Path(tmp) / out.name
         try:
-            done = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(part)], capture_output=True, text=True,
+            done = subprocess.run([cxx, *flags, str(source), "-o", str(part)], capture_output=True, text=True,
                                   timeout=300)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{cxx} took over 300 s") from None
@@ -89,34 +89,40 @@ def _build(cxx: str, isa: str) -> Path:
     return out
 
 
-def _load(cxx: str, isa: str) -> ctypes.CDLL:
+def _load(cxx: str, isa: str, source: Path = SOURCE) -> ctypes.CDLL:
     """The built library; a cached file that does not load (say, truncated by a crash) is rebuilt once."""
-    path = _build(cxx, isa)
+    path = _build(cxx, isa, source)
     try:
         return ctypes.CDLL(str(path))
     except OSError:
         path.unlink(missing_ok=True)
-        return ctypes.CDLL(str(_build(cxx, isa)))
+        return ctypes.CDLL(str(_build(cxx, isa, source)))
+
+
+def load_source(source: Path, declare, fallback: str) -> ctypes.CDLL | None:
+    """One csrc/*.cpp built for JITNEY_ISA and loaded, its C signatures declared by `declare`; None where the
+    kernels are turned off, there is no compiler or the build fails (logged: `fallback` says what runs then).
+    Callers cache the result (one build and one warning per process)."""
+    if os.environ.get("JITNEY_NATIVE", "1") == "0":
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        log.warning("no C++ compiler (g++) found: %s; install g++ for the native kernels", fallback)
+        return None
+    try:
+        lib = _load(cxx, requested_isa(), source)
+        declare(lib)
+    except (OSError, RuntimeError, AttributeError, ValueError) as e:
+        log.warning("native kernels failed to build or load (%s, from %s): %s; %s", source.name,
+                    cache_dir() / "kernels", e, fallback)
+        return None
+    return lib
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (turned off, no compiler, or a failed build: logged once)."""
-    if os.environ.get("JITNEY_NATIVE", "1") == "0":
-        return None
-    cxx = _compiler()
-    if cxx is None:
-        log.warning("no C++ compiler (g++) found: using PyTorch attention (slower at long contexts); "
-                    "install g++ for the native kernels")
-        return None
-    try:
-        lib = _load(cxx, requested_isa())
-        _declare(lib)
-    except (OSError, RuntimeError, AttributeError, ValueError) as e:
-        log.warning("native kernels failed to build or load (from %s), using PyTorch instead: %s",
-                    cache_dir() / "kernels", e)
-        return None
-    return lib
+    return load_source(SOURCE, _declare, "using PyTorch attention instead (slower at long contexts)")
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import native
+from . import native, quant
 from .attention import AttentionMetadata, DecodeGroup, NativeAttention, PrefillChunk
 from .config import ModelConfig, RunnerConfig
 from .errors import InvalidRequestError, ModelLoadError
@@ -38,9 +38,12 @@ class ModelRunner:
         cfg = cfg or RunnerConfig()
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        if cfg.quantization != "none" and cfg.device != "cpu":
+            raise ModelLoadError(f"--quantization {cfg.quantization} runs on the CPU (its matmul is a CPU kernel); "
+                                 f"use --quantization none on {cfg.device}")
         self.cfg = cfg
         self.device = cfg.device
-        path, weights, self.tokenizer = load_model_dir(cfg.model, progress=progress)
+        path, weights, self.tokenizer = load_model_dir(cfg.model, progress=progress, quantization=cfg.quantization)
         self.model_path = path
         self.model_config: ModelConfig = ModelConfig.from_hf_dir(path)
         mc = self.model_config
@@ -52,6 +55,7 @@ class ModelRunner:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.weight_bytes = quant.bytes_by_format(weights, self.dtype)
         with torch.inference_mode():
             self.model = LlamaModel(mc, weights, self.dtype, self.device, self.max_model_len)
         del weights
@@ -76,7 +80,9 @@ class ModelRunner:
         mc = self.model_config
         return (f"model {self.cfg.model} ({mc.num_hidden_layers} layers, {mc.num_attention_heads}/"
                 f"{mc.num_key_value_heads} heads, vocab {mc.vocab_size}) on {self.device}; "
-                f"{self.precision.describe()}; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} "
+                f"{self.precision.describe()}; {quant.describe_bytes(self.weight_bytes)}"
+                + (f", quantized matmul by the {quant.isa()} loop" if self.cfg.quantization != "none" else "")
+                + f"; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} "
                 f"blocks x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens; attention by "
                 + (f"the native kernel ({native.isa()} loop)" if self.native_attention else "the PyTorch path"))
 

@@ -93,7 +93,7 @@ def test_cli_says_what_does_not_fit_and_the_ways_out(capsys):
     big = mp.main(["--preset", "llama3-70b", "--device-gb", "80", "--context", "4096"])
     assert "no batch fits at any context" in big
     assert "| bf16 | bf16 | 242.22 | 0 | 0 | 4 |" in big  # 4 cards in bf16
-    assert "| int4 | int8/fp8 |" in big
+    assert "| q4_0 | int8/fp8 | 87.63 |" in big  # Q4_0 as held: 18 B per 32 weights
     small = mp.main(["--params", "8.03B", "--layers", "32", "--kv-heads", "8", "--head-dim", "128",
                      "--context", "8192", "--batch", "16"])
     assert "fits: yes" in small and "ways out" not in small

@@ -1,0 +1,271 @@
+// y = x W^T for quantized weights W [N, K] and float32 or bfloat16 activations x [M, K] (row stride ldx), on the
+// CPU: the activations are quantized to 8-bit blocks of 32 (a float32 scale per block, round to nearest), and
+// each block's dot product is an integer one (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd), scaled in float32.
+//
+// Weight formats (model_runner/quant.py repacks them at load; the numbers are those of the file, unchanged):
+//   0 Q4_0   GGUF: per block of 32, an fp16 scale d and 4-bit q in 0..15;        w = d (q - 8)
+//   1 Q4_1   GGUF: per block of 32, fp16 d and fp16 min m, 4-bit q in 0..15;      w = d q + m
+//   2 Q8_0   GGUF: per block of 32, fp16 d and int8 q;                            w = d q
+//   3 INT8   per output row, a float32 scale s and int8 q (symmetric);           w = s q
+// Rows are stored in tiles of 8 so that the 8 lanes of an integer dot product are 8 output rows: for tile t and
+// block b, group j (0..7) holds K positions 4j..4j+3 of the 8 rows as 32 bytes [row r: bytes 4r..4r+3]. A
+// broadcast of the activation's 4 bytes at 4j then gives, lane by lane, the partial dot products of 8 rows at
+// once (the layout llama.cpp's CPU "repack" buffers use for the same reason), so the float work of a block (one
+// scale multiply and add) is shared by 8 rows instead of being done per row. 4-bit groups j and j + 4 share a
+// byte (low and high nibble): 128 bytes per tile-block; 8-bit ones take 256.
+//
+// Every output element is computed by the same operations in the same order whatever M and the tiling of rows
+// across threads: a sequence's logits do not depend on its companions in a batch (batch invariance).
+//
+// Built and loaded by model_runner/native.py (JITNEY_ISA picks the loop: avx512-vnni, avx2 or portable).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(JITNEY_PORTABLE)
+#define JITNEY_AVX2 1
+#include <immintrin.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define JITNEY_VNNI 1
+#endif
+#endif
+
+namespace {
+
+enum Format { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, INT8 = 3 };
+constexpr int QK = 32;    // values per block
+constexpr int TILE = 8;   // output rows per tile
+constexpr int MROWS = 4;  // activation rows computed together (each weight block is unpacked once for them)
+
+constexpr int tile_bytes(int fmt) { return (fmt == Q4_0 || fmt == Q4_1) ? 128 : 256; }
+
+inline float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, exact (subnormals included)
+  const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  const float sign = (h & 0x8000) ? -1.f : 1.f;
+  if (exp == 0) return sign * float(man) * 5.9604644775390625e-08f;  // man x 2^-24, exact
+  uint32_t bits = uint32_t(h & 0x8000) << 16 | (exp == 0x1f ? 0x7f800000u : (exp + 112) << 23) | man << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float load_x(const float* x, int64_t i) { return x[i]; }
+inline float load_x(const uint16_t* x, int64_t i) {  // bfloat16 is the top half of a float32
+  uint32_t u = uint32_t(x[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store_y(float y, float* out) { *out = y; }
+inline void store_y(float y, uint16_t* out) {  // round to nearest even, as torch's float -> bfloat16 cast
+  uint32_t u;
+  std::memcpy(&u, &y, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) { *out = 0x7fc0; return; }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  *out = uint16_t(u >> 16);
+}
+
+// The activations of one row, quantized: q = round(x / d) with d = max|x| / 127 per block, and the sum of each
+// block's q (the Q4 formats' offsets need it: sum_i (q_i - 8) a_i = sum_i q_i a_i - 8 sum_i a_i).
+struct QRow {
+  const int8_t* q;
+  const float* d;
+  const int32_t* sum;
+};
+
+template <typename T>
+void quantize_row(const T* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
+  for (int64_t b = 0; b < k / QK; ++b) {
+    float amax = 0.f;
+    for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(load_x(x, b * QK + i)));
+    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int i = 0; i < QK; ++i) {
+      const int v = int(std::nearbyint(load_x(x, b * QK + i) * inv));  // |v| <= 127
+      q[b * QK + i] = int8_t(v);
+      s += v;
+    }
+    d[b] = scale;
+    sum[b] = s;
+  }
+}
+
+// --- one tile of 8 output rows, R (1..MROWS) activation rows: acc[r][lane] += row lane's dot with row r -----------
+
+#if defined(JITNEY_AVX2)
+
+// Lane sums of u8 x s8 products, 4 per lane: one vpdpbusd with VNNI, vpmaddubsw + vpmaddwd without.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(JITNEY_VNNI)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+template <int fmt, int R>
+void tile_kernel(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t nb, const QRow* a,
+                 float out[][TILE]) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  constexpr int tb = tile_bytes(fmt);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = qs + b * tb;
+    __m256i w[8];
+    if constexpr (fmt == Q4_0 || fmt == Q4_1) {
+      for (int p = 0; p < 4; ++p) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * p));
+        w[p] = _mm256_and_si256(v, low4);
+        w[p + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * j));
+    }
+    constexpr bool signed_w = fmt == Q8_0 || fmt == INT8;
+    __m256i wabs[8] = {};
+    if constexpr (signed_w)  // u8 x s8 products: |w| times a with w's sign (|w| <= 128 fits a u8)
+      for (int j = 0; j < 8; ++j) wabs[j] = _mm256_abs_epi8(w[j]);
+    __m256 scale = _mm256_set1_ps(1.f), minv = _mm256_setzero_ps();
+    if (fmt != INT8) scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw + b * TILE)));
+    if (fmt == Q4_1) minv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mw + b * TILE)));
+    for (int r = 0; r < R; ++r) {
+      const int32_t* aq = reinterpret_cast<const int32_t*>(a[r].q + b * QK);
+      __m256i isum = _mm256_setzero_si256();
+      if constexpr (signed_w) {
+        for (int j = 0; j < 8; ++j)
+          isum = dot_u8s8(isum, wabs[j], _mm256_sign_epi8(_mm256_set1_epi32(aq[j]), w[j]));
+      } else {
+#if defined(JITNEY_VNNI)
+        for (int j = 0; j < 8; ++j) isum = _mm256_dpbusd_epi32(isum, w[j], _mm256_set1_epi32(aq[j]));
+#else
+        // 4-bit x 8-bit pair sums are at most 2 * 15 * 127 = 3810: eight of them add up in int16 without overflow.
+        __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(aq[0]));
+        for (int j = 1; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(aq[j])));
+        isum = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+        if (fmt == Q4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * a[r].sum[b]));
+      }
+      const float da = a[r].d[b];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scale, _mm256_set1_ps(da)), acc[r]);
+      if (fmt == Q4_1) acc[r] = _mm256_fmadd_ps(minv, _mm256_set1_ps(da * float(a[r].sum[b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+#else  // portable: the same tiles, one lane at a time
+
+template <int fmt, int R>
+void tile_kernel(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t nb, const QRow* a,
+                 float out[][TILE]) {
+  float acc[R][TILE] = {};
+  constexpr int tb = tile_bytes(fmt);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = qs + b * tb;
+    for (int lane = 0; lane < TILE; ++lane) {
+      const float scale = fmt == INT8 ? 1.f : half_to_float(dw[b * TILE + lane]);
+      const float minv = fmt == Q4_1 ? half_to_float(mw[b * TILE + lane]) : 0.f;
+      for (int r = 0; r < R; ++r) {
+        const int8_t* aq = a[r].q + b * QK;
+        int32_t isum = 0;
+        for (int j = 0; j < 8; ++j)
+          for (int t = 0; t < 4; ++t) {
+            int w;
+            if (fmt == Q4_0 || fmt == Q4_1) {
+              const uint8_t byte = blk[32 * (j & 3) + 4 * lane + t];
+              w = j < 4 ? byte & 0x0f : byte >> 4;
+            } else {
+              w = int8_t(blk[32 * j + 4 * lane + t]);
+            }
+            isum += w * aq[4 * j + t];
+          }
+        if (fmt == Q4_0) isum -= 8 * a[r].sum[b];
+        const float da = a[r].d[b];
+        acc[r][lane] += float(isum) * (scale * da);
+        if (fmt == Q4_1) acc[r][lane] += minv * (da * float(a[r].sum[b]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(out[r], acc[r], sizeof acc[r]);
+}
+
+#endif
+
+template <int fmt, typename T>
+void qmatmul(const T* x, int64_t ldx, const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
+             const float* row_scale, T* y, int64_t ldy, int64_t m, int64_t n, int64_t k) {
+  const int64_t nb = k / QK, tiles = (n + TILE - 1) / TILE;
+  std::vector<int8_t> aq(m * k);
+  std::vector<float> ad(m * nb);
+  std::vector<int32_t> asum(m * nb);
+#pragma omp parallel for schedule(static) if (m * k >= 4096)
+  for (int64_t i = 0; i < m; ++i) quantize_row(x + i * ldx, k, &aq[i * k], &ad[i * nb], &asum[i * nb]);
+  const int64_t groups = (m + MROWS - 1) / MROWS;
+  // One task: a tile of 8 output rows for MROWS activation rows. Tiles vary fastest, so that at batch 1 both
+  // threads split the weights (the bytes that bound the step) and at large batches a tile's weights stay in cache.
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < tiles * groups; ++task) {
+    const int64_t t = task % tiles, g = task / tiles, i0 = g * MROWS, rows = std::min<int64_t>(MROWS, m - i0);
+    QRow a[MROWS];
+    for (int r = 0; r < rows; ++r) a[r] = {&aq[(i0 + r) * k], &ad[(i0 + r) * nb], &asum[(i0 + r) * nb]};
+    float out[MROWS][TILE];
+    const uint8_t* tq = qs + t * nb * tile_bytes(fmt);
+    const uint16_t* td = dw ? dw + t * nb * TILE : nullptr;
+    const uint16_t* tm = mw ? mw + t * nb * TILE : nullptr;
+    switch (rows) {
+      case 4: tile_kernel<fmt, 4>(tq, td, tm, nb, a, out); break;
+      case 3: tile_kernel<fmt, 3>(tq, td, tm, nb, a, out); break;
+      case 2: tile_kernel<fmt, 2>(tq, td, tm, nb, a, out); break;
+      default: tile_kernel<fmt, 1>(tq, td, tm, nb, a, out); break;
+    }
+    const int lanes = int(std::min<int64_t>(TILE, n - t * TILE));
+    for (int r = 0; r < rows; ++r)
+      for (int lane = 0; lane < lanes; ++lane) {
+        const float v = fmt == INT8 ? out[r][lane] * row_scale[t * TILE + lane] : out[r][lane];
+        store_y(v, y + (i0 + r) * ldy + t * TILE + lane);
+      }
+  }
+}
+
+template <int fmt>
+void run(int bf16, const void* x, int64_t ldx, const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
+         const float* row_scale, void* y, int64_t ldy, int64_t m, int64_t n, int64_t k) {
+  if (bf16)
+    qmatmul<fmt>(static_cast<const uint16_t*>(x), ldx, qs, dw, mw, row_scale, static_cast<uint16_t*>(y), ldy, m,
+                 n, k);
+  else
+    qmatmul<fmt>(static_cast<const float*>(x), ldx, qs, dw, mw, row_scale, static_cast<float*>(y), ldy, m, n, k);
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* jitney_qmatmul_isa() {
+#if defined(JITNEY_VNNI)
+  return "avx512-vnni";
+#elif defined(JITNEY_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+// x [m, k] (row stride ldx) in float32 (bf16 = 0) or bfloat16 (bf16 = 1); y [m, n] (row stride ldy) in the
+// same dtype. k is a multiple of 32. qs, dw, mw, row_scale: the tiles quant.py packs (dw unused for INT8, mw
+// only for Q4_1, row_scale only for INT8, padded to whole tiles).
+void jitney_qmatmul(int fmt, int bf16, const void* x, int64_t ldx, const uint8_t* qs, const uint16_t* dw,
+                    const uint16_t* mw, const float* row_scale, void* y, int64_t ldy, int64_t m, int64_t n,
+                    int64_t k) {
+  switch (fmt) {
+    case Q4_0: return run<Q4_0>(bf16, x, ldx, qs, dw, mw, row_scale, y, ldy, m, n, k);
+    case Q4_1: return run<Q4_1>(bf16, x, ldx, qs, dw, mw, row_scale, y, ldy, m, n, k);
+    case Q8_0: return run<Q8_0>(bf16, x, ldx, qs, dw, mw, row_scale, y, ldy, m, n, k);
+    default: return run<INT8>(bf16, x, ldx, qs, dw, mw, row_scale, y, ldy, m, n, k);
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,311 @@
+"""Quantized weights (`--quantization q4|int8`) and their matmul.
+
+  q4    GGUF Q4_0 / Q4_1 / Q8_0 tensors kept as the file stores them: blocks of 32 values, each block with an
+        fp16 scale d (and, for Q4_1, an fp16 min m); w = d (q - 8), d q + m, d q. jitney multiplies by exactly
+        the numbers llama.cpp multiplies by. Only GGUF files hold them (gguf.stored_blocks reads them).
+  int8  any model: each output row (channel) of a matmul weight as int8 q in -127..127 and a float32 scale
+        s = max|w| / 127, quantized at load (symmetric, weight-only); w ~ s q.
+
+The matmul (csrc/qmatmul.cpp) quantizes the activations of each step to 8-bit blocks of 32 (a float32 scale
+per block) and computes each block's dot product in integers (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd): the way
+llama.cpp computes with these formats. For that the rows are repacked at load into tiles of 8 rows interleaved
+by 4 bytes (the kernel's header says why); the values, scales and mins are untouched, and `to_gguf` gives the
+file's bytes back (tests check both round trips bit for bit).
+
+Where the native kernels cannot be built, the matmul dequantizes the weight to the compute dtype on every call
+(correct, slow; the start-up warning says so).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+from .errors import ModelLoadError
+
+log = logging.getLogger("jitney")
+
+QK = 32     # values per block (GGUF's, and the activations')
+TILE = 8    # rows per tile: the kernel's 8 lanes
+MODES = ("none", "int8", "q4")
+# Format -> (kernel id, GGUF bytes per block, offset of the quants in a block, bytes per tile-block when packed)
+FORMATS = {"q4_0": (0, 18, 2, 128), "q4_1": (1, 20, 4, 128), "q8_0": (2, 34, 2, 256), "int8": (3, None, None, 256)}
+SOURCE = Path(__file__).parent / "csrc" / "qmatmul.cpp"
+# The Hugging Face names of the weights a matmul reads (the embedding too: it is the tied output head).
+MATMUL_SUFFIXES = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj", "embed_tokens", "lm_head"))
+
+
+def is_matmul_weight(name: str) -> bool:
+    return name.endswith(MATMUL_SUFFIXES)
+
+
+@dataclass
+class QuantWeight:
+    """A quantized [n, k] weight in the kernel's tiles: qs [tiles, k / 32, 128 or 256] bytes, d and m
+    [tiles, k / 32, 8] fp16 (GGUF formats; m only for Q4_1), row_scale [tiles * 8] float32 (int8)."""
+    fmt: str
+    n: int
+    k: int
+    qs: torch.Tensor
+    d: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, tile padding included (what a step reads)."""
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m, self.row_scale) if t is not None)
+
+    # --- from and to the file's blocks, and int8 from floats --------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, fmt: str, raw: torch.Tensor, k: int) -> "QuantWeight":
+        """From GGUF rows raw [n, k / 32 * block bytes] (uint8), as the file stores them."""
+        _, block_bytes, off, _ = FORMATS[fmt]
+        n, nb = raw.shape[0], k // QK
+        if k % QK or raw.shape[1] != nb * block_bytes:
+            raise ModelLoadError(f"a {fmt} tensor of {k} columns should have {nb * block_bytes} bytes a row, "
+                                 f"not {raw.shape[1]}")
+        blocks = _pad_rows(raw.view(torch.uint8), n).view(-1, nb, block_bytes)
+        d = _tiled(blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1))
+        m = _tiled(blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)) if fmt == "q4_1" else None
+        q = blocks[..., off:]
+        if fmt == "q8_0":
+            return cls(fmt, n, k, _interleave(q), d, m)
+        nibbles = torch.cat([q & 15, q >> 4], dim=-1)  # GGUF: byte i holds values i (low) and i + 16 (high)
+        return cls(fmt, n, k, _pack_nibbles(_interleave(nibbles)), d, m)
+
+    def to_gguf(self) -> torch.Tensor:
+        """The file's rows again: [n, k / 32 * block bytes] uint8."""
+        q = self.quants()
+        if self.fmt == "int8":
+            raise ValueError("int8 weights come from no file")
+        nb = self.k // QK
+        d = _untiled(self.d)[: self.n].unsqueeze(-1).view(torch.uint8)
+        parts = [d] + ([_untiled(self.m)[: self.n].unsqueeze(-1).view(torch.uint8)] if self.fmt == "q4_1" else [])
+        q = q.view(self.n, nb, QK)
+        if self.fmt == "q8_0":
+            parts.append(q.view(torch.uint8))
+        else:
+            parts.append(q[..., :16] | (q[..., 16:] << 4))
+        return torch.cat(parts, dim=-1).reshape(self.n, -1)
+
+    @classmethod
+    def int8(cls, w: torch.Tensor) -> "QuantWeight":
+        """Per-output-row symmetric int8 of a float weight [n, k]: s = max|w| / 127, q = round(w / s)."""
+        n, k = w.shape
+        if k % QK:
+            raise ModelLoadError(f"--quantization int8 needs matmul inputs in multiples of {QK}; this model has "
+                                 f"a weight of {k} columns: use --quantization none")
+        w = w.float()
+        scale = w.abs().amax(dim=1) / 127
+        q = torch.where(scale[:, None] > 0, w / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None], 0.0)
+        q = q.round().clamp(-127, 127).to(torch.int8)
+        row_scale = torch.zeros(-(-n // TILE) * TILE)
+        row_scale[:n] = scale
+        return cls("int8", n, k, _interleave(_pad_rows(q, n).view(-1, k // QK, QK).view(torch.uint8)),
+                   row_scale=row_scale)
+
+    @classmethod
+    def cat(cls, parts: list["QuantWeight"]) -> "QuantWeight":
+        """Rows of weights of one format stacked (fused q/k/v, gate/up): the values move, none changes."""
+        fmt, k = parts[0].fmt, parts[0].k
+        assert all(p.fmt == fmt and p.k == k for p in parts)
+        if fmt == "int8":
+            q = torch.cat([p.quants() for p in parts])
+            n = q.shape[0]
+            out = cls("int8", n, k, _interleave(_pad_rows(q.view(torch.uint8), n).view(-1, k // QK, QK)))
+            out.row_scale = torch.zeros(-(-n // TILE) * TILE)
+            out.row_scale[:n] = torch.cat([p.row_scale[: p.n] for p in parts])
+            return out
+        return cls.from_gguf(fmt, torch.cat([p.to_gguf() for p in parts]), k)
+
+    # --- values -----------------------------------------------------------------------------------------------
+
+    def quants(self, tiles: torch.Tensor | None = None) -> torch.Tensor:
+        """The integer values row by row ([rows, k]: 0..15 for Q4, int8 otherwise), of all rows or of the
+        given tiles' (8 rows each)."""
+        qs = self.qs if tiles is None else self.qs[tiles]
+        t, nb = qs.shape[0], self.k // QK
+        if self.fmt in ("q4_0", "q4_1"):
+            packed = qs.view(t, nb, 4, 32)
+            qs = torch.cat([packed & 15, packed >> 4], dim=2)  # groups j and j + 4 share a byte
+        # [t, nb, 8 groups, 8 rows, 4] -> [t, 8 rows, nb, 8 groups, 4] = [rows, k]
+        q = qs.reshape(t, nb, 8, TILE, 4).permute(0, 3, 1, 2, 4).reshape(t * TILE, self.k)
+        q = q if tiles is not None else q[: self.n]
+        return q.view(torch.int8) if self.fmt in ("q8_0", "int8") else q
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 rows [len(rows), k] (the embedding lookup), computed as gguf.quants does, bit for bit."""
+        tiles, lane = rows // TILE, rows % TILE
+        pick = torch.arange(len(rows)) * TILE + lane
+        q = self.quants(tiles)[pick].view(len(rows), self.k // QK, QK)
+        if self.fmt == "int8":
+            return q.float().view(len(rows), self.k) * self.row_scale[rows, None]
+        d = self.d[tiles, :, lane].float().unsqueeze(-1)
+        if self.fmt == "q4_0":
+            w = d * (q.to(torch.int8) - 8).float()
+        elif self.fmt == "q4_1":
+            w = d * q.float() + self.m[tiles, :, lane].float().unsqueeze(-1)
+        else:
+            w = q.float() * d
+        return w.view(len(rows), self.k)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.dequantize_rows(torch.arange(self.n))
+
+    # --- the matmul -------------------------------------------------------------------------------------------
+
+    def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+        """x [m, k] (float32 or bfloat16, last dimension contiguous) @ W^T -> [m, n] in x's dtype. `lib`: a
+        kernel build other than this process's (tests run every loop the CPU can)."""
+        lib = lib or library()
+        if lib is None:
+            return F.linear(x, self.dequantize().to(x.dtype))
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.stride(1) != 1 \
+                or x.shape[1] != self.k or x.device.type != "cpu":
+            raise ValueError(f"quantized matmul input: expected [m, {self.k}] float32 or bfloat16 with a contiguous "
+                             f"last dimension on the CPU; got {tuple(x.shape)} {x.dtype} {x.device}")
+        out = torch.empty(x.shape[0], self.n, dtype=x.dtype)
+        ptr = lambda t: None if t is None else t.data_ptr()
+        lib.jitney_qmatmul(FORMATS[self.fmt][0], int(x.dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
+                           self.qs.data_ptr(), ptr(self.d), ptr(self.m), ptr(self.row_scale), out.data_ptr(),
+                           out.stride(0), x.shape[0], self.n, self.k)
+        return out
+
+
+def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows padded with zeros to whole tiles (zero scales: padded rows compute to 0 and are never stored)."""
+    pad = -n % TILE
+    return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+
+
+def _tiled(per_block: torch.Tensor) -> torch.Tensor:
+    """[rows, nb] -> [tiles, nb, 8]: one tile's 8 row scales of a block side by side (one vector load)."""
+    rows, nb = per_block.shape
+    return per_block.view(rows // TILE, TILE, nb).transpose(1, 2).contiguous()
+
+
+def _untiled(tiled: torch.Tensor) -> torch.Tensor:
+    t, nb, _ = tiled.shape
+    return tiled.transpose(1, 2).reshape(t * TILE, nb)
+
+
+def _interleave(q: torch.Tensor) -> torch.Tensor:
+    """Values [rows, nb, 32] (bytes) -> [tiles, nb, 256]: group j of a tile-block holds values 4j..4j+3 of its
+    8 rows, row after row."""
+    rows, nb, _ = q.shape
+    return q.reshape(rows // TILE, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(rows // TILE, nb, 256).contiguous()
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[tiles, nb, 256] values 0..15 -> [tiles, nb, 128]: group j in the low nibbles, group j + 4 in the high."""
+    t, nb, _ = q.shape
+    g = q.view(t, nb, 8, 32)
+    return (g[:, :, :4] | (g[:, :, 4:] << 4)).reshape(t, nb, 128).contiguous()
+
+
+# --- the kernel library ---------------------------------------------------------------------------------------
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.jitney_qmatmul.argtypes = [ctypes.c_int, ctypes.c_int, p, i64, p, p, p, p, p, i64, i64, i64, i64]
+    lib.jitney_qmatmul.restype = None
+    lib.jitney_qmatmul_isa.argtypes, lib.jitney_qmatmul_isa.restype = [], ctypes.c_char_p
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    return native.load_source(SOURCE, _declare, "quantized matmuls dequantize their weights on every call (slow)")
+
+
+def isa() -> str:
+    """The loop the quantized matmul runs: avx512-vnni, avx2, portable, or torch (no native kernels)."""
+    lib = library()
+    return "torch (dequantized per call)" if lib is None else lib.jitney_qmatmul_isa().decode()
+
+
+# --- a model's weights -----------------------------------------------------------------------------------------
+
+def quantize_int8(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | QuantWeight]:
+    """--quantization int8: every matmul weight (embedding included) to per-row int8, the rest untouched."""
+    return {name: QuantWeight.int8(w) if is_matmul_weight(name) and w.dim() == 2 else w
+            for name, w in weights.items()}
+
+
+def save(weights: dict[str, QuantWeight], path: Path) -> None:
+    """Quantized weights to a safetensors file (tiles as packed: a later load skips the repacking)."""
+    from safetensors.torch import save_file
+    tensors, meta = {}, {}
+    for name, w in weights.items():
+        meta[name] = f"{w.fmt},{w.n},{w.k}"
+        for part in ("qs", "d", "m", "row_scale"):
+            if (t := getattr(w, part)) is not None:
+                tensors[f"{name}:{part}"] = t
+    save_file(tensors, path, metadata=meta)
+
+
+def load(path: Path) -> dict[str, QuantWeight]:
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+        part = lambda name, p: f.get_tensor(f"{name}:{p}") if f"{name}:{p}" in keys else None
+        out = {}
+        for name, spec in meta.items():
+            fmt, n, k = spec.split(",")
+            out[name] = QuantWeight(fmt, int(n), int(k), part(name, "qs"), part(name, "d"), part(name, "m"),
+                                    part(name, "row_scale"))
+    return out
+
+
+def bytes_by_format(weights: dict, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of a model's weights per format: float tensors at the compute dtype's size, quantized ones as held."""
+    out: dict[str, int] = {}
+    for w in weights.values():
+        fmt, n = (w.fmt, w.nbytes) if isinstance(w, QuantWeight) else (str(dtype).removeprefix("torch."),
+                                                                         w.numel() * dtype.itemsize)
+        out[fmt] = out.get(fmt, 0) + n
+    return out
+
+
+def describe_bytes(by_format: dict[str, int]) -> str:
+    total = sum(by_format.values())
+    parts = ", ".join(f"{fmt} {n / 2**20:.1f}" for fmt, n in sorted(by_format.items(), key=lambda kv: -kv[1]))
+    return f"weights {total / 2**20:.1f} MiB ({parts})"
+
+
+class QuantLinear:
+    """y = x @ W.T (+ b) for quantized parts stacked by rows (fused q/k/v or gate/up). Parts of one format are
+    merged into one weight; a fusion of different formats (a GGUF may store v in Q8_0 beside Q4 q and k) runs
+    one matmul per format and concatenates."""
+
+    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None):
+        merged: list[QuantWeight] = []
+        for p in parts:
+            if merged and merged[-1].fmt == p.fmt:
+                merged[-1] = QuantWeight.cat([merged[-1], p])
+            else:
+                merged.append(p)
+        self.parts, self.bias = merged, bias
+        self.out_features, self.in_features = sum(p.n for p in merged), merged[0].k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = (self.parts[0].matmul(x2) if len(self.parts) == 1
+             else torch.cat([p.matmul(x2) for p in self.parts], dim=-1))
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self.out_features)

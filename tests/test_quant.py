@@ -1,0 +1,156 @@
+"""Quantized weights: GGUF blocks kept bit for bit, and the quantized matmul (every kernel loop this CPU can
+run) against a float64 reference within the error its formats allow."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from model_runner import native, quant
+from model_runner.errors import ModelLoadError
+from model_runner.precision import cpuinfo_flags
+from model_runner.quant import QK, QuantWeight
+
+GGUF_TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
+              "q8_0": GGMLQuantizationType.Q8_0}
+EPS32 = 2.0 ** -24  # float32 unit roundoff
+
+
+def random_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
+    """A GGUF tensor [n, k] of this format, as llama.cpp's quantizer (gguf.quants) writes it."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).numpy() * 0.1
+    return quantize(w, GGUF_TYPES[fmt])
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+def test_gguf_blocks_round_trip(fmt):
+    """Repacked for the kernel and back: the same bytes; dequantized: gguf's own floats, bit for bit; and the
+    dequantized floats quantized again by gguf give the same blocks (the values are on the format's grid)."""
+    raw = random_blocks(fmt, 21, 96, seed=1)  # 21 rows: a partial tile
+    w = QuantWeight.from_gguf(fmt, torch.from_numpy(raw), 96)
+    assert np.array_equal(w.to_gguf().numpy(), raw)
+    ref = dequantize(raw, GGUF_TYPES[fmt]).reshape(21, 96)
+    assert np.array_equal(w.dequantize().numpy().view(np.uint32), ref.view(np.uint32))
+    assert np.array_equal(quantize(ref, GGUF_TYPES[fmt]), raw)
+    rows = torch.tensor([20, 0, 7, 8, 7])
+    assert torch.equal(w.dequantize_rows(rows), torch.from_numpy(ref)[rows])
+    fused = QuantWeight.cat([w, QuantWeight.from_gguf(fmt, torch.from_numpy(raw[:5]), 96)])
+    assert np.array_equal(fused.to_gguf().numpy(), np.concatenate([raw, raw[:5]]))
+
+
+@pytest.mark.integration
+def test_default_model_blocks_exact():
+    """The default model's Q4_1 layers and Q8_0 embedding (the tied head) as stored: bytes and values exact."""
+    from gguf import GGUFReader
+    from model_runner.gguf import _unpermute, smollm2_gguf_path, stored_blocks
+    kept, others = stored_blocks(smollm2_gguf_path())
+    assert not others and len(kept) == 30 * 7 + 1
+    tensors = {t.name: t for t in GGUFReader(smollm2_gguf_path()).tensors}
+    for g, hf, heads in [("blk.7.attn_k.weight", "model.layers.7.self_attn.k_proj.weight", 3),
+                         ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", None),
+                         ("token_embd.weight", "model.embed_tokens.weight", None)]:
+        raw = np.asarray(tensors[g].data)
+        raw = _unpermute(raw, heads) if heads else raw
+        assert np.array_equal(kept[hf].to_gguf().numpy(), raw), g
+        ref = dequantize(raw, tensors[g].tensor_type).reshape(kept[hf].shape)
+        assert np.array_equal(kept[hf].dequantize().numpy(), ref), g
+
+
+def test_int8_per_row():
+    w = torch.randn(19, 64, generator=torch.Generator().manual_seed(2))
+    w[3] = 0  # an all-zero row: scale 0, no division by it
+    q = QuantWeight.int8(w)
+    scale = w.abs().amax(1, keepdim=True) / 127
+    # Round to nearest: within half a step of each row's scale.
+    assert ((q.dequantize() - w).abs() <= scale / 2 * (1 + 4 * EPS32)).all()
+    assert q.dequantize()[3].eq(0).all()
+    with pytest.raises(ModelLoadError, match="multiples of 32"):
+        QuantWeight.int8(torch.randn(8, 40))
+
+
+# --- the matmul ------------------------------------------------------------------------------------------------
+
+def kernel_isas():
+    flags = cpuinfo_flags()
+    isas = ["native", "portable"]
+    if {"avx2", "fma", "f16c"} <= flags and "avx512f" in flags:
+        isas.append("avx2")  # the AVX2 loop, as an AVX2-only machine runs it
+    return isas
+
+
+@pytest.fixture(scope="module", params=kernel_isas())
+def lib(request):
+    cxx = native._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler: the matmul dequantizes per call (checked by test_torch_fallback)")
+    lib = native._load(cxx, request.param, quant.SOURCE)
+    quant._declare(lib)
+    return lib
+
+
+def bound(w: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """What the kernel may differ from sum_k w x (float64) by, for weights w exactly as stored.
+
+    Activations are rounded to q d with d = max|x_block| / 127 (float32): |x - q d| <= d / 2, plus the float32
+    rounding of x / d and of d (a few units of roundoff). Block dot products are exact integers; each block's
+    scale product and its add to the float32 sum round once more (<= (blocks + 2) roundoffs of the sum of
+    |w x| terms). A bfloat16 output then rounds to 8 significant bits (half a unit: 2^-9 relative)."""
+    m, k = x.shape
+    xb = x.double().view(m, k // QK, QK)
+    half_step = xb.abs().amax(-1) / 254 * (1 + 8 * EPS32)                       # [m, nb]
+    wb = w.double().abs().view(w.shape[0], k // QK, QK).sum(-1)                  # [n, nb]
+    quant_err = half_step @ wb.T
+    float_err = (k // QK + 4) * 2 * EPS32 * (x.double().abs() + xb.abs().amax(-1).repeat_interleave(QK, 1) / 127) \
+        @ w.double().abs().T
+    y = x.double() @ w.double().T
+    out_err = (y.abs() + quant_err + float_err) * 2.0 ** -8 if out_dtype == torch.bfloat16 else 0
+    return quant_err + float_err + out_err
+
+
+def weight(fmt: str, n: int, k: int, seed: int) -> QuantWeight:
+    if fmt == "int8":
+        return QuantWeight.int8(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return QuantWeight.from_gguf(fmt, torch.from_numpy(random_blocks(fmt, n, k, seed)), k)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_against_float64(lib, fmt, dtype):
+    n, k = 37, 160  # 37 rows: a partial tile; 5 blocks
+    w = weight(fmt, n, k, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(11, k + 8, generator=g) * torch.rand(11, 1, generator=g) * 4).to(dtype)[:, :k]  # row stride
+    x[2, 32:64] = 0       # an all-zero block: scale 0
+    x[5, 7] = 300.0       # an outlier: its block's step is large, the others' are not
+    y = w.matmul(x, lib)
+    assert y.dtype == dtype and y.shape == (11, n)
+    ref = x.double() @ w.dequantize().double().T
+    err, limit = (y.double() - ref).abs(), bound(w.dequantize(), x, dtype)
+    assert (err <= limit).all(), f"worst: {(err - limit).max():.3g} over the bound"
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "int8"])
+def test_matmul_batch_invariant(lib, fmt):
+    """A row's output is the same bits alone or among 12 others (4-row groups and their remainders alike)."""
+    w = weight(fmt, 24, 64, seed=5)
+    x = torch.randn(13, 64, generator=torch.Generator().manual_seed(6))
+    together = w.matmul(x, lib)
+    for i in (0, 3, 4, 12):
+        assert torch.equal(w.matmul(x[i: i + 1], lib), together[i: i + 1])
+    assert torch.equal(w.matmul(x[4:11], lib), together[4:11])
+
+
+def test_torch_fallback_is_the_dequantized_weight(monkeypatch):
+    """Without native kernels the matmul multiplies by the dequantized weight (the same numbers)."""
+    monkeypatch.setattr(quant, "library", lambda: None)
+    w = weight("q4_1", 16, 64, seed=7)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(w.matmul(x), x @ w.dequantize().T, rtol=0, atol=0)
+
+
+def test_memory_plan_uses_the_formats_real_sizes():
+    from benchmarks.memory_plan import WEIGHT_FORMAT_BYTES
+    for fmt in ("q4_0", "q4_1", "q8_0"):
+        assert WEIGHT_FORMAT_BYTES[fmt] == quant.FORMATS[fmt][1] / QK
+    w = weight("q4_1", 64, 256, seed=8)
+    assert w.nbytes == 64 * 256 * WEIGHT_FORMAT_BYTES["q4_1"]  # whole tiles: nothing beyond the file's bytes
