@@ -27,7 +27,7 @@ import torch
 
 from model_runner import quant
 from model_runner.config import RunnerConfig
-from model_runner.generate import generate
+from batcher.generate import generate
 from model_runner.linear import Linear
 from model_runner.loader import DEFAULT_MODEL, gguf_source
 from model_runner.precision import cpu_kind

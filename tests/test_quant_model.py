@@ -6,10 +6,10 @@ import pytest
 from batcher.config import BatcherConfig
 from model_runner.config import RunnerConfig
 from model_runner.errors import ModelLoadError
-from model_runner.generate import generate
+from batcher.generate import generate
 from model_runner.runner import ModelRunner
 
-from .engine_helpers import greedy, kv_blocks, run_requests
+from .engine_helpers import greedy, run_requests
 from .test_batch_invariance import SYSTEM, TOPICS
 
 
@@ -26,13 +26,13 @@ async def test_same_text_in_any_batch(quant_runner):
     lengths = [6 + 3 * i for i in range(8)]
     alone = [generate(quant_runner, [p], greedy(n))[0].output_token_ids for p, n in zip(prompts, lengths)]
     for cfg in (BatcherConfig(policy="continuous"), BatcherConfig(policy="continuous", max_num_batched_tokens=7)):
-        results, _ = await run_requests(quant_runner, cfg, prompts, [greedy(n) for n in lengths])
+        results, stats = await run_requests(quant_runner, cfg, prompts, [greedy(n) for n in lengths])
         assert [r[0] for r in results] == alone
-        assert quant_runner.block_allocator.num_free == quant_runner.num_blocks
-    with kv_blocks(quant_runner, 8) as alloc:  # too few blocks for 8 at once: preemption
-        results, stats = await run_requests(quant_runner, BatcherConfig(policy="continuous"), prompts,
-                                            [greedy(n) for n in lengths])
-        assert alloc.num_free == alloc.num_blocks
+        assert stats.kv_blocks_used == 0
+    # too few blocks for 8 at once: preemption
+    results, stats = await run_requests(quant_runner, BatcherConfig(policy="continuous", num_kv_blocks=8), prompts,
+                                        [greedy(n) for n in lengths])
+    assert stats.kv_blocks_used == 0
     assert stats.preemptions > 0 and [r[0] for r in results] == alone
 
 
@@ -51,7 +51,6 @@ def test_int8_tiny_model_generates(tiny_runner):
     prompt = list(range(3, 40))
     ref = generate(tiny_runner, [prompt], greedy(4))[0].output_token_ids
     assert generate(q, [prompt], greedy(4))[0].output_token_ids[:1] == ref[:1]
-    assert q.block_allocator.num_free == q.num_blocks
 
 
 @pytest.mark.parametrize("cfg,match", [
