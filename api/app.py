@@ -157,9 +157,21 @@ def failure(out: RequestOutput) -> APIError | None:
     """The HTTP error for a request the engine ended with an error (or aborted at shutdown)."""
     if out.error == "timeout":
         return APIError(504, out.text, "timeout", "queue_timeout")
+    if out.error == "unavailable":  # replicas/: the replica serving it died or could not be reached
+        return APIError(503, out.text, "unavailable", "replica_unavailable")
     if out.error:
         return APIError(500, out.text, "server_error", "internal_error")
     return None
+
+
+def error_event(e: APIError) -> str:
+    return sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
+
+
+def replica_header(streams) -> dict[str, str]:
+    """Which replica serves the request (replicas/: streams from a RemoteEngine say; one process has none)."""
+    replica = getattr(streams[0], "replica", None)
+    return {"x-jitney-replica": replica} if replica else {}
 
 
 def cut_by_shutdown() -> APIError:
@@ -356,7 +368,8 @@ def build_app(engine: Engine, settings: ServerSettings):
             if err := ended_badly(finals):
                 raise err
             return JSONResponse(fmts[0].whole([f.full(c.text, c.final, c.logprobs, c.prompt_logprobs)
-                                               for f, c in zip(fmts, collected)], totals))
+                                               for f, c in zip(fmts, collected)], totals),
+                                headers=replica_header(streams))
         # Streaming: wait for the first output, so a request that fails before its first token (deadline,
         # shutdown) still gets a proper status code instead of a 200 with an error inside.
         try:
@@ -375,8 +388,11 @@ def build_app(engine: Engine, settings: ServerSettings):
             i, out = first
             try:
                 while True:
-                    for event in fmts[i].chunks(out):
-                        yield event
+                    if out.finished and (err := failure(out)):  # failed mid-stream: an error event, not text
+                        yield error_event(err)
+                    else:
+                        for event in fmts[i].chunks(out):
+                            yield event
                     if out.finished:
                         finals[i] = out
                         if len(finals) == len(streams):
@@ -389,8 +405,7 @@ def build_app(engine: Engine, settings: ServerSettings):
                     for event in fmts[0].usage_chunk(totals):
                         yield event
                 if finals and any(f.finish_reason == "abort" for f in finals.values()) and not engine.accepting:
-                    e = cut_by_shutdown()
-                    yield sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
+                    yield error_event(cut_by_shutdown())
                 for event in fmts[0].end():
                     yield event
             finally:
@@ -402,7 +417,8 @@ def build_app(engine: Engine, settings: ServerSettings):
                         stream.abort()
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **replica_header(streams)})
 
     def formats(cls, parsed: ParsedRequest) -> list:
         """One format per sample; the choices of one answer share its id and creation time."""

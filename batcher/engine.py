@@ -454,6 +454,15 @@ class Engine:
             prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens,
             finished_by_reason=dict(self.finished_by_reason))
 
+    # --- for replicas/: what one replica reports to the router in front of it (the only such method) --------
+
+    def replica_snapshot(self) -> dict:
+        """stats(), the prefix-cache counters behind its hit rate (rates do not add up across replicas, counts
+        do), and the hash of every full block a prefix lookup can find now (held or in the free list)."""
+        s = self.scheduler.stats
+        return {"stats": self.stats(), "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
+                "cached_block_hashes": list(self.runner.block_allocator.cached)}
+
 
 __all__ = ["Engine", "EngineStopped", "Overloaded", "RequestOutput", "RequestStream", "StepRecord",
            "Timings"]

@@ -15,9 +15,26 @@ from .config import ModelConfig
 DEFAULT_CPU_KV_BYTES = 2 * 1024**3  # the CPU has no "free memory" to take a fraction of: a fixed budget
 
 
+# The first block's parent. Not None: hash(None) is an address on Python < 3.12, so the chains of two processes
+# (a replica and the router in front of it, replicas/) would differ. hash() never returns -1 for any object, so
+# no real parent hash equals it.
+ROOT_PARENT = -1
+
+
 def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    """Identity of a full block: its tokens and, through the parent's hash, every token before it."""
-    return hash((parent, token_ids))
+    """Identity of a full block: its tokens and, through the parent's hash, every token before it. Only ints go
+    in, so the value is the same in every process of one Python version (no hash randomization applies)."""
+    return hash((ROOT_PARENT if parent is None else parent, token_ids))
+
+
+def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """The chain of block hashes a prefix-cache lookup walks for this prompt: one per full block, the last
+    token excluded (it is always computed, for its logits), as the scheduler's lookup does."""
+    hashes, parent = [], None
+    for i in range((len(token_ids) - 1) // block_size):
+        parent = block_hash(parent, tuple(token_ids[i * block_size:(i + 1) * block_size]))
+        hashes.append(parent)
+    return hashes
 
 
 class BlockAllocator:
