@@ -117,6 +117,8 @@ class JitneyReplica:
                 "cached_block_hashes": snap["cached_block_hashes"],
                 "histograms": {name: (list(c), t[0]) for name, (c, t) in self.histograms.items()}}
 
-    async def drain(self, grace_s: float) -> None:
-        """Finishes what is in flight for up to grace_s, aborts the rest, stops the engine loop."""
-        await self.engine.stop(grace_s)
+    async def __del__(self) -> None:
+        """Serve calls this when it deletes the replica, after its own wait for requests in flight (the front end
+        drained them first): end the engine loop and its thread."""
+        if hasattr(self, "engine"):  # not when __init__ failed
+            await self.engine.stop()

@@ -76,9 +76,10 @@ class ReplicaCollector:
             for reason, n in sorted(r["stats"]["finished_by_reason"].items()):
                 finished.add_metric([r["replica"], reason], n)
         yield finished
-        decisions = CounterMetricFamily("jitney_routing_decisions", "Requests routed, by policy and decision "
+        decisions = CounterMetricFamily("jitney_routing_decisions", "Routing decisions, by policy and decision "
                                         "(prefix_hit, prefix_spill: the matching replicas were overloaded, "
-                                        "prefix_miss, p2c, round_robin)", labels=["policy", "decision"])
+                                        "prefix_miss, p2c, round_robin); a request Serve routes again (every "
+                                        "replica at its limit) is decided again", labels=["policy", "decision"])
         for (policy, kind), n in sorted(DECISIONS.items()):
             decisions.add_metric([policy, kind], n)
         yield decisions

@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 from batcher.engine import EngineStats, EngineStopped, Overloaded, RequestOutput
@@ -107,10 +106,9 @@ class RemoteCall:
 
 
 class RemoteEngine:
-    def __init__(self, handle, info: dict, on_stop: Callable[[float], Awaitable[None]] | None = None):
+    def __init__(self, handle, info: dict):
         self.handle = handle.options(stream=True)
         self.runner = RemoteRunner(info)
-        self.on_stop = on_stop
         self.accepting = True
         self.requests: dict[str, RemoteCall] = {}
         self.step_observers: list = []  # steps happen in the replicas; they report their own histograms
@@ -128,7 +126,7 @@ class RemoteEngine:
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stops accepting; lets requests in flight (on every replica) finish for up to grace_s; aborts the
-        rest; then lets on_stop shut the replicas down."""
+        rest. The replicas themselves are deleted after the server has closed (launch.py)."""
         self.accepting = False
         deadline = time.monotonic() + grace_s
         while self.requests and time.monotonic() < deadline:
@@ -138,8 +136,6 @@ class RemoteEngine:
         while self.requests:
             await asyncio.sleep(0.01)
         self._state = "stopped"
-        if self.on_stop is not None:
-            await self.on_stop(max(deadline - time.monotonic(), 0.0))
 
     # --- requests -----------------------------------------------------------------------------------------
 

@@ -56,13 +56,13 @@ def test_p2c_round_robin_and_chain_matching():
 
 # --- over HTTP, on Ray -----------------------------------------------------------------------------------------
 
-ray = pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
 TINY = ("--dtype", "float32", "--kv-cache-memory", "32MiB", "--max-wait-ms", "0")
 SHARED = "You are a terse assistant for the billing team of a shipping company. " * 3  # several full blocks
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    ray = pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
     ray.init(num_cpus=2, object_store_memory=100 << 20, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray.get_runtime_context().gcs_address
