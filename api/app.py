@@ -157,7 +157,8 @@ def sse(data: dict | str) -> str:
 
 # The engine's error kinds (RequestOutput.error) as HTTP errors: status, type, code.
 ERRORS = {"timeout": (504, "timeout", "queue_timeout"), "internal": (500, "server_error", "internal_error"),
-          "shutdown": (503, "unavailable", "shutting_down")}
+          "shutdown": (503, "unavailable", "shutting_down"),
+          "unavailable": (503, "unavailable", "replica_unavailable")}  # replicas/: its replica died or is gone
 
 
 def failure(out: RequestOutput) -> APIError | None:
@@ -170,6 +171,16 @@ def failure(out: RequestOutput) -> APIError | None:
     status, type_, code = ERRORS[out.error]
     message = "the server shut down before the request finished" if out.error == "shutdown" else out.text
     return APIError(status, message, type_, code)
+
+
+def error_event(e: APIError) -> str:
+    return sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
+
+
+def replica_header(streams) -> dict[str, str]:
+    """Which replica serves the request (replicas/: streams from a RemoteEngine say; one process has none)."""
+    replica = getattr(streams[0], "replica", None)
+    return {"x-jitney-replica": replica} if replica else {}
 
 
 # --- response shapes, one per route ---------------------------------------------------------------------
@@ -358,7 +369,8 @@ def build_app(engine: Engine, settings: ServerSettings):
             if err := next((e for f in finals if (e := failure(f))), None):
                 raise err
             return JSONResponse(fmts[0].whole([f.full(c.text, c.final, c.logprobs, c.prompt_logprobs)
-                                               for f, c in zip(fmts, collected)], totals))
+                                               for f, c in zip(fmts, collected)], totals),
+                                headers=replica_header(streams))
         # Streaming: wait for the first output, so a request that fails before its first token (deadline,
         # shutdown) still gets a proper status code instead of a 200 with an error inside.
         try:
@@ -377,8 +389,12 @@ def build_app(engine: Engine, settings: ServerSettings):
             i, out = first
             try:
                 while True:
-                    for event in fmts[i].chunks(out):
-                        yield event
+                    # failed mid-stream: an error event, not text (a drain's cut is told once, at the end)
+                    if out.finished and out.error != "shutdown" and (err := failure(out)):
+                        yield error_event(err)
+                    else:
+                        for event in fmts[i].chunks(out):
+                            yield event
                     if out.finished:
                         finals[i] = out
                         if len(finals) == len(streams):
@@ -391,8 +407,7 @@ def build_app(engine: Engine, settings: ServerSettings):
                     for event in fmts[0].usage_chunk(totals):
                         yield event
                 if cut := [f for f in finals.values() if f.error == "shutdown"]:
-                    e = failure(cut[0])
-                    yield sse({"error": {"message": e.message, "type": e.type, "code": e.code}})
+                    yield error_event(failure(cut[0]))
                 for event in fmts[0].end():
                     yield event
             finally:
@@ -404,7 +419,8 @@ def build_app(engine: Engine, settings: ServerSettings):
                         stream.abort()
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **replica_header(streams)})
 
     def formats(cls, parsed: ParsedRequest) -> list:
         """One format per sample; the choices of one answer share its id and creation time."""
@@ -514,7 +530,8 @@ def build_app(engine: Engine, settings: ServerSettings):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(engine.runner.grammars.prepare)  # response_format's vocabulary, before any request
+        if engine.runner.grammars is not None:  # None over replicas (they refuse response_format)
+            await asyncio.to_thread(engine.runner.grammars.prepare)  # response_format's vocabulary, before any request
         if not engine.alive:
             await engine.start()
         yield

@@ -91,18 +91,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_s=args.timeout_s, enable_prefix_caching=not args.no_prefix_caching)
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
-    runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                      kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
-                                      kv_cache_memory=args.kv_cache_memory,
-                                      memory_utilization=args.memory_utilization, max_model_len=args.max_model_len,
-                                      quantization=args.quantization))
-    engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
+    runner_cfg = RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
+                              kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+                              kv_cache_memory=args.kv_cache_memory, memory_utilization=args.memory_utilization,
+                              max_model_len=args.max_model_len, quantization=args.quantization)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,
                               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
                               allowed_origins=tuple(args.allowed_origins or ()),
                               allow_special_tokens_in_content=args.allow_special_tokens_in_content)
     limits = ConnectionLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
                               header_timeout_s=args.header_timeout_s, max_connections=args.max_connections)
+    if args.replicas < 1 or (args.cpus_per_replica is not None and args.cpus_per_replica < 1):
+        raise InvalidRequestError("--replicas and --cpus-per-replica must be at least 1")
+    if args.replicas > 1 or args.ray_address:  # scale-out (replicas/): the same app over Ray Serve replicas
+        from replicas.launch import serve_replicas
+        return serve_replicas(args, runner_cfg, batcher_cfg, settings, limits)
+    runner = ModelRunner(runner_cfg)
+    engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "
           f"max_num_batched_tokens {args.max_num_batched_tokens}, max_batch_size {args.max_batch_size}, "
@@ -175,6 +180,29 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
     s.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
     s.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    add_replica_args(s)
+
+
+def add_replica_args(s: argparse.ArgumentParser) -> None:
+    """Scale-out on Ray Serve (replicas/, the 'scale' extra); without these flags: one process, no Ray."""
+    from replicas.policy import DEFAULT_IMBALANCE, POLICIES  # plain Python: Ray is imported only to serve
+    g = s.add_argument_group("replicas (Ray Serve; pip install -e '.[scale]')")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="engines behind this one endpoint, each in its own Ray Serve replica (default: 1 = one "
+                        "process, no Ray). Cores are shared: replicas x --cpus-per-replica should not exceed them")
+    g.add_argument("--cpus-per-replica", type=int, default=None,
+                   help="CPU cores (torch threads) each replica reserves (default: cores // replicas)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. 10.0.0.1:6379, from `ray start --head`) instead of starting "
+                        "a local Ray instance; implies replicas even with --replicas 1")
+    g.add_argument("--routing", default="prefix", choices=POLICIES,
+                   help="which replica takes a request: prefix = the one holding most of its prompt's KV blocks "
+                        "unless it is overloaded, then p2c; p2c = the lighter of two at random; round-robin "
+                        "(default: prefix)")
+    g.add_argument("--routing-imbalance", type=float, default=DEFAULT_IMBALANCE,
+                   help="prefix routing: a replica holding the prefix is skipped when it has more than this many "
+                        "requests (queued + running, a full KV cache counting as this many) above the least "
+                        f"loaded one (default: {DEFAULT_IMBALANCE:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:

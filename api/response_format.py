@@ -62,11 +62,14 @@ def requested_schema(body: dict) -> tuple[dict | None, str]:
     return schema, "response_format.json_schema.schema"
 
 
-async def compile_response_format(body: dict, compiler: GrammarCompiler, params) -> Grammar | None:
+async def compile_response_format(body: dict, compiler: GrammarCompiler | None, params) -> Grammar | None:
     """The grammar a request's response_format asks for (None for text), compiled off the event loop."""
     schema, field = requested_schema(body)
     if schema is None:
         return None
+    if compiler is None:  # replicas/: a compiled grammar cannot travel to a replica (its matcher is native state)
+        raise _refuse("response_format", "is not supported when serving replicas (--replicas, --ray-address): "
+                                         "serve one process for constrained decoding", "unsupported_combination")
     if params.ignore_eos or params.min_tokens:
         name = "ignore_eos" if params.ignore_eos else "min_tokens"
         raise _refuse(name, "cannot be combined with response_format: the output ends (end-of-sequence) as soon "

@@ -330,3 +330,12 @@ class Engine:
             steps=c.steps, mean_batch_size=c.mean_batch_size, last_batch_size=c.last_batch_size,
             last_step_tokens=c.last_step_tokens, prompt_tokens=c.prompt_tokens,
             generation_tokens=c.generation_tokens, finished_by_reason=dict(c.finished_by_reason))
+
+    # --- for replicas/: what one replica reports to the router in front of it (the only such method) --------
+
+    def replica_snapshot(self) -> dict:
+        """stats(), the prefix-cache counters behind its hit rate (rates do not add up across replicas, counts
+        do), and the hash of every full block a prefix lookup can find now (held or in the free list)."""
+        s = self.scheduler.stats
+        return {"stats": self.stats(), "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
+                "cached_block_hashes": list(self.kv.cached)}

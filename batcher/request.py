@@ -22,6 +22,7 @@ class EndReason(str, Enum):
     TIMED_OUT = "timed_out"    # not started within timeout_s
     SHUT_DOWN = "shut_down"    # the server stopped before it ended
     FAILED = "failed"          # the model step raised
+    UNAVAILABLE = "unavailable"  # the replica serving it died or could not be reached (replicas/)
 
     @property
     def finish_reason(self) -> str:
@@ -31,7 +32,8 @@ class EndReason(str, Enum):
     @property
     def error(self) -> str | None:
         """The error kind a client is told of (the API maps it to a status), None for an ordinary end."""
-        return {"timed_out": "timeout", "shut_down": "shutdown", "failed": "internal"}.get(self.value)
+        return {"timed_out": "timeout", "shut_down": "shutdown", "failed": "internal",
+                "unavailable": "unavailable"}.get(self.value)
 
     @classmethod
     def of(cls, seq: Sequence) -> "EndReason":
@@ -94,7 +96,7 @@ class RequestOutput:
 
     @property
     def error(self) -> str | None:
-        """timeout | shutdown | internal when the request failed; the message (for timeout, internal) is in text."""
+        """timeout | shutdown | internal | unavailable when the request failed; the message (for timeout, internal) is in text."""
         return self.ended.error if self.ended else None
 
 

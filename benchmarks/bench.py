@@ -312,6 +312,10 @@ def run_bench(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["routing"]:  # replicas and routing on the shared-prefix workload: benchmarks/routing.py
+        from .routing import main as routing_main
+        return routing_main(argv[1:])
     try:
         run_bench(argv)
     except (BenchError, WorkloadError, FileNotFoundError, ValueError) as e:  # ValueError: an empty Azure window

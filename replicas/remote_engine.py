@@ -1,0 +1,217 @@
+"""RemoteEngine: the engine surface api/app.py and api/server.py use, served by replicas over a Serve handle.
+
+The HTTP layer stays the same code: it tokenizes and validates here, in the front end, then calls
+add_parallel_requests(), which sends the request to the replica the router picks and hands back one stream per
+sample. The replica's first answer says whether it took the request (raised here as the local engine raises:
+InvalidRequestError, Overloaded, EngineStopped) and which replica it is (stream.replica, sent to the client as
+x-jitney-replica). If the replica dies or cannot be reached mid-request, every unfinished stream ends with an
+error output (error "unavailable": a 503 before the first token, an error event after it); nothing waits on
+a replica that is gone.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from types import SimpleNamespace
+
+from batcher.engine import EngineStopped
+from batcher.request_queue import Overloaded
+from batcher.request import EndReason, RequestOutput
+from batcher.stats import EngineStats
+from model_runner.errors import InvalidRequestError
+from model_runner.sampling_params import SamplingParams
+
+from .deployment import Accepted, Refused
+from .board import replica_reports
+
+log = logging.getLogger("jitney.replicas")
+
+
+class RemoteRunner:
+    """The parts of ModelRunner the HTTP layer reads (the tokenizer runs here; the model only in replicas)."""
+
+    def __init__(self, info: dict):
+        self.tokenizer, self.max_model_len, self.block_size = info["tokenizer"], info["max_model_len"], \
+            info["block_size"]
+        self.model_config = SimpleNamespace(vocab_size=info["vocab_size"])
+        self._describe = info["describe"]
+        self.grammars = None  # response_format is refused over replicas (api/response_format.py says why)
+
+    def describe(self) -> str:
+        return self._describe
+
+
+class RemoteStream:
+    """One sample's outputs, as batcher's RequestStream: async iteration, the last has finished=True."""
+
+    def __init__(self, call: "RemoteCall", request_id: str):
+        self.call, self.request_id = call, request_id
+        self.outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+        self._ended = False
+
+    @property
+    def replica(self) -> str:
+        return self.call.replica
+
+    def __aiter__(self) -> "RemoteStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._ended:
+            raise StopAsyncIteration
+        out = await self.outputs.get()
+        self._ended = out.finished
+        return out
+
+    def abort(self) -> None:
+        self.call.cancel()
+
+    def end(self, text: str, ended: EndReason) -> None:
+        if not self.finished:
+            self.finished = True
+            self.outputs.put_nowait(RequestOutput(self.request_id, text, [], ended=ended))
+
+
+class RemoteCall:
+    """One request on one replica: the Serve response generator and the task that reads it."""
+
+    def __init__(self, request_id: str, gen, replica: str, n: int):
+        self.request_id, self.gen, self.replica = request_id, gen, replica
+        ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+        self.streams = [RemoteStream(self, rid) for rid in ids]
+        self.task: asyncio.Task | None = None
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def pump(self) -> None:
+        try:
+            async for batch in self.gen:
+                for i, out in batch:
+                    s = self.streams[i]
+                    s.finished = s.finished or out.finished
+                    s.outputs.put_nowait(out)
+        except asyncio.CancelledError:  # aborted here (client gone, drain): the replica aborts it too
+            self.gen.cancel()
+            for s in self.streams:
+                s.end("", EndReason.ABORTED)
+            raise
+        except Exception as e:  # the replica died or became unreachable mid-request
+            log.warning("request %s on replica %s failed: %s", self.request_id, self.replica, type(e).__name__)
+            for s in self.streams:
+                s.end(f"the replica serving this request ({self.replica}) failed; retry the request",
+                      EndReason.UNAVAILABLE)
+        else:
+            for s in self.streams:  # a replica stopped mid-way ends its streams itself; this is a safety net
+                s.end("the replica ended the request early", EndReason.UNAVAILABLE)
+
+
+class RemoteEngine:
+    def __init__(self, handle, info: dict):
+        self.handle = handle.options(stream=True)
+        self.runner = RemoteRunner(info)
+        self.accepting = True
+        self.requests: dict[str, RemoteCall] = {}
+        self.step_observers: list = []  # steps happen in the replicas; they report their own histograms
+        self._ids = itertools.count()
+        self._state = "new"
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._state = "running"
+
+    @property
+    def alive(self) -> bool:
+        return self._state == "running"
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stops accepting; lets requests in flight (on every replica) finish for up to grace_s; aborts the
+        rest. The replicas themselves are deleted after the server has closed (launch.py)."""
+        self.accepting = False
+        deadline = time.monotonic() + grace_s
+        while self.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for call in list(self.requests.values()):
+            call.cancel()
+        while self.requests:
+            await asyncio.sleep(0.01)
+        self._state = "stopped"
+
+    # --- requests -----------------------------------------------------------------------------------------
+
+    async def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                          request_id: str | None = None) -> RemoteStream:
+        return (await self.add_parallel_requests(prompt_token_ids, params, 1, request_id))[0]
+
+    async def add_parallel_requests(self, prompt_token_ids: list[int], params: SamplingParams, n: int,
+                                    request_id: str | None = None) -> list[RemoteStream]:
+        from ray.serve.exceptions import BackPressureError
+
+        if not self.accepting:
+            raise EngineStopped("the server is shutting down")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        gen = self.handle.generate.remote(prompt_token_ids, params, n)
+        try:
+            first = await gen.__anext__()
+        except BackPressureError as e:  # the front end's own bounded queue (max_queued_requests) is full
+            gen.cancel()
+            raise Overloaded(f"server overloaded: {e}", retry_after=1.0) from None
+        except Exception as e:  # no replica could take it, or the one chosen died before answering
+            gen.cancel()
+            log.warning("request %s: no replica answered: %s", request_id, type(e).__name__)
+            call = RemoteCall(request_id, gen, "", n)
+            for s in call.streams:
+                s.end("no replica could take the request (one may be restarting); retry it", EndReason.UNAVAILABLE)
+            return call.streams
+        if isinstance(first, Refused):
+            if first.kind == "invalid":
+                raise InvalidRequestError(first.message)
+            if first.kind == "overloaded":
+                raise Overloaded(first.message, first.retry_after)
+            raise EngineStopped(first.message)
+        assert isinstance(first, Accepted), first
+        call = RemoteCall(request_id, gen, first.replica, n)
+        self.requests[request_id] = call
+        call.task = asyncio.create_task(call.pump(), name=f"jitney-remote-{request_id}")
+        call.task.add_done_callback(lambda _: self.requests.pop(request_id, None))
+        return call.streams
+
+    def abort(self, request_id: str) -> None:
+        if (call := self.requests.get(request_id)) is not None:
+            call.cancel()
+
+    # --- statistics ---------------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """Every replica's last report, added up (counters and gauges add; rates are recomputed from counts)."""
+        reports = list(replica_reports().values())
+        return merged_stats(reports)
+
+
+def merged_stats(reports: list[dict]) -> EngineStats:
+    stats = [r["stats"] for r in reports]
+
+    def total(name: str) -> int:
+        return sum(s[name] for s in stats)
+
+    queries = sum(r["prefix_queries"] for r in reports)
+    steps = total("steps")
+    finished: dict[str, int] = {}
+    for s in stats:
+        for reason, k in s["finished_by_reason"].items():
+            finished[reason] = finished.get(reason, 0) + k
+    return EngineStats(
+        waiting=total("waiting"), running=total("running"), preemptions=total("preemptions"),
+        kv_blocks_used=total("kv_blocks_used"), kv_blocks_total=total("kv_blocks_total"),
+        prefix_cache_hit_rate=sum(r["prefix_hits"] for r in reports) / queries if queries else 0.0,
+        steps=steps, mean_batch_size=sum(s["mean_batch_size"] * s["steps"] for s in stats) / steps if steps else 0.0,
+        last_batch_size=total("last_batch_size"), last_step_tokens=total("last_step_tokens"),
+        prompt_tokens=total("prompt_tokens"), generation_tokens=total("generation_tokens"),
+        finished_by_reason=finished)

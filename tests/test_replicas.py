@@ -1,0 +1,223 @@
+"""Replicas on Ray Serve (replicas/): `jitney serve --replicas 2` over HTTP, on tiny-random.
+
+One Ray instance for the module (started here; the server joins it with --ray-address, as a node of a real
+cluster would), one 2-replica server (1 CPU each) for every HTTP test, and one single-process server to compare
+greedy text with. The tests run in file order and the last one drains the replica server with SIGTERM.
+Waits are bounded polls (replicas report every second), never timed asserts.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+
+import httpx
+import pytest
+
+from replicas.policy import Candidate, decide, leading_matches
+from tests.server_helpers import ServerProcess, jitney_server, parse_metrics, sse_events, wait_until
+
+# --- the decision alone (no Ray) -------------------------------------------------------------------------------
+
+
+def test_prefix_goes_to_the_longest_match_unless_that_replica_is_overloaded():
+    cands = [Candidate("a", load=3, kv_usage=0.0, matched=5), Candidate("b", load=0, kv_usage=0.0, matched=2),
+             Candidate("c", load=1, kv_usage=0.0, matched=0)]
+    d = decide("prefix", cands, imbalance=4, rng=random.Random(0))
+    assert (d.order[0], d.kind, d.matched_blocks) == ("a", "prefix_hit", 5)
+    # a is now 5 above the least loaded (b): too busy; b, the next match, is tested on its own and wins.
+    cands[0].load = 5
+    d = decide("prefix", cands, imbalance=4, rng=random.Random(0))
+    assert (d.order[0], d.kind, d.matched_blocks) == ("b", "prefix_hit", 2)
+    # A full KV cache weighs as much as `imbalance` requests.
+    cands[0].load, cands[0].kv_usage = 0, 1.0
+    assert decide("prefix", cands, imbalance=4, rng=random.Random(0)).order[0] == "a"
+    cands[0].load = 1
+    assert decide("prefix", cands, imbalance=4, rng=random.Random(0)).order[0] == "b"
+
+
+def test_prefix_falls_back_to_p2c_only_when_every_match_is_overloaded():
+    cands = [Candidate("a", 9, 0.0, 3), Candidate("b", 0, 0.0, 0), Candidate("c", 0, 0.0, 0)]
+    d = decide("prefix", cands, imbalance=4, rng=random.Random(1))
+    assert d.kind == "prefix_spill" and d.order[0] in ("b", "c") and sorted(d.order) == ["a", "b", "c"]
+    cands[0].matched = 0
+    assert decide("prefix", cands, imbalance=4, rng=random.Random(1)).kind == "prefix_miss"
+
+
+def test_p2c_round_robin_and_chain_matching():
+    cands = [Candidate("a", 5, 0.0), Candidate("b", 1, 0.0)]
+    assert decide("p2c", cands, rng=random.Random(2)).order == ["b", "a"]  # two of two: the lighter first
+    assert [decide("round-robin", cands, turn=t).order[0] for t in range(4)] == ["a", "b", "a", "b"]
+    assert leading_matches([1, 2, 3], {1, 3}) == 1  # a chain: a block after a miss is no hit
+    with pytest.raises(ValueError):
+        decide("random", cands)
+
+
+# --- over HTTP, on Ray -----------------------------------------------------------------------------------------
+
+TINY = ("--dtype", "float32", "--kv-cache-memory", "32MiB", "--max-wait-ms", "0")
+SHARED = "You are a terse assistant for the billing team of a shipping company. " * 3  # several full blocks
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
+    ray.init(num_cpus=2, object_store_memory=100 << 20, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def servers(cluster):
+    """(replica server, single-process server), both booted in parallel."""
+    replicas = ServerProcess(*TINY, "--replicas", "2", "--cpus-per-replica", "1", "--ray-address", cluster,
+                             "--routing", "prefix", "--routing-imbalance", "3", grace_s=30)
+    try:
+        replicas.start()
+        with jitney_server(*TINY) as single:
+            replicas.wait_ready(240)
+            yield replicas, single
+    finally:
+        replicas.stop(timeout=60)
+        replicas.close()
+
+
+def complete(url: str, prompt: str, **kw) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0} | kw
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
+def metrics(url: str) -> dict:
+    return parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
+def replica_pids(url: str) -> dict[str, int]:
+    return {dict(labels)["replica"]: int(dict(labels)["pid"]) for (name, labels), v in metrics(url).items()
+            if name == "jitney_replica_info" and v == 1}
+
+
+def test_requests_sharing_a_prefix_land_on_one_replica(servers):
+    url = servers[0].url
+    wait_until(lambda: len(replica_pids(url)) == 2, timeout=30)  # both replicas have reported once
+    for system in (SHARED, SHARED.upper()):
+        seen = {complete(url, f"{system} Question {i}: where is my parcel?").headers["x-jitney-replica"]
+                for i in range(5)}
+        assert len(seen) == 1, seen
+    m = metrics(url)
+    assert m[("jitney_routing_decisions_total", (("decision", "prefix_hit"), ("policy", "prefix")))] >= 8
+    assert m[("jitney_routing_prefix_hit_tokens_total", ())] > 0
+
+
+def test_greedy_text_through_two_replicas_equals_one_process(servers):
+    replicas, single = servers
+    for i in range(6):
+        prompt = f"Prompt number {i}: " + "abc " * (3 * i)
+        a, b = complete(replicas.url, prompt, max_tokens=24), complete(single.url, prompt, max_tokens=24)
+        assert a.status_code == b.status_code == 200
+        assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
+        assert "x-jitney-replica" not in b.headers  # one process: no replicas, no header
+
+
+async def open_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int):
+    """Starts a streamed request; returns (response, replica, line iterator) once its headers are in."""
+    req = client.build_request("POST", f"{url}/v1/completions", json={
+        "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True})
+    resp = await client.send(req, stream=True)
+    return resp, resp.headers.get("x-jitney-replica"), resp.aiter_lines()
+
+
+async def read_all(lines) -> list:
+    return sse_events([line async for line in lines])
+
+
+def test_an_overloaded_replica_spills_to_the_other(servers):
+    """Ten long requests with one prefix at once: the replica holding it takes them until it is more than
+    --routing-imbalance (3) requests busier than the other, then the rest go to the other one."""
+    url = servers[0].url
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            opened = [await open_stream(client, url, SHARED + f" user {i}", 600) for i in range(10)]
+            bodies = await asyncio.gather(*(read_all(lines) for _, _, lines in opened))
+            return [r for _, r, _ in opened], bodies
+
+    chosen, bodies = asyncio.run(main())
+    assert len(set(chosen)) == 2, chosen
+    assert all(b[-1] == "[DONE]" and b[-2]["choices"][0]["finish_reason"] == "length" for b in bodies)
+    m = metrics(url)
+    assert m[("jitney_routing_decisions_total", (("decision", "prefix_hit"), ("policy", "prefix")))] >= 1
+
+
+def test_metrics_add_up_across_replicas(servers):
+    url = servers[0].url
+    generated = ("jitney_generation_tokens_total", ())
+
+    def quiet():  # no report in flight: two reads, more than two report periods apart, agree
+        import time
+        m = metrics(url)
+        time.sleep(2.5)
+        return m if metrics(url)[generated] == m[generated] else None
+
+    before = wait_until(quiet, timeout=60)
+    sent = [complete(url, f"{SHARED} count {i}", max_tokens=5 + i) for i in range(6)]
+    tokens = sum(r.json()["usage"]["completion_tokens"] for r in sent)
+    after = wait_until(lambda: (m := metrics(url))[generated] == before[generated] + tokens and m, timeout=30)
+    assert after, "the replicas' reports never added up to the tokens sent"
+    per_replica = sum(v for (name, _), v in after.items() if name == "jitney_replica_generation_tokens_total")
+    assert per_replica == after[generated]
+    e2e = ("jitney_e2e_request_latency_seconds_count", ())
+    assert after[e2e] == before[e2e] + len(sent)  # latencies: observed at the front end, every replica's
+    steps = sum(v for (name, _), v in after.items() if name == "jitney_replica_engine_steps_total")
+    assert steps == after[("jitney_engine_steps_total", ())] == after[("jitney_batch_size_count", ())]
+
+
+def test_killing_a_replica_mid_stream_fails_its_requests_cleanly_and_service_continues(servers):
+    url = servers[0].url
+    pids = replica_pids(url)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            resp, replica, lines = await open_stream(client, url, "kill me", 1000)
+            first = await anext(lines)  # the stream has started on `replica`
+            os.kill(pids[replica], signal.SIGKILL)
+            rest = await read_all(lines)
+            # Meanwhile new requests go to the survivor (or wait for a replica): none hangs, none is a 5xx.
+            during = await asyncio.gather(*(client.post(f"{url}/v1/completions", json={
+                "prompt": f"during {i}", "max_tokens": 4}) for i in range(4)))
+            return resp.status_code, replica, first, rest, during
+
+    status, replica, first, rest, during = asyncio.run(main())
+    assert status == 200 and first.startswith("data: ")
+    assert rest[-1] == "[DONE]" and rest[-2]["error"]["code"] == "replica_unavailable", rest[-3:]
+    assert [r.status_code for r in during] == [200] * 4
+    # Ray replaces the replica: two live replicas again, the killed one gone.
+    renewed = wait_until(lambda: (p := replica_pids(url)) and len(p) == 2 and replica not in p and p, timeout=120)
+    assert renewed, replica_pids(url)
+    assert all(complete(url, f"after {i}").status_code == 200 for i in range(4))
+
+
+def test_sigterm_drains_every_replica_and_exits_0(servers):
+    server = servers[0]
+    pids = replica_pids(server.url)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            opened = [await open_stream(client, server.url, f"drain {i} " + SHARED, 300) for i in range(6)]
+            server.signal(signal.SIGTERM)
+            return await asyncio.gather(*(read_all(lines) for _, _, lines in opened))
+
+    bodies = asyncio.run(main())
+    assert all(b[-2]["choices"][0]["finish_reason"] == "length" for b in bodies)  # all finished within the grace
+    assert server.proc.wait(120) == 0, server.output()[-3000:]
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    assert wait_until(lambda: all(gone(p) for p in pids.values()), timeout=60), "replica processes outlived the drain"
