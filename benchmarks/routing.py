@@ -31,6 +31,7 @@ from .http_replay import replay_http
 from .machine import cpu_model
 from .report import summarize, wall_seconds
 from .shared_prefix import SharedPrefixWorkload
+from .targets import stop_server
 from .trace import TraceRequest, synth_prompt_ids
 
 CONFIGS = {  # label -> extra serve flags (the KV budget is added per configuration)
@@ -84,12 +85,7 @@ def run_one(label: str, flags: list[str], args, trace, ids, warm, out: Path) -> 
         time.sleep(2.5)  # replicas report every second: let the last counts arrive
         m = scrape(url)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, 120)
     s = summarize(records, wall_seconds(records))
     s["prefix_hit_rate"] = m.get(("jitney_prefix_cache_hit_rate", ()))
     s["routing"] = {dict(k[1])["decision"]: v for k, v in m.items() if k[0] == "jitney_routing_decisions_total"}

@@ -136,12 +136,17 @@ async def jitney_serve(args: argparse.Namespace, spec: RunSpec, log_path: Path) 
         await wait_healthy(url, proc, log_path)
         yield url, proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, 30)
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not exited within timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def wait_healthy(url: str, proc: subprocess.Popen | None = None, log_path: Path | None = None,

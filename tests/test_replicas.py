@@ -121,6 +121,12 @@ def test_greedy_text_through_two_replicas_equals_one_process(servers):
         assert "x-jitney-replica" not in b.headers  # one process: no replicas, no header
 
 
+def test_response_format_is_refused_over_replicas_not_ignored(servers):
+    """A grammar's matcher cannot travel to a replica: refused up front with a 400 naming the field."""
+    r = complete(servers[0].url, "Give me JSON", response_format={"type": "json_object"})
+    assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
+
+
 async def open_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int):
     """Starts a streamed request; returns (response, replica, line iterator) once its headers are in."""
     req = client.build_request("POST", f"{url}/v1/completions", json={
