@@ -71,7 +71,8 @@ def _build(cxx: str, isa: str, source: Path = SOURCE) -> Path:
     """The shared library for this source, compiler, CPU and instruction set: built once, then reused."""
     flags = FLAGS + ISA_FLAGS[isa]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _machine()]).encode())
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources #include
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, " ".join(flags), version, _machine()]).encode())
     out = cache_dir() / "kernels" / f"{source.stem}-{isa}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out

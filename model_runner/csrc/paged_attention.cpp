@@ -37,21 +37,7 @@ constexpr int MAX_GROUP = 16;   // query heads per kv head
 constexpr int MAX_HEAD_DIM = 256;
 constexpr int MAX_BLOCK = 256;  // tokens per KV block
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {  // bfloat16 is the top half of a float32
-  uint32_t u = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store(float x, float* out) { *out = x; }
-inline void store(float x, uint16_t* out) {  // round to nearest even, as torch's float -> bfloat16 cast
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) { *out = 0x7fc0; return; }  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  *out = uint16_t(u >> 16);
-}
+#include "bf16.h"  // to_float, store
 
 // exp(x) in a form the compiler vectorizes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor
 // polynomial (relative error < 2e-7, below float32 rounding of the sums it feeds), 2^n put straight into the

@@ -51,21 +51,7 @@ inline float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, exact (s
   return f;
 }
 
-inline float load_x(const float* x, int64_t i) { return x[i]; }
-inline float load_x(const uint16_t* x, int64_t i) {  // bfloat16 is the top half of a float32
-  uint32_t u = uint32_t(x[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store_y(float y, float* out) { *out = y; }
-inline void store_y(float y, uint16_t* out) {  // round to nearest even, as torch's float -> bfloat16 cast
-  uint32_t u;
-  std::memcpy(&u, &y, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) { *out = 0x7fc0; return; }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  *out = uint16_t(u >> 16);
-}
+#include "bf16.h"  // to_float, store
 
 // The activations of one row, quantized: q = round(x / d) with d = max|x| / 127 per block, and the sum of each
 // block's q (the Q4 formats' offsets need it: sum_i (q_i - 8) a_i = sum_i q_i a_i - 8 sum_i a_i).
@@ -79,11 +65,11 @@ template <typename T>
 void quantize_row(const T* x, int64_t k, int8_t* q, float* d, int32_t* sum) {
   for (int64_t b = 0; b < k / QK; ++b) {
     float amax = 0.f;
-    for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(load_x(x, b * QK + i)));
+    for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(to_float(x[b * QK + i])));
     const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t s = 0;
     for (int i = 0; i < QK; ++i) {
-      const int v = int(std::nearbyint(load_x(x, b * QK + i) * inv));  // |v| <= 127
+      const int v = int(std::nearbyint(to_float(x[b * QK + i]) * inv));  // |v| <= 127
       q[b * QK + i] = int8_t(v);
       s += v;
     }
@@ -225,7 +211,7 @@ void qmatmul(const T* x, int64_t ldx, const uint8_t* qs, const uint16_t* dw, con
     for (int r = 0; r < rows; ++r)
       for (int lane = 0; lane < lanes; ++lane) {
         const float v = fmt == INT8 ? out[r][lane] * row_scale[t * TILE + lane] : out[r][lane];
-        store_y(v, y + (i0 + r) * ldy + t * TILE + lane);
+        store(v, y + (i0 + r) * ldy + t * TILE + lane);
       }
   }
 }
