@@ -7,6 +7,7 @@ random tiny model is generated once per seed. Nothing is ever downloaded.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from pathlib import Path
 

@@ -67,3 +67,21 @@ def test_cli_help_says_what_each_costs():
     from api.cli import build_parser
     text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert "--quantization {none,int8,q4}" in text and "Q4_0/Q4_1/Q8_0" in text
+
+
+@pytest.mark.integration
+def test_q4_repack_from_a_cold_cache(tmp_path):
+    """The repack runs once into an empty cache (the path a fresh machine takes) and the cached file gives back
+    the same blocks, byte for byte."""
+    import torch
+    from model_runner.loader import _stored_q4
+    first = _stored_q4("smollm2-135m", tmp_path, progress=False)
+    assert (tmp_path / "q4_blocks.safetensors").is_file() and not list(tmp_path.glob("*.partial"))
+    again = _stored_q4("smollm2-135m", tmp_path, progress=False)
+    assert first.keys() == again.keys()
+    for name, w in first.items():
+        v = again[name]
+        assert (w.fmt, w.n, w.k) == (v.fmt, v.n, v.k), name
+        for part in ("qs", "d", "m", "row_scale"):
+            a, b = getattr(w, part), getattr(v, part)
+            assert (a is None and b is None) or torch.equal(a, b), (name, part)
