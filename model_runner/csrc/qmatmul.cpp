@@ -142,36 +142,36 @@ void tile_kernel(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int6
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], acc[r]);
 }
 
-#else  // portable: the same tiles, one lane at a time
+#else  // portable: the same tiles, unpacked block by block into plain rows the compiler can vectorize
 
 template <int fmt, int R>
 void tile_kernel(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int64_t nb, const QRow* a,
                  float out[][TILE]) {
   float acc[R][TILE] = {};
   constexpr int tb = tile_bytes(fmt);
+  int8_t w[TILE][QK];  // this block's weights, lane by lane (Q4: the nibble, 0..15, not yet offset)
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = qs + b * tb;
-    for (int lane = 0; lane < TILE; ++lane) {
-      const float scale = fmt == INT8 ? 1.f : half_to_float(dw[b * TILE + lane]);
-      const float minv = fmt == Q4_1 ? half_to_float(mw[b * TILE + lane]) : 0.f;
-      for (int r = 0; r < R; ++r) {
-        const int8_t* aq = a[r].q + b * QK;
-        int32_t isum = 0;
-        for (int j = 0; j < 8; ++j)
-          for (int t = 0; t < 4; ++t) {
-            int w;
-            if (fmt == Q4_0 || fmt == Q4_1) {
-              const uint8_t byte = blk[32 * (j & 3) + 4 * lane + t];
-              w = j < 4 ? byte & 0x0f : byte >> 4;
-            } else {
-              w = int8_t(blk[32 * j + 4 * lane + t]);
-            }
-            isum += w * aq[4 * j + t];
+    for (int j = 0; j < 8; ++j)
+      for (int lane = 0; lane < TILE; ++lane)
+        for (int t = 0; t < 4; ++t) {
+          if (fmt == Q4_0 || fmt == Q4_1) {
+            const uint8_t byte = blk[32 * (j & 3) + 4 * lane + t];
+            w[lane][4 * j + t] = int8_t(j < 4 ? byte & 0x0f : byte >> 4);
+          } else {
+            w[lane][4 * j + t] = int8_t(blk[32 * j + 4 * lane + t]);
           }
+        }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* aq = a[r].q + b * QK;
+      const float da = a[r].d[b];
+      for (int lane = 0; lane < TILE; ++lane) {
+        int32_t isum = 0;  // an integer sum: exact in any order, so vectorizing it changes no result
+        for (int i = 0; i < QK; ++i) isum += int32_t(w[lane][i]) * int32_t(aq[i]);
         if (fmt == Q4_0) isum -= 8 * a[r].sum[b];
-        const float da = a[r].d[b];
+        const float scale = fmt == INT8 ? 1.f : half_to_float(dw[b * TILE + lane]);
         acc[r][lane] += float(isum) * (scale * da);
-        if (fmt == Q4_1) acc[r][lane] += minv * (da * float(a[r].sum[b]));
+        if (fmt == Q4_1) acc[r][lane] += half_to_float(mw[b * TILE + lane]) * (da * float(a[r].sum[b]));
       }
     }
   }
