@@ -24,8 +24,11 @@ def smollm2() -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def converted(smollm2: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return convert_gguf(smollm2, tmp_path_factory.mktemp("gguf") / "smollm2", progress=False)
+def converted(smollm2: pathlib.Path) -> pathlib.Path:
+    """The conversion every load of the default model uses: made once into jitney's cache (a fresh checkout's first
+    load converts; the tests share it rather than convert the same file again)."""
+    from model_runner.loader import resolve_model
+    return resolve_model("smollm2-135m", progress=False)
 
 
 @pytest.mark.integration

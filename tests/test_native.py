@@ -322,10 +322,12 @@ def test_model_gives_the_same_logits_with_and_without_native_elementwise_ops(tin
 
 
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
+    name = native._build(native._compiler(), native.requested_isa()).name  # this build's cache key (built already)
     monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path))
     native.library.cache_clear()
     try:
-        built = native._build(native._compiler(), native.requested_isa())  # built, not loaded: a library in use must not be touched
+        built = tmp_path / "kernels" / name
+        built.parent.mkdir()
         built.write_bytes(b"")                     # as a crash mid-write could leave it
         assert native.library() is not None and built.stat().st_size > 0
     finally:

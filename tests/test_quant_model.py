@@ -70,6 +70,7 @@ def test_cli_help_says_what_each_costs():
 
 
 @pytest.mark.integration
+@pytest.mark.first_pass_only  # repacks and reads bytes: no kernel runs
 def test_q4_repack_from_a_cold_cache(tmp_path):
     """The repack runs once into an empty cache (the path a fresh machine takes) and the cached file gives back
     the same blocks, byte for byte."""
