@@ -26,6 +26,7 @@ from batcher.request import RequestOutput, RequestStream
 from batcher.request_queue import Overloaded
 from model_runner.errors import InvalidRequestError
 from model_runner.sampler import TokenLogprob
+from model_runner.text import decode
 
 from . import schemas
 from .chat import chat_prompt_ids
@@ -469,7 +470,7 @@ def build_app(engine: Engine, settings: ServerSettings):
         """The prompt as the client sent it, if text; else its ids decoded."""
         prompt = body["prompt"]
         prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else prompt
-        return prompt if isinstance(prompt, str) else tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        return prompt if isinstance(prompt, str) else decode(tokenizer, ids, skip_special_tokens=False)
 
     def chat_ids(body: dict, add_generation_prompt: bool = True) -> list[int]:
         return chat_prompt_ids(chat_messages(body), tokenizer, settings.allow_special_tokens_in_content,

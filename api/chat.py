@@ -9,6 +9,8 @@ Content without any special-token text is tokenized exactly as before, in one pi
 """
 from __future__ import annotations
 
+from model_runner.text import encode
+
 from .errors import APIError
 
 
@@ -24,7 +26,7 @@ def chat_prompt_ids(messages: list[dict[str, str]], tokenizer, allow_special_tok
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     specials = special_texts(tokenizer)
     if allow_special_tokens or not any(s in m["content"] for m in messages for s in specials):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(tokenizer, text)
     # Find each content in the rendered text, in order; template text between them keeps its special tokens.
     ids, pos = [], 0
     for i, m in enumerate(messages):
@@ -32,9 +34,8 @@ def chat_prompt_ids(messages: list[dict[str, str]], tokenizer, allow_special_tok
         if start < 0:  # the template rewrote the content (trimmed it, say): no safe way to split it out
             raise APIError(400, f"messages[{i}].content holds special-token text that this model's chat template "
                                 "alters; remove it", code="special_tokens_in_content")
-        ids += tokenizer(text[pos:start], add_special_tokens=False)["input_ids"] if start > pos else []
+        ids += encode(tokenizer, text[pos:start]) if start > pos else []
         end = start + len(m["content"])
-        ids += tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"] \
-            if end > start else []
+        ids += encode(tokenizer, text[start:end], split_special_tokens=True) if end > start else []
         pos = end
-    return ids + (tokenizer(text[pos:], add_special_tokens=False)["input_ids"] if pos < len(text) else [])
+    return ids + (encode(tokenizer, text[pos:]) if pos < len(text) else [])

@@ -13,14 +13,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 from model_runner.sampler import TokenLogprob
+from model_runner.text import decode
 
 
 class TokenTexts:
     """token id -> text, cached: a vocabulary's few thousand common tokens are decoded once per server."""
 
     def __init__(self, tokenizer):
-        self._decode = lru_cache(maxsize=1 << 16)(
-            lambda t: tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        self._decode = lru_cache(maxsize=1 << 16)(lambda t: decode(tokenizer, [t], skip_special_tokens=False))
 
     def __call__(self, token_id: int) -> str:
         return self._decode(token_id)

@@ -16,6 +16,7 @@ from typing import Any
 
 from model_runner.errors import InvalidRequestError
 from model_runner.sampling_params import MAX_LOGPROBS, SamplingParams
+from model_runner.text import encode
 from batcher.engine import MAX_N
 
 from .errors import APIError, invalid
@@ -342,7 +343,7 @@ def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return tokenizer(encodable(prompt, name), add_special_tokens=False)["input_ids"] if prompt else []
+        return encode(tokenizer, encodable(prompt, name)) if prompt else []
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     raise invalid(f"'{name}' must be a string, a list of token ids, or a one-element list of either "

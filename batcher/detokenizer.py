@@ -13,6 +13,8 @@ and a tail that could be the start of a stop string.
 """
 from __future__ import annotations
 
+from model_runner.text import decode
+
 # Prompt tokens that seed the window, so the first output token decodes as it does inside the whole sequence.
 PROMPT_CONTEXT_TOKENS = 5
 INCOMPLETE_CHAR = "\ufffd"  # what a decoder writes for a partial UTF-8 sequence
@@ -59,11 +61,11 @@ class IncrementalDetokenizer:
         return self._release(self._decode_pending(final=True), final=True)
 
     def _decode(self, ids: list[int]) -> str:
-        # No clean-up of spaces: it rewrites " ." as "." across token boundaries, after the space went out.
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens,
-                                      clean_up_tokenization_spaces=False)
+        return decode(self._tokenizer, ids, self._skip_special_tokens)
 
     def _decode_pending(self, final: bool) -> str:
+        if self._read_offset == len(self._ids):  # no token since the last text went out: nothing can be new
+            return ""
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset:])
         # Nothing new (a skipped special token): keep the window, so the next token still decodes in context.

@@ -1,0 +1,38 @@
+"""Text <-> token ids on the serving path, through the Rust `tokenizers` object when there is one.
+
+A fast Hugging Face tokenizer is a Python wrapper around a Rust `tokenizers.Tokenizer`; for the short texts a
+server sees per request and per step, the wrapper's argument handling and BatchEncoding cost several times the
+Rust call itself (see docs/serving.md, "where the time of a request goes"). These two functions call the Rust
+object as the wrapper would (special tokens in the text recognised unless split_special_tokens; no clean-up of
+spaces on decode), so ids and text are the same as `tokenizer(...)["input_ids"]` and `tokenizer.decode(...)`,
+which tests/test_text.py checks over every kind of text. A slow (pure Python) tokenizer, or one the wrapper has
+set to truncate or pad, goes through the wrapper.
+"""
+from __future__ import annotations
+
+
+def _backend(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
+
+
+def encode(tokenizer, text: str, split_special_tokens: bool | None = None) -> list[int]:
+    """The ids of text, with no BOS/EOS added. Special-token text (e.g. "<|im_start|>") is read as the special
+    token, unless split_special_tokens (then as plain characters); None = the tokenizer's own setting."""
+    if split_special_tokens is None:
+        split_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    backend = _backend(tokenizer)
+    if backend is None:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+    backend.encode_special_tokens = split_special_tokens  # a setting of the shared object: set on every call
+    return backend.encode(text, add_special_tokens=False).ids
+
+
+def decode(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
+    """The text of ids, spaces as decoded (no clean-up: it would rewrite " ." across token boundaries)."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+    return backend.decode(ids, skip_special_tokens=skip_special_tokens)
