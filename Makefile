@@ -29,7 +29,7 @@ serve: $(STAMP) $(if $(SCALE),$(SCALE_STAMP))
 
 # The whole suite on this CPU's own kernels, then every test that runs the model again on the next loop down
 # (an AVX-512 machine runs its AVX2 loop, with oneDNN and ATen held to AVX2 too; an AVX2 machine the portable
-# loop; see native.second_path). The HTTP layer, replicas/ and the benchmarks' smoke tests run once: they reach the
+# loop, on the tiny model only; see native.second_path). The HTTP layer, replicas/ and the benchmarks' smoke tests run once: they reach the
 # model only through the engine, which the second pass covers. tests/test_native.py runs every loop this CPU
 # can run in both passes. Also skipped there: what never runs a kernel (GGUF reading, the KV manager's books, the
 # tokenizer, the import graph) and the few costly tests marked first_pass_only, whose second-loop coverage comes
@@ -37,7 +37,7 @@ serve: $(STAMP) $(if $(SCALE),$(SCALE_STAMP))
 SECOND_PASS_SKIPS := --ignore-glob='tests/test_api*' --ignore-glob='tests/test_bench*' --ignore=tests/test_fuzz.py \
 	--ignore=tests/test_connection_limits.py --ignore=tests/test_roofline_memory.py --ignore=tests/test_replicas.py \
 	--ignore=tests/test_gguf.py --ignore=tests/test_kv_cache_manager.py --ignore=tests/test_detokenizer.py \
-	--ignore=tests/test_imports.py -m 'not first_pass_only'
+	--ignore=tests/test_imports.py --ignore=tests/test_text.py -m 'not first_pass_only'
 test: $(STAMP) $(SCALE_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 	env $$($(PY) -m model_runner.native --second-path) $(PY) -m pytest -q $(SECOND_PASS_SKIPS) $(ARGS)
