@@ -24,7 +24,7 @@ from starlette.routing import Route
 from batcher.engine import Engine, EngineStopped
 from batcher.request import RequestOutput, RequestStream
 from batcher.request_queue import Overloaded
-from model_runner.errors import InvalidRequestError
+from model_runner.errors import InvalidRequestError, InvalidSamplingParams
 from model_runner.sampler import TokenLogprob
 from model_runner.text import decode
 
@@ -341,6 +341,8 @@ def build_app(engine: Engine, settings: ServerSettings):
         parsed.params.grammar = await compile_response_format(body, engine.runner.grammars, parsed.params)
         try:
             return await engine.add_parallel_requests(parsed.prompt_ids, parsed.params, parsed.n)
+        except InvalidSamplingParams as e:
+            raise schemas.invalid(str(e)) from None
         except InvalidRequestError as e:
             raise APIError(400, str(e), code="invalid_prompt") from None
         except Overloaded as e:

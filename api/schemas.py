@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from model_runner.errors import InvalidRequestError
 from model_runner.sampling_params import MAX_LOGPROBS, SamplingParams
 from model_runner.text import encode
 from batcher.engine import MAX_N
@@ -296,10 +295,7 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
     )
-    try:
-        return params.validate()
-    except InvalidRequestError as e:
-        raise invalid(str(e)) from None
+    return params  # validated by the engine, its one owner (an error there is a 422 too: api/app.py submit)
 
 
 def logprob_fields(body: dict, route: str, max_tokens: int | None) -> tuple[int | None, int | None]:

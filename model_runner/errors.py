@@ -7,3 +7,8 @@ class ModelLoadError(ValueError):
 
 class InvalidRequestError(ValueError):
     """A request the runner cannot serve: empty prompt, prompt longer than the context window, bad parameters."""
+
+
+class InvalidSamplingParams(InvalidRequestError):
+    """A sampling parameter out of its range (SamplingParams.validate): the API answers it 422, like its own
+    field checks, where other invalid requests (the prompt) are 400."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from model_runner.errors import InvalidRequestError
+from model_runner.errors import InvalidSamplingParams
 
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32 to inf, and the
 # distribution is a point mass on the argmax anyway (the same cut-off vLLM uses).
@@ -69,11 +69,12 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
     def validate(self) -> SamplingParams:
-        """Raise InvalidRequestError naming the first bad field and its allowed range; return self if all are good."""
+        """Raise InvalidSamplingParams (an InvalidRequestError) naming the first bad field and its allowed range;
+        return self if all are good."""
 
         def check(ok: bool, field: str, allowed: str) -> None:
             if not ok:
-                raise InvalidRequestError(f"{field} must be {allowed}, got {getattr(self, field)!r}")
+                raise InvalidSamplingParams(f"{field} must be {allowed}, got {getattr(self, field)!r}")
 
         # max_tokens 0 only scores the prompt: it needs prompt_logprobs, or there would be nothing to return.
         least = 0 if self.prompt_logprobs is not None else 1

@@ -154,6 +154,7 @@ class RemoteEngine:
 
         if not self.accepting:
             raise EngineStopped("the server is shutting down")
+        params.validate()  # here, as the local engine does: a bad parameter is the front end's 422, not a replica's
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")

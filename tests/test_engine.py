@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from model_runner.errors import InvalidRequestError
+from model_runner.errors import InvalidRequestError, InvalidSamplingParams
+from model_runner.sampling_params import SamplingParams
 
 from batcher.config import BatcherConfig
 from batcher.engine import Engine
@@ -94,8 +95,13 @@ async def test_invalid_requests_are_refused_before_queueing(tiny_runner):
     try:
         with pytest.raises(InvalidRequestError, match="empty"):
             await engine.add_request([], greedy(4))
-        with pytest.raises(InvalidRequestError, match="max_tokens"):
+        with pytest.raises(InvalidSamplingParams, match="max_tokens"):  # the API answers this kind 422
             await engine.add_request([5], greedy(0))
+        with pytest.raises(InvalidSamplingParams, match="top_p"):
+            await engine.add_request([5], SamplingParams(max_tokens=2, top_p=0.0))
+        with pytest.raises(InvalidRequestError, match="empty") as refused:
+            await engine.add_request([], greedy(4))
+        assert not isinstance(refused.value, InvalidSamplingParams)  # the prompt's errors stay 400
         assert engine.stats().waiting == 0
     finally:
         await engine.stop()
