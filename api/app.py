@@ -156,10 +156,21 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-# The engine's error kinds (RequestOutput.error) as HTTP errors: status, type, code.
-ERRORS = {"timeout": (504, "timeout", "queue_timeout"), "internal": (500, "server_error", "internal_error"),
-          "shutdown": (503, "unavailable", "shutting_down"),
-          "unavailable": (503, "unavailable", "replica_unavailable")}  # replicas/: its replica died or is gone
+@dataclass(frozen=True)
+class ErrorKind:
+    """How the API tells a client of one of the engine's error kinds (RequestOutput.error)."""
+    status: int
+    type: str
+    code: str
+    message: str | None = None  # a fixed message; None: the engine's own (RequestOutput.text)
+    at_end: bool = False        # in a stream: told once, after the last chunk and usage, not in place of a chunk
+
+
+ERRORS = {"timeout": ErrorKind(504, "timeout", "queue_timeout"),
+          "internal": ErrorKind(500, "server_error", "internal_error"),
+          "shutdown": ErrorKind(503, "unavailable", "shutting_down",
+                                "the server shut down before the request finished", at_end=True),
+          "unavailable": ErrorKind(503, "unavailable", "replica_unavailable")}  # replicas/: its replica is gone
 
 
 def failure(out: RequestOutput) -> APIError | None:
@@ -169,9 +180,13 @@ def failure(out: RequestOutput) -> APIError | None:
     that has started; a stream cut before its first token still starts, so every stream ends the same way."""
     if out.error is None:
         return None
-    status, type_, code = ERRORS[out.error]
-    message = "the server shut down before the request finished" if out.error == "shutdown" else out.text
-    return APIError(status, message, type_, code)
+    kind = ERRORS[out.error]
+    return APIError(kind.status, kind.message or out.text, kind.type, kind.code)
+
+
+def told_at_end(out: RequestOutput) -> bool:
+    """A failure a stream reports after its last chunk (ErrorKind.at_end), not where the output comes."""
+    return out.error is not None and ERRORS[out.error].at_end
 
 
 def error_event(e: APIError) -> str:
@@ -382,7 +397,7 @@ def build_app(engine: Engine, settings: ServerSettings):
             watcher.cancel()
             await outputs.aclose()
             raise
-        if first[1].finished and first[1].error != "shutdown" and (err := failure(first[1])):
+        if first[1].finished and not told_at_end(first[1]) and (err := failure(first[1])):
             watcher.cancel()
             await outputs.aclose()
             raise err
@@ -392,8 +407,8 @@ def build_app(engine: Engine, settings: ServerSettings):
             i, out = first
             try:
                 while True:
-                    # failed mid-stream: an error event, not text (a drain's cut is told once, at the end)
-                    if out.finished and out.error != "shutdown" and (err := failure(out)):
+                    # failed mid-stream: an error event, not text (unless told once, at the end)
+                    if out.finished and not told_at_end(out) and (err := failure(out)):
                         yield error_event(err)
                     else:
                         for event in fmts[i].chunks(out):
@@ -409,7 +424,7 @@ def build_app(engine: Engine, settings: ServerSettings):
                 if parsed.include_usage:
                     for event in fmts[0].usage_chunk(totals):
                         yield event
-                if cut := [f for f in finals.values() if f.error == "shutdown"]:
+                if cut := [f for f in finals.values() if told_at_end(f)]:
                     yield error_event(failure(cut[0]))
                 for event in fmts[0].end():
                     yield event
