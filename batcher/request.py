@@ -27,18 +27,21 @@ class EndReason(str, Enum):
     @property
     def finish_reason(self) -> str:
         """OpenAI's finish_reason: stop | length | abort."""
-        return {"finished": "stop", "stopped": "stop", "length": "length"}.get(self.value, "abort")
+        return _FINISH_REASONS.get(self.value, "abort")
 
     @property
     def error(self) -> str | None:
         """The error kind a client is told of (the API maps it to a status), None for an ordinary end."""
-        return {"timed_out": "timeout", "shut_down": "shutdown", "failed": "internal",
-                "unavailable": "unavailable"}.get(self.value)
+        return _ERROR_KINDS.get(self.value)
 
     @classmethod
     def of(cls, seq: Sequence) -> "EndReason":
         """The end a finished sequence's own rules gave it (token rules, or outgrowing the cache)."""
         return {FinishReason.STOP: cls.FINISHED, FinishReason.LENGTH: cls.LENGTH}.get(seq.finish_reason, cls.ABORTED)
+
+
+_FINISH_REASONS = {"finished": "stop", "stopped": "stop", "length": "length"}  # the rest: "abort"
+_ERROR_KINDS = {"timed_out": "timeout", "shut_down": "shutdown", "failed": "internal", "unavailable": "unavailable"}
 
 
 @dataclass
