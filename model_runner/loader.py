@@ -7,8 +7,8 @@ random tiny model is generated once per seed. Nothing is ever downloaded.
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 from pathlib import Path
 
 import torch
