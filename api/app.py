@@ -570,14 +570,12 @@ def build_app(engine: Engine, settings: ServerSettings):
     # "/generate/" is a 404 like any unknown path: Starlette's default answers it with a redirect whose
     # Location is built from the client's own Host header.
     app.router.redirect_slashes = False
-    app.add_exception_handler(APIError, lambda request, exc: exc.response())
+    # Every handler is async: Starlette runs a plain function in its thread pool, a thread hop per error answer.
+    app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(ClientGone, client_gone)
-    app.add_exception_handler(Exception, lambda request, exc: error_response(
-        500, "internal error (logged on the server)", "server_error", "internal_error"))
-    app.add_exception_handler(404, lambda request, exc: error_response(404, f"no route {request.url.path}",
-                                                                      code="not_found"))
-    app.add_exception_handler(405, lambda request, exc: error_response(405, f"{request.method} is not allowed on "
-                                                                      f"{request.url.path}", code="method_not_allowed"))
+    app.add_exception_handler(Exception, internal_error)
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, method_not_allowed)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     gate = Gatekeeper(app, settings, metrics)
     if not settings.allowed_origins:
@@ -597,9 +595,25 @@ class NoResponse(Response):
         return None
 
 
-def client_gone(request: Request, exc: ClientGone) -> Response:
+async def client_gone(request: Request, exc: ClientGone) -> Response:
     request.state.client_closed = True
     return NoResponse()
+
+
+async def api_error(request: Request, exc: APIError) -> Response:
+    return exc.response()
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "internal error (logged on the server)", "server_error", "internal_error")
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error_response(404, f"no route {request.url.path}", code="not_found")
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    return error_response(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
 
 
 class Gatekeeper:

@@ -174,9 +174,7 @@ def value(body: dict, f: Field, default: Any = None, hi: float | None = None) ->
     v = body.get(f.name)
     if v is None:
         return f.default if default is None else default
-    ok = {"integer": isinstance(v, int), "number": isinstance(v, (int, float)), "boolean": isinstance(v, bool),
-          "string": isinstance(v, str)}[f.kind]
-    if not ok or (isinstance(v, bool) and f.kind != "boolean"):
+    if not isinstance(v, _KINDS[f.kind]) or (isinstance(v, bool) and f.kind != "boolean"):
         raise invalid(f"'{f.name}' must be {'an' if f.kind == 'integer' else 'a'} {f.kind}, got "
                       f"{_json_type(v)}", "invalid_type")
     if f.kind == "string":
@@ -189,10 +187,13 @@ def value(body: dict, f: Field, default: Any = None, hi: float | None = None) ->
             raise invalid(f"'{f.name}' must be a finite number")
     if f.kind in ("integer", "number"):
         hi = f.hi if hi is None else hi if f.hi is None else min(f.hi, hi)
-        bounded = Field(f.name, f.kind, f.doc, f.lo, hi, f.open_lo)
         if (f.lo is not None and (v <= f.lo if f.open_lo else v < f.lo)) or (hi is not None and v > hi):
+            bounded = Field(f.name, f.kind, f.doc, f.lo, hi, f.open_lo)
             raise invalid(f"'{f.name}' must be {_bounds(bounded)}, got {v}")
     return v
+
+
+_KINDS = {"integer": int, "number": (int, float), "boolean": bool, "string": str}  # value()'s scalar kinds
 
 
 def _json_type(v: Any) -> str:

@@ -7,6 +7,7 @@ a thousand tokens in half a second, so "long" requests here are max_tokens 900 w
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -511,6 +512,18 @@ def test_404_and_405(client):
     assert_error(client.post("/v1/embeddings", json={"input": "hi"}), 404, "not_found")
     assert_error(client.post("/v1/completions", json={"model": "other", "prompt": "hi"}), 404, "model_not_found")
     assert_error(client.get("/generate"), 405, "method_not_allowed")
+
+
+def test_error_answers_start_no_threads(server, client):
+    """Every error kind is answered on the event loop: Starlette runs a plain-function exception handler in a
+    thread pool, so a burst of errors would start a thread per concurrent error (and hop to it every time)."""
+    threads = lambda: len(os.listdir(f"/proc/{server.pid}/task"))  # noqa: E731
+    client.get("/nope")
+    before = threads()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: [client.get("/nope"), client.get("/generate"), client.post("/generate", json=[]),
+                                 client.post("/generate", content=b"x")], range(64)))
+    assert threads() == before
 
 
 @pytest.mark.parametrize("name", ["max_tokens", "temperature", "top_p", "n", "stream"])
