@@ -74,9 +74,10 @@ async def compile_response_format(body: dict, compiler: GrammarCompiler | None, 
         name = "ignore_eos" if params.ignore_eos else "min_tokens"
         raise _refuse(name, "cannot be combined with response_format: the output ends (end-of-sequence) as soon "
                             "as the JSON document is complete", "unsupported_combination")
-    if len(compiler.key(schema)) > MAX_SCHEMA_CHARS:
+    source = compiler.key(schema)  # serialized once: its size, the cache's key, llguidance's input
+    if len(source) > MAX_SCHEMA_CHARS:
         raise _refuse(field, f"is longer than {MAX_SCHEMA_CHARS} characters of JSON")
     try:
-        return compiler.cached(schema) or await asyncio.to_thread(compiler.json_schema, schema)
+        return compiler.cached(source) or await asyncio.to_thread(compiler.compile, source)
     except GrammarError as e:
         raise _refuse(field, f"cannot be enforced: {str(e)[:500]}", "invalid_schema") from None

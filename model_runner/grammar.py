@@ -71,11 +71,11 @@ class GrammarCompiler:
 
     @staticmethod
     def key(schema: dict | bool) -> str:
+        """The schema's canonical JSON text: what the cache is keyed by, and what llguidance compiles."""
         return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
-    def cached(self, schema: dict | bool) -> Grammar | None:
-        """The compiled grammar if this schema was compiled before (cheap: no thread needed)."""
-        source = self.key(schema)
+    def cached(self, source: str) -> Grammar | None:
+        """The compiled grammar of this key(schema) if it was compiled before (cheap: no thread needed)."""
         with self._lock:
             hit = self._cache.get(source)
             if hit is not None:
@@ -84,9 +84,12 @@ class GrammarCompiler:
 
     def json_schema(self, schema: dict | bool) -> Grammar:
         """Compiles a JSON schema; raises GrammarError with llguidance's reason when it cannot be enforced."""
-        if (hit := self.cached(schema)) is not None:
+        return self.compile(self.key(schema))
+
+    def compile(self, source: str) -> Grammar:
+        """json_schema() for a schema already turned into its key (the API measures its size first)."""
+        if (hit := self.cached(source)) is not None:
             return hit
-        source = self.key(schema)
         tokenizer = self._llg_tokenizer()
         try:
             # Compact JSON (no whitespace between tokens): with free whitespace (llguidance's and vLLM's default)
