@@ -7,7 +7,8 @@ import time
 
 from model_runner.errors import InvalidRequestError, ModelLoadError
 from model_runner.loader import DEFAULT_MODEL, NAMED_MODELS
-from model_runner.units import parse_bytes
+
+from . import flags
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +31,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "int8 = any model, per-row int8 at load (4x fewer bytes, small extra rounding). Both "
                         "quantize activations to 8 bits per block of 32 (a little more rounding than none); "
                         "CPU only (default: none)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
+    p.add_argument("--block-size", type=flags.integer(1), default=16,
+                   help="tokens per KV-cache block (default: 16)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -82,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = tuple(args.api_key or ()) + tuple(k for k in os.environ.get("JITNEY_API_KEY", "").split(",") if k)
+    keys = tuple(args.api_key or ()) + flags.env_api_keys(os.environ)
+    flags.check_tls(args.ssl_certfile, args.ssl_keyfile)
     try:
         batcher_cfg = BatcherConfig(
             policy=args.policy, max_wait_ms=args.max_wait_ms, max_batch_size=args.max_batch_size,
@@ -101,21 +104,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               allow_special_tokens_in_content=args.allow_special_tokens_in_content)
     limits = ConnectionLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
                               header_timeout_s=args.header_timeout_s, max_connections=args.max_connections)
-    if args.replicas < 1 or (args.cpus_per_replica is not None and args.cpus_per_replica < 1):
-        raise InvalidRequestError("--replicas and --cpus-per-replica must be at least 1")
     if args.replicas > 1 or args.ray_address:  # scale-out (replicas/): the same app over Ray Serve replicas
         from replicas.launch import serve_replicas
         return serve_replicas(args, runner_cfg, batcher_cfg, settings, limits)
     runner = ModelRunner(runner_cfg)
     engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
-    scheme = "https" if args.ssl_certfile else "http"
     print(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "
           f"max_num_batched_tokens {args.max_num_batched_tokens}, max_batch_size {args.max_batch_size}, "
-          f"max_wait_ms {args.max_wait_ms:g}); API keys {'on' if keys else 'off'}; "
-          f"serving on {scheme}://{args.host}:{args.port}", flush=True)
+          f"max_wait_ms {args.max_wait_ms:g})\n{protections(args, keys)}", flush=True)
     serve(build_app(engine, settings), engine, settings, args.host, args.port, args.grace_s,
           args.ssl_certfile, args.ssl_keyfile, limits, args.keep_alive_s)
     return 0
+
+
+def reach(host: str) -> str:
+    """Who can connect to a server bound to `host`, as the start-up line says it."""
+    import ipaddress
+    if host in ("0.0.0.0", "::"):
+        return "every interface: anyone who can reach this machine"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever address it resolves to
+        loopback = False
+    return "loopback only" if loopback else f"the interface of {host}"
+
+
+def protections(args: argparse.Namespace, keys: tuple[str, ...]) -> str:
+    """The start-up line of what guards the server, exactly as the parsed flags set it (api/flags.py refuses
+    any value that would leave one off while it is named here)."""
+    n = len(set(keys))
+    mib = lambda b: f"{b / 2**20:g} MiB" if b >= 2**20 else f"{b / 2**10:g} KiB" if b >= 2**10 else f"{b} B"
+    parts = [
+        f"API keys {'on (' + str(n) + ' key' + 's' * (n > 1) + ', every route but /health)' if keys else 'off'}",
+        f"TLS {'on' if args.ssl_certfile else 'off'}",
+        f"CORS {'for ' + ' '.join(args.allowed_origins) if args.allowed_origins else 'off'}",
+        f"queue {args.max_queue} requests",
+        f"deadline {f'{args.timeout_s:g} s' if args.timeout_s else 'none'}",
+        f"rate limit {f'{args.max_rps:g}/s' if args.max_rps else 'none'}",
+        f"body {mib(args.max_body_bytes)} in {args.body_timeout_s:g} s",
+        f"headers {mib(args.max_header_bytes)}, {args.max_headers}, in {args.header_timeout_s:g} s",
+        f"connections {args.max_connections}, idle {args.keep_alive_s:g} s",
+        f"prompts {'logged' if args.log_requests else 'not logged'}"]
+    scheme = "https" if args.ssl_certfile else "http"
+    return (f"jitney: {'; '.join(parts)}\n"
+            f"jitney: serving on {scheme}://{args.host}:{args.port} ({reach(args.host)})")
 
 
 def add_serve_args(s: argparse.ArgumentParser) -> None:
@@ -123,63 +155,70 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
     d = BatcherConfig()
     s.add_argument("--policy", default=d.policy, choices=POLICIES,
                    help=f"batching policy (default: {d.policy}); the others exist to compare against")
-    s.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+    s.add_argument("--max-wait-ms", type=flags.real(0), default=d.max_wait_ms,
                    help=f"batching window: hold arrivals this long to gather a batch (default: {d.max_wait_ms:g})")
-    s.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+    s.add_argument("--max-batch-size", type=flags.integer(1), default=d.max_batch_size,
                    help=f"static/dynamic batch size, and the window's release size (default: {d.max_batch_size})")
-    s.add_argument("--static-flush-ms", type=float, default=d.static_flush_ms,
+    s.add_argument("--static-flush-ms", type=flags.real(0), default=d.static_flush_ms,
                    help=f"static: how long a partial batch waits for companions (default: {d.static_flush_ms:g})")
-    s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+    s.add_argument("--max-num-seqs", type=flags.integer(1), default=d.max_num_seqs,
                    help=f"continuous: sequences running at once (default: {d.max_num_seqs})")
-    s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+    s.add_argument("--max-num-batched-tokens", type=flags.integer(1), default=d.max_num_batched_tokens,
                    help=f"tokens per model step; longer prompts are prefilled in chunks "
                         f"(default: {d.max_num_batched_tokens})")
-    s.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+    s.add_argument("--kv-cache-memory", type=flags.size(1), default=None,
                    help="bytes for the KV cache, e.g. 2GiB (default: 2GiB on the CPU; on CUDA see "
                         "--memory-utilization)")
-    s.add_argument("--memory-utilization", type=float, default=0.85,
+    s.add_argument("--memory-utilization", type=flags.real(0, above=True, maximum=1), default=0.85,
                    help="CUDA: fraction of free GPU memory the KV cache takes (default: 0.85)")
-    s.add_argument("--max-model-len", type=int, default=None,
+    s.add_argument("--max-model-len", type=flags.integer(1), default=None,
                    help="cap on prompt + output tokens (default: the model's context window)")
     s.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching (on by default)")
-    s.add_argument("--max-queue", type=int, default=d.max_queue,
+    s.add_argument("--max-queue", type=flags.integer(1), default=d.max_queue,
                    help=f"requests waiting to start before new ones get 429 (default: {d.max_queue})")
-    s.add_argument("--max-rps", type=float, default=None, help="admission rate limit in requests/s (default: none)")
-    s.add_argument("--timeout-s", type=float, default=None,
+    s.add_argument("--max-rps", type=flags.real(0, above=True, off="; leave --max-rps out for no rate limit"),
+                   default=None, help="admission rate limit in requests/s (default: none)")
+    s.add_argument("--timeout-s", type=flags.real(0, above=True, off="; leave --timeout-s out for no deadline"),
+                   default=None,
                    help="fail a request (504) that has not started after this many seconds (default: none)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    s.add_argument("--api-key", action="append",
+    s.add_argument("--host", type=flags.word("address"), default="127.0.0.1",
+                   help="address to bind; 0.0.0.0 or :: = every interface (default: 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=flags.integer(1, 65535), default=8000, help="port (default: 8000)")
+    s.add_argument("--api-key", action="append", type=flags.api_key,
                    help="require this key as 'Authorization: Bearer KEY' (repeatable; JITNEY_API_KEY may hold "
-                        "comma-separated keys too; default: no auth)")
-    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+                        "comma-separated keys too; an empty key is refused; default: no auth)")
+    s.add_argument("--served-model-name", type=flags.word("model name"), default=None,
+                   help="the model name clients send (default: --model)")
     s.add_argument("--log-requests", action="store_true",
                    help="log prompts and outputs (off by default: they are never logged otherwise)")
-    s.add_argument("--max-body-bytes", type=parse_bytes, default=1 << 20,
+    s.add_argument("--max-body-bytes", type=flags.size(1), default=1 << 20,
                    help="largest request body accepted, larger gets 413 (default: 1MiB)")
-    s.add_argument("--body-timeout-s", type=float, default=30.0,
+    s.add_argument("--body-timeout-s", type=flags.real(0, above=True), default=30.0,
                    help="the whole request body must arrive within this many seconds, else 408 and the "
                         "connection is closed (default: 30)")
-    s.add_argument("--max-header-bytes", type=parse_bytes, default=32 * 1024,
+    s.add_argument("--max-header-bytes", type=flags.size(1), default=32 * 1024,
                    help="largest request line + headers, larger gets 431 (default: 32KiB)")
-    s.add_argument("--max-headers", type=int, default=100, help="most request headers, more get 431 (default: 100)")
-    s.add_argument("--header-timeout-s", type=float, default=10.0,
+    s.add_argument("--max-headers", type=flags.integer(1), default=100,
+                   help="most request headers, more get 431 (default: 100)")
+    s.add_argument("--header-timeout-s", type=flags.real(0, above=True), default=10.0,
                    help="a request's headers must be whole this many seconds after their first byte (and a new "
                         "connection must send its first request in this time), else 408 and close (default: 10)")
-    s.add_argument("--keep-alive-s", type=float, default=5.0,
+    s.add_argument("--keep-alive-s", type=flags.real(0, above=True), default=5.0,
                    help="an idle keep-alive connection is closed after this many seconds (default: 5)")
-    s.add_argument("--max-connections", type=int, default=1024,
+    s.add_argument("--max-connections", type=flags.integer(1), default=1024,
                    help="open connections at most; one more is answered 503 and closed (default: 1024)")
-    s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+    s.add_argument("--allowed-origins", nargs="+", type=flags.word("origin"), default=None, metavar="ORIGIN",
                    help="answer CORS requests from these browser origins, e.g. https://app.example.com "
                         "(default: none, CORS off)")
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="read special-token text in chat message content (e.g. '<|im_start|>') as the special "
                         "token itself, which lets a user forge turns (default: off, read as plain text)")
-    s.add_argument("--grace-s", type=float, default=30.0,
+    s.add_argument("--grace-s", type=flags.real(0), default=30.0,
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
-    s.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
-    s.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    s.add_argument("--ssl-certfile", type=flags.word("file name"), default=None,
+                   help="serve HTTPS with this certificate (PEM; it holds the key too unless --ssl-keyfile is given)")
+    s.add_argument("--ssl-keyfile", type=flags.word("file name"), default=None,
+                   help="the certificate's private key (PEM); needs --ssl-certfile")
     add_replica_args(s)
 
 
@@ -187,26 +226,33 @@ def add_replica_args(s: argparse.ArgumentParser) -> None:
     """Scale-out on Ray Serve (replicas/, the 'scale' extra); without these flags: one process, no Ray."""
     from replicas.policy import DEFAULT_IMBALANCE, POLICIES  # plain Python: Ray is imported only to serve
     g = s.add_argument_group("replicas (Ray Serve; pip install -e '.[scale]')")
-    g.add_argument("--replicas", type=int, default=1,
+    g.add_argument("--replicas", type=flags.integer(1), default=1,
                    help="engines behind this one endpoint, each in its own Ray Serve replica (default: 1 = one "
                         "process, no Ray). Cores are shared: replicas x --cpus-per-replica should not exceed them")
-    g.add_argument("--cpus-per-replica", type=int, default=None,
+    g.add_argument("--cpus-per-replica", type=flags.integer(1), default=None,
                    help="CPU cores (torch threads) each replica reserves (default: cores // replicas)")
-    g.add_argument("--ray-address", default=None,
+    g.add_argument("--ray-address", type=flags.word("address"), default=None,
                    help="join this Ray cluster (e.g. 10.0.0.1:6379, from `ray start --head`) instead of starting "
                         "a local Ray instance; implies replicas even with --replicas 1")
     g.add_argument("--routing", default="prefix", choices=POLICIES,
                    help="which replica takes a request: prefix = the one holding most of its prompt's KV blocks "
                         "unless it is overloaded, then p2c; p2c = the lighter of two at random; round-robin "
                         "(default: prefix)")
-    g.add_argument("--routing-imbalance", type=float, default=DEFAULT_IMBALANCE,
+    g.add_argument("--routing-imbalance", type=flags.real(0), default=DEFAULT_IMBALANCE,
                    help="prefix routing: a replica holding the prefix is skipped when it has more than this many "
                         "requests (queued + running, a full KV cache counting as this many) above the least "
                         f"loaded one (default: {DEFAULT_IMBALANCE:g})")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (the usage it prints first buries the line that matters)."""
+
+    def error(self, message: str):
+        self.exit(2, f"jitney: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jitney", description="A dynamic-batching LLM inference server.")
+    parser = Parser(prog="jitney", description="A dynamic-batching LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one prompt and print it with tokens/s",
                        description="Load a model, generate a continuation of one prompt, print it and its speed.")

@@ -1,0 +1,118 @@
+"""What a command-line value may be, checked as it is parsed: no value quietly turns a protection off.
+
+An unset shell variable gives an empty string (`--api-key "$KEY"`), a typo gives 0 or a negative number, and
+float() takes "nan" and "inf": each of these would leave a limit, a key or TLS off while the server says it is
+on. So every security or limit flag is parsed by one of these converters, which refuse such a value (argparse
+turns the refusal into `jitney: error: argument --flag: ...`, exit 2), and "off" is only ever spelled by
+leaving the flag out.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from model_runner.errors import InvalidRequestError
+from model_runner.units import parse_bytes
+
+Refused = argparse.ArgumentTypeError
+
+
+def integer(minimum: int, maximum: int = 2**63 - 1, off: str = ""):
+    """A whole number in [minimum, maximum] (by default what an int64 holds, as torch and the queue's counts
+    need); `off` tells how to get what a 0 might have been meant for."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise Refused(f"not a whole number: {text!r}") from None
+        if not minimum <= value <= maximum:
+            bound = f"from {minimum} to {maximum}" if maximum < 2**63 - 1 else f"at least {minimum}"
+            raise Refused(f"{value} is out of range: give a number {bound}{off}")
+        return value
+    return parse
+
+
+def real(minimum: float, above: bool = False, maximum: float | None = None, off: str = ""):
+    """A finite number >= minimum (> minimum when `above`), <= maximum: never nan or inf, which would make
+    every comparison against it false (a deadline that never passes, a rate nobody reaches)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise Refused(f"not a number: {text!r}") from None
+        low_ok = value > minimum if above else value >= minimum
+        if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
+            bound = (f"{'above' if above else 'at least'} {minimum:g}"
+                     + (f" and at most {maximum:g}" if maximum is not None else ""))
+            raise Refused(f"{text!r} is out of range: give a finite number {bound}{off}")
+        return value
+    return parse
+
+
+def size(minimum: int = 1):
+    """A byte count as people write it ('1MiB', '4096'), at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = parse_bytes(text)
+        except OverflowError:  # '1e400', 'inf': int(float) overflows
+            raise Refused(f"not a size: {text!r} (try 2GiB, 512MiB or a byte count)") from None
+        if not minimum <= value < 2**63:
+            raise Refused(f"{text!r} is {value} bytes: give at least {minimum} (and less than 8 EiB)")
+        return value
+    return parse
+
+
+def word(what: str):
+    """A non-empty string without surrounding whitespace (an unset variable expands to '')."""
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise Refused(f"empty {what} (an unset shell variable?): give one, or leave the flag out")
+        if text != text.strip():
+            raise Refused(f"{what} {text!r} has surrounding whitespace: remove it")
+        return text
+    return parse
+
+
+def api_key(text: str) -> str:
+    """A key a client can send in a header: visible ASCII, no spaces. An empty key would match a request that
+    sends none (the gate reads a missing header as ''), so keys would be announced on and open to everyone."""
+    if not text:
+        raise Refused("empty API key (an unset shell variable?): give the key, or leave --api-key out to serve "
+                      "without keys")
+    if not all("!" <= c <= "~" for c in text):
+        raise Refused("an API key must be visible ASCII characters without spaces (a client could never send "
+                      "this one in a header)")
+    return text
+
+
+def env_api_keys(environ) -> tuple[str, ...]:
+    """JITNEY_API_KEY: comma-separated keys (spaces around commas ignored). Set but empty, or with an empty
+    key between commas, it is refused: the operator meant keys, and an empty one would let everyone in."""
+    if "JITNEY_API_KEY" not in environ:
+        return ()
+    keys = tuple(k.strip() for k in environ["JITNEY_API_KEY"].split(","))
+    for k in keys:
+        if not k:
+            raise InvalidRequestError("JITNEY_API_KEY is set but holds an empty key (an unset shell variable? a "
+                                      "stray comma?): put the keys in it, comma-separated, or unset it to serve "
+                                      "without keys")
+        try:
+            api_key(k)
+        except Refused as e:
+            raise InvalidRequestError(f"JITNEY_API_KEY: {e}") from None
+    return keys
+
+
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """A key without a certificate would be dropped by uvicorn, serving plain HTTP; a file that does not load
+    would fail after the model is loaded, with a traceback. Both are refused up front."""
+    import ssl
+    if keyfile and not certfile:
+        raise InvalidRequestError("--ssl-keyfile without --ssl-certfile would serve plain HTTP: give the "
+                                  "certificate too (or drop both to serve HTTP)")
+    if certfile:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile)
+        except (OSError, ssl.SSLError) as e:
+            raise InvalidRequestError(f"--ssl-certfile/--ssl-keyfile do not load ({e}): give a PEM certificate "
+                                      "and its private key") from None
