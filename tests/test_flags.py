@@ -137,7 +137,7 @@ def test_keys_that_parse_are_asked_of_every_route(given_keys, sent):
     key_sent = sent[7:] if sent and sent.lower().startswith("bearer ") else ""
     for path in ROUTES:
         refused = g.reject(path, headers)
-        if path == "/health" or key_sent in keys:
+        if path == "/health" or (key_sent and key_sent in keys):  # sending no key never passes
             continue
         assert refused is not None and refused.status_code == 401, (path, keys, sent)
 
