@@ -30,6 +30,20 @@ def encode(tokenizer, text: str, split_special_tokens: bool | None = None) -> li
     return backend.encode(text, add_special_tokens=False).ids
 
 
+def encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """The ids of text, special tokens read as such, and each token's (start, end) character offsets in it;
+    None for a tokenizer that has no offsets (a slow one)."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        if not getattr(tokenizer, "is_fast", False):
+            return None
+        enc = tokenizer(text, add_special_tokens=False, split_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+    backend.encode_special_tokens = False
+    enc = backend.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
+
 def decode(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
     """The text of ids, spaces as decoded (no clean-up: it would rewrite " ." across token boundaries)."""
     backend = _backend(tokenizer)
