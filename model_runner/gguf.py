@@ -107,6 +107,14 @@ class _Metadata:
             raise ModelLoadError(f"{self.path} lacks required metadata key {key!r}; the file is incomplete.")
         return self.get(key)
 
+    def count(self, key: str, default: int | None = None) -> int:
+        """A size or count (required unless a default is given): a positive integer, or the file is corrupt."""
+        v = self.require(key) if default is None else self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ModelLoadError(f"{self.path}: metadata {key} is {v!r}; it must be a positive integer (the file "
+                                 f"is corrupt).")
+        return int(v)
+
 
 def _f32(x: float) -> float:
     """GGUF stores floats as float32; keep the shortest repr that round-trips (1e-05, not 9.999999747378752e-06)."""
@@ -118,9 +126,9 @@ def _config(meta: _Metadata, tensors: dict[str, ReaderTensor]) -> dict[str, Any]
         raise ModelLoadError(f"{meta.path} is a mixture-of-experts model; only dense Llama models are supported.")
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{meta.path} lacks the tensor 'token_embd.weight'; the file is incomplete.")
-    hidden, heads = int(meta.require("llama.embedding_length")), int(meta.require("llama.attention.head_count"))
-    head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
-    if int(meta.get("llama.rope.dimension_count", head_dim)) != head_dim:
+    hidden, heads = meta.count("llama.embedding_length"), meta.count("llama.attention.head_count")
+    head_dim = meta.count("llama.attention.key_length", max(hidden // heads, 1))
+    if meta.count("llama.rope.dimension_count", head_dim) != head_dim:
         raise ModelLoadError(f"{meta.path} uses partial rotary embeddings, which Llama models do not support.")
     theta = _f32(meta.get("llama.rope.freq_base", 10000.0))
     return {
@@ -128,15 +136,15 @@ def _config(meta: _Metadata, tensors: dict[str, ReaderTensor]) -> dict[str, Any]
         "model_type": "llama",
         "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are [ne0=in, ne1=out]
         "hidden_size": hidden,
-        "intermediate_size": int(meta.require("llama.feed_forward_length")),
-        "num_hidden_layers": int(meta.require("llama.block_count")),
+        "intermediate_size": meta.count("llama.feed_forward_length"),
+        "num_hidden_layers": meta.count("llama.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", heads)),
+        "num_key_value_heads": meta.count("llama.attention.head_count_kv", heads),
         "head_dim": head_dim,
         "rms_norm_eps": _f32(meta.require("llama.attention.layer_norm_rms_epsilon")),
         "rope_theta": theta,
         "rope_scaling": _rope_scaling(meta, tensors, theta, head_dim),
-        "max_position_embeddings": int(meta.require("llama.context_length")),
+        "max_position_embeddings": meta.count("llama.context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
@@ -309,7 +317,8 @@ def _write_tokenizer(gguf_path: pathlib.Path, chat_template: str | None, out: pa
     from transformers import AutoTokenizer  # heavy import, only needed here
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                  trust_remote_code=False, local_files_only=True)
     except Exception as e:
         raise ModelLoadError(f"Could not build a tokenizer from the metadata of {gguf_path}: {e}") from None
     if chat_template and not tokenizer.chat_template:

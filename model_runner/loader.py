@@ -13,12 +13,16 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import DTYPE_BYTES, MemoryPlan, TensorInfo, check_weights, host_memory, weight_files
+from .config import ModelConfig, RunnerConfig
 from .errors import ModelLoadError
 from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_RANDOM = "tiny-random"
 NAMED_MODELS = (DEFAULT_MODEL, TINY_RANDOM)
+# A tokenizer's vocabulary is in one of these (the fast tokenizers' file, sentencepiece's, or BPE's vocab.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def _file_digest(path: Path) -> str:
@@ -59,11 +63,16 @@ def resolve_model(name: str, progress: bool = True) -> Path:
     if path.suffix == ".gguf":
         return _converted_gguf(path, progress)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json: give a Hugging Face model directory")
         return path
-    raise ModelLoadError(f"unknown model {name!r}: use one of {', '.join(NAMED_MODELS)}, a path to a .gguf "
-                         f"file, or a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
+    takes = (f"use one of {', '.join(NAMED_MODELS)}, a path to a .gguf file, or a Hugging Face model directory "
+             f"(config.json, *.safetensors, tokenizer.json)")
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a .gguf file nor a directory: {takes}")
+    if os.sep in name or name.startswith(("~", ".")):
+        raise ModelLoadError(f"{path} does not exist: {takes}")
+    raise ModelLoadError(f"unknown model {name!r} (and no such file or directory): {takes}")
 
 
 def gguf_source(name: str) -> Path | None:
@@ -102,45 +111,82 @@ def _stored_q4(name: str, converted: Path, progress: bool) -> dict:
     return kept
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    files = sorted(p for p in path.glob("*.safetensors") if p.name != "q4_blocks.safetensors")
-    if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weights (PyTorch .bin checkpoints are not loaded: "
-                             f"convert them to safetensors)")
+def _one_line(e: BaseException) -> str:
+    """A library's error as one line: its lines joined, cut to a readable length."""
+    line = " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def load_weights(path: Path, tensors: dict[str, TensorInfo] | None = None) -> dict[str, torch.Tensor]:
+    """The weights by HF name: those of `tensors` (check_weights' answer) where given, else every tensor."""
+    from safetensors import safe_open
     weights: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in weight_files(path):
         try:
-            weights.update(load_file(f))
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    if tensors is None or name in tensors:
+                        weights[name] = st.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ModelLoadError(f"cannot read {f}: {e}") from e
+            raise ModelLoadError(f"cannot read {f}: {_one_line(e)}") from e
     return weights
 
 
 def load_tokenizer(path: Path):
+    """The directory's tokenizer, built by transformers' own classes: a model's or tokenizer's custom code
+    (an auto_map naming a .py file) is never imported, and never asked about (no prompt)."""
     from transformers import AutoTokenizer
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer: it needs {' or '.join(TOKENIZER_FILES)} (with its "
+                             f"tokenizer_config.json)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as e:
-        raise ModelLoadError(f"cannot load the tokenizer in {path}: {e}") from e
+        if "trust_remote_code" in str(e):  # transformers' refusal to import the auto_map's .py file
+            raise ModelLoadError(f"cannot load the tokenizer in {path}: its tokenizer_config.json or config.json "
+                                 f"names custom code (auto_map), and jitney never runs a model's own code: give "
+                                 f"it a tokenizer.json with a tokenizer_class transformers knows") from None
+        raise ModelLoadError(f"cannot load the tokenizer in {path}: {_one_line(e)}") from e
 
 
-def load_model_dir(name: str, progress: bool = True, quantization: str = "none"):
+def plan_memory(mc: ModelConfig, tensors: dict[str, TensorInfo], cfg: RunnerConfig) -> MemoryPlan:
+    """The least memory loading and serving takes, as the runner will allocate it (see MemoryPlan)."""
+    from .kv_cache import plan_num_blocks, kv_cache_bytes_per_block
+    from .precision import resolve_precision
+    file_bytes = sum(t.numel * DTYPE_BYTES[t.dtype] for t in tensors.values())
+    if cfg.device != "cpu":  # weights, KV cache and rotary tables live on the device: only loading is host memory
+        return MemoryPlan(file_bytes, 0, "", 0, 0)
+    precision = resolve_precision(cfg.dtype, cfg.kv_cache_dtype, cfg.device)
+    params = sum(t.numel for t in tensors.values())
+    if cfg.quantization == "none":
+        size = precision.compute.itemsize
+        weights, note = params * size, f"{params:,} parameters x {size} bytes"
+    else:  # every quantized format keeps at least 4 bits a parameter (Q4_0: 4.5)
+        weights, note = params // 2, f"{params:,} parameters x at least half a byte"
+    blocks = plan_num_blocks(mc, cfg.block_size, precision.kv_cache, cfg.device, cfg.kv_cache_memory, 0.0)
+    kv = blocks * kv_cache_bytes_per_block(mc, cfg.block_size, precision.kv_cache)
+    positions = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    return MemoryPlan(file_bytes, weights, note, kv, 2 * positions * mc.head_dim * 4)
+
+
+def load_model_dir(name: str, progress: bool = True, quantization: str = "none",
+                   runner: RunnerConfig | None = None):
     """(directory, weights by HF name, tokenizer) for a model source. Under --quantization q4 or int8 the matmul
-    weights are model_runner.quant.QuantWeight (q4: as the GGUF stores them; int8: quantized here)."""
+    weights are model_runner.quant.QuantWeight (q4: as the GGUF stores them; int8: quantized here).
+
+    Everything cheap is checked before anything large is read: config.json, the weights' headers against it,
+    the memory the runner's settings (`runner`) will take against the host's, the tokenizer."""
     from . import quant
-    from .config import ModelConfig
     if quantization not in quant.MODES:
         raise ModelLoadError(f"unknown quantization {quantization!r}: choose {', '.join(quant.MODES)}")
     path = resolve_model(name, progress)
-    cfg = ModelConfig.from_hf_dir(path)  # first: a wrong architecture is the clearer message
+    mc = ModelConfig.from_hf_dir(path)  # first: a wrong architecture is the clearer message
+    tensors = check_weights(path, mc)
+    plan_memory(mc, tensors, runner or RunnerConfig(model=name, quantization=quantization)).check(path, host_memory())
+    tokenizer = load_tokenizer(path)
     stored = _stored_q4(name, path, progress) if quantization == "q4" else {}
-    weights = load_weights(path)
+    weights = load_weights(path, tensors)
     weights.update(stored)
     if quantization == "int8":
         weights = quant.quantize_int8(weights)
-    missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight")
-               if k not in weights]
-    if missing or (not cfg.tie_word_embeddings and "lm_head.weight" not in weights):
-        raise ModelLoadError(f"{path} lacks weights this model needs: {missing or ['lm_head.weight']}")
-    return path, weights, load_tokenizer(path)
+    return path, weights, tokenizer

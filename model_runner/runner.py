@@ -43,7 +43,8 @@ class ModelRunner:
                                  f"use --quantization none on {cfg.device}")
         self.cfg = cfg
         self.device = cfg.device
-        path, weights, self.tokenizer = load_model_dir(cfg.model, progress=progress, quantization=cfg.quantization)
+        path, weights, self.tokenizer = load_model_dir(cfg.model, progress=progress, quantization=cfg.quantization,
+                                                       runner=cfg)
         self.model_path = path
         self.model_config: ModelConfig = ModelConfig.from_hf_dir(path)
         mc = self.model_config
