@@ -6,22 +6,28 @@ a message gets real special tokens out of it: a forged system or assistant turn.
 again in the rendered text by searching for it: content equal to "user", "\\n" or "<|im_start|>" is found
 inside the template's own text first. So the template is rendered a second time with a sentinel as each
 content (the message's index between runs of a private-use character longer than any run of it in the contents,
-occurring nowhere else in that rendering): the text around the sentinels is the template's own, and the sentinels say where each content goes.
+occurring nowhere else in that rendering): the text around the sentinels is the template's own, and the
+sentinels say where each content goes.
 
 The rule, for any messages: the template's own text keeps its special tokens (the tokenizer's special-token
 texts found in it, leftmost-longest); everything between two of them, the template's ordinary text and the
 contents placed there alike, is tokenized together as plain text (special-token text split into ordinary
 tokens, as `split_special_tokens=True`). So ordinary tokens may merge across a template/content boundary, as
-they do in the text the model was trained on (SmolLM2's "user\\n" followed by content "\\nHi" gives one "\\n\\n"
+they do in the text the model was trained on (a template's "User: " followed by content "Hi" gives one " Hi"
 token, as transformers' own apply_chat_template does), but never across a special token; and no special token
 comes from content, nor from content joined to the template's text. Contents without special-token text thus
-get exactly the ids of the rendered text tokenized whole, as before.
+get exactly the ids of the rendered text tokenized whole, as before (that is the path taken whenever the
+tokenizer finds exactly the template's special tokens in it; the stretch-by-stretch path, for the rest, reads a
+stretch as byte-level BPE reads it in place, which a SentencePiece tokenizer that marks only the text's start
+with U+2581 would not: it would add one there).
 
 This holds only if the template places each content as it is. It is checked on every request: rendering the
 real messages must give the sentinel rendering with each sentinel replaced by its content. A template that
 rewrites content (trims it, say, or branches on it) fails the check; then the rendered text is tokenized whole,
 which is safe only if no content holds special-token text and the rendering has exactly the special tokens of
-the template's own text, in order; otherwise the request is refused with a 400 (never silently mangled).
+the template's own text, in order; otherwise the request is refused with a 400 (never silently mangled). A
+template that refuses the sentinels (one that accepts only certain contents) cannot be checked at all: a 400 too.
+The template's own raise_exception ("roles must alternate") is a 400 with its message.
 --allow-special-tokens-in-content turns all of this off: the rendered text is tokenized whole, content's
 special-token text read as special tokens.
 """
@@ -152,5 +158,6 @@ def rewritten(tokenizer, messages, text: str, layout: tuple | None, specials: di
     if [i for i in ids if i in special_ids] != own:  # content joined to template text made a special token
         raise APIError(400, "this model's chat template rewrites message content, and the result holds special "
                             "tokens the template did not write: remove partial special-token text (such as "
-                            f"{min(specials, key=len)[:2]!r}) from the messages' edges", code="special_tokens_in_content")
+                            f"{min(specials, key=len)[:2]!r}) from the messages' edges",
+                       code="special_tokens_in_content")
     return ids

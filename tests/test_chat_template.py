@@ -163,7 +163,7 @@ def test_content_without_special_text_is_tokenized_as_before(cases, shape, messa
 
 
 @pytest.mark.parametrize("shape", ["smollm2", "other-bytes"])
-@SETTINGS
+@settings(SETTINGS, max_examples=40)
 @given(messages=conversation)
 def test_allow_special_tokens_reads_the_rendered_text_raw(cases, shape, messages):
     tok, _ = cases[shape]
@@ -188,3 +188,39 @@ def test_a_template_that_rewrites_content_is_followed_or_refused(smol, messages,
         assert any(re.search(r"<\||\|>|<[a-z_]+>", m["content"]) for m in messages), e.message
         return
     assert ids == expected
+
+
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+VALIDATING = ("{% for m in messages %}{% if m['content'] not in ['yes', 'no'] %}"
+              "{{ raise_exception('answer yes or no') }}{% endif %}<|im_start|>{{ m['content'] }}{% endfor %}")
+
+
+@SETTINGS
+@given(messages=conversation)
+def test_a_template_that_refuses_the_messages_is_a_400(messages):
+    """The template's own raise_exception is the client's error, told in its words (it was a 500)."""
+    tok = with_template(byte_level_tokenizer(), ALTERNATING)
+    alternate = all((m["role"] == "user") == (i % 2 == 0) for i, m in enumerate(messages))
+    try:
+        ids = chat_prompt_ids(messages, tok, add_generation_prompt=False)
+    except APIError as e:
+        assert not alternate and e.status == 400 and e.code == "chat_template_error"
+        assert "roles must alternate" in e.message
+        return
+    assert alternate and ids == oracle(tok, [p for m in messages for p in (
+        (f"<|im_start|>{m['role']}\n", False), (m["content"], True), ("<|im_end|>\n", False))])
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(answers=st.lists(st.sampled_from(["yes", "no"]), min_size=1, max_size=4))
+def test_a_template_that_cannot_be_checked_is_refused_not_trusted(answers):
+    """A template that refuses any content but its own words cannot be rendered with stand-ins, so where its
+    contents are cannot be known: the request is refused with a 400 saying what the operator can do."""
+    tok = with_template(byte_level_tokenizer(), VALIDATING)
+    with pytest.raises(APIError) as e:
+        chat_prompt_ids([{"role": "user", "content": a} for a in answers], tok)
+    assert e.value.status == 400 and e.value.code == "chat_template_unchecked"
+    assert "--allow-special-tokens-in-content" in e.value.message
+    assert chat_prompt_ids([{"role": "user", "content": a} for a in answers], tok, allow_special_tokens=True)
