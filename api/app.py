@@ -36,7 +36,8 @@ from .logprobs import TokenTexts, chat_logprobs, completion_logprobs, generate_l
 from .metrics import Metrics
 from .openapi import openapi_document
 from .response_format import compile_response_format
-from .schemas import Model, ParsedRequest, check_fields, chat_messages, prompt_ids, sampling_params, spec, value
+from .schemas import (Model, ParsedRequest, chat_messages, check_fields, check_rules, prompt_ids, sampling_params,
+                      spec, value)
 
 access_log = logging.getLogger("jitney.access")
 ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models",
@@ -89,6 +90,7 @@ async def json_body(request: Request, settings: "ServerSettings", route: str) ->
     check_content_type(request)
     body = parse_json(await read_body(request, settings.max_body_bytes))
     check_fields(body, route)
+    check_rules(body, route)  # conditions between fields (schemas.RULES), before any field is read
     return body
 
 
@@ -464,8 +466,6 @@ def build_app(engine: Engine, settings: ServerSettings):
             if not isinstance(options, dict) or set(options) - {"include_usage"} \
                     or not isinstance(options.get("include_usage", False), bool):
                 raise schemas.invalid("'stream_options' must be {\"include_usage\": true or false}", "invalid_type")
-            if not stream:
-                raise APIError(400, "'stream_options' is only allowed with \"stream\": true", code="invalid_value")
         echo = route == "/v1/completions" and value(body, spec(route, "echo"))
         return ParsedRequest(ids, sampling_params(body, route, model, len(ids), default_max_tokens), stream,
                              bool((options or {}).get("include_usage")), echo,
@@ -497,10 +497,8 @@ def build_app(engine: Engine, settings: ServerSettings):
         route = "/v1/chat/completions"
         body = await json_body(request, settings, route)
         ids = chat_ids(body)
-        newer = value(body, spec(route, "max_completion_tokens"))
-        if newer is not None:
-            if body.get("max_tokens") not in (None, newer):
-                raise schemas.invalid("give max_tokens or max_completion_tokens, not two different values")
+        newer = value(body, spec(route, "max_completion_tokens"), hi=model.max_model_len - 1)
+        if newer is not None:  # never both (schemas.RULES)
             body["max_tokens"] = newer
         # Chat defaults to "until the context is full", as OpenAI's does.
         parsed = openai_request(body, route, ids, model.max_model_len)
@@ -510,8 +508,6 @@ def build_app(engine: Engine, settings: ServerSettings):
         route = "/tokenize"
         body = await json_body(request, settings, route)
         check_model(body)
-        if (body.get("prompt") is None) == (body.get("messages") is None):
-            raise schemas.invalid("give exactly one of 'prompt' (text) or 'messages' (chat turns)", "missing_field")
         if body.get("messages") is not None:
             ids = chat_ids(body, value(body, spec(route, "add_generation_prompt")))
         else:
@@ -613,7 +609,10 @@ async def not_found(request: Request, exc: Exception) -> Response:
 
 
 async def method_not_allowed(request: Request, exc: Exception) -> Response:
-    return error_response(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+    # RFC 9110 15.5.6: a 405 must say which methods the route takes (Starlette's Route puts them in exc.headers).
+    allow = ", ".join(sorted((getattr(exc, "headers", None) or {}).get("Allow", "").replace(" ", "").split(",")))
+    return error_response(405, f"{request.method} is not allowed on {request.url.path} (allowed: {allow})",
+                          code="method_not_allowed", headers={"Allow": allow})
 
 
 class Gatekeeper:

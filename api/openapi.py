@@ -5,9 +5,12 @@ streamed event) the shape api/responses.py publishes.
 """
 from __future__ import annotations
 
+import json
+
 from .response_format import MAX_NAME_CHARS, MAX_SCHEMA_CHARS
 from .responses import SCHEMAS, SUCCESS
-from .schemas import (MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS, UNSUPPORTED, Field, Model)
+from .schemas import (GENERATING, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS,
+                      ROUTE_RULES, UNSUPPORTED, Field, Model)
 
 ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {
     "type": "object", "required": ["message", "type", "code"], "additionalProperties": False,
@@ -29,15 +32,45 @@ REQUIRED = {"/generate": ["prompt"], "/v1/completions": ["prompt"], "/v1/chat/co
             "/detokenize": ["tokens"]}
 
 
+def id_pattern(vocab_size: int) -> str:
+    """A regex for the decimal strings logit_bias takes as keys: a token id below vocab_size, at most 10 digits,
+    leading zeros allowed (what schemas.logit_bias reads with int())."""
+    top = str(vocab_size - 1)
+    alternatives = []
+    for width in range(1, len(top) + 1):  # canonical numbers of this many digits, then zeros in front
+        if width < len(top):
+            canonical = ["[0-9]" if width == 1 else f"[1-9][0-9]{{{width - 1}}}"]
+        else:  # up to top: a shared prefix, one smaller digit, then anything
+            canonical = [top]
+            for i, digit in enumerate(top):
+                lo = 1 if i == 0 and width > 1 else 0
+                if int(digit) > lo:
+                    rest = f"[0-9]{{{width - i - 1}}}" if width - i - 1 else ""
+                    canonical.append(f"{top[:i]}[{lo}-{int(digit) - 1}]{rest}")
+        alternatives += [f"0{{0,{10 - width}}}{c}" for c in canonical]
+    return f"^({'|'.join(alternatives)})$"
+
+
+def nullable(schema: dict) -> dict:
+    """null in any optional field means its default (schemas.value)."""
+    if "type" in schema:
+        return {**schema, "type": [schema["type"], "null"]}
+    return {"anyOf": [{k: v for k, v in schema.items() if k != "description"}, {"type": "null"}],
+            "description": schema["description"]}
+
+
 def field_schema(f: Field, model: Model) -> dict:
     ids = {"type": "integer", "minimum": 0, "maximum": model.vocab_size - 1}
+    prompt_ids = {"type": "array", "items": ids, "minItems": 1, "maxItems": model.max_model_len - 1}
+    prompt_text = {"type": "string", "minLength": 1}  # its tokens must fit the window too: see request_schema
     text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     shapes = {
-        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": ids, "maxItems": model.max_model_len - 1},
-                             {"type": "array", "minItems": 1, "maxItems": 1, "items": {"oneOf": [
-                                 {"type": "string"}, {"type": "array", "items": ids}]}}]},
+        # An empty prompt is refused (as vLLM does): there is nothing to continue from.
+        "prompt": {"oneOf": [prompt_text, prompt_ids, {"type": "array", "minItems": 1, "maxItems": 1,
+                                                       "items": {"oneOf": [prompt_text, prompt_ids]}}]},
         "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": {
-            "type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
+            "type": "object", "required": ["role", "content"], "additionalProperties": {"type": "null"},
+            "properties": {
                 "role": {"enum": ["system", "user", "assistant"]},
                 "content": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": MAX_PARTS, "items": {
                     "type": "object", "required": ["type", "text"], "additionalProperties": False,
@@ -46,7 +79,7 @@ def field_schema(f: Field, model: Model) -> dict:
         "token_ids": {"type": "array", "items": ids,
                       "maxItems": model.max_model_len if f.name == "tokens" else MAX_STOP},
         "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS,
-                       "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+                       "propertyNames": {"pattern": id_pattern(model.vocab_size)},
                        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
         "stream_options": {"type": "object", "additionalProperties": False,
                            "properties": {"include_usage": {"type": "boolean"}}},
@@ -56,9 +89,10 @@ def field_schema(f: Field, model: Model) -> dict:
             {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False, "properties": {
                 "type": {"const": "json_schema"},
                 "json_schema": {"type": "object", "required": ["schema"], "additionalProperties": False, "properties": {
-                    "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
-                    "description": {"type": "string"},
-                    "strict": {"type": "boolean", "description": "accepted either way: the schema is always enforced"},
+                    "name": {"type": ["string", "null"], "maxLength": MAX_NAME_CHARS},
+                    "description": {"type": ["string", "null"]},
+                    "strict": {"type": ["boolean", "null"],
+                               "description": "accepted either way: the schema is always enforced"},
                     "schema": {"type": "object", "description": "a JSON Schema (what llguidance implements of draft "
                                f"2020-12; at most {MAX_SCHEMA_CHARS} characters of JSON, nested at most 32 deep in the "
                                "body); an unimplemented keyword (not, uniqueItems, ...) is a 400"}}}}}]},
@@ -67,7 +101,8 @@ def field_schema(f: Field, model: Model) -> dict:
         schema = shapes[f.kind]
     else:
         schema = {"type": f.kind}
-        hi = model.max_model_len if f.name in ("max_tokens", "max_completion_tokens", "min_tokens") else f.hi
+        # A prompt holds at least one token, so at most max_model_len - 1 are left to generate.
+        hi = model.max_model_len - 1 if f.name in ("max_tokens", "max_completion_tokens", "min_tokens") else f.hi
         if f.kind == "string":
             schema |= {"maxLength": int(hi)} if hi is not None else {}
         else:
@@ -80,12 +115,30 @@ def field_schema(f: Field, model: Model) -> dict:
     return {**schema, "description": f.doc}
 
 
+TOKEN_LIMITS = ("Limits JSON Schema cannot state, as they count the prompt's tokens (POST /tokenize counts them) "
+                "or compare two fields: the prompt must hold fewer tokens than the context window; with "
+                "max_tokens, prompt tokens + max_tokens must fit it (400 context_length_exceeded; a default "
+                "max_tokens is lowered to fit instead); min_tokens must not exceed max_tokens (given or default) "
+                "(422).")
+
+
 def request_schema(route: str, model: Model) -> dict:
-    return {"type": "object", "additionalProperties": False, "required": REQUIRED.get(route, []),
-            "properties": {f.name: field_schema(f, model) for f in ROUTE_FIELDS[route]},
-            "description": "Any other field is refused with 400 'not supported'. Known OpenAI/vLLM fields this "
-                           f"server does not implement ({', '.join(sorted(UNSUPPORTED))}) are accepted only "
-                           "with their 'off' value (or null). null in any field means its default."}
+    accepted = ROUTE_FIELDS[route]
+    required = REQUIRED.get(route, [])
+    properties = {f.name: field_schema(f, model) if f.name in required else nullable(field_schema(f, model))
+                  for f in accepted}
+    names = {f.name for f in accepted}
+    for name, off in UNSUPPORTED.items():  # known but not implemented: only its "off" value
+        if name not in names:
+            properties[name] = {"enum": [*off, None], "description": "not implemented: accepted only as "
+                                f"{' or '.join(json.dumps(v) for v in off) or 'null'}"}
+    schema = {"type": "object", "additionalProperties": {"type": "null"}, "required": required,
+              "properties": properties,
+              "description": "Any other field is refused with 400 'not supported', unless it is null. null in any "
+                             "field means its default." + (f" {TOKEN_LIMITS}" if route in GENERATING else "")}
+    if rules := ROUTE_RULES[route]:
+        schema["allOf"] = [{"if": r.when, "then": r.then, "description": r.message} for r in rules]
+    return schema
 
 
 def operation(summary: str, model: Model, path: str, route: str | None = None) -> dict:

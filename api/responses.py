@@ -72,9 +72,16 @@ SCHEMAS = {
 
 
 def events(*chunks: str, done: bool = True) -> dict:
-    """A text/event-stream body whose events' data match these schemas (or are the literal [DONE])."""
-    data = {"anyOf": [ref(c) for c in chunks] + [ref("Error")] + ([{"const": "[DONE]"}] if done else [])}
-    return {"schema": {"type": "string"}, "x-sse-data": data}
+    """A text/event-stream body. "schema" is one event as the SSE format parses it (OpenAPI 3.1 has no keyword
+    for a stream's items; tools such as schemathesis read a stream's schema as each event's, as 3.2's itemSchema
+    says): {"data": text, "event": "message"} (this server sends no event, id or retry lines). Its data is JSON
+    matching one of these schemas, or the literal [DONE]; "x-sse-data" says the same of the data decoded."""
+    data = {"anyOf": [ref(c) for c in chunks] + [ref("Error")]}
+    as_json = {"contentMediaType": "application/json", "contentSchema": data}
+    text = {"type": "string", **({"anyOf": [{"const": "[DONE]"}, as_json]} if done else as_json)}
+    event = {"type": "object", "required": ["data", "event"], "additionalProperties": False,
+             "properties": {"data": text, "event": {"const": "message"}}}
+    return {"schema": event, "x-sse-data": {"anyOf": data["anyOf"] + ([{"const": "[DONE]"}] if done else [])}}
 
 
 # route -> {media type: content entry} of its 200 answer

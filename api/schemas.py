@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from model_runner.sampling_params import MAX_LOGPROBS, SamplingParams
 from model_runner.text import encode
@@ -139,6 +139,87 @@ UNSUPPORTED: dict[str, tuple] = {
 }
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A condition between fields of one body. It is written twice, side by side: applies/holds for the check
+    (check_rules), when/then as JSON Schema for the document (an OpenAPI 3.1 if/then), so the two are read
+    together; tests/test_contract.py holds them to each other on generated bodies. A rule only looks at values
+    of the right type: a wrong type is value()'s 422."""
+    routes: tuple[str, ...]
+    when: dict
+    then: dict
+    applies: Callable[[dict], bool]
+    holds: Callable[[dict], bool]
+    message: str
+    status: int = 422
+    code: str = "invalid_value"
+
+
+def given(name: str, schema: dict) -> dict:
+    """JSON Schema: the body has `name`, matching `schema`."""
+    return {"required": [name], "properties": {name: schema}}
+
+
+def absent(name: str) -> dict:
+    """JSON Schema: the body lacks `name` or holds null there (null means "not given" for every field)."""
+    return {"properties": {name: {"type": "null"}}}
+
+
+NOT_NULL = {"not": {"type": "null"}}
+GENERATING = ("/generate", "/v1/completions", "/v1/chat/completions")
+GRAMMAR = {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}
+_NO_GRAMMAR = ("cannot be combined with a JSON response_format: the output ends (end-of-sequence) as soon as the "
+               "JSON document is complete")
+
+
+def _grammar(b: dict) -> bool:
+    return isinstance(rf := b.get("response_format"), dict) and rf.get("type") in ("json_object", "json_schema")
+
+
+def _zero(v: Any) -> bool:
+    return as_int(v) == 0
+
+
+RULES = (
+    Rule(("/v1/chat/completions",), given("top_logprobs", {"type": "integer", "minimum": 1}),
+         given("logprobs", {"const": True}),
+         lambda b: (as_int(b.get("top_logprobs")) or 0) >= 1, lambda b: b.get("logprobs") is True,
+         "'top_logprobs' needs \"logprobs\": true"),
+    Rule(("/v1/chat/completions",), given("max_completion_tokens", NOT_NULL), absent("max_tokens"),
+         lambda b: b.get("max_completion_tokens") is not None, lambda b: b.get("max_tokens") is None,
+         "give max_tokens or max_completion_tokens (its newer name), not both"),
+    Rule(("/v1/completions", "/v1/chat/completions"), given("stream_options", NOT_NULL), given("stream", {"const": True}),
+         lambda b: b.get("stream_options") is not None, lambda b: b.get("stream") is True,
+         "'stream_options' is only allowed with \"stream\": true", status=400),
+    Rule(("/v1/completions",), given("max_tokens", {"const": 0}), given("echo", {"const": True}),
+         lambda b: _zero(b.get("max_tokens")), lambda b: b.get("echo") is True,
+         "'max_tokens' may be 0 only with \"echo\": true (scoring the prompt)"),
+    Rule(("/generate",), given("max_tokens", {"const": 0}), given("prompt_logprobs", NOT_NULL),
+         lambda b: _zero(b.get("max_tokens")), lambda b: b.get("prompt_logprobs") is not None,
+         "'max_tokens' may be 0 only with 'prompt_logprobs' (scoring the prompt)"),
+    Rule(GENERATING, given("response_format", GRAMMAR), {"properties": {"ignore_eos": {"not": {"const": True}}}},
+         _grammar, lambda b: b.get("ignore_eos") is not True, f"'ignore_eos' {_NO_GRAMMAR}", 400,
+         "unsupported_combination"),
+    Rule(GENERATING, given("response_format", GRAMMAR),
+         {"properties": {"min_tokens": {"anyOf": [{"type": "null"}, {"const": 0}]}}},
+         _grammar, lambda b: b.get("min_tokens") is None or _zero(b.get("min_tokens")),
+         f"'min_tokens' {_NO_GRAMMAR}", 400, "unsupported_combination"),
+    Rule(("/tokenize",), given("prompt", NOT_NULL), absent("messages"),
+         lambda b: b.get("prompt") is not None, lambda b: b.get("messages") is None,
+         "give exactly one of 'prompt' (text) or 'messages' (chat turns), not both", code="missing_field"),
+    Rule(("/tokenize",), {"not": given("prompt", NOT_NULL)}, given("messages", NOT_NULL),
+         lambda b: b.get("prompt") is None, lambda b: b.get("messages") is not None,
+         "give exactly one of 'prompt' (text) or 'messages' (chat turns)", code="missing_field"),
+)
+ROUTE_RULES = {route: tuple(r for r in RULES if route in r.routes) for route in ROUTE_FIELDS}
+
+
+def check_rules(body: dict, route: str) -> None:
+    for rule in ROUTE_RULES[route]:
+        if rule.applies(body) and not rule.holds(body):
+            raise APIError(rule.status, rule.message, code=rule.code)
+
+
 def _bounds(f: Field) -> str:
     lo = f"{'>' if f.open_lo else '>='} {f.lo:g}" if f.lo is not None else None
     if f.lo is not None and f.hi is not None:
@@ -174,7 +255,10 @@ def value(body: dict, f: Field, default: Any = None, hi: float | None = None) ->
     v = body.get(f.name)
     if v is None:
         return f.default if default is None else default
-    if not isinstance(v, _KINDS[f.kind]) or (isinstance(v, bool) and f.kind != "boolean"):
+    if f.kind == "integer":
+        v = as_int(v)
+    if v is None or not isinstance(v, _KINDS[f.kind]) or (isinstance(v, bool) and f.kind != "boolean"):
+        v = body[f.name]
         raise invalid(f"'{f.name}' must be {'an' if f.kind == 'integer' else 'a'} {f.kind}, got "
                       f"{_json_type(v)}", "invalid_type")
     if f.kind == "string":
@@ -194,6 +278,16 @@ def value(body: dict, f: Field, default: Any = None, hi: float | None = None) ->
 
 
 _KINDS = {"integer": int, "number": (int, float), "boolean": bool, "string": str}  # value()'s scalar kinds
+
+
+def as_int(v: Any) -> int | None:
+    """v as an int if JSON Schema calls it an integer (1 and 1.0 are the same JSON number; true is not), else None.
+    Floats here are finite (api/jsonbody.py refuses the rest)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v if isinstance(v, int) else None
 
 
 def _json_type(v: Any) -> str:
@@ -227,8 +321,7 @@ def token_ids(body: dict, name: str, vocab_size: int, most: int) -> list[int]:
     ids = body.get(name)
     if ids is None:
         return []
-    if (not isinstance(ids, list) or len(ids) > most
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+    if not isinstance(ids, list) or len(ids) > most or None in (ids := [as_int(t) for t in ids]):
         raise invalid(f"'{name}' must be a list of at most {most} token ids (integers)", "invalid_type")
     if bad := [t for t in ids if not 0 <= t < vocab_size]:
         raise invalid(f"'{name}' holds {bad[0]}, outside the vocabulary (0..{vocab_size - 1})")
@@ -266,7 +359,7 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
     max_tokens beyond what the context leaves after the prompt is refused (400, with both numbers), never
     quietly cut; a default max_tokens (the client gave none) is lowered to fit instead."""
     room = model.max_model_len - prompt_len
-    max_tokens = value(body, spec(route, "max_tokens"), hi=model.max_model_len)
+    max_tokens = value(body, spec(route, "max_tokens"), hi=model.max_model_len - 1)  # a prompt holds >= 1 token
     logprobs, prompt_logprobs = logprob_fields(body, route, max_tokens)
     if max_tokens is not None and prompt_len < model.max_model_len and max_tokens > room:
         raise APIError(400, f"max_tokens is {max_tokens} but the prompt has {prompt_len} tokens and the context "
@@ -275,7 +368,7 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
     if max_tokens is None:
         max_tokens = max(1, min(default_max_tokens, room))
     top_k = value(body, spec(route, "top_k"))
-    min_tokens = value(body, spec(route, "min_tokens"))
+    min_tokens = value(body, spec(route, "min_tokens"), hi=model.max_model_len - 1)
     if min_tokens > max_tokens:
         raise invalid(f"'min_tokens' must be at most max_tokens ({max_tokens}), got {min_tokens}")
     params = SamplingParams(
@@ -300,22 +393,16 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
 
 
 def logprob_fields(body: dict, route: str, max_tokens: int | None) -> tuple[int | None, int | None]:
-    """(logprobs, prompt_logprobs) for SamplingParams from each route's own way of asking for them."""
+    """(logprobs, prompt_logprobs) for SamplingParams from each route's own way of asking for them (max_tokens 0
+    without a way to score the prompt is refused by RULES)."""
     if route == "/generate":
-        prompt_logprobs = value(body, spec(route, "prompt_logprobs"))
-        if max_tokens == 0 and prompt_logprobs is None:
-            raise invalid("'max_tokens' may be 0 only with 'prompt_logprobs' (scoring the prompt)")
-        return value(body, spec(route, "logprobs")), prompt_logprobs
+        return value(body, spec(route, "logprobs")), value(body, spec(route, "prompt_logprobs"))
     if route == "/v1/completions":
         n, echo = value(body, spec(route, "logprobs")), value(body, spec(route, "echo"))
-        if max_tokens == 0 and not echo:
-            raise invalid("'max_tokens' may be 0 only with \"echo\": true (scoring the prompt)")
         # Echo + logprobs scores the prompt too; echo alone with max_tokens 0 still needs a prompt pass to end.
         return n, (n if echo and n is not None else 0 if echo and max_tokens == 0 else None)
     top = value(body, spec(route, "top_logprobs"))
-    if not value(body, spec(route, "logprobs")):
-        if top:
-            raise invalid("'top_logprobs' needs \"logprobs\": true")
+    if not value(body, spec(route, "logprobs")):  # top_logprobs > 0 without it: RULES
         return None, None
     return top or 0, None
 
@@ -341,8 +428,8 @@ def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return encode(tokenizer, encodable(prompt, name)) if prompt else []
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
+    if isinstance(prompt, list) and None not in (ids := [as_int(t) for t in prompt]):
+        return ids
     raise invalid(f"'{name}' must be a string, a list of token ids, or a one-element list of either "
                   "(batched prompts are not supported: send one request per prompt)", "invalid_type")
 

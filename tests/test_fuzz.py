@@ -37,13 +37,18 @@ wild = st.recursive(
 
 def from_schema(schema: dict, name: str = "") -> st.SearchStrategy:
     """A strategy for values of a (small) JSON Schema: the subset /openapi.json uses."""
-    if "oneOf" in schema:
-        return st.one_of([from_schema(s, name) for s in schema["oneOf"]])
+    for either in ("oneOf", "anyOf"):
+        if either in schema:
+            return st.one_of([from_schema(s, name) for s in schema[either]])
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
     if "const" in schema:
         return st.just(schema["const"])
     kind = schema.get("type")
+    if isinstance(kind, list):  # ["integer", "null"]: null means the default
+        return st.one_of([from_schema({**schema, "type": k}, name) for k in kind])
+    if kind == "null":
+        return st.none()
     if kind == "integer":
         lo, hi = schema.get("minimum"), schema.get("maximum")
         if name in SMALL:
