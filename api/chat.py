@@ -54,10 +54,6 @@ def special_tokens(tokenizer) -> dict[str, int]:
     return {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.content and t.special}
 
 
-def special_texts(tokenizer) -> list[str]:
-    return list(special_tokens(tokenizer))
-
-
 def chat_prompt_ids(messages: list[dict[str, str]], tokenizer, allow_special_tokens: bool = False,
                     add_generation_prompt: bool = True) -> list[int]:
     if not tokenizer.chat_template:
