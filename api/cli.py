@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               header_timeout_s=args.header_timeout_s, max_connections=args.max_connections)
     if args.replicas > 1 or args.ray_address:  # scale-out (replicas/): the same app over Ray Serve replicas
         from replicas.launch import serve_replicas
-        return serve_replicas(args, runner_cfg, batcher_cfg, settings, limits)
+        return serve_replicas(args, runner_cfg, batcher_cfg, settings, limits, protections(args, keys))
     runner = ModelRunner(runner_cfg)
     engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
     print(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "

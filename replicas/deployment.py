@@ -13,6 +13,7 @@ the cached blocks, and the counters /metrics merges; the router reads them).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -30,6 +31,27 @@ from model_runner.sampling_params import SamplingParams
 # As api/metrics.py's jitney_batch_size and jitney_step_tokens: the front end merges them by adding counts.
 STEP_HISTOGRAMS = {"batch_size": (1, 2, 4, 8, 16, 32, 64, 128, 256),
                    "step_tokens": (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)}
+
+
+def keep_serve_grpc_on_loopback() -> bool:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on "[::]:0", hard-coded with no setting
+    (ray/serve/_private/replica.py, _on_initialized, after our __init__). On a node Ray keeps to loopback
+    (launch.LOCAL_RAY_ENV) it would be the one socket listening on every interface: bind it to loopback, the
+    node's own address, which is where Serve's handles reach it. On any other node it is left as Ray makes it."""
+    import ray
+    from ray.serve._private import replica as serve_replica
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return False
+    original = serve_replica.add_port_to_grpc_server
+    if getattr(original, "jitney_loopback", False):
+        return True
+
+    def on_loopback(server, address: str):
+        return original(server, "127.0.0.1:" + address[len("[::]:"):] if address.startswith("[::]:") else address)
+
+    on_loopback.jitney_loopback = True
+    serve_replica.add_port_to_grpc_server = on_loopback
+    return True
 
 
 @dataclass
@@ -50,6 +72,7 @@ class JitneyReplica:
         import torch
         from ray import serve
         torch.set_num_threads(threads)  # this replica's share of the cores (Ray reserved num_cpus for it)
+        keep_serve_grpc_on_loopback()
         self.runner = ModelRunner(runner_cfg, progress=False)
         self.engine = Engine(self.runner, batcher_cfg, log_requests=log_requests)
         self.name = serve.get_replica_context().replica_id.unique_id

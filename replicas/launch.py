@@ -1,14 +1,16 @@
 """`jitney serve --replicas N` / `--ray-address ADDR`: Ray Serve replicas behind the usual HTTP front end.
 
 This process runs the same Starlette app and uvicorn server as the single-process path, over a RemoteEngine.
-It starts a local Ray instance (a small object store: only requests and tokens travel through it; no dashboard)
-or joins a cluster, deploys N JitneyReplica replicas (one engine each, `cpus_per_replica` cores each), and on
-exit, after the drain, deletes them (and stops the Ray it started).
+It starts a local Ray instance (a small object store: only requests and tokens travel through it; no dashboard
+UI; every process of it listening on loopback only, see LOCAL_RAY_ENV) or joins a cluster, deploys N
+JitneyReplica replicas (one engine each, `cpus_per_replica` cores each, a KV budget sized to the host's memory:
+memory.py), and on exit, after the drain, deletes them (and stops the Ray it started).
 """
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 from api.app import ServerSettings, build_app
 from api.protocol import ConnectionLimits
@@ -17,12 +19,21 @@ from batcher.config import BatcherConfig
 from model_runner.config import RunnerConfig
 from model_runner.errors import InvalidRequestError
 
+from . import memory
 from . import metrics as replica_metrics
 
 APP = "jitney"
 OBJECT_STORE_BYTES = 128 << 20   # Ray's floor is 75 MiB; requests and token batches are a few KiB each
 STATS_PERIOD_S = 1.0             # how often each replica reports its load and cached blocks to the router
 log = logging.getLogger("jitney.replicas")
+# Set before Ray is imported, for a Ray started here (its processes inherit them):
+#  - Ray binds its gRPC servers (GCS, raylet, every worker), its agents and its metrics servers to all
+#    interfaces unless the node's address is loopback, and ray.init turns a loopback _node_ip_address into the
+#    machine's address (services.resolve_ip_for_localhost). It keeps loopback only where clusters are off
+#    (ray_constants.ENABLE_RAY_CLUSTER, this variable; Ray's default on Windows and macOS), so a local Ray
+#    listens on 127.0.0.1 and nothing else: tests/test_replicas.py lists every socket of the process tree.
+#  - no usage report is sent (ray's --disable-usage-stats).
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def cpus_per_replica(replicas: int, asked: int | None) -> int:
@@ -58,8 +69,41 @@ def deploy(replicas: int, cpus: int, runner_cfg: RunnerConfig, batcher_cfg: Batc
     return serve.run(dep.bind(runner_cfg, batcher_cfg, cpus, log_requests), name=APP, route_prefix=None)
 
 
+def size_replicas(args, runner_cfg: RunnerConfig) -> tuple[RunnerConfig, str]:
+    """Each replica's KV budget (memory.py) and how it was chosen; only a local Ray on the CPU shares this host."""
+    if args.ray_address or runner_cfg.device != "cpu":
+        if runner_cfg.kv_cache_memory is not None:
+            return runner_cfg, f"--kv-cache-memory {runner_cfg.kv_cache_memory / 2**30:.2f} GiB each"
+        return runner_cfg, ("KV cache: each replica's own default (on a cluster, this host cannot see the "
+                            "replicas' memory)")
+    from model_runner.kv_cache import DEFAULT_CPU_KV_BYTES
+    weights, context = memory.model_bytes(runner_cfg)
+    available, total = memory.host_memory_now()
+    plan = memory.plan_kv(args.replicas, available, total, weights, context, runner_cfg.kv_cache_memory,
+                          DEFAULT_CPU_KV_BYTES, memory.threshold())
+    return replace(runner_cfg, kv_cache_memory=plan.kv_bytes), plan.note
+
+
+def ray_reach(ray_address: str | None) -> str:
+    """What Ray's processes listen on, as the node's address says (LOCAL_RAY_ENV for a Ray started here)."""
+    import ipaddress
+
+    import ray
+    ip = ray.util.get_node_ip_address()
+    if not ray_address:
+        if ipaddress.ip_address(ip).is_loopback:
+            return f"Ray started here, every process of it listening on loopback only ({ip})"
+        return (f"Ray started here on {ip}: Ray did not keep to loopback, so its processes listen on every "
+                f"interface (docs/replicas.md)")
+    return (f"Ray: the cluster at {ray_address}, joined as node address {ip}; its processes listen as that "
+            f"cluster was started, on every interface unless it was kept to loopback (docs/replicas.md)")
+
+
 def serve_replicas(args, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, settings: ServerSettings,
-                   limits: ConnectionLimits) -> int:
+                   limits: ConnectionLimits, guards: str) -> int:
+    """guards: the start-up lines of the HTTP front end's protections (api/cli.py's protections())."""
+    if not args.ray_address:
+        os.environ.update(LOCAL_RAY_ENV)
     try:
         import ray
         from ray import serve as ray_serve
@@ -69,6 +113,7 @@ def serve_replicas(args, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, s
     from .remote_engine import RemoteEngine
 
     cpus = cpus_per_replica(args.replicas, args.cpus_per_replica)
+    runner_cfg, kv_note = size_replicas(args, runner_cfg)  # before Ray starts: a refusal costs nothing
     if args.ray_address:
         ray.init(address=args.ray_address, logging_level=logging.WARNING)
     else:
@@ -81,10 +126,9 @@ def serve_replicas(args, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, s
         engine = RemoteEngine(handle, handle.info.remote().result())
         app = build_app(engine, settings)
         replica_metrics.install(app.metrics if hasattr(app, "metrics") else app.app.metrics)  # under CORS or not
-        scheme = "https" if args.ssl_certfile else "http"
-        print(f"jitney: {engine.runner.describe()}\njitney: {args.replicas} replicas x {cpus} CPU on Ray "
-              f"({args.ray_address or 'started here'}), routing {args.routing}; policy {args.policy}; "
-              f"serving on {scheme}://{args.host}:{args.port}", flush=True)
+        print(f"jitney: {engine.runner.describe()}\njitney: {args.replicas} replicas x {cpus} CPU, {kv_note}; "
+              f"routing {args.routing}; policy {args.policy}\njitney: {ray_reach(args.ray_address)}\n"
+              f"{guards}", flush=True)
         serve(app, engine, settings, args.host, args.port, args.grace_s, args.ssl_certfile, args.ssl_keyfile,
               limits, args.keep_alive_s)
     finally:

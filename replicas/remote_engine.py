@@ -83,9 +83,11 @@ class RemoteCall:
         ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
         self.streams = [RemoteStream(self, rid) for rid in ids]
         self.task: asyncio.Task | None = None
+        self.reason: EndReason | None = None  # why it was cancelled here: the first reason given wins
 
-    def cancel(self) -> None:
+    def cancel(self, reason: EndReason = EndReason.ABORTED) -> None:
         if self.task is not None and not self.task.done():
+            self.reason = self.reason or reason
             self.task.cancel()
 
     async def pump(self) -> None:
@@ -98,7 +100,7 @@ class RemoteCall:
         except asyncio.CancelledError:  # aborted here (client gone, drain): the replica aborts it too
             self.gen.cancel()
             for s in self.streams:
-                s.end("", EndReason.ABORTED)
+                s.end("", self.reason or EndReason.ABORTED)
             raise
         except Exception as e:  # the replica died or became unreachable mid-request
             log.warning("request %s on replica %s failed: %s", self.request_id, self.replica, type(e).__name__)
@@ -108,6 +110,14 @@ class RemoteCall:
         else:
             for s in self.streams:  # a replica stopped mid-way ends its streams itself; this is a safety net
                 s.end("the replica ended the request early", EndReason.UNAVAILABLE)
+
+    def closed(self, task: asyncio.Task) -> None:
+        """The pump's end, whatever it was. A task cancelled before its first step never runs pump's handlers:
+        its streams end here, with the reason it was cancelled for."""
+        if task.cancelled() and any(not s.finished for s in self.streams):
+            self.gen.cancel()
+            for s in self.streams:
+                s.end("", self.reason or EndReason.ABORTED)
 
 
 class RemoteEngine:
@@ -137,7 +147,7 @@ class RemoteEngine:
         while self.requests and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for call in list(self.requests.values()):
-            call.cancel()
+            call.cancel(EndReason.SHUT_DOWN)  # as the local engine: the client is told the server cut it
         while self.requests:
             await asyncio.sleep(0.01)
         self._state = "stopped"
@@ -181,12 +191,15 @@ class RemoteEngine:
         call = RemoteCall(request_id, gen, first.replica, n)
         self.requests[request_id] = call
         call.task = asyncio.create_task(call.pump(), name=f"jitney-remote-{request_id}")
+        call.task.add_done_callback(call.closed)
         call.task.add_done_callback(lambda _: self.requests.pop(request_id, None))
         return call.streams
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: EndReason = EndReason.ABORTED) -> None:
+        """Ends a request (all its samples) with `reason`, as Engine.abort: the client's cancel (ABORTED) or the
+        server's shutdown (SHUT_DOWN, which the client is told as an error)."""
         if (call := self.requests.get(request_id)) is not None:
-            call.cancel()
+            call.cancel(reason)
 
     # --- statistics ---------------------------------------------------------------------------------------
 

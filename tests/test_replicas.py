@@ -8,15 +8,24 @@ Waits are bounded polls (replicas report every second), never timed asserts.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import random
 import signal
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from hypothesis import given, settings, strategies as st
 
+from batcher.request import EndReason
+from model_runner.errors import InvalidRequestError
+from model_runner.sampling_params import SamplingParams
+from replicas import memory
 from replicas.policy import Candidate, decide, leading_matches
-from tests.server_helpers import ServerProcess, jitney_server, parse_metrics, sse_events, wait_until
+from tests.server_helpers import REPO, ServerProcess, jitney_server, parse_metrics, sse_events, wait_until
 
 # --- the decision alone (no Ray) -------------------------------------------------------------------------------
 
@@ -52,6 +61,183 @@ def test_p2c_round_robin_and_chain_matching():
     assert leading_matches([1, 2, 3], {1, 3}) == 1  # a chain: a block after a miss is no hit
     with pytest.raises(ValueError):
         decide("random", cands)
+
+
+# --- each replica's KV budget (replicas/memory.py), no Ray -----------------------------------------------------
+
+GiB = 2**30
+
+
+@settings(max_examples=500, deadline=None)
+@given(replicas=st.integers(1, 64), total=st.integers(1 * GiB, 1024 * GiB), free=st.floats(0.0, 1.0),
+       weights=st.integers(0, 64 * GiB), context=st.integers(1, 4 * GiB),
+       asked=st.one_of(st.none(), st.integers(1, 256 * GiB)), threshold=st.floats(0.5, 1.0))
+def test_replicas_kv_budget_fits_the_host_or_is_refused(replicas, total, free, weights, context, asked, threshold):
+    """Whatever the host and the model: either every replica's KV cache plus its footprint fits in what Ray's
+    memory monitor leaves (so the monitor has nothing to kill), each holds at least one whole context, and an
+    explicit --kv-cache-memory is kept as given; or the start is refused, in one line, because nothing fits."""
+    available, default = int(free * total), 2 * GiB
+    usable = available - int((1 - threshold) * total)
+    each = memory.footprint(weights)
+    try:
+        plan = memory.plan_kv(replicas, available, total, weights, context, asked, default, threshold)
+    except InvalidRequestError as e:
+        assert "\n" not in str(e) and "replicas" in str(e)
+        assert replicas * ((asked if asked is not None else context) + each) > usable
+        return
+    assert replicas * (plan.kv_bytes + each) <= usable
+    if asked is not None:
+        assert plan.kv_bytes == asked
+    else:
+        assert context <= plan.kv_bytes <= default
+        more = memory.plan_kv(replicas, available + GiB, total + GiB, weights, context, None, default, threshold)
+        assert more.kv_bytes >= plan.kv_bytes  # more memory never gives a replica less
+        assert f"{plan.kv_bytes / GiB:.2f} GiB each" in plan.note
+
+
+def test_too_many_replicas_for_the_host_are_refused_before_ray_starts():
+    """N x --kv-cache-memory past the host's memory: one line, exit 2, before any Ray process exists."""
+    pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
+    env = {**os.environ, "JITNEY_CACHE_DIR": os.environ.get("JITNEY_CACHE_DIR", "/tmp/jcache")}
+    env.pop("JITNEY_API_KEY", None)
+    out = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--model", "tiny-random", "--replicas", "64",
+                          "--kv-cache-memory", "1TiB"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("jitney: error: 64 replicas x (--kv-cache-memory"), out.stderr
+
+
+# --- RemoteEngine.abort: the reason given is the reason the client is told (no Ray) ------------------------------
+
+class FakeGeneration:
+    """A replica's stream that has accepted the request and is still generating."""
+
+    def __init__(self):
+        self.accepted, self.cancelled = False, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        from replicas.deployment import Accepted
+        if not self.accepted:
+            self.accepted = True
+            return Accepted("replica-1")
+        await asyncio.Event().wait()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    def __init__(self):
+        self.generations = []
+        self.generate = SimpleNamespace(remote=self._remote)
+
+    def options(self, stream: bool):
+        return self
+
+    def _remote(self, *args):
+        self.generations.append(FakeGeneration())
+        return self.generations[-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), reasons=st.lists(st.sampled_from(list(EndReason)), min_size=1, max_size=3),
+       started=st.booleans(), stop_after=st.booleans())
+def test_remote_abort_ends_every_sample_with_the_first_reason_given(n, reasons, started, stop_after):
+    """As Engine.abort: the first reason wins (a second SIGTERM's SHUT_DOWN, a client's ABORTED), for every
+    sample, whether or not the request's pump has started; the replica's generation is cancelled."""
+    pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
+    from replicas.remote_engine import RemoteEngine
+
+    async def main():
+        handle = FakeHandle()
+        engine = RemoteEngine(handle, {"tokenizer": None, "max_model_len": 64, "vocab_size": 10, "block_size": 16,
+                                       "describe": "fake"})
+        await engine.start()
+        streams = await engine.add_parallel_requests([1, 2, 3], SamplingParams(max_tokens=4), n, "r")
+        if started:
+            await asyncio.sleep(0.01)
+        for reason in reasons:
+            engine.abort("r", reason)
+        if stop_after:
+            await engine.stop(0.0)
+        ends = [[out async for out in s][-1].ended for s in streams]
+        return ends, handle.generations[0].cancelled, engine.requests
+
+    ends, cancelled, left = asyncio.run(asyncio.wait_for(main(), 30))
+    assert ends == [reasons[0]] * n and cancelled and not left
+
+
+def test_remote_stop_tells_requests_it_cut_that_the_server_shut_down():
+    pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
+    from replicas.remote_engine import RemoteEngine
+
+    async def main():
+        engine = RemoteEngine(FakeHandle(), {"tokenizer": None, "max_model_len": 64, "vocab_size": 10,
+                                             "block_size": 16, "describe": "fake"})
+        await engine.start()
+        stream = await engine.add_request([1, 2], SamplingParams(max_tokens=4))
+        await asyncio.sleep(0.01)
+        await engine.stop(0.0)
+        return [out async for out in stream][-1]
+
+    last = asyncio.run(asyncio.wait_for(main(), 30))
+    assert last.ended == EndReason.SHUT_DOWN and last.error == "shutdown"
+
+
+# --- a Ray started here listens on loopback only ----------------------------------------------------------------
+
+def listening_sockets(pid: int) -> list[tuple[int, str, tuple]]:
+    """(pid, process name, local address) of every listening TCP socket and bound UDP socket of pid's tree."""
+    import psutil
+    root = psutil.Process(pid)
+    found = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr):  # SOCK_DGRAM: bound
+                    found.append((p.pid, p.name(), tuple(c.laddr)))
+        except psutil.Error:  # exited meanwhile
+            pass
+    return found
+
+
+def loopback(ip: str) -> bool:
+    a = ipaddress.ip_address(ip.split("%")[0])
+    return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None and a.ipv4_mapped.is_loopback)
+
+
+def test_a_local_ray_listens_on_loopback_only_and_says_what_each_replica_got():
+    """`jitney serve --replicas 2` on a loopback server: every socket of its process tree (front end, GCS,
+    raylet, Serve controller, dashboard and runtime-env agents, metrics servers, the replicas) is on loopback.
+    Runs before the module's own Ray (below) starts, so it is the only Ray this test process knows."""
+    pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
+    server = ServerProcess(*TINY, "--replicas", "2", "--cpus-per-replica", "1", grace_s=10)
+    try:
+        server.start()
+        server.wait_ready(240)
+        assert complete(server.url, "hello").status_code == 200
+
+        def settled():  # both replicas report once: every process of the tree has started
+            return len(replica_pids(server.url)) == 2
+
+        assert wait_until(settled, timeout=60)
+        sockets = listening_sockets(server.pid)
+        names = {name for _, name, _ in sockets}
+        assert {"gcs_server", "raylet"} <= names, sockets  # the walk sees Ray's own processes
+        wide = [s for s in sockets if not loopback(s[2][0])]
+        assert not wide, f"listening beyond loopback: {wide}"
+        out = server.output()
+        assert "jitney: 2 replicas x 1 CPU, --kv-cache-memory 0.03 GiB each" in out, out[-3000:]
+        assert "every process of it listening on loopback only (127.0.0.1)" in out, out[-3000:]
+        assert f"serving on http://127.0.0.1:{server.port} (loopback only)" in out
+    finally:
+        code, out = server.stop(timeout=60), server.output()
+        server.close()
+    assert code == 0, out[-3000:]
 
 
 # --- over HTTP, on Ray -----------------------------------------------------------------------------------------
