@@ -6,12 +6,15 @@
                                                       the output is JSON matching "schema"
 The shape is checked here (400 naming the field); the schema itself is compiled by llguidance in a worker
 thread, so a large schema never stalls the event loop (a cache hit needs no thread), and a schema it cannot
-enforce (malformed, or a keyword it does not implement, such as "not" or "uniqueItems") is a 400 with its reason.
+enforce (malformed, a keyword it does not implement such as "not" or "uniqueItems", a bound it would enforce
+inexactly, or more lexer work than its compile limit: model_runner/grammar.py) is a 400 with its reason.
+At most MAX_COMPILES schemas compile at once; one that finds no free slot within COMPILE_WAIT_S gets a 429.
 "strict" may be given either way: the schema is always enforced.
 """
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 from model_runner.grammar import Grammar, GrammarCompiler, GrammarError
 
@@ -20,6 +23,13 @@ from .errors import APIError
 MAX_SCHEMA_CHARS = 32 * 1024  # a schema's JSON text; keeps compile time in milliseconds
 MAX_NAME_CHARS = 64           # OpenAI's bound on json_schema.name
 JSON_OBJECT = {"type": "object"}
+# Compiles at once. Each is bounded (grammar.COMPILE_LIMITS: refused past ~0.3 s of lexer work, measured), runs
+# in the default thread pool (5-6 threads on a 2-core machine) and competes with the model step for the cores:
+# two keep a burst of new schemas from taking every pool thread. A compile waits for a slot up to COMPILE_WAIT_S,
+# several bounded compiles' worth, then the request gets a 429 with Retry-After (the server's overload answer).
+MAX_COMPILES = 2
+COMPILE_WAIT_S = 2.0
+_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its asyncio.Semaphore
 SHAPE = ('{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., '
          '"schema": {...}}}')
 
@@ -77,7 +87,22 @@ async def compile_response_format(body: dict, compiler: GrammarCompiler | None, 
     source = compiler.key(schema)  # serialized once: its size, the cache's key, llguidance's input
     if len(source) > MAX_SCHEMA_CHARS:
         raise _refuse(field, f"is longer than {MAX_SCHEMA_CHARS} characters of JSON")
+    if (hit := compiler.cached(source)) is not None:
+        return hit
+    loop = asyncio.get_running_loop()
+    slots = _slots.setdefault(loop, asyncio.Semaphore(MAX_COMPILES))
     try:
-        return compiler.cached(source) or await asyncio.to_thread(compiler.compile, source)
+        async with asyncio.timeout(COMPILE_WAIT_S):  # (an acquire cancelled after it was granted gives it back)
+            await slots.acquire()
+    except TimeoutError:
+        raise APIError(429, f"too many new response_format schemas are compiling (at most {MAX_COMPILES} at once); "
+                            "retry shortly, or reuse a schema (compiled ones are cached)", "overloaded",
+                       "too_many_compiles", {"Retry-After": "1"}) from None
+    # The slot is freed when the compile ends, not when this request stops waiting (a client that leaves does not
+    # stop the thread): the count is of compiles running.
+    compiling = asyncio.ensure_future(asyncio.to_thread(compiler.compile, source))
+    compiling.add_done_callback(lambda _: slots.release())
+    try:
+        return await asyncio.shield(compiling)
     except GrammarError as e:
         raise _refuse(field, f"cannot be enforced: {str(e)[:500]}", "invalid_schema") from None

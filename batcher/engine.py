@@ -269,8 +269,8 @@ class Engine:
             text = req.detok.push([token])
             if req.detok.stopped and not seq.is_finished:
                 self._end(req, EndReason.STOPPED, text, [token], **extra)
-            elif seq.is_finished:
-                self._end(req, EndReason.of(seq), text, [token], **extra)
+            elif seq.is_finished:  # (a response_format failure's message replaces the text)
+                self._end(req, EndReason.of(seq), text, [token], message=seq.failure, **extra)
             else:
                 req.outputs.put_nowait(RequestOutput(req.request_id, text, [token], **extra))
 

@@ -23,6 +23,7 @@ class EndReason(str, Enum):
     SHUT_DOWN = "shut_down"    # the server stopped before it ended
     FAILED = "failed"          # the model step raised
     UNAVAILABLE = "unavailable"  # the replica serving it died or could not be reached (replicas/)
+    INVALID_OUTPUT = "invalid_output"  # response_format: no matching document could be finished (Sequence.failure)
 
     @property
     def finish_reason(self) -> str:
@@ -37,11 +38,14 @@ class EndReason(str, Enum):
     @classmethod
     def of(cls, seq: Sequence) -> "EndReason":
         """The end a finished sequence's own rules gave it (token rules, or outgrowing the cache)."""
-        return {FinishReason.STOP: cls.FINISHED, FinishReason.LENGTH: cls.LENGTH}.get(seq.finish_reason, cls.ABORTED)
+        return _OF_FINISH.get(seq.finish_reason, cls.ABORTED)
 
 
 _FINISH_REASONS = {"finished": "stop", "stopped": "stop", "length": "length"}  # the rest: "abort"
-_ERROR_KINDS = {"timed_out": "timeout", "shut_down": "shutdown", "failed": "internal", "unavailable": "unavailable"}
+_ERROR_KINDS = {"timed_out": "timeout", "shut_down": "shutdown", "failed": "internal", "unavailable": "unavailable",
+                "invalid_output": "invalid_output"}
+_OF_FINISH = {FinishReason.STOP: EndReason.FINISHED, FinishReason.LENGTH: EndReason.LENGTH,
+              FinishReason.GRAMMAR: EndReason.INVALID_OUTPUT}
 
 
 @dataclass
@@ -99,7 +103,8 @@ class RequestOutput:
 
     @property
     def error(self) -> str | None:
-        """timeout | shutdown | internal | unavailable when the request failed; the message (for timeout, internal) is in text."""
+        """timeout | shutdown | internal | unavailable | invalid_output when the request failed; the message (for
+        timeout, internal, invalid_output) is in text."""
         return self.ended.error if self.ended else None
 
 

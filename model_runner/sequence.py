@@ -16,6 +16,8 @@ class FinishReason(str, Enum):
     STOP = "stop"        # EOS, a stop token id or a stop string
     LENGTH = "length"    # max_tokens, or the context window is full
     ABORT = "abort"      # cancelled by the client or the server
+    GRAMMAR = "grammar"  # response_format: the matcher failed (a limit, a rejected token) or the finished document
+                         # does not match the schema; Sequence.failure says which. An error, never a "stop".
 
 
 class Sequence:
@@ -30,6 +32,7 @@ class Sequence:
         # Its own grammar matcher (response_format), advanced by every token appended (model_runner/grammar.py).
         self.matcher = params.grammar.matcher() if params.grammar is not None else None
         self.finish_reason: FinishReason | None = None
+        self.failure: str | None = None           # why it ended with FinishReason.GRAMMAR, one line for the client
         self.num_cached_tokens = 0                # prompt tokens the prefix cache held when it was admitted
 
     def __len__(self) -> int:
@@ -55,10 +58,27 @@ class Sequence:
     def append_token(self, token_id: int, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
         """Adds a sampled token and decides whether the sequence ends with it (token-level stop rules)."""
         self.token_ids.append(token_id)
-        if self.matcher is not None:
-            self.matcher.consume_token(token_id)  # allowed by its mask; an end-of-sequence token stops it
+        if self.matcher is not None and (why := self._grammar_failure(token_id, eos_token_ids)):
+            self.finish_reason = FinishReason.GRAMMAR
+            self.failure = (f"the output is not a document matching response_format's schema ({why[:300]}), so it "
+                            "is not returned: simplify the schema (fewer alternatives, smaller bounds) or retry")
+            return
         p, n = self.params, self.num_output_tokens
         if n >= p.min_tokens and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in eos_token_ids)):
             self.finish_reason = FinishReason.STOP
         elif n >= p.max_tokens or len(self.token_ids) >= max_model_len:
             self.finish_reason = FinishReason.LENGTH
+
+    def _grammar_failure(self, token_id: int, eos_token_ids: tuple[int, ...]) -> str | None:
+        """Advances the matcher; why the output cannot end as a matching document, or None.
+
+        A matcher that hit one of llguidance's limits (or took a token its mask forbade) is in an error state and
+        from then on allows only end-of-sequence: without this check that end would read as a finished document.
+        An end-of-sequence token ends the document the grammar accepted; the schema itself then checks it, for
+        the bounds llguidance's grammar only approximates (model_runner/grammar.py, Grammar.check)."""
+        m = self.matcher
+        if not m.consume_token(token_id) or m.is_error():
+            return f"the grammar engine stopped: {m.get_error().splitlines()[0] if m.get_error() else 'error'}"
+        if token_id in eos_token_ids:  # (the mask allows it only once the document is complete)
+            return self.params.grammar.check(self.output_token_ids[:-1])
+        return None
