@@ -146,8 +146,9 @@ def protections(args: argparse.Namespace, keys: tuple[str, ...]) -> str:
         f"connections {args.max_connections}, idle {args.keep_alive_s:g} s",
         f"prompts {'logged' if args.log_requests else 'not logged'}"]
     scheme = "https" if args.ssl_certfile else "http"
+    port = args.port or "0 (a free port the OS picks: uvicorn's 'running on' line names it)"
     return (f"jitney: {'; '.join(parts)}\n"
-            f"jitney: serving on {scheme}://{args.host}:{args.port} ({reach(args.host)})")
+            f"jitney: serving on {scheme}://{args.host}:{port} ({reach(args.host)})")
 
 
 def add_serve_args(s: argparse.ArgumentParser) -> None:
@@ -183,7 +184,8 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
                    help="fail a request (504) that has not started after this many seconds (default: none)")
     s.add_argument("--host", type=flags.word("address"), default="127.0.0.1",
                    help="address to bind; 0.0.0.0 or :: = every interface (default: 127.0.0.1, loopback only)")
-    s.add_argument("--port", type=flags.integer(1, 65535), default=8000, help="port (default: 8000)")
+    s.add_argument("--port", type=flags.integer(0, 65535), default=8000,
+                   help="port; 0 = a free one the OS picks (default: 8000)")
     s.add_argument("--api-key", action="append", type=flags.api_key,
                    help="require this key as 'Authorization: Bearer KEY' (repeatable; JITNEY_API_KEY may hold "
                         "comma-separated keys too; an empty key is refused; default: no auth)")

@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 from model_runner.config import RunnerConfig
 from model_runner.errors import InvalidRequestError
 
-# A replica apart from its KV cache, measured: RSS after loading and 8 x 32-token requests, float32, torch
-# 2.13, ray 2.60 imported, on an AMD EPYC Zen 3 (2 cores): tiny-random (weights ~0) 666 MiB with a 256 MiB KV
-# cache -> 409 MiB of runtime; SmolLM2-135M (513 MiB of weights as served) 1,773 MiB with 255 MiB of KV ->
-# 1,004 MiB besides the weights: the weights' load-time copy and packed matmul copy add ~1.2x weights
-# (python /tmp/rss.py MODEL, in the commit that added this file's report).
+# A replica apart from its KV cache, measured on an AMD EPYC Zen 3 VM (2 cores, torch 2.13, ray 2.60): a process
+# that imports ray.serve, builds ModelRunner(RunnerConfig(model, dtype="float32", kv_cache_memory=256 MiB)) and
+# generates 32 tokens for 8 prompts of 101 tokens, then reads its RSS (psutil). tiny-random (weights ~0): 666 MiB
+# with 256 MiB of KV -> 409 MiB of runtime. SmolLM2-135M (513 MiB of weights as served): 1,773 MiB with 255 MiB
+# of KV -> 1,004 MiB besides the KV, 595 MiB more than tiny: the weights' load-time and packed copies, ~1.2x them.
 RUNTIME_BYTES = 410 << 20
 WEIGHT_COPIES = 2.2
 GiB = 2**30

@@ -48,7 +48,7 @@ PROTECTIONS = {
     "--max-queue": count(1), "--max-num-seqs": count(1), "--max-num-batched-tokens": count(1),
     "--max-batch-size": count(1), "--max-model-len": count(1), "--block-size": count(1),
     "--max-headers": count(1), "--max-connections": count(1), "--replicas": count(1),
-    "--cpus-per-replica": count(1), "--port": count(1, 65535),
+    "--cpus-per-replica": count(1), "--port": count(0, 65535),
     "--kv-cache-memory": count(1), "--max-body-bytes": count(1), "--max-header-bytes": count(1),
     "--max-rps": finite(0, above=True), "--timeout-s": finite(0, above=True),
     "--body-timeout-s": finite(0, above=True), "--header-timeout-s": finite(0, above=True),
