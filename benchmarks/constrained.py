@@ -3,7 +3,8 @@
     python -m benchmarks.constrained [--model smollm2-135m] [--batch-sizes 1,16] [--steps 48] [--n 4]
 
 1. Compile: a fresh compiler's first schema (it builds llguidance's view of the vocabulary), a second schema,
-   and a cache hit.
+   and a cache hit; then large (~30 KiB) schemas under llguidance's default limits and under ours
+   (grammar.COMPILE_LIMITS), each compiled or refused.
 2. Per token: decode steps of B sequences with and without a grammar (the same prompts, the same number of
    steps: the schema is long enough that no sequence ends), and the mask alone (fill + apply) per step.
 3. n: one request of n samples against n = 1 (tokens per second, peak KV blocks): the samples share the
@@ -24,7 +25,7 @@ from batcher.config import BatcherConfig
 from batcher.engine import Engine
 from batcher.generate import kv_manager
 from model_runner.config import RunnerConfig
-from model_runner.grammar import GrammarCompiler, apply_grammar_masks
+from model_runner.grammar import GrammarCompiler, GrammarError, apply_grammar_masks
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import Sequence
@@ -46,6 +47,48 @@ QUESTION = "List forty cities of Europe as JSON."
 REPEATS = 3
 
 
+def variant(i: int) -> dict:
+    """TYPICAL with one bound changed: a new grammar (a changed "title" or "description" is a cache hit)."""
+    return {**TYPICAL, "properties": {**TYPICAL["properties"], "name": {"type": "string", "maxLength": 61 + i}}}
+
+
+def _fields(n: int, field) -> dict:
+    names = [f"p{i}" for i in range(n)]
+    return {"type": "object", "properties": {name: field(i) for i, name in enumerate(names)}, "required": names}
+
+
+# Large schemas (within the API's 32 KiB but the last) that stress llguidance's compile in different ways.
+LARGE = {
+    "300 bounded strings": _fields(300, lambda i: {"type": "string", "minLength": 50, "maxLength": 1000 + i}),
+    "200 patterns": _fields(200, lambda i: {"type": "string", "pattern": f"^[a-z]{{{i + 1},{i + 200}}}[0-9]{{3}}$"}),
+    "400 integer ranges": _fields(400, lambda i: {"type": "integer", "minimum": -123456789 * i,
+                                                  "maximum": 987654321 * i + 7}),
+    "400 number ranges": _fields(400, lambda i: {"type": "number", "minimum": -1234.5678 * i,
+                                                 "maximum": 9876.54321 * i + 0.7}),
+    "100 arrays of 100-1000 bounded integers": _fields(100, lambda i: {"type": "array", "minItems": 100,
+        "maxItems": 1000, "items": {"type": "integer", "minimum": 0, "maximum": 999}}),
+    "a 40-way anyOf of 20-field objects (37 KiB)": {"anyOf": [_fields(20, lambda i, j=j: {
+        "type": "string", "maxLength": 500 + j}) for j in range(40)]},
+}
+
+
+def compile_limits(runner: ModelRunner) -> None:
+    """Each LARGE schema compiled by a fresh compiler (vocabulary built first) under llguidance's default limits
+    and under ours: the time, and whether it compiled or was refused."""
+    for name, limits in (("llguidance's defaults", {}), ("ours (COMPILE_LIMITS)", None)):
+        c = GrammarCompiler(runner.tokenizer, runner.model_config.vocab_size, runner.eos_token_ids, limits=limits)
+        c.prepare()
+        print(f"  {name}:")
+        for what, schema in LARGE.items():
+            t0 = time.perf_counter()
+            try:
+                c.json_schema(schema)
+                outcome = "compiled"
+            except GrammarError as e:
+                outcome = f"refused ({str(e)[:50]})"
+            print(f"    {what:45s} {1000 * (time.perf_counter() - t0):8.0f} ms  {outcome}")
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -56,8 +99,8 @@ def compile_times(runner: ModelRunner) -> dict:
     fresh = GrammarCompiler(runner.tokenizer, runner.model_config.vocab_size, runner.eos_token_ids)
     first, _ = timed(lambda: fresh.json_schema(TYPICAL))
     second, _ = timed(lambda: fresh.json_schema(LONG))
-    hit, _ = timed(lambda: fresh.cached(TYPICAL))
-    again = min(timed(lambda: fresh.json_schema({**TYPICAL, "title": str(i)}))[0] for i in range(5))
+    hit, _ = timed(lambda: fresh.cached(fresh.key(TYPICAL)))
+    again = min(timed(lambda: fresh.json_schema(variant(i)))[0] for i in range(5))
     return {"first schema (incl. the vocabulary, once per server)": first, "a new schema": again,
             "another new schema (LONG)": second, "cache hit": hit}
 
@@ -163,10 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## grammar compile (ms)")
     for what, s in compile_times(runner).items():
         print(f"  {what:55s} {1000 * s:8.2f}")
+    compile_limits(runner)
     fresh = GrammarCompiler(runner.tokenizer, runner.model_config.vocab_size, runner.eos_token_ids)
     print("  the event loop while a worker thread works (the longest gap of a 1 ms ticker):")
     for what, work in (("building the vocabulary (the server does it at start-up)", fresh.prepare),
-                       ("compiling a new schema", lambda: fresh.json_schema({**TYPICAL, "title": "stall"}))):
+                       ("compiling a new schema", lambda: fresh.json_schema(variant(99)))):
         seconds, gap = asyncio.run(loop_stall(work))
         print(f"    {what}: {1000 * seconds:.1f} ms of work, longest gap {1000 * gap:.1f} ms")
     grammar = runner.grammars.json_schema(LONG)

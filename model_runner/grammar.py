@@ -31,11 +31,12 @@ from .errors import InvalidRequestError
 CACHE_SIZE = 64  # compiled schemas kept (clients tend to send the same few schemas again and again)
 # llguidance's resource limits. Compiling is bounded by its lexer fuel (the regex work of building the lexer): a
 # schema that needs more is refused (GrammarError: "initial lexer configuration (grammar) too big"), so no compile
-# runs unbounded. Its default, 1M, let a 31 KiB schema of 400 integer ranges compile in 1.4-3.5 s on a 2-core
-# Zen 3 (shared, loaded); 100k refuses it after 0.2 s and the 400-float-range one after 0.3 s, while 300 bounded
-# strings, 200 patterns or a 40-way anyOf of 20-field objects compile in 50-150 ms under it (docs/constrained-
-# decoding.md has the command). Per step (computing one mask) llguidance's defaults stand; a step past them puts
-# the matcher in an error state, which ends the request with an error (Sequence._grammar_failure).
+# runs unbounded. Its default, 1M, let a 31 KiB schema of 400 integer ranges compile in 1.2-3.5 s on a 2-core
+# Zen 3 (shared with other work, loaded); 100k refuses it, and one of 400 number ranges, after 0.2-0.4 s, while
+# 300 bounded strings, 200 patterns, 100 arrays of 100-1000 items or a 40-way anyOf of 20-field objects compile
+# under it in 60-150 ms (benchmarks/constrained.py, LARGE; docs/constrained-decoding.md). Per step (computing
+# one mask) llguidance's defaults stand; a step past them puts the matcher in an error state, which ends the
+# request with an error (Sequence._grammar_failure).
 # verbose_errors off: the messages reach clients, and the verbose ones dump the parser's state.
 COMPILE_LIMITS = dict(initial_lexer_fuel=100_000, verbose_errors=False)
 # Keywords that change nothing a document may be (annotations, JSON Schema 2020-12 section 9 and $comment): left
