@@ -24,7 +24,8 @@ ERRORS = {
     "413": "a body over --max-body-bytes",
     "415": "a body without 'Content-Type: application/json'",
     "422": "a missing field, a wrong type, or a value out of its bounds",
-    "429": "over the queue bound (Retry-After says when to retry)",
+    "429": "over the queue bound, or no response_format compile slot within 2 s (Retry-After says when to retry)",
+    "500": "invalid_output: a response_format output that could not end as a document matching the schema",
     "503": "the server is shutting down",
     "504": "the request waited longer than --timeout-s to start",
 }
