@@ -47,6 +47,7 @@ _SUBSCHEMA = frozenset({"additionalProperties", "items", "additionalItems", "con
 _SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems", "items"})
 _SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 EXACT_INTEGERS = 2 ** 53  # llguidance reads numeric bounds as IEEE doubles: past this, integers round
+MAX_REPEAT = 2 ** 32 - 1  # a string length past this is a regex repetition llguidance cannot parse
 
 
 class GrammarError(InvalidRequestError):
@@ -171,10 +172,10 @@ class GrammarCompiler:
         # (no separate validate_grammar(): it builds the same lexer and parser the matcher builds, twice the time)
         template = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=self._limits)
         if template.is_error():
-            raise GrammarError(_first_line(template.get_error()))
+            raise GrammarError(one_line(template.get_error()))
         template.compute_bitmask()  # warms the lexer for the first token; copies start warm
         if template.is_error():
-            raise GrammarError(_first_line(template.get_error()))
+            raise GrammarError(one_line(template.get_error()))
         compiled = Grammar(template, source, validator, tokenizer)
         with self._lock:
             self._cache[source] = compiled
@@ -183,8 +184,10 @@ class GrammarCompiler:
         return compiled
 
 
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0][:500] if message.strip() else "error"
+def one_line(message: str) -> str:
+    """llguidance's message on one line: its parser-state dump (if any) cut, the lines (a regex error points at
+    the offending part on the next ones) joined."""
+    return " ".join(message.split("<state>")[0].split())[:500] or "error"
 
 
 def _without_annotations(schema):
@@ -229,6 +232,7 @@ def _inexact_bound(schema) -> str | None:
     """Why llguidance would enforce a numeric bound of this schema other than as written, or None. Refused up
     front (the client gets a 400 naming the keyword) rather than found out after generating:
       - a bound past 2^53 in magnitude: llguidance reads bounds as doubles, so 9007199254740993 becomes ...992;
+      - a minLength or maxLength past 2^32 - 1: llguidance fails to parse the regex it makes of it (tested);
       - a number's exclusive lower bound at an integer n >= 0 whose upper bound is below n + 1, or its mirror
         image (an exclusive upper bound at an integer n <= 0, the lower bound above n - 1): the range regex then
         allows n itself, or -0 (llguidance 1.9.1, parser/src/json/numeric.rs rx_float_range; tested)."""
@@ -238,6 +242,11 @@ def _inexact_bound(schema) -> str | None:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > EXACT_INTEGERS:
                 return (f"'{keyword}': {v!r} is past 2^53 in magnitude, which the grammar engine cannot enforce "
                         f"exactly (it reads bounds as doubles): use a bound within +/-{EXACT_INTEGERS}")
+        for keyword in ("minLength", "maxLength"):
+            v = sub.get(keyword)
+            if isinstance(v, int) and not isinstance(v, bool) and v > MAX_REPEAT:
+                return (f"'{keyword}': {v} is past {MAX_REPEAT}, the largest length the grammar engine's regular "
+                        f"expressions can state: lower it (no output that long fits the context anyway)")
         if sub.get("type") == "integer":  # integers have a range regex of their own, exact
             continue
         lo, hi = sub.get("exclusiveMinimum"), _tightest(sub, "maximum", "exclusiveMaximum", min)

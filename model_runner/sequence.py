@@ -6,6 +6,7 @@ from enum import Enum
 
 import torch
 
+from .grammar import one_line
 from .sampler import make_generator
 from .sampling_params import SamplingParams
 
@@ -78,7 +79,7 @@ class Sequence:
         the bounds llguidance's grammar only approximates (model_runner/grammar.py, Grammar.check)."""
         m = self.matcher
         if not m.consume_token(token_id) or m.is_error():
-            return f"the grammar engine stopped: {m.get_error().splitlines()[0] if m.get_error() else 'error'}"
+            return f"the grammar engine stopped: {one_line(m.get_error())}"
         if token_id in eos_token_ids:  # (the mask allows it only once the document is complete)
             return self.params.grammar.check(self.output_token_ids[:-1])
         return None

@@ -240,6 +240,19 @@ def test_bounds_past_2_53_are_refused_naming_the_keyword(tiny_runner, bound, neg
     tiny_runner.grammars.json_schema({"type": kind, keyword: -(2**53) if negative else 2**53})
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(length=st.integers(2**32, 2**70), keyword=st.sampled_from(["minLength", "maxLength"]), nested=st.booleans())
+def test_string_lengths_llguidance_cannot_state_are_refused_naming_the_keyword(tiny_runner, length, keyword, nested):
+    """llguidance turns a length into a regex repetition {m,n}, which it cannot parse past 2^32 - 1 (the old
+    message: "regex parse error: (?s:.{0,4294967296}) ^^^ error: decimal literal invalid"). Refused by name, at
+    any depth; 2^32 - 1 itself compiles."""
+    leaf = {"type": "string", keyword: length}
+    schema = {"type": "object", "properties": {"s": {"anyOf": [leaf, {"type": "null"}]}}} if nested else leaf
+    with pytest.raises(GrammarError, match=f"'{keyword}': {length} is past 4294967295"):
+        tiny_runner.grammars.json_schema(schema)
+    tiny_runner.grammars.json_schema({"type": "string", keyword: 2**32 - 1})
+
+
 def _annotate(schema, words):
     """schema with title/description/examples/$comment added at every place a subschema is."""
     if not isinstance(schema, dict):
