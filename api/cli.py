@@ -33,6 +33,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "CPU only (default: none)")
     p.add_argument("--block-size", type=flags.integer(1), default=16,
                    help="tokens per KV-cache block (default: 16)")
+    p.add_argument("--threads", type=flags.integer(1), default=None,
+                   help="threads a model step runs on (PyTorch, OpenMP and the native kernels alike); default: "
+                        "every CPU this process may use (its affinity mask: `taskset -c 0 jitney ...` gives 1). "
+                        "On a machine shared with busy processes give fewer than the free cores, or set "
+                        "OMP_WAIT_POLICY=passive: a step waits for its slowest thread (docs/benchmarks.md"
+                        "#sharing-the-machine)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -48,7 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
                                       kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
-                                      kv_cache_memory=256 << 20, quantization=args.quantization))
+                                      kv_cache_memory=256 << 20, quantization=args.quantization,
+                                      threads=args.threads))
     print(f"loaded in {time.perf_counter() - t0:.1f}s: {runner.describe()}", file=sys.stderr)
     tok = runner.tokenizer
     if args.chat:
@@ -97,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runner_cfg = RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
                               kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory, memory_utilization=args.memory_utilization,
-                              max_model_len=args.max_model_len, quantization=args.quantization)
+                              max_model_len=args.max_model_len, quantization=args.quantization,
+                              threads=args.threads)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,
                               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
                               allowed_origins=tuple(args.allowed_origins or ()),
@@ -251,6 +259,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"jitney: error: {message} (see {self.prog} --help)\n")
+
+    def _get_values(self, action, arg_strings):
+        # argparse drops a "--" value (`--api-key=--`, `--host=--`) and stores [] without calling the flag's type,
+        # so no check of api/flags.py runs: an empty key list would read as keys on, an empty host as every interface.
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            self.error(f"argument {action.option_strings[-1]}: '--' is not a value")
+        return super()._get_values(action, arg_strings)
 
 
 def build_parser() -> argparse.ArgumentParser:

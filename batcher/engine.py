@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from model_runner import threads
 from model_runner.errors import InvalidRequestError
 from model_runner.runner import ModelRunner, StepLogprobs
 from model_runner.sampler import TokenLogprob
@@ -61,7 +62,10 @@ class Engine:
         self._aborts: dict[str, EndReason] = {}
         self._ids = itertools.count()
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jitney-engine")
+        # The step thread takes the runner's thread count before its first step (model_runner/threads.py: a new
+        # thread would start the native kernels' OpenMP regions at the process default).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jitney-engine",
+                                            initializer=threads.apply, initargs=(runner.threads,))
         self._task: asyncio.Task | None = None
         self.accepting = True
 

@@ -195,3 +195,4 @@ class RunnerConfig:
     memory_utilization: float = 0.85    # CUDA: fraction of free memory the KV cache may take
     max_model_len: int | None = None    # cap on prompt + output tokens; None -> the model's context window
     seed: int = 0
+    threads: int | None = None         # threads per step (model_runner/threads.py); None -> every CPU allowed

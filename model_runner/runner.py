@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import native, quant
+from . import native, quant, threads
 from .attention import AttentionMetadata, DecodeGroup, NativeAttention, PrefillChunk
 from .config import ModelConfig, RunnerConfig
 from .errors import InvalidRequestError, ModelLoadError
@@ -43,6 +43,7 @@ class ModelRunner:
                                  f"use --quantization none on {cfg.device}")
         self.cfg = cfg
         self.device = cfg.device
+        self.threads = threads.apply(cfg.threads)  # before loading: the repack and conversion run threaded too
         path, weights, self.tokenizer = load_model_dir(cfg.model, progress=progress, quantization=cfg.quantization,
                                                        runner=cfg)
         self.model_path = path
@@ -85,7 +86,8 @@ class ModelRunner:
                 + (f", quantized matmul by the {quant.isa()} loop" if self.cfg.quantization != "none" else "")
                 + f"; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} "
                 f"blocks x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens; attention by "
-                + (f"the native kernel ({native.isa()} loop)" if self.native_attention else "the PyTorch path"))
+                + (f"the native kernel ({native.isa()} loop)" if self.native_attention else "the PyTorch path")
+                + f"; {self.threads} thread{'s' if self.threads > 1 else ''} per step")
 
     # --- requests ---------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import asyncio
 import ipaddress
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from batcher.config import BatcherConfig
 from batcher.engine import Engine, EngineStopped
@@ -69,11 +69,10 @@ class Refused:
 class JitneyReplica:
     async def __init__(self, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, threads: int,
                        log_requests: bool = False):
-        import torch
         from ray import serve
-        torch.set_num_threads(threads)  # this replica's share of the cores (Ray reserved num_cpus for it)
         keep_serve_grpc_on_loopback()
-        self.runner = ModelRunner(runner_cfg, progress=False)
+        # --threads, or this replica's share of the cores (Ray reserved num_cpus for it)
+        self.runner = ModelRunner(replace(runner_cfg, threads=runner_cfg.threads or threads), progress=False)
         self.engine = Engine(self.runner, batcher_cfg, log_requests=log_requests)
         self.name = serve.get_replica_context().replica_id.unique_id
         # Per histogram: a count per bucket (the last one +Inf) and the sum of observations.

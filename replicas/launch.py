@@ -16,6 +16,7 @@ from api.app import ServerSettings, build_app
 from api.protocol import ConnectionLimits
 from api.server import serve
 from batcher.config import BatcherConfig
+from model_runner import threads
 from model_runner.config import RunnerConfig
 from model_runner.errors import InvalidRequestError
 
@@ -37,7 +38,7 @@ LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENAB
 
 
 def cpus_per_replica(replicas: int, asked: int | None) -> int:
-    return asked or max(1, (os.cpu_count() or 1) // replicas)
+    return asked or max(1, threads.available() // replicas)
 
 
 def deploy(replicas: int, cpus: int, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, routing: str,

@@ -1,0 +1,54 @@
+"""--threads: the step thread runs PyTorch, OpenMP (our kernels' pool) and the runner at the count asked, and the
+start-up description says it. In a subprocess: the thread count is process-wide, and the rest of the suite runs
+with the default."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from model_runner import threads
+
+PROBE = r"""
+import asyncio, ctypes, json, os, sys
+from model_runner.config import RunnerConfig
+from model_runner.runner import ModelRunner
+from batcher.config import BatcherConfig
+from batcher.engine import Engine
+
+n = int(sys.argv[1]) if sys.argv[1] != "none" else None
+runner = ModelRunner(RunnerConfig(model="tiny-random", dtype="float32", kv_cache_memory=1 << 20, threads=n),
+                     progress=False)
+gomp = next(line.split()[-1] for line in open(f"/proc/{os.getpid()}/maps") if "libgomp" in line)
+omp = ctypes.CDLL(gomp)
+
+async def main():
+    import torch
+    engine = Engine(runner, BatcherConfig())
+    # The engine's step thread, before any step has run in it: what its OpenMP regions and ATen would use.
+    seen = await asyncio.get_running_loop().run_in_executor(
+        engine._executor, lambda: (omp.omp_get_max_threads(), torch.get_num_threads()))
+    engine._executor.shutdown()
+    return seen
+
+omp_n, torch_n = asyncio.run(main())
+print(json.dumps({"runner": runner.threads, "omp": omp_n, "torch": torch_n, "describe": runner.describe()}))
+"""
+
+
+def probe(n: int | None) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(n) if n else "none"], capture_output=True, text=True,
+                         check=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_one_thread_everywhere_in_the_step_thread():
+    r = probe(1)
+    assert (r["runner"], r["omp"], r["torch"]) == (1, 1, 1)
+    assert "1 thread per step" in r["describe"]
+
+
+def test_default_is_the_affinity_mask():
+    r = probe(None)
+    n = threads.available()
+    assert (r["runner"], r["omp"], r["torch"]) == (n, n, n)
