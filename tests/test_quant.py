@@ -14,6 +14,7 @@ from model_runner.quant import QK, QuantWeight
 GGUF_TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
               "q8_0": GGMLQuantizationType.Q8_0}
 EPS32 = 2.0 ** -24  # float32 unit roundoff
+QMAX = 127 * 254  # the activations' integer range per block (csrc/qmatmul.cpp)
 
 
 def random_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
@@ -98,7 +99,7 @@ def bound(w: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Ten
     |w x| terms). A bfloat16 output then rounds to 8 significant bits (half a unit: 2^-9 relative)."""
     m, k = x.shape
     xb = x.double().view(m, k // QK, QK)
-    half_step = xb.abs().amax(-1) / 254 * (1 + 8 * EPS32)                       # [m, nb]
+    half_step = xb.abs().amax(-1) / (2 * QMAX) * (1 + 8 * EPS32)                # [m, nb]
     wb = w.double().abs().view(w.shape[0], k // QK, QK).sum(-1)                  # [n, nb]
     quant_err = half_step @ wb.T
     float_err = (k // QK + 4) * 2 * EPS32 * (x.double().abs() + xb.abs().amax(-1).repeat_interleave(QK, 1) / 127) \
