@@ -46,7 +46,8 @@ class Counters:
     last_step_tokens: int = 0
     batch_size_sum: int = 0
     step_seconds: float = 0.0  # EWMA of a step's wall time: the retry hint's unit
-    # Ended requests by finish_reason (stop, length, abort), failed ones (timed out, step failed) as "error".
+    # Ended requests by finish_reason (stop, length, abort), failed ones (timed out, step failed, no valid
+    # constrained document) as "error".
     finished_by_reason: Counter = field(default_factory=Counter)
     step_log: list[StepRecord] | None = None  # one StepRecord per step when asked (benchmarks plot them)
     step_observers: list[Callable[[StepRecord], None]] = field(default_factory=list)  # e.g. /metrics' histogram
@@ -74,5 +75,7 @@ class Counters:
     def ended(self, reason: EndReason, prompt_tokens: int) -> None:
         """A request ended; its prompt counts as served unless it failed (n > 1 samples pass their prompt once)."""
         failed = reason in (EndReason.TIMED_OUT, EndReason.FAILED)
-        self.finished_by_reason["error" if failed else reason.finish_reason] += 1
+        # A constrained output with no valid document is an error to the client, though its prompt was served.
+        error = failed or reason is EndReason.INVALID_OUTPUT
+        self.finished_by_reason["error" if error else reason.finish_reason] += 1
         self.prompt_tokens += 0 if failed else prompt_tokens

@@ -312,3 +312,4 @@ async def test_a_matcher_limit_mid_output_ends_the_request_with_an_error(tiny_ru
         assert final.error == "invalid_output" and final.finish_reason != "stop", text
         assert "grammar engine stopped: parser error: Too many items" in final.text
     assert engine.kv.num_used == 0
+    assert engine.stats().finished_by_reason == {"error": 3}  # /metrics counts them as errors, not aborts
