@@ -125,10 +125,10 @@ def check_weights(path: Path, mc: ModelConfig) -> dict[str, TensorInfo]:
     # Layers first: a config.json that claims a million layers is answered from the file's few, without
     # listing the million's names.
     layers = {int(n.split(".")[2]) for n in tensors if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
-    if layers != set(range(mc.num_hidden_layers)):
+    numbered = layers == set(range(len(layers)))
+    if len(layers) != mc.num_hidden_layers or not numbered:
         raise ModelLoadError(f"{path}: config.json says num_hidden_layers is {mc.num_hidden_layers}, but the "
-                             f"weights hold {len(layers)} layers"
-                             + ("" if layers == set(range(len(layers))) else " (not numbered 0, 1, ...)")
+                             f"weights hold {len(layers)} layers" + ("" if numbered else " (not numbered 0, 1, ...)")
                              + ": config.json and the weights are of different models")
     want = expected_shapes(mc)
     missing = [n for n in want if n not in tensors]
