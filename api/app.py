@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
-import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateError
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -33,7 +34,9 @@ from .chat import chat_prompt_ids
 from .errors import APIError, BodyTimeout, ClientGone, error_response
 from .jsonbody import parse_json
 from .logprobs import TokenTexts, chat_logprobs, completion_logprobs, generate_logprobs
+from .looplag import LoopLag
 from .metrics import Metrics
+from .offload import OFFLOAD_BYTES, OFFLOAD_WEIGHT, PrepThread, byte_bound, json_response, json_text, json_weight
 from .openapi import openapi_document
 from .response_format import compile_response_format
 from .schemas import (Model, ParsedRequest, chat_messages, check_fields, check_rules, prompt_ids, sampling_params,
@@ -86,9 +89,14 @@ def check_content_type(request: Request) -> None:
                             f"{media[:60] or 'none'!r})", code="unsupported_media_type")
 
 
-async def json_body(request: Request, settings: "ServerSettings", route: str) -> dict:
+async def body_bytes(request: Request, settings: "ServerSettings") -> bytes:
     check_content_type(request)
-    body = parse_json(await read_body(request, settings.max_body_bytes))
+    return await read_body(request, settings.max_body_bytes)
+
+
+def parse_body(raw: bytes, route: str) -> dict:
+    """The body as JSON, its fields checked: work that grows with the body (see build_app's prepared())."""
+    body = parse_json(raw)
     check_fields(body, route)
     check_rules(body, route)  # conditions between fields (schemas.RULES), before any field is read
     return body
@@ -155,7 +163,7 @@ class Collected:
 
 
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {data if isinstance(data, str) else json_text(data, compact=False)}\n\n"
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,12 @@ class Format:
         taken = (self.pending, self.pending_prompt)
         self.pending, self.pending_prompt = [], None
         return taken
+
+    def weight(self, out: RequestOutput | Collected) -> int:
+        """About the size of the JSON that sends this output (or this whole sample): where to build it."""
+        p = self.params
+        return json_weight(len(out.text), len(out.logprobs or ()) * (1 + (p.logprobs or 0))
+                           + len(out.prompt_logprobs or ()) * (1 + (p.prompt_logprobs or 0)))
 
     def end(self) -> list[str]:
         return []
@@ -309,6 +323,9 @@ class CompletionFormat(Format):
         text, shaped = self.render(out.text, *self.take_logprobs(out))
         return [sse(self.wrap(self.chunk_object, [self.choice(text, out.finish_reason, shaped)]))]
 
+    def weight(self, out: RequestOutput | Collected) -> int:
+        return super().weight(out) + (0 if self.echoed else len(self.parsed.echo_text))
+
     def usage_chunk(self, totals: dict) -> list[str]:
         return [sse(self.wrap(self.chunk_object, [], usage=totals))]
 
@@ -353,8 +370,18 @@ class ChatFormat(CompletionFormat):
 def build_app(engine: Engine, settings: ServerSettings):
     metrics = Metrics(engine)
     tokenizer = engine.runner.tokenizer
-    model = Model(engine.runner.max_model_len, engine.runner.model_config.vocab_size)
+    model = Model(engine.runner.max_model_len, engine.runner.model_config.vocab_size, byte_bound(tokenizer))
     texts = TokenTexts(tokenizer)
+    prep = PrepThread(tokenizer)  # where a large request's parsing, tokenizing and answer are done
+    lag = LoopLag(metrics.registry)
+
+    async def prepared(request: Request, route: str, prepare):
+        """prepare(body, tokenizer) on the parsed body: on the loop for a small body, as ever; on the prep thread,
+        with its own tokenizer, for a large one (api/offload.py)."""
+        raw = await body_bytes(request, settings)
+        if len(raw) <= OFFLOAD_BYTES:
+            return prepare(parse_body(raw, route), tokenizer)
+        return await prep.run(lambda: prepare(parse_body(raw, route), prep.tokenizer))
 
     async def submit(parsed: ParsedRequest, body: dict) -> list[RequestStream]:
         parsed.params.grammar = await compile_response_format(body, engine.runner.grammars, parsed.params)
@@ -390,9 +417,14 @@ def build_app(engine: Engine, settings: ServerSettings):
                 raise ClientGone()
             if err := next((e for f in finals if (e := failure(f))), None):
                 raise err
-            return JSONResponse(fmts[0].whole([f.full(c.text, c.final, c.logprobs, c.prompt_logprobs)
-                                               for f, c in zip(fmts, collected)], totals),
-                                headers=replica_header(streams))
+
+            def answer() -> Response:
+                return json_response(fmts[0].whole([f.full(c.text, c.final, c.logprobs, c.prompt_logprobs)
+                                                    for f, c in zip(fmts, collected)], totals),
+                                     replica_header(streams))
+            if sum(f.weight(c) for f, c in zip(fmts, collected)) <= OFFLOAD_WEIGHT:
+                return answer()
+            return await prep.run(answer)  # a large answer (n x echo x logprobs) is built off the loop
         # Streaming: wait for the first output, so a request that fails before its first token (deadline,
         # shutdown) still gets a proper status code instead of a 200 with an error inside.
         try:
@@ -415,7 +447,9 @@ def build_app(engine: Engine, settings: ServerSettings):
                     if out.finished and not told_at_end(out) and (err := failure(out)):
                         yield error_event(err)
                     else:
-                        for event in fmts[i].chunks(out):
+                        fmt = fmts[i]  # the echoed prompt's logprobs make a large chunk: built off the loop
+                        for event in (fmt.chunks(out) if fmt.weight(out) <= OFFLOAD_WEIGHT
+                                      else await prep.run(fmt.chunks, out)):
                             yield event
                     if out.finished:
                         finals[i] = out
@@ -457,7 +491,7 @@ def build_app(engine: Engine, settings: ServerSettings):
             raise APIError(404, f"model {str(name)[:100]!r} is not served here; this server serves "
                                 f"{settings.model_name!r}", "invalid_request_error", "model_not_found")
 
-    def openai_request(body: dict, route: str, ids: list[int], default_max_tokens: int) -> ParsedRequest:
+    def openai_request(body: dict, route: str, ids: list[int], default_max_tokens: int, tok) -> ParsedRequest:
         value(body, spec(route, "model"))
         check_model(body)
         n = value(body, spec(route, "n"))
@@ -469,61 +503,81 @@ def build_app(engine: Engine, settings: ServerSettings):
                     or not isinstance(options.get("include_usage", False), bool):
                 raise schemas.invalid("'stream_options' must be {\"include_usage\": true or false}", "invalid_type")
         echo = route == "/v1/completions" and value(body, spec(route, "echo"))
-        return ParsedRequest(ids, sampling_params(body, route, model, len(ids), default_max_tokens), stream,
+        return ParsedRequest(ids, sampling_params(body, route, model, len(ids), default_max_tokens, n), stream,
                              bool((options or {}).get("include_usage")), echo,
-                             echo_text(body, ids) if echo else "", n)
+                             echo_text(body, ids, tok) if echo else "", n)
+
+    # Each route's request is made by a plain function of (body, tokenizer), run where prepared() says.
+    def generate_request(body: dict, tok) -> tuple[dict, ParsedRequest]:
+        ids = prompt_ids(body, tok, model=model)
+        return body, ParsedRequest(ids, sampling_params(body, "/generate", model, len(ids),
+                                                        settings.generate_max_tokens),
+                                   value(body, spec("/generate", "stream")))
 
     async def generate(request: Request) -> Response:
-        body = await json_body(request, settings, "/generate")
-        ids = prompt_ids(body, tokenizer)
-        parsed = ParsedRequest(ids, sampling_params(body, "/generate", model, len(ids), settings.generate_max_tokens),
-                               value(body, spec("/generate", "stream")))
+        body, parsed = await prepared(request, "/generate", generate_request)
         return await respond(request, body, parsed, formats(GenerateFormat, parsed))
 
+    def completion_request(body: dict, tok) -> tuple[dict, ParsedRequest]:
+        return body, openai_request(body, "/v1/completions", prompt_ids(body, tok, model=model), 16, tok)
+
     async def completions(request: Request) -> Response:
-        body = await json_body(request, settings, "/v1/completions")
-        parsed = openai_request(body, "/v1/completions", prompt_ids(body, tokenizer), 16)
+        body, parsed = await prepared(request, "/v1/completions", completion_request)
         return await respond(request, body, parsed, formats(CompletionFormat, parsed))
 
-    def echo_text(body: dict, ids: list[int]) -> str:
+    def echo_text(body: dict, ids: list[int], tok) -> str:
         """The prompt as the client sent it, if text; else its ids decoded."""
         prompt = body["prompt"]
         prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else prompt
-        return prompt if isinstance(prompt, str) else decode(tokenizer, ids, skip_special_tokens=False)
+        return prompt if isinstance(prompt, str) else decode(tok, ids, skip_special_tokens=False)
 
-    def chat_ids(body: dict, add_generation_prompt: bool = True) -> list[int]:
-        return chat_prompt_ids(chat_messages(body), tokenizer, settings.allow_special_tokens_in_content,
-                               add_generation_prompt)
+    def chat_ids(body: dict, tok, add_generation_prompt: bool = True, fit: bool = True) -> list[int]:
+        """fit: a chat whose rendering alone proves it too long for the context window is refused before it is
+        tokenized (one more rendering, for long chats only; a template error is told by chat_prompt_ids)."""
+        messages = chat_messages(body)
+        bound = model.byte_bound
+        if fit and bound is not None and tok.chat_template \
+                and 4 * sum(len(m["content"]) for m in messages) > bound.token_bytes * (model.max_model_len - 1):
+            with contextlib.suppress(TemplateError):
+                text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+                schemas.check_text_size(text, model, "the chat, as its template renders it,")
+        return chat_prompt_ids(messages, tok, settings.allow_special_tokens_in_content, add_generation_prompt)
 
     async def chat_completions(request: Request) -> Response:
+        body, parsed = await prepared(request, "/v1/chat/completions", chat_request)
+        return await respond(request, body, parsed, formats(ChatFormat, parsed))
+
+    def chat_request(body: dict, tok) -> tuple[dict, ParsedRequest]:
         route = "/v1/chat/completions"
-        body = await json_body(request, settings, route)
-        ids = chat_ids(body)
+        ids = chat_ids(body, tok)
         newer = value(body, spec(route, "max_completion_tokens"), hi=model.max_model_len - 1)
         if newer is not None:  # never both (schemas.RULES)
             body["max_tokens"] = newer
         # Chat defaults to "until the context is full", as OpenAI's does.
-        parsed = openai_request(body, route, ids, model.max_model_len)
-        return await respond(request, body, parsed, formats(ChatFormat, parsed))
+        return body, openai_request(body, route, ids, model.max_model_len, tok)
 
     async def tokenize(request: Request) -> Response:
-        route = "/tokenize"
-        body = await json_body(request, settings, route)
+        return await prepared(request, "/tokenize", tokenize_answer)
+
+    def tokenize_answer(body: dict, tok) -> Response:
+        route = "/tokenize"  # counts tokens: a text longer than the context window is counted, not refused
         check_model(body)
         if body.get("messages") is not None:
-            ids = chat_ids(body, value(body, spec(route, "add_generation_prompt")))
+            ids = chat_ids(body, tok, value(body, spec(route, "add_generation_prompt")), fit=False)
         else:
             text = value(body, spec(route, "prompt"))
-            ids = tokenizer(text, add_special_tokens=value(body, spec(route, "add_special_tokens")))["input_ids"]
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len})
+            ids = tok(text, add_special_tokens=value(body, spec(route, "add_special_tokens")))["input_ids"]
+        return json_response({"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len})
 
     async def detokenize(request: Request) -> Response:
-        body = await json_body(request, settings, "/detokenize")
+        return await prepared(request, "/detokenize", detokenize_answer)
+
+    def detokenize_answer(body: dict, tok) -> Response:
         check_model(body)
         if body.get("tokens") is None:
             raise schemas.invalid("'tokens' is required", "missing_field")
         ids = schemas.token_ids(body, "tokens", model.vocab_size, model.max_model_len)
-        return JSONResponse({"prompt": tokenizer.decode(ids)})
+        return json_response({"prompt": tok.decode(ids)})
 
     document = openapi_document(settings.model_name, model)
 
@@ -550,7 +604,15 @@ def build_app(engine: Engine, settings: ServerSettings):
             await asyncio.to_thread(engine.runner.grammars.prepare)  # response_format's vocabulary, before any request
         if not engine.alive:
             await engine.start()
+        watch = asyncio.create_task(lag.run())  # jitney_event_loop_lag_seconds (api/looplag.py)
+        # What is loaded now (modules, model, tokenizer) lives as long as the process: out of the cyclic GC's
+        # sight, so that no full collection, with the GIL held, walks it again (a stall of every stream). What is
+        # garbage already is collected first, not kept forever.
+        gc.collect()
+        gc.freeze()
         yield
+        watch.cancel()
+        prep.close()
         if engine.alive:  # a drain (server.py) normally stopped it already
             await engine.stop()
 

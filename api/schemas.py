@@ -11,6 +11,7 @@ cannot fit the context window; 422 for a known field with a wrong type or a valu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ from model_runner.text import encode
 from batcher.engine import MAX_N
 
 from .errors import APIError, invalid
+from .offload import ByteBound
 
 MAX_STOP = 16             # stop strings, and stop token ids, per request
 MAX_STOP_CHARS = 256      # characters in one stop string
@@ -26,6 +28,18 @@ MAX_MESSAGES = 1024       # chat turns per request
 MAX_PARTS = 64            # content parts per message
 MAX_NAME_CHARS = 256      # model, user
 MAX_LOGIT_BIAS = 300      # logit_bias entries per request (OpenAI's own limit)
+# Logprob entries in one answer (a token's own, or one of its top alternatives): each is a JSON object of about
+# 60 bytes, so an answer holds at most about 8 MB of them. Without a bound n, echo, max_tokens and logprobs
+# multiply a small request into an answer a thousand times its size. Each route's product, as its fields say:
+MAX_LOGPROB_ENTRIES = 1 << 17
+LOGPROB_PRODUCT = {"/generate": "max_tokens × (1 + logprobs) + prompt tokens × (1 + prompt_logprobs)",
+                   "/v1/completions": "n × (max_tokens + prompt tokens if echo) × (1 + logprobs)",
+                   "/v1/chat/completions": "n × max_tokens × (1 + top_logprobs)"}
+
+
+def _entries_doc(route: str) -> str:
+    return (f"; {LOGPROB_PRODUCT[route]} must be at most {MAX_LOGPROB_ENTRIES:,} logprob entries (422 "
+            "too_many_logprobs; a default max_tokens is lowered to fit)")
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,8 @@ MODEL = Field("model", "string", "the served model's name (404 for any other)", 
 OPENAI = (
     MODEL,
     Field("n", "integer", "samples of the prompt, one choice each (index 0..n-1); they share the prompt's KV "
-          "blocks, and sample i draws from seed + i", lo=1, hi=MAX_N, default=1),
+          "blocks, and sample i draws from seed + i; with logprobs it multiplies their count (see logprobs)",
+          lo=1, hi=MAX_N, default=1),
     Field("stream_options", "stream_options", "{\"include_usage\": bool}: a last chunk with token counts; only "
           "with stream"),
     Field("user", "string", "an end-user id, accepted for compatibility; this server does not use it",
@@ -92,13 +107,14 @@ LOGPROBS_DOC = ("log-probabilities of the raw model distribution (float32 log_so
 # Completions may ask for no tokens at all when echoing: the prompt is then only scored (lm-evaluation-harness).
 ECHO_MAX_TOKENS = Field("max_tokens", "integer", MAX_TOKENS.doc + "; 0 only with echo (scores the prompt)", lo=0)
 COMPLETION_EXTRAS = (
-    Field("logprobs", "integer", f"the chosen token's and the N likeliest tokens' {LOGPROBS_DOC}, per token",
-          lo=0, hi=MAX_LOGPROBS),
+    Field("logprobs", "integer", f"the chosen token's and the N likeliest tokens' {LOGPROBS_DOC}, per token"
+          + _entries_doc("/v1/completions"), lo=0, hi=MAX_LOGPROBS),
     Field("echo", "boolean", "return the prompt before the completion (with logprobs: the prompt tokens' too, "
           "the first null)", default=False),
 )
 CHAT_EXTRAS = (
-    Field("logprobs", "boolean", f"return each generated token's {LOGPROBS_DOC}", default=False),
+    Field("logprobs", "boolean", f"return each generated token's {LOGPROBS_DOC}" + _entries_doc("/v1/chat/completions"),
+          default=False),
     Field("top_logprobs", "integer", "with logprobs: also the N likeliest tokens at each position",
           lo=0, hi=MAX_LOGPROBS),
     Field("max_completion_tokens", "integer", "OpenAI's newer name for max_tokens", lo=1),
@@ -106,8 +122,8 @@ CHAT_EXTRAS = (
 SCORING_MAX_TOKENS = Field("max_tokens", "integer", MAX_TOKENS.doc + "; 0 only with prompt_logprobs (scores the "
                            "prompt)", lo=0)
 GENERATE_EXTRAS = (
-    Field("logprobs", "integer", f"per generated token: its and the N likeliest tokens' {LOGPROBS_DOC}",
-          lo=0, hi=MAX_LOGPROBS),
+    Field("logprobs", "integer", f"per generated token: its and the N likeliest tokens' {LOGPROBS_DOC}"
+          + _entries_doc("/generate"), lo=0, hi=MAX_LOGPROBS),
     Field("prompt_logprobs", "integer", "per prompt token (the first has none): its and the N likeliest "
           "tokens' logprobs", lo=0, hi=MAX_LOGPROBS),
 )
@@ -351,13 +367,16 @@ class Model:
     """What the checks need to know of the served model."""
     max_model_len: int
     vocab_size: int
+    byte_bound: ByteBound | None = None  # what a text's size alone proves of its tokens (api/offload.py)
 
 
-def sampling_params(body: dict, route: str, model: Model, prompt_len: int, default_max_tokens: int) -> SamplingParams:
+def sampling_params(body: dict, route: str, model: Model, prompt_len: int, default_max_tokens: int,
+                    n: int = 1) -> SamplingParams:
     """The sampling fields shared by every generating route (greedy unless a temperature is given).
 
     max_tokens beyond what the context leaves after the prompt is refused (400, with both numbers), never
-    quietly cut; a default max_tokens (the client gave none) is lowered to fit instead."""
+    quietly cut; a default max_tokens (the client gave none) is lowered to fit instead. So with the bound on
+    logprob entries (MAX_LOGPROB_ENTRIES), with n samples."""
     room = model.max_model_len - prompt_len
     max_tokens = value(body, spec(route, "max_tokens"), hi=model.max_model_len - 1)  # a prompt holds >= 1 token
     logprobs, prompt_logprobs = logprob_fields(body, route, max_tokens)
@@ -366,7 +385,16 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
                             f"window is {model.max_model_len} tokens, leaving room for {room}: ask for at most {room} "
                             "or shorten the prompt", code="context_length_exceeded")
     if max_tokens is None:
-        max_tokens = max(1, min(default_max_tokens, room))
+        fits = room if logprobs is None else (MAX_LOGPROB_ENTRIES - logprob_entries(
+            route, n, prompt_len, 0, logprobs, prompt_logprobs)) // (n * (1 + logprobs))
+        max_tokens = max(1, min(default_max_tokens, room, fits))
+    if (entries := logprob_entries(route, n, prompt_len, max_tokens, logprobs, prompt_logprobs)) > MAX_LOGPROB_ENTRIES:
+        given = {"n": n, "max_tokens": max_tokens, "prompt tokens": prompt_len, "logprobs": logprobs,
+                 "top_logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
+        named = [k for k in given if re.search(rf"(?<![\w_]){k}(?![\w_])", LOGPROB_PRODUCT[route])]
+        raise invalid(f"this answer would hold {entries:,} logprob entries ({LOGPROB_PRODUCT[route]}, with "
+                      f"{', '.join(f'{k} {given[k]}' for k in named)}); at most {MAX_LOGPROB_ENTRIES:,} are "
+                      f"allowed: lower {', '.join(k for k in named if k != 'prompt tokens')}", "too_many_logprobs")
     top_k = value(body, spec(route, "top_k"))
     min_tokens = value(body, spec(route, "min_tokens"), hi=model.max_model_len - 1)
     if min_tokens > max_tokens:
@@ -390,6 +418,15 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
         prompt_logprobs=prompt_logprobs,
     )
     return params  # validated by the engine, its one owner (an error there is a 422 too: api/app.py submit)
+
+
+def logprob_entries(route: str, n: int, prompt_len: int, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None) -> int:
+    """The logprob entries an answer holds (LOGPROB_PRODUCT): every token's own and its top alternatives."""
+    if route == "/v1/completions" and logprobs is None:
+        prompt_logprobs = None  # echo without logprobs: the prompt is scored but its logprobs are not sent
+    return n * (0 if logprobs is None else max_tokens * (1 + logprobs)) \
+        + n * (0 if prompt_logprobs is None else prompt_len * (1 + prompt_logprobs))
 
 
 def logprob_fields(body: dict, route: str, max_tokens: int | None) -> tuple[int | None, int | None]:
@@ -418,20 +455,38 @@ class ParsedRequest:
     n: int = 1          # parallel samples (OpenAI's n), one choice each
 
 
-def prompt_ids(body: dict, tokenizer, name: str = "prompt") -> list[int]:
+def prompt_ids(body: dict, tokenizer, name: str = "prompt", model: Model | None = None) -> list[int]:
     """A prompt given as text, or as token ids (OpenAI allows both); a one-element list is unwrapped.
-    Special-token text in a text prompt is read as the special token: completions are raw text by design."""
+    Special-token text in a text prompt is read as the special token: completions are raw text by design.
+    Given the model, a text too long for its context window is refused before it is tokenized."""
     prompt = body.get(name)
     if prompt is None:
         raise invalid(f"'{name}' is required", "missing_field")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return encode(tokenizer, encodable(prompt, name)) if prompt else []
+        text = encodable(prompt, name)
+        if model is not None:
+            check_text_size(text, model, "the prompt")
+        return encode(tokenizer, text) if text else []
     if isinstance(prompt, list) and None not in (ids := [as_int(t) for t in prompt]):
         return ids
     raise invalid(f"'{name}' must be a string, a list of token ids, or a one-element list of either "
                   "(batched prompts are not supported: send one request per prompt)", "invalid_type")
+
+
+def check_text_size(text: str, model: Model, what: str) -> None:
+    """Bytes before tokens: a text whose size alone proves it holds more tokens than the context window (see
+    api/offload.py's ByteBound) is refused (400, like the engine's own check of a long prompt) before it is
+    tokenized, which takes seconds for a megabyte."""
+    bound = model.byte_bound
+    # A character is at most 4 bytes: a text this short cannot reach the bound, and needs no count at all.
+    if bound is None or 4 * len(text) <= bound.token_bytes * (model.max_model_len - 1):
+        return
+    if (least := bound.min_tokens(text)) >= model.max_model_len:
+        raise APIError(400, f"{what} is {len(text.encode('utf-8')):,} bytes, so at least {least:,} tokens (no "
+                            f"token of this model stands for more than {bound.token_bytes} bytes), and the context "
+                            f"window is {model.max_model_len:,} tokens: shorten it", code="invalid_prompt")
 
 
 def chat_messages(body: dict) -> list[dict[str, str]]:

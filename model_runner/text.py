@@ -27,7 +27,7 @@ def encode(tokenizer, text: str, split_special_tokens: bool | None = None) -> li
     if backend is None:
         return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
     backend.encode_special_tokens = split_special_tokens  # a setting of the shared object: set on every call
-    return backend.encode(text, add_special_tokens=False).ids
+    return _encode(backend, text).ids
 
 
 def encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
@@ -40,8 +40,25 @@ def encode_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int
         enc = tokenizer(text, add_special_tokens=False, split_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
     backend.encode_special_tokens = False
-    enc = backend.encode(text, add_special_tokens=False)
-    return enc.ids, enc.offsets
+    enc = _encode(backend, text)
+    if len(text) <= GIL_FREE_CHARS:
+        return enc.ids, enc.offsets
+    # .offsets builds its whole list of tuples holding the GIL (a quarter of a second for 10^5 tokens); one
+    # token's at a time lets it go between calls, the same offsets.
+    ids = enc.ids
+    return ids, [enc.token_to_chars(i) for i in range(len(ids))]
+
+
+# The Rust encode holds the GIL for the whole text (seconds for a megabyte), so a thread encoding a long text
+# would stall the event loop as surely as the loop itself; encode_batch lets the GIL go, with the same ids and
+# offsets (tests/test_event_loop.py). Short texts keep the plain call, the serving path's as before.
+GIL_FREE_CHARS = 4096
+
+
+def _encode(backend, text: str):
+    if len(text) > GIL_FREE_CHARS:
+        return backend.encode_batch([text], add_special_tokens=False)[0]
+    return backend.encode(text, add_special_tokens=False)
 
 
 def decode(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
