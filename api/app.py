@@ -368,7 +368,7 @@ class ChatFormat(CompletionFormat):
 # --- the app --------------------------------------------------------------------------------------------
 
 def build_app(engine: Engine, settings: ServerSettings):
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, settings.model_name)
     tokenizer = engine.runner.tokenizer
     model = Model(engine.runner.max_model_len, engine.runner.model_config.vocab_size, byte_bound(tokenizer))
     texts = TokenTexts(tokenizer)

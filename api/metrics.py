@@ -1,12 +1,15 @@
 """Prometheus metrics (prometheus-client), one registry per app so several servers can live in one process.
 
 Engine state (queue, KV cache, counters) is read from engine.stats() at scrape time; latencies are observed
-as each request ends, batch sizes as each step ends.
+as each request ends, batch sizes as each step ends. Every series carries `model_name` (the served name), as
+vLLM's do, so one dashboard can hold several models; it is added at render time to whatever the registry holds
+(the replicas' collectors and the event-loop lag included), so no metric can be registered without it.
+Names, units and their vLLM counterparts: docs/serving.md#metrics.
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from batcher.engine import Engine
 from batcher.request import RequestOutput
@@ -25,12 +28,14 @@ class EngineCollector:
         s = self.engine.stats()
         yield GaugeMetricFamily("jitney_requests_waiting", "Requests accepted but not started", value=s.waiting)
         yield GaugeMetricFamily("jitney_requests_running", "Sequences in the running batch", value=s.running)
-        yield GaugeMetricFamily("jitney_kv_cache_usage", "Fraction of KV-cache blocks in use",
+        yield GaugeMetricFamily("jitney_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)",
                                 value=s.kv_blocks_used / max(s.kv_blocks_total, 1))
         yield GaugeMetricFamily("jitney_kv_cache_blocks_used", "KV-cache blocks in use", value=s.kv_blocks_used)
         yield GaugeMetricFamily("jitney_kv_cache_blocks_total", "KV-cache blocks", value=s.kv_blocks_total)
-        yield GaugeMetricFamily("jitney_prefix_cache_hit_rate", "Prompt blocks found in the prefix cache",
-                                value=s.prefix_cache_hit_rate)
+        yield CounterMetricFamily("jitney_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                  "(whole blocks)", value=s.prefix_cache_queries)
+        yield CounterMetricFamily("jitney_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                  value=s.prefix_cache_hits)
         yield CounterMetricFamily("jitney_preemptions", "Sequences preempted for KV memory", value=s.preemptions)
         yield CounterMetricFamily("jitney_prompt_tokens", "Prompt tokens of finished requests", value=s.prompt_tokens)
         yield CounterMetricFamily("jitney_generation_tokens", "Tokens generated", value=s.generation_tokens)
@@ -39,11 +44,40 @@ class EngineCollector:
         for reason, n in sorted(s.finished_by_reason.items()):
             finished.add_metric([reason], n)
         yield finished
+        for name, labels in self.engine.config_info().items():
+            yield InfoMetricFamily(f"jitney_{name}_config", f"The {name}'s configuration", value=labels)
+
+
+class WithModelName:
+    """The registry's families with model_name added to every sample: one place, so no series can lack it."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str):
+        self.registry, self.model_name = registry, model_name
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={"model_name": self.model_name, **s.labels}) for s in family.samples]
+            yield family
+
+
+def parse(text: str, model_name: str | None = None, strict: bool = True) -> dict[tuple[str, tuple], float]:
+    """Prometheus text -> {(sample name, sorted label pairs without model_name): value}, for the benchmarks and
+    tests that read /metrics back. Strict: every sample must carry model_name (that one, when given)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = dict(s.labels)
+            name = labels.pop("model_name", None)
+            assert not strict or name is not None and model_name in (None, name), f"{s.name} {s.labels}"
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    return out
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, model_name: str):
         self.registry = CollectorRegistry()
+        self.labelled = WithModelName(self.registry, model_name)
         self.registry.register(EngineCollector(engine))
         r = self.registry
         self.queue_time = Histogram("jitney_queue_time_seconds", "Arrival to first scheduled", buckets=LATENCY_BUCKETS,
@@ -75,4 +109,4 @@ class Metrics:
             self.itl.observe(ms / 1000)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.labelled)

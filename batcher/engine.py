@@ -330,7 +330,8 @@ class Engine:
         return EngineStats(
             waiting=self.num_waiting, running=len(self.scheduler.running), preemptions=s.preemptions,
             kv_blocks_used=self.kv.num_used, kv_blocks_total=self.kv.num_blocks,
-            prefix_cache_hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
+            prefix_cache_queries=s.prefix_queries * self.kv.block_size,
+            prefix_cache_hits=s.prefix_hits * self.kv.block_size,
             steps=c.steps, mean_batch_size=c.mean_batch_size, last_batch_size=c.last_batch_size,
             last_step_tokens=c.last_step_tokens, prompt_tokens=c.prompt_tokens,
             generation_tokens=c.generation_tokens, finished_by_reason=dict(c.finished_by_reason))
@@ -338,8 +339,18 @@ class Engine:
     # --- for replicas/: what one replica reports to the router in front of it (the only such method) --------
 
     def replica_snapshot(self) -> dict:
-        """stats(), the prefix-cache counters behind its hit rate (rates do not add up across replicas, counts
-        do), and the hash of every full block a prefix lookup can find now (held or in the free list)."""
-        s = self.scheduler.stats
-        return {"stats": self.stats(), "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
-                "cached_block_hashes": list(self.kv.cached)}
+        """stats() and the hash of every full block a prefix lookup can find now (held or in the free list)."""
+        return {"stats": self.stats(), "cached_block_hashes": list(self.kv.cached)}
+
+    def config_info(self) -> dict[str, dict[str, str]]:
+        """The cache's and the engine's configuration as label values (/metrics' *_config_info series)."""
+        r, c = self.runner, self.cfg
+        name = lambda d: str(d).removeprefix("torch.")
+        return {"cache": {"block_size": str(self.kv.block_size), "num_blocks": str(self.kv.num_blocks),
+                          "cache_dtype": name(r.kv_dtype), "kv_cache_bytes": str(r.kv_cache_bytes),
+                          "enable_prefix_caching": str(c.enable_prefix_caching).lower()},
+                "engine": {"policy": c.policy, "max_num_seqs": str(c.max_num_seqs),
+                           "max_num_batched_tokens": str(c.max_num_batched_tokens),
+                           "max_batch_size": str(c.max_batch_size), "max_wait_ms": f"{c.max_wait_ms:g}",
+                           "max_model_len": str(r.max_model_len), "dtype": name(r.dtype),
+                           "quantization": r.cfg.quantization, "device": r.device, "threads": str(r.threads)}}

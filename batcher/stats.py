@@ -26,7 +26,8 @@ class EngineStats:
     preemptions: int
     kv_blocks_used: int
     kv_blocks_total: int
-    prefix_cache_hit_rate: float
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache (whole blocks), as vLLM counts them
+    prefix_cache_hits: int     # ... and found there
     steps: int
     mean_batch_size: float
     last_batch_size: int
@@ -34,6 +35,10 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     finished_by_reason: dict[str, int]
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 @dataclass

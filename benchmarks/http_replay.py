@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .replay import RequestRecord
 from .trace import TraceRequest
 
-METRICS = ("jitney_requests_running", "jitney_requests_waiting", "jitney_kv_cache_usage", "jitney_batch_size_sum",
+METRICS = ("jitney_requests_running", "jitney_requests_waiting", "jitney_kv_cache_usage_ratio", "jitney_batch_size_sum",
            "jitney_batch_size_count", "jitney_preemptions_total")
 
 
@@ -109,13 +109,9 @@ async def replay_http(url: str, trace: list[TraceRequest], ids: list[list[int]],
 # --- the engine's side, from /metrics ------------------------------------------------------------------------
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """The unlabelled samples we use from Prometheus text (simple line parsing: they have no labels)."""
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in METRICS:
-            out[name] = float(value)
-    return out
+    """The samples we use from Prometheus text (they have no labels but model_name)."""
+    from api.metrics import parse
+    return {name: v for (name, labels), v in parse(text, strict=False).items() if name in METRICS and not labels}
 
 
 class MetricsSampler:
@@ -164,11 +160,11 @@ class MetricsSampler:
 
         steps, batch_sum = delta("jitney_batch_size_count"), delta("jitney_batch_size_sum")
         preempted = delta("jitney_preemptions_total")
-        kv = [m["jitney_kv_cache_usage"] for _, m in self.samples if "jitney_kv_cache_usage" in m]
+        kv = [m["jitney_kv_cache_usage_ratio"] for _, m in self.samples if "jitney_kv_cache_usage_ratio" in m]
         timeline = dict(t=[t for t, _ in self.samples],
                         running=[m.get("jitney_requests_running") for _, m in self.samples],
                         waiting=[m.get("jitney_requests_waiting") for _, m in self.samples],
-                        kv_usage=[m.get("jitney_kv_cache_usage") for _, m in self.samples])
+                        kv_usage=[m.get("jitney_kv_cache_usage_ratio") for _, m in self.samples])
         return dict(mean_batch=batch_sum / steps if steps else None,
                     kv_usage_mean=sum(kv) / len(kv) if kv else None, kv_usage_max=max(kv, default=None),
                     preemptions=None if preempted is None else int(preempted)), timeline

@@ -71,10 +71,8 @@ def start_server(model: str, flags: list[str], log_path: Path) -> tuple[subproce
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    from api.metrics import parse
+    return parse(httpx.get(f"{url}/metrics", timeout=30).text)
 
 
 def run_one(label: str, flags: list[str], args, trace, ids, warm, out: Path) -> dict:
@@ -87,7 +85,8 @@ def run_one(label: str, flags: list[str], args, trace, ids, warm, out: Path) -> 
     finally:
         stop_server(proc, 120)
     s = summarize(records, wall_seconds(records))
-    s["prefix_hit_rate"] = m.get(("jitney_prefix_cache_hit_rate", ()))
+    queries = m.get(("jitney_prefix_cache_queries_total", ()))
+    s["prefix_hit_rate"] = m.get(("jitney_prefix_cache_hits_total", ()), 0) / queries if queries else None
     s["routing"] = {dict(k[1])["decision"]: v for k, v in m.items() if k[0] == "jitney_routing_decisions_total"}
     return s
 

@@ -90,7 +90,7 @@ class JitneyReplica:
         """What the front end needs to parse and tokenize requests without loading the model itself."""
         r = self.runner
         return {"tokenizer": r.tokenizer, "max_model_len": r.max_model_len, "vocab_size": r.model_config.vocab_size,
-                "block_size": r.block_size, "describe": r.describe()}
+                "block_size": r.block_size, "describe": r.describe(), "config_info": self.engine.config_info()}
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, n: int):
         """Yields Accepted or Refused, then lists of (sample index, RequestOutput): whatever is ready at once
@@ -138,7 +138,7 @@ class JitneyReplica:
         return {"replica": self.name, "pid": os.getpid(), "node": socket.gethostname(),
                 "block_size": self.runner.block_size,
                 "load": s.waiting + s.running, "kv_usage": s.kv_blocks_used / max(s.kv_blocks_total, 1),
-                "stats": asdict(s), "prefix_queries": snap["prefix_queries"], "prefix_hits": snap["prefix_hits"],
+                "stats": asdict(s),
                 "cached_block_hashes": snap["cached_block_hashes"],
                 "histograms": {name: (list(c), t[0]) for name, (c, t) in self.histograms.items()}}
 

@@ -22,6 +22,8 @@ GAUGES = (("requests_waiting", "waiting", "Requests accepted but not started"),
           ("kv_cache_blocks_used", "kv_blocks_used", "KV-cache blocks in use"),
           ("kv_cache_blocks_total", "kv_blocks_total", "KV-cache blocks"))
 COUNTERS = (("preemptions", "preemptions", "Sequences preempted for KV memory"),
+            ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+            ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache"),
             ("prompt_tokens", "prompt_tokens", "Prompt tokens of finished requests"),
             ("generation_tokens", "generation_tokens", "Tokens generated"),
             ("engine_steps", "steps", "Model steps run"))
@@ -54,17 +56,14 @@ class ReplicaCollector:
             for r in reports:
                 fam.add_metric([r["replica"]], r["stats"][field])
             yield fam
-        usage = GaugeMetricFamily("jitney_replica_kv_cache_usage", "Fraction of KV-cache blocks in use, per replica",
-                                  labels=["replica"])
-        hit = GaugeMetricFamily("jitney_replica_prefix_cache_hit_rate", "Prompt blocks found in the prefix cache, "
-                                "per replica", labels=["replica"])
+        usage = GaugeMetricFamily("jitney_replica_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1), "
+                                  "per replica", labels=["replica"])
         info = GaugeMetricFamily("jitney_replica_info", "1 per live replica: its process and node",
                                  labels=["replica", "pid", "node"])
         for r in reports:
             usage.add_metric([r["replica"]], r["kv_usage"])
-            hit.add_metric([r["replica"]], r["prefix_hits"] / r["prefix_queries"] if r["prefix_queries"] else 0.0)
             info.add_metric([r["replica"], str(r["pid"]), r["node"]], 1)
-        yield from (usage, hit, info)
+        yield from (usage, info)
         for metric, field, help_ in COUNTERS:
             fam = CounterMetricFamily(f"jitney_replica_{metric}", help_ + ", per replica", labels=["replica"])
             for r in reports:

@@ -124,6 +124,7 @@ class RemoteEngine:
     def __init__(self, handle, info: dict):
         self.handle = handle.options(stream=True)
         self.runner = RemoteRunner(info)
+        self._config_info = info["config_info"]
         self.accepting = True
         self.requests: dict[str, RemoteCall] = {}
         self.step_observers: list = []  # steps happen in the replicas; they report their own histograms
@@ -203,6 +204,11 @@ class RemoteEngine:
 
     # --- statistics ---------------------------------------------------------------------------------------
 
+    def config_info(self) -> dict[str, dict[str, str]]:
+        """A replica's, as Engine.config_info (every replica runs the same configuration; num_blocks is each
+        replica's)."""
+        return self._config_info
+
     def stats(self) -> EngineStats:
         """Every replica's last report, added up (counters and gauges add; rates are recomputed from counts)."""
         reports = list(replica_reports().values())
@@ -215,7 +221,6 @@ def merged_stats(reports: list[dict]) -> EngineStats:
     def total(name: str) -> int:
         return sum(s[name] for s in stats)
 
-    queries = sum(r["prefix_queries"] for r in reports)
     steps = total("steps")
     finished: dict[str, int] = {}
     for s in stats:
@@ -224,7 +229,7 @@ def merged_stats(reports: list[dict]) -> EngineStats:
     return EngineStats(
         waiting=total("waiting"), running=total("running"), preemptions=total("preemptions"),
         kv_blocks_used=total("kv_blocks_used"), kv_blocks_total=total("kv_blocks_total"),
-        prefix_cache_hit_rate=sum(r["prefix_hits"] for r in reports) / queries if queries else 0.0,
+        prefix_cache_queries=total("prefix_cache_queries"), prefix_cache_hits=total("prefix_cache_hits"),
         steps=steps, mean_batch_size=sum(s["mean_batch_size"] * s["steps"] for s in stats) / steps if steps else 0.0,
         last_batch_size=total("last_batch_size"), last_step_tokens=total("last_step_tokens"),
         prompt_tokens=total("prompt_tokens"), generation_tokens=total("generation_tokens"),

@@ -142,10 +142,10 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05):
 
 
 def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
-    """Prometheus text -> {(sample name, sorted label pairs): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    """Prometheus text -> {(sample name, sorted label pairs): value}, model_name left out once checked on every
+    sample (so each test that reads /metrics checks it too)."""
+    from api.metrics import parse
+    return parse(text)
 
 
 def sse_events(lines) -> list:

@@ -580,16 +580,22 @@ def test_metrics(server, client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     m = parse_metrics(r.text)
     names = {name for name, _ in m}
-    for gauge in ("jitney_requests_waiting", "jitney_requests_running", "jitney_kv_cache_usage",
-                  "jitney_prefix_cache_hit_rate", "jitney_kv_cache_blocks_used", "jitney_kv_cache_blocks_total"):
+    for gauge in ("jitney_requests_waiting", "jitney_requests_running", "jitney_kv_cache_usage_ratio",
+                  "jitney_kv_cache_blocks_used", "jitney_kv_cache_blocks_total"):
         assert gauge in names, gauge
-    for counter in ("jitney_preemptions_total", "jitney_prompt_tokens_total", "jitney_generation_tokens_total"):
+    for counter in ("jitney_preemptions_total", "jitney_prompt_tokens_total", "jitney_generation_tokens_total",
+                    "jitney_prefix_cache_queries_total", "jitney_prefix_cache_hits_total"):
         assert counter in names, counter
+    # The configuration as info series (vLLM's cache_config_info), every label a string.
+    cache = dict(next(labels for name, labels in m if name == "jitney_cache_config_info"))
+    assert {"block_size", "num_blocks", "cache_dtype", "enable_prefix_caching"} <= set(cache)
+    engine = dict(next(labels for name, labels in m if name == "jitney_engine_config_info"))
+    assert engine["policy"] == "continuous" and int(engine["threads"]) >= 1
     for hist in ("jitney_queue_time_seconds", "jitney_time_to_first_token_seconds",
                  "jitney_inter_token_latency_seconds", "jitney_e2e_request_latency_seconds", "jitney_batch_size"):
         assert m[(f"{hist}_count", ())] > 0, hist
         assert (f"{hist}_bucket", (("le", "+Inf"),)) in m, hist
-    assert 0 <= m[("jitney_kv_cache_usage", ())] <= 1
+    assert 0 <= m[("jitney_kv_cache_usage_ratio", ())] <= 1
     assert m[("jitney_prompt_tokens_total", ())] > 0 and m[("jitney_generation_tokens_total", ())] > 0
     http: dict[str, float] = {}
     for (name, labels), v in m.items():
