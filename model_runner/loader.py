@@ -2,7 +2,8 @@
 
 Every source ends as such a directory, so there is one loading path and transformers can load the very same
 files as a reference. GGUF files are converted once and cached (keyed by the file's content hash); the
-random tiny model is generated once per seed. Nothing is ever downloaded.
+random tiny model is generated once per seed. A Hugging Face Hub id (`org/name`, not a path here) is downloaded
+once into Hugging Face's cache by hub.py and then loads like any local directory or GGUF file.
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def resolve_model(name: str, progress: bool = True) -> Path:
     if name == TINY_RANDOM:
         from .tiny import tiny_random_dir
         return tiny_random_dir(cache_dir())
+    from . import hub
+    if hub.is_hub_id(name):
+        source = hub.resolve(name, progress)
+        return _converted_gguf(source, progress) if source.suffix == ".gguf" else source
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         return _converted_gguf(path, progress)
@@ -66,8 +71,8 @@ def resolve_model(name: str, progress: bool = True) -> Path:
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json: give a Hugging Face model directory")
         return path
-    takes = (f"use one of {', '.join(NAMED_MODELS)}, a path to a .gguf file, or a Hugging Face model directory "
-             f"(config.json, *.safetensors, tokenizer.json)")
+    takes = (f"use one of {', '.join(NAMED_MODELS)}, a path to a .gguf file, a Hugging Face model directory "
+             f"(config.json, *.safetensors, tokenizer.json), or a Hugging Face Hub id (org/name)")
     if path.exists():
         raise ModelLoadError(f"{path} is neither a .gguf file nor a directory: {takes}")
     if os.sep in name or name.startswith(("~", ".")):
@@ -77,9 +82,13 @@ def resolve_model(name: str, progress: bool = True) -> Path:
 
 def gguf_source(name: str) -> Path | None:
     """The GGUF file a model name stands for, or None (a Hugging Face directory, the tiny random model)."""
+    from . import hub
     if name == DEFAULT_MODEL:
         from .gguf import smollm2_gguf_path
         return smollm2_gguf_path()
+    if hub.is_hub_id(name):  # resolved (downloaded) already by resolve_model: hub.py remembers it
+        source = hub.resolve(name, progress=False)
+        return source if source.suffix == ".gguf" else None
     path = Path(name).expanduser()
     return path if path.suffix == ".gguf" else None
 
