@@ -11,7 +11,6 @@ import asyncio
 import gc
 import itertools
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -23,9 +22,11 @@ from model_runner.sampler import TokenLogprob
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import FinishReason, Sequence
 
+from .clock import REAL_CLOCK, Clock
 from .config import BatcherConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache_manager import KVCacheManager
+from .progress import PrefillProgress
 from .request import EndReason, Request, RequestOutput, RequestStream
 from .request_queue import RequestQueue
 from .scheduler import Scheduler, SchedulerOutput
@@ -41,8 +42,11 @@ class EngineStopped(Exception):
 
 class Engine:
     def __init__(self, runner: ModelRunner, cfg: BatcherConfig | None = None, log_requests: bool = False,
-                 record_steps: bool = False, kv: KVCacheManager | None = None):
+                 record_steps: bool = False, kv: KVCacheManager | None = None, clock: Clock = REAL_CLOCK):
         self.runner, self.cfg = runner, cfg or BatcherConfig()
+        # Every time stamp and window below reads this clock: a simulation (sim/) gives a virtual one and runs
+        # the engine on an event loop whose time is that clock, with a runner that computes nothing.
+        self.clock = clock
         self.log_requests = log_requests
         # One StepRecord per model step when asked (benchmarks plot batch size and queue length over time).
         self.counters = Counters(step_log=[] if record_steps else None)
@@ -56,7 +60,7 @@ class Engine:
         if kv and (kv.enable_prefix_caching != self.cfg.enable_prefix_caching or self.cfg.num_kv_blocks):
             raise ValueError("a KV-cache manager given to the engine brings its own size and prefix-caching switch")
         self.scheduler = Scheduler(self.cfg, self.kv, runner.eos_token_ids, runner.max_model_len)
-        self.queue = RequestQueue(self.cfg)
+        self.queue = RequestQueue(self.cfg, clock)
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self._aborts: dict[str, EndReason] = {}
@@ -67,6 +71,7 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jitney-engine",
                                             initializer=threads.apply, initargs=(runner.threads,))
         self._task: asyncio.Task | None = None
+        self.prefill_progress = PrefillProgress()  # a line every 5 s for a prompt that long to prefill
         self.accepting = True
 
     @property
@@ -94,8 +99,8 @@ class Engine:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stops accepting; lets in-flight requests finish for up to grace_s; aborts the rest; ends the loop."""
         self.accepting = False
-        deadline = time.monotonic() + grace_s
-        while self.requests and time.monotonic() < deadline:
+        deadline = self.clock() + grace_s
+        while self.requests and self.clock() < deadline:
             await asyncio.sleep(0.02)
         for rid in list(self.requests):
             self.abort(rid, EndReason.SHUT_DOWN)
@@ -141,7 +146,7 @@ class Engine:
             p = params if i == 0 or params.seed is None else replace(params, seed=(params.seed + i) % 2**63)
             seq = Sequence(prompt_token_ids, p)
             detok = IncrementalDetokenizer(self.runner.tokenizer, prompt_token_ids, stop=p.stop)
-            req = Request(rid, seq, detok, self.cfg.timeout_s)
+            req = Request(rid, seq, detok, self.cfg.timeout_s, self.clock)
             self.requests[rid] = req
             self._by_seq[seq.seq_id] = req
             reqs.append(req)
@@ -193,7 +198,7 @@ class Engine:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            now = time.monotonic()
+            now = self.clock()
             self._between_steps(now)
             if not self.scheduler.has_work():
                 nxt = self.queue.next_event()
@@ -209,7 +214,7 @@ class Engine:
             if not plan.scheduled:
                 await asyncio.sleep(0.001)
                 continue
-            t0 = time.monotonic()
+            t0 = self.clock()
             for seq in plan.admitted:
                 req = self._by_seq[seq.seq_id]
                 req.timings.scheduled = req.timings.scheduled or t0
@@ -220,13 +225,14 @@ class Engine:
                 for seq, _ in plan.scheduled:
                     self._end(self._by_seq[seq.seq_id], EndReason.FAILED, message="internal error during the model step")
                 continue
-            elapsed = time.monotonic() - t0
+            elapsed = self.clock() - t0
             self.counters.step(elapsed, len(plan.scheduled), plan.num_tokens)
             if self.counters.wants_records:
                 self.counters.record(StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens, self.num_waiting,
                                                 len(plan.preempted), self.kv.num_used))
             self._fork(plan, sampled)  # before update, which may end (and free) a sequence on its first token
             self.scheduler.update(plan, sampled)
+            self.prefill_progress.step(plan.scheduled, sampled, t0, lambda s: self._by_seq[s.seq_id].request_id)
             self._emit(plan, sampled, self.runner.step_logprobs)
 
     def _between_steps(self, now: float) -> None:
@@ -253,7 +259,7 @@ class Engine:
         return [p.item for p in self.queue.pending] + [self._by_seq[s.seq_id] for s in self.scheduler.waiting_seqs()]
 
     def _emit(self, plan: SchedulerOutput, sampled: list[int | None], step_logprobs: dict[int, StepLogprobs]) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for (seq, _), token in zip(plan.scheduled, sampled):
             req = self._by_seq[seq.seq_id]
             lps = step_logprobs.get(seq.seq_id)
@@ -301,7 +307,7 @@ class Engine:
         seq = req.seq
         if not seq.is_finished:  # ended from outside its own rules (stop string, abort, deadline, failure)
             self.scheduler.finish(seq, FinishReason(reason.finish_reason))
-        req.timings.finished = time.monotonic()
+        req.timings.finished = self.clock()
         self.counters.ended(reason, 0 if req.forked else seq.num_prompt_tokens)
         text = message if message is not None else text + req.detok.flush()
         req.outputs.put_nowait(RequestOutput(req.request_id, text, token_ids or [], reason, seq.num_prompt_tokens,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -10,6 +9,7 @@ from enum import Enum
 from model_runner.sampler import TokenLogprob
 from model_runner.sequence import FinishReason, Sequence
 
+from .clock import REAL_CLOCK, Clock
 from .detokenizer import IncrementalDetokenizer
 
 
@@ -50,7 +50,7 @@ _OF_FINISH = {FinishReason.STOP: EndReason.FINISHED, FinishReason.LENGTH: EndRea
 
 @dataclass
 class Timings:
-    """Monotonic seconds; None until the event has happened."""
+    """Seconds on the engine's clock (batcher/clock.py); None until the event has happened."""
     arrival: float
     released: float | None = None      # left the batching window
     scheduled: float | None = None     # first admitted to a step
@@ -111,9 +111,10 @@ class RequestOutput:
 class Request:
     """The engine's record of one request (one sample of it, when n > 1)."""
 
-    def __init__(self, request_id: str, seq: Sequence, detok: IncrementalDetokenizer, timeout_s: float | None):
+    def __init__(self, request_id: str, seq: Sequence, detok: IncrementalDetokenizer, timeout_s: float | None,
+                 clock: Clock = REAL_CLOCK):
         self.request_id, self.seq, self.detok = request_id, seq, detok
-        self.timings = Timings(arrival=time.monotonic())
+        self.timings = Timings(arrival=clock())
         self.deadline = self.timings.arrival + timeout_s if timeout_s else None  # to start by, else it times out
         self.outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.done = False

@@ -7,13 +7,13 @@ them are there or the oldest has waited window_s; then the group is released to 
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from asyncio_throttle import Throttler
 
+from .clock import REAL_CLOCK, Clock
 from .config import BatcherConfig
 
 
@@ -33,11 +33,13 @@ class Pending:
 
 
 class RequestQueue:
-    def __init__(self, cfg: BatcherConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: BatcherConfig, clock: Clock = REAL_CLOCK):
+        self.cfg, self.clock = cfg, clock
         self.pending: deque[Pending] = deque()
         self.num_tokens = 0
         self.throttler = None
+        if cfg.max_rps and clock is not REAL_CLOCK:  # asyncio-throttle reads time.monotonic itself
+            raise ValueError("max_rps paces on the real clock: it cannot run on a simulated one")
         if cfg.max_rps:  # asyncio-throttle counts whole requests per period
             rate = max(1, round(cfg.max_rps)) if cfg.max_rps >= 1 else 1
             self.throttler = Throttler(rate_limit=rate, period=rate / cfg.max_rps)
@@ -67,7 +69,7 @@ class RequestQueue:
             self.num_throttled -= 1
 
     def put(self, item: Any, num_tokens: int) -> Pending:
-        p = Pending(item, num_tokens, time.monotonic())
+        p = Pending(item, num_tokens, self.clock())
         self.pending.append(p)
         self.num_tokens += num_tokens
         return p

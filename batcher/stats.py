@@ -10,7 +10,7 @@ from .request import EndReason
 
 @dataclass
 class StepRecord:
-    start: float          # monotonic seconds
+    start: float          # seconds on the engine's clock (batcher/clock.py)
     seconds: float
     batch_size: int       # sequences in the step
     num_tokens: int       # tokens fed (prefill chunks + decodes)

@@ -7,7 +7,6 @@ hides exactly the queueing that batching policies differ in.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -58,8 +57,8 @@ def _fill(rec: RequestRecord, final: RequestOutput, t0: float) -> None:
 
 
 async def _send(engine: Engine, req: TraceRequest, ids: list[int], t0: float) -> RequestRecord:
-    await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
-    rec = RequestRecord(req.arrival_s, time.monotonic() - t0, len(ids))
+    await asyncio.sleep(max(0.0, t0 + req.arrival_s - engine.clock()))  # the engine's clock: real, or simulated
+    rec = RequestRecord(req.arrival_s, engine.clock() - t0, len(ids))
     try:
         stream = await engine.add_request(ids, SamplingParams(max_tokens=req.output_tokens, ignore_eos=True))
     except Overloaded:
@@ -80,12 +79,12 @@ async def replay(engine: Engine, trace: list[TraceRequest], tokenizer, seed: int
                  t0: float | None = None) -> list[RequestRecord]:
     """Sends every request of the trace at its arrival time (each as its own task) to a started engine; returns
     their records in trace order once all have ended. Synthetic prompts share their first shared_prefix tokens.
-    ids: the prompts, made beforehand (prompt_ids); t0: the monotonic time of the trace's zero (default: now,
+    ids: the prompts, made beforehand (prompt_ids); t0: the engine clock's time of the trace's zero (default: now,
     once the prompts are made), so a caller can line other clocks up with the records."""
     if ids is None:
         ids = prompt_ids(tokenizer, trace, seed, shared_prefix)
     with tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, leave=False) as bar:
-        t0 = time.monotonic() if t0 is None else t0
+        t0 = engine.clock() if t0 is None else t0
         tasks = [asyncio.create_task(_send(engine, r, p, t0)) for r, p in zip(trace, ids)]
         for task in tasks:
             task.add_done_callback(lambda _: bar.update())
