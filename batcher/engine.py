@@ -26,6 +26,7 @@ from .clock import REAL_CLOCK, Clock
 from .config import BatcherConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache_manager import KVCacheManager
+from .progress import PrefillProgress
 from .request import EndReason, Request, RequestOutput, RequestStream
 from .request_queue import RequestQueue
 from .scheduler import Scheduler, SchedulerOutput
@@ -70,6 +71,7 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jitney-engine",
                                             initializer=threads.apply, initargs=(runner.threads,))
         self._task: asyncio.Task | None = None
+        self.prefill_progress = PrefillProgress()  # a line every 5 s for a prompt that long to prefill
         self.accepting = True
 
     @property
@@ -230,6 +232,8 @@ class Engine:
                                                 len(plan.preempted), self.kv.num_used))
             self._fork(plan, sampled)  # before update, which may end (and free) a sequence on its first token
             self.scheduler.update(plan, sampled)
+            self.prefill_progress.step(plan.scheduled, sampled, elapsed,
+                                       lambda s: self._by_seq[s.seq_id].request_id)
             self._emit(plan, sampled, self.runner.step_logprobs)
 
     def _between_steps(self, now: float) -> None:
