@@ -1,15 +1,18 @@
 """Quantized weights against float, on one machine: quality, kernel candidates, and decode speed per batch.
 
     python -m benchmarks.quantization [--model M] [--modes none,int8,q4] [--batch-sizes 1,8,64,128]
+                                      [--precisions float32:float32,float32:bfloat16,bfloat16:bfloat16]
                                       [--llama-bench PATH] [--quick] [--json out.json] [--plot out.png]
 
-Quality (float32 compute, so that the weights are the only difference): perplexity on a fixed text shipped in
-the repo (benchmarks/data/gpl-3.0.txt, first --ppl-tokens tokens, in windows of 512) and greedy agreement on 32
-prompts: tokens generated before the first one that differs from `none`'s, out of --agree-tokens.
+Every part runs each --modes x --precisions combination (compute:KV-cache dtype, the pairs the CPU accepts;
+bfloat16 compute is what --dtype auto picks on an AVX512-BF16 CPU, float32 elsewhere).
+Quality: perplexity on a fixed text shipped in the repo (benchmarks/data/gpl-3.0.txt, first --ppl-tokens tokens,
+in windows of 512) and greedy agreement on 32 prompts: tokens generated before the first one that differs from
+the first combination's (none, float32), out of --agree-tokens.
 Kernels: one matmul of the model's shapes per candidate (float packed for oneDNN, the native quantized kernel,
-torch's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu), per batch.
-Speed (the compute dtype --dtype auto picks): decode step and static-batch generate tok/s per mode and batch,
-and batch 1's weight-read floor (weight bytes / measured copy bandwidth) beside the step it is part of.
+torch's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu), per batch and compute dtype.
+Speed: decode step and static-batch generate tok/s per combination and batch, and batch 1's weight-read floor
+(weight bytes / measured copy bandwidth) beside the step it is part of.
 --llama-bench runs llama.cpp's `llama-bench -p 0 -n 128` on the same GGUF (benchmarks/peers/llama_bench.sh
 builds it).
 """
@@ -27,7 +30,7 @@ import torch
 
 from model_runner import quant
 from model_runner.config import RunnerConfig
-from batcher.generate import generate
+from batcher.generate import generate, kv_manager, score
 from model_runner.linear import Linear
 from model_runner.loader import DEFAULT_MODEL, gguf_source
 from model_runner.precision import cpu_kind
@@ -50,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quantization", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--modes", default="none,int8,q4")
-    p.add_argument("--dtype", default="auto", help="compute dtype of the speed runs (quality is float32)")
+    p.add_argument("--precisions", default="float32:float32,float32:bfloat16,bfloat16:bfloat16",
+                   help="compute:KV-cache dtype pairs, comma-separated (auto:auto is --dtype auto's)")
     p.add_argument("--batch-sizes", default="1,8,64,128")
     p.add_argument("--gen-len", type=int, default=32, help="decode steps timed per batch")
     p.add_argument("--ppl-tokens", type=int, default=4096)
@@ -64,23 +68,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.quick:
         a.batch_sizes, a.gen_len, a.ppl_tokens, a.agree_tokens = "1,8", 8, 512, 16
     a.modes, a.skip = a.modes.split(","), set(filter(None, a.skip.split(",")))
+    a.precisions = [tuple(p.split(":")) for p in a.precisions.split(",")]
+    if any(len(p) != 2 for p in a.precisions):
+        p.error("--precisions: compute:kv pairs such as float32:bfloat16")
     a.batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     return a
 
 
-def runner_for(model: str, mode: str, dtype: str, kv_bytes: int) -> ModelRunner:
-    return ModelRunner(RunnerConfig(model=model, dtype=dtype, quantization=mode, kv_cache_memory=kv_bytes),
-                       progress=False)
+def runner_for(model: str, mode: str, precision: tuple[str, str], kv_bytes: int) -> ModelRunner:
+    return ModelRunner(RunnerConfig(model=model, dtype=precision[0], kv_cache_dtype=precision[1], quantization=mode,
+                                    kv_cache_memory=kv_bytes), progress=False)
+
+
+def combos(a: argparse.Namespace) -> list[tuple[str, tuple[str, str]]]:
+    return [(mode, prec) for prec in a.precisions for mode in a.modes]
 
 
 # --- quality -------------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
 def perplexity(runner: ModelRunner, ids: list[int]) -> float:
-    nll, count = 0.0, 0
+    nll, count, kv = 0.0, 0, kv_manager(runner)
     for start in range(0, len(ids) - 1, WINDOW):
         window = ids[start: start + WINDOW + 1]
-        logp = runner.score(window[:-1]).log_softmax(-1)
+        logp = score(runner, window[:-1], kv).log_softmax(-1)
         nll -= logp.gather(1, torch.tensor(window[1:])[:, None]).sum().item()
         count += len(window) - 1
     return math.exp(nll / count)
@@ -99,17 +110,18 @@ def agreement(ref: list[list[int]], out: list[list[int]]) -> tuple[float, int]:
 
 def quality(a: argparse.Namespace) -> list[dict]:
     rows, ref = [], None
-    for mode in a.modes:
-        runner = runner_for(a.model, mode, "float32", 256 << 20)  # 32 prompts x ~80 tokens in float32
+    for mode, prec in combos(a):
+        runner = runner_for(a.model, mode, prec, 256 << 20)  # 32 prompts x ~80 tokens in float32
         tok = runner.tokenizer
         ids = tok(TEXT.read_text())["input_ids"][: a.ppl_tokens + 1]
         prompts = [tok(f"Write a short paragraph about {t}.")["input_ids"] for t in TOPICS]
         out = greedy_tokens(runner, prompts, a.agree_tokens)
         ref = ref or out
         mean_first, identical = agreement(ref, out)
-        rows.append(dict(mode=mode, weights=quant.describe_bytes(runner.weight_bytes), ppl_tokens=len(ids) - 1,
-                         perplexity=perplexity(runner, ids), agree_mean=mean_first, identical=identical))
-        print(f"  quality {mode}: perplexity {rows[-1]['perplexity']:.3f}, agreement {mean_first:.1f}/"
+        rows.append(dict(mode=mode, compute=prec[0], kv=prec[1], weights=quant.describe_bytes(runner.weight_bytes),
+                         ppl_tokens=len(ids) - 1, perplexity=perplexity(runner, ids), agree_mean=mean_first,
+                         identical=identical))
+        print(f"  quality {mode} {prec[0]}:{prec[1]}: perplexity {rows[-1]['perplexity']:.3f}, agreement {mean_first:.1f}/"
               f"{a.agree_tokens}, {identical}/{len(prompts)} identical", flush=True)
     return rows
 
@@ -136,6 +148,7 @@ def torch_int8(w: torch.Tensor):
 
 
 def kernels(a: argparse.Namespace, runner: ModelRunner) -> list[dict]:
+    """(at the runner's compute dtype)"""
     """One matmul per candidate at the model's shapes, best of 10 (ms)."""
     mc, rows = runner.model_config, []
     shapes = {"gate_up": (2 * mc.intermediate_size, mc.hidden_size), "down": (mc.hidden_size, mc.intermediate_size),
@@ -144,14 +157,14 @@ def kernels(a: argparse.Namespace, runner: ModelRunner) -> list[dict]:
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, generator=gen) * 0.05
         q4 = quant.QuantWeight.from_gguf("q4_1", quant_q4_1(w), k)
-        cands = {f"float ({str(runner.dtype).removeprefix('torch.')}, oneDNN)": Linear(w.to(runner.dtype)),
+        cands = {"float (oneDNN)": Linear(w.to(runner.dtype)),
                  f"native q4_1 ({quant.isa()})": q4.matmul,
                  f"native int8 ({quant.isa()})": quant.QuantWeight.int8(w).matmul,
                  "torch _weight_int8pack_mm (bf16 x)": torch_int8(w),
                  "torch _weight_int4pack_mm_for_cpu (bf16 x)": torch_int4(w)}
         for m in a.batch_sizes:
             x = torch.randn(m, k, generator=gen).to(runner.dtype)
-            row = dict(shape=f"{name} {n}x{k}", batch=m)
+            row = dict(shape=f"{name} {n}x{k}", dtype=str(runner.dtype).removeprefix("torch."), batch=m)
             for cname, f in cands.items():
                 row[cname] = 1e3 * best_seconds(lambda: f(x), 10)
             rows.append(row)
@@ -171,25 +184,28 @@ def quant_q4_1(w: torch.Tensor) -> torch.Tensor:
 def speed(a: argparse.Namespace, gbps: float) -> list[dict]:
     rows = []
     longest = 40 + a.gen_len + 8
-    for mode in a.modes:
-        probe = runner_for(a.model, mode, a.dtype, 8 << 20)
+    kernel_dtypes = set()
+    for mode, prec in combos(a):
+        probe = runner_for(a.model, mode, prec, 8 << 20)
         per_token = probe.kv_cache_bytes / (probe.num_blocks * probe.block_size)
-        runner = runner_for(a.model, mode, a.dtype, int(per_token * (longest + 32) * max(a.batch_sizes) * 1.2))
+        runner = runner_for(a.model, mode, prec, int(per_token * (longest + 32) * max(a.batch_sizes) * 1.2))
         del probe
         weight_bytes = sum(runner.weight_bytes.values())
         for b in a.batch_sizes:
             prompts = make_prompts(runner.tokenizer, b, 32)
             step_s = time_decode_step(runner, prompts, a.gen_len)
             gen_s = time_generate(runner, prompts, a.gen_len)
-            rows.append(dict(mode=mode, dtype=str(runner.dtype).removeprefix("torch."), batch=b,
+            rows.append(dict(mode=mode, dtype=str(runner.dtype).removeprefix("torch."),
+                             kv=str(runner.kv_dtype).removeprefix("torch."), batch=b,
                              step_ms=1e3 * step_s, decode_tok_s=b / step_s, generate_tok_s=b * a.gen_len / gen_s,
                              weight_mib=weight_bytes / 2**20, weight_read_ms=1e3 * weight_bytes / (gbps * 1e9)))
             r = rows[-1]
-            print(f"  speed {mode} batch {b}: step {r['step_ms']:.1f} ms ({r['decode_tok_s']:.1f} tok/s), generate "
+            print(f"  speed {mode} {r['dtype']}:{r['kv']} batch {b}: step {r['step_ms']:.1f} ms ({r['decode_tok_s']:.1f} tok/s), generate "
                   f"{r['generate_tok_s']:.1f} tok/s; weights {r['weight_mib']:.0f} MiB = {r['weight_read_ms']:.1f} "
                   f"ms to read", flush=True)
-        if "kernels" not in a.skip and mode == a.modes[0]:
-            a.kernel_rows = kernels(a, runner)
+        if "kernels" not in a.skip and runner.dtype not in kernel_dtypes:
+            kernel_dtypes.add(runner.dtype)
+            a.kernel_rows += kernels(a, runner)
         del runner
     return rows
 
@@ -216,14 +232,15 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        mine = [r for r in rows if r["mode"] == mode]
-        ax.plot([r["batch"] for r in mine], [r["decode_tok_s"] for r in mine], marker="o", label=mode)
+    for combo in dict.fromkeys((r["mode"], r["dtype"], r["kv"]) for r in rows):
+        mine = [r for r in rows if (r["mode"], r["dtype"], r["kv"]) == combo]
+        ax.plot([r["batch"] for r in mine], [r["decode_tok_s"] for r in mine], marker="o",
+                label=f"{combo[0]}, {combo[1]} (KV {combo[2]})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (sequences decoding together)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(textwrap.fill(title, 80), fontsize=8)
-    ax.legend(title="--quantization")
+    ax.legend(title="--quantization, compute", fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -238,14 +255,15 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = dict(cpu=cpu, kernel_loop=quant.isa(), model=a.model)
     if "quality" not in a.skip:
         report["quality"] = quality(a)
-        print("\n## quality (float32 compute; perplexity on benchmarks/data/gpl-3.0.txt)\n")
-        print(table(report["quality"], ["mode", "weights", "ppl_tokens", "perplexity", "agree_mean", "identical"]))
+        print("\n## quality (perplexity on benchmarks/data/gpl-3.0.txt; agreement with the first row)\n")
+        print(table(report["quality"], ["mode", "compute", "kv", "weights", "ppl_tokens", "perplexity", "agree_mean",
+                                        "identical"]))
     if "speed" not in a.skip:
         gbps = copy_gbps(2**28)
         report["copy_gbps"] = gbps
         report["speed"] = speed(a, gbps)
         print(f"\n## speed (memory copy {gbps:.1f} GB/s)\n")
-        print(table(report["speed"], ["mode", "dtype", "batch", "step_ms", "decode_tok_s", "generate_tok_s",
+        print(table(report["speed"], ["mode", "dtype", "kv", "batch", "step_ms", "decode_tok_s", "generate_tok_s",
                                       "weight_mib", "weight_read_ms"], "{:.1f}"))
         if a.plot:
             plot(report["speed"], a.plot, f"{a.model}: {cpu}")
