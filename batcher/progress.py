@@ -1,4 +1,5 @@
-"""Progress lines for long prefills: a prompt that takes many steps to prefill says it is being worked on.
+"""Progress for long prefills: a prompt that takes many steps to prefill says it is being worked on. In the
+server, log lines (PrefillProgress); under `jitney generate`, progress bars on stderr (GenerateBars).
 
 An 8K-token prompt prefilled in 512-token chunks on 2 cores takes over a minute, and nothing else would be logged
 until its first token. The engine calls step() after each model step; a prompt whose prefill has run for at least
@@ -13,6 +14,7 @@ all of them) log nothing.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 
@@ -54,3 +56,39 @@ class PrefillProgress:
             self._open[seq.seq_id] = (seq, first, last)
         for seq_id in [k for k, (seq, _, _) in self._open.items() if seq.is_finished]:  # aborted mid-prefill
             del self._open[seq_id]
+
+
+class GenerateBars:
+    """`jitney generate`'s bars on stderr: the prompt's tokens prefilled, then the tokens generated, one after the
+    other. Shown when stderr is a terminal or the prompt takes more than one step (then even a log file shows it
+    is working); also the time of the first token, for the summary line. Call it after each step."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, chunk: int, show: bool | None = None):
+        self.show = sys.stderr.isatty() or prompt_tokens > chunk if show is None else show
+        self.totals = (prompt_tokens, max_tokens)
+        self.bar = None  # the prefill bar, then the generation bar
+        self.first_token: float | None = None
+
+    def _open(self, desc: str, total: int):
+        from tqdm import tqdm
+        if self.bar is not None:
+            self.bar.close()
+        # On a terminal the bar redraws in place; into a file or pipe each redraw is another line: every 5 s.
+        self.bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=not self.show,
+                        dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)
+
+    def __call__(self, seqs: list[Sequence]) -> None:
+        seq = seqs[0]
+        if self.bar is None:
+            self._open("prefill", self.totals[0])
+        if self.first_token is None:
+            self.bar.update(min(seq.num_computed_tokens, seq.num_prompt_tokens) - self.bar.n)
+            if not seq.num_output_tokens:
+                return
+            self.first_token = time.perf_counter()
+            self._open("generate", self.totals[1])
+        self.bar.update(seq.num_output_tokens - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import re
+import sys
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -105,3 +106,25 @@ def test_short_prompts_log_nothing(tiny_runner):
     """The default interval (5 s) on the real clock: a prompt of a few steps on the tiny model never logs."""
     _, messages = run(tiny_runner, ["hello there"] * 3, 512, PrefillProgress())
     assert not [m for m in messages if m.startswith("prefill ")]
+
+
+# --- jitney generate: bars on stderr ----------------------------------------------------------------------
+
+@settings(max_examples=10, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(length=st.integers(1, 1000), tty=st.booleans())
+def test_generate_shows_bars_on_a_terminal_or_for_a_long_prompt(tiny_runner, monkeypatch, capsys, length, tty):
+    """Bars (prefill, then generate) on stderr exactly when stderr is a terminal or the prompt is longer than one
+    step (512 tokens, the server's default budget); stdout holds the generated text alone either way."""
+    import model_runner.runner
+    from api.cli import main
+    monkeypatch.setattr(model_runner.runner, "ModelRunner", lambda *a, **k: tiny_runner)  # one load for all
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    prompt = "x" * (length - len(tiny_runner.tokenizer("")["input_ids"]))
+    assert main(["generate", "--model", "tiny-random", "--prompt", prompt, "--max-tokens", "3", "--ignore-eos"]) == 0
+    out, err = capsys.readouterr()
+    shown = tty or length > 512
+    assert ("prefill: 100%" in err and "generate: 100%" in err and f"{length}/{length}" in err) == shown
+    assert ("prefill:" in err or "generate:" in err) == shown
+    assert "prefill" not in out and f"[{length} prompt tokens, 3 generated" in err
