@@ -41,10 +41,11 @@ from .openapi import openapi_document
 from .response_format import compile_response_format
 from .schemas import (Model, ParsedRequest, chat_messages, check_fields, check_rules, prompt_ids, sampling_params,
                       spec, value)
+from .version import version_info
 
 access_log = logging.getLogger("jitney.access")
 ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models",
-          "/health", "/metrics", "/openapi.json")
+          "/health", "/metrics", "/openapi.json", "/version")
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 
 
@@ -384,7 +385,7 @@ def build_app(engine: Engine, settings: ServerSettings):
         return await prep.run(lambda: prepare(parse_body(raw, route), prep.tokenizer))
 
     async def submit(parsed: ParsedRequest, body: dict) -> list[RequestStream]:
-        parsed.params.grammar = await compile_response_format(body, engine.runner.grammars, parsed.params)
+        parsed.params.grammar = await compile_response_format(body, engine.runner.grammars, prep)
         try:
             return await engine.add_parallel_requests(parsed.prompt_ids, parsed.params, parsed.n)
         except InvalidSamplingParams as e:
@@ -589,6 +590,11 @@ def build_app(engine: Engine, settings: ServerSettings):
             "id": settings.model_name, "object": "model", "created": 0, "owned_by": "jitney",
             "max_model_len": engine.runner.max_model_len}]})
 
+    version = version_info()  # what this process runs: read once, at start
+
+    async def version_route(request: Request) -> Response:
+        return JSONResponse(version)
+
     async def health(request: Request) -> Response:
         if engine.alive and not settings.draining:
             return JSONResponse({"status": "ok"})
@@ -626,6 +632,7 @@ def build_app(engine: Engine, settings: ServerSettings):
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/version", version_route, methods=["GET"]),
     ], lifespan=lifespan)
     # "/generate/" is a 404 like any unknown path: Starlette's default answers it with a redirect whose
     # Location is built from the client's own Host header.
@@ -727,9 +734,12 @@ class Gatekeeper:
             self.metrics.http.labels(label, str(status)).inc()
             u = scope.get("state", {}).get("usage") or {}
             client = scope.get("client") or ("-", 0)
+            ms = 1000 * (time.perf_counter() - start)
             access_log.info('%s "%s %s" %d %.1fms prompt_tokens=%s completion_tokens=%s', client[0], scope["method"],
-                            path, status, 1000 * (time.perf_counter() - start), u.get("prompt_tokens", "-"),
-                            u.get("completion_tokens", "-"))
+                            path, status, ms, u.get("prompt_tokens", "-"), u.get("completion_tokens", "-"),
+                            extra={"client": client[0], "method": scope["method"], "path": path, "status": status,
+                                   "duration_ms": round(ms, 1), "prompt_tokens": u.get("prompt_tokens"),
+                                   "completion_tokens": u.get("completion_tokens")})  # fields of a JSON line
 
     def reject(self, path: str, headers: dict[str, str]) -> Response | None:
         s = self.settings

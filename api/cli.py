@@ -8,7 +8,9 @@ import time
 from model_runner.errors import InvalidRequestError, ModelLoadError
 from model_runner.loader import DEFAULT_MODEL, NAMED_MODELS
 
-from . import flags
+from . import config_file, flags
+from .logs import FORMATS, log_line, setup as setup_logs
+from .parser import Parser
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +42,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "On a machine shared with busy processes give fewer than the free cores, or set "
                         "OMP_WAIT_POLICY=passive: a step waits for its slowest thread (docs/benchmarks.md"
                         "#sharing-the-machine)")
+    p.add_argument("--chat-template", type=flags.chat_template, default=None, metavar="FILE",
+                   help="a Jinja chat template file used instead of the model's (chat requests, generate --chat); "
+                        "rendered on a two-message conversation at start, refused if it fails (default: the "
+                        "model's own)")
+    p.add_argument(config_file.FLAG, metavar="FILE", type=flags.word("file name"),  # read by parse(), first
+                   help="read flags from this YAML or TOML file: keys are the long flag names without dashes "
+                        "(max_num_seqs: 4); flags on the command line win (docs/serving.md#configuration)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -61,6 +70,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                       threads=args.threads))
     print(f"loaded in {time.perf_counter() - t0:.1f}s: {runner.describe()}", file=sys.stderr)
     tok = runner.tokenizer
+    if args.chat_template is not None:  # --chat-template: checked as the flag was parsed
+        tok.chat_template = args.chat_template.text
     if args.chat:
         if not tok.chat_template:
             raise InvalidRequestError(f"{args.model} has no chat template; drop --chat")
@@ -86,7 +97,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
     import os
 
     from batcher.config import BatcherConfig
@@ -96,11 +106,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import ServerSettings, build_app
     from .protocol import ConnectionLimits
-    from .server import serve
+    from .server import bind, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logs(args.log_format)
     keys = tuple(args.api_key or ()) + flags.env_api_keys(os.environ)
     flags.check_tls(args.ssl_certfile, args.ssl_keyfile)
+    flags.check_cache_dir()
     try:
         batcher_cfg = BatcherConfig(
             policy=args.policy, max_wait_ms=args.max_wait_ms, max_batch_size=args.max_batch_size,
@@ -120,16 +131,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               allow_special_tokens_in_content=args.allow_special_tokens_in_content)
     limits = ConnectionLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
                               header_timeout_s=args.header_timeout_s, max_connections=args.max_connections)
+    # Every check above and the bind run before the model loads: a port in use costs milliseconds, not a load.
+    sock = bind(args.host, args.port)
+    guards = protections(args, keys, sock.getsockname()[1])  # printed once uvicorn listens (api/server.py)
     if args.replicas > 1 or args.ray_address:  # scale-out (replicas/): the same app over Ray Serve replicas
         from replicas.launch import serve_replicas
-        return serve_replicas(args, runner_cfg, batcher_cfg, settings, limits, protections(args, keys))
+        return serve_replicas(args, runner_cfg, batcher_cfg, settings, limits, guards, sock)
     runner = ModelRunner(runner_cfg)
+    if args.chat_template is not None:
+        runner.tokenizer.chat_template = args.chat_template.text
     engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
-    print(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "
-          f"max_num_batched_tokens {args.max_num_batched_tokens}, max_batch_size {args.max_batch_size}, "
-          f"max_wait_ms {args.max_wait_ms:g})\n{protections(args, keys)}", flush=True)
-    serve(build_app(engine, settings), engine, settings, args.host, args.port, args.grace_s,
-          args.ssl_certfile, args.ssl_keyfile, limits, args.keep_alive_s)
+    log_line(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "
+             f"max_num_batched_tokens {args.max_num_batched_tokens}, max_batch_size {args.max_batch_size}, "
+             f"max_wait_ms {args.max_wait_ms:g})")
+    serve(build_app(engine, settings), engine, settings, sock, args.grace_s, args.ssl_certfile, args.ssl_keyfile,
+          limits, args.keep_alive_s, ready=guards)
     return 0
 
 
@@ -145,9 +161,10 @@ def reach(host: str) -> str:
     return "loopback only" if loopback else f"the interface of {host}"
 
 
-def protections(args: argparse.Namespace, keys: tuple[str, ...]) -> str:
+def protections(args: argparse.Namespace, keys: tuple[str, ...], port: int | None = None) -> str:
     """The start-up line of what guards the server, exactly as the parsed flags set it (api/flags.py refuses
-    any value that would leave one off while it is named here)."""
+    any value that would leave one off while it is named here), and where it serves: `port` is the bound
+    socket's (the one the OS picked for --port 0)."""
     n = len(set(keys))
     mib = lambda b: f"{b / 2**20:g} MiB" if b >= 2**20 else f"{b / 2**10:g} KiB" if b >= 2**10 else f"{b} B"
     parts = [
@@ -162,7 +179,7 @@ def protections(args: argparse.Namespace, keys: tuple[str, ...]) -> str:
         f"connections {args.max_connections}, idle {args.keep_alive_s:g} s",
         f"prompts {'logged' if args.log_requests else 'not logged'}"]
     scheme = "https" if args.ssl_certfile else "http"
-    port = args.port or "0 (a free port the OS picks: uvicorn's 'running on' line names it)"
+    port = args.port if port is None else port
     return (f"jitney: {'; '.join(parts)}\n"
             f"jitney: serving on {scheme}://{args.host}:{port} ({reach(args.host)})")
 
@@ -207,6 +224,9 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
                         "comma-separated keys too; an empty key is refused; default: no auth)")
     s.add_argument("--served-model-name", type=flags.word("model name"), default=None,
                    help="the model name clients send (default: --model)")
+    s.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="text, or json: every log line one JSON object (ts, level, logger, message, request "
+                        "fields) for a log shipper (default: text)")
     s.add_argument("--log-requests", action="store_true",
                    help="log prompts and outputs (off by default: they are never logged otherwise)")
     s.add_argument("--max-body-bytes", type=flags.size(1), default=1 << 20,
@@ -262,21 +282,7 @@ def add_replica_args(s: argparse.ArgumentParser) -> None:
                         f"loaded one (default: {DEFAULT_IMBALANCE:g})")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with its errors in one line (the usage it prints first buries the line that matters)."""
-
-    def error(self, message: str):
-        self.exit(2, f"jitney: error: {message} (see {self.prog} --help)\n")
-
-    def _get_values(self, action, arg_strings):
-        # argparse drops a "--" value (`--api-key=--`, `--host=--`) and stores [] without calling the flag's type,
-        # so no check of api/flags.py runs: an empty key list would read as keys on, an empty host as every interface.
-        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
-            self.error(f"argument {action.option_strings[-1]}: '--' is not a value")
-        return super()._get_values(action, arg_strings)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     parser = Parser(prog="jitney", description="A dynamic-batching LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one prompt and print it with tokens/s",
@@ -298,18 +304,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
     # bench parses its own flags (benchmarks.bench): everything after the word is handed over untouched.
-    sub.add_parser("bench", add_help=False, help="replay a trace through the batching policies and compare them")
+    sub.add_parser("bench", add_help=False, help="replay a trace through the batching policies and compare them "
+                                                 "(`jitney bench --help`; `jitney bench routing`: replicas)")
+    parser.commands = {"generate": g, "serve": s}  # the subcommands whose flags a --config file may set
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(the parsed flags, bench's words). A --config file's flags are read first, the command line's over them;
+    any refusal exits 2 with one line."""
     parser = build_parser()
+    if argv and argv[0] in parser.commands:
+        command = parser.commands[argv[0]]
+        try:
+            path, rest = config_file.split_config(argv[1:])
+            if path is not None:  # the file's flags first: a flag given on the command line too wins
+                argv = [argv[0], *config_file.words(path, command, rest), *rest]
+        except config_file.ConfigError as e:
+            command.error(str(e))
     args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
+    return args, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = parse(list(sys.argv[1:] if argv is None else argv))
     if args.command == "bench":
         from benchmarks.bench import main as bench_main
         return bench_main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except (ModelLoadError, InvalidRequestError) as e:

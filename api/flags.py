@@ -116,3 +116,61 @@ def check_tls(certfile: str | None, keyfile: str | None) -> None:
         except (OSError, ssl.SSLError) as e:
             raise InvalidRequestError(f"--ssl-certfile/--ssl-keyfile do not load ({e}): give a PEM certificate "
                                       "and its private key") from None
+
+
+class ChatTemplate(str):
+    """--chat-template's value: the template's text (a str), with the file it came from as .path."""
+    path: str
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+
+# What a template is rendered on at start: two turns and the generation prompt. No system turn: some models'
+# templates refuse one (raise_exception), and are still right for the conversations they are given.
+SAMPLE_CHAT = [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The Rhine."}]
+
+
+def chat_template(path: str) -> ChatTemplate:
+    """A Jinja chat template file, read and rendered once (transformers' sandboxed renderer, the one the server
+    renders with): a syntax error or a template that raises is refused now, in one line, not at the first
+    chat request. Special tokens (bos_token, eos_token) are the model's and not known yet: they render empty."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    word("file name")(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Refused(f"cannot read {path!r} ({getattr(e, 'strerror', None) or e})") from None
+    if not text.strip():
+        raise Refused(f"{path!r} is empty: give a Jinja template that renders `messages`")
+    try:
+        rendered = render_jinja_template([SAMPLE_CHAT], chat_template=text, add_generation_prompt=True)[0][0]
+    except Exception as e:  # jinja2's TemplateError (syntax, raise_exception()), or whatever the template raises
+        line = getattr(e, "lineno", None)
+        raise Refused(f"{path!r} does not render a conversation"
+                      f"{f' (line {line})' if line else ''}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    if "Name a river." not in rendered:
+        raise Refused(f"{path!r} renders a conversation without its messages' content: a chat template must "
+                      "write each message's content")
+    template = ChatTemplate(text)
+    template.path = path
+    return template
+
+
+def check_cache_dir() -> None:
+    """The cache (JITNEY_CACHE_DIR, else ~/.cache/jitney) takes converted models and built kernels: one this
+    process cannot write would fail mid-load."""
+    import os
+
+    from model_runner.paths import cache_dir
+    where = cache_dir()
+    existing = where
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        name = "JITNEY_CACHE_DIR" if os.environ.get("JITNEY_CACHE_DIR") else "the cache directory"
+        raise InvalidRequestError(f"{name} {str(where)!r} is not a writable directory"
+                                  f"{'' if existing == where else f' ({str(existing)!r} cannot be written)'}: point "
+                                  "JITNEY_CACHE_DIR at a directory this user can write")

@@ -161,7 +161,9 @@ def openapi_document(model_name: str, model: Model) -> dict:
              "/detokenize": "token ids -> {prompt} (vLLM's shape)"}
     gets = {"/v1/models": "the served model",
             "/health": "200 when the model is loaded and the engine loop alive, else 503",
-            "/metrics": "Prometheus metrics", "/openapi.json": "this document"}
+            "/metrics": "Prometheus metrics", "/openapi.json": "this document",
+            "/version": "the server's package version, and its git commit when run from a checkout (behind the API "
+                        "key, like every route but /health)"}
     paths = {**{p: {"post": operation(why, model, p, p)} for p, why in posts.items()},
              **{p: {"get": operation(why, model, p)} for p, why in gets.items()}}
     return {"openapi": "3.1.0",

@@ -67,6 +67,7 @@ SCHEMAS = {
     "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": obj(
         {"id": STR, "object": {"const": "model"}, "created": INT, "owned_by": STR, "max_model_len": INT})}}),
     "Health": obj({"status": {"const": "ok"}}),
+    "Version": obj({"version": STR}, {"commit": STR}),
     "OpenAPI": {"type": "object", "required": ["openapi", "info", "paths"]},
 }
 
@@ -98,4 +99,5 @@ SUCCESS = {
     "/health": {"application/json": {"schema": ref("Health")}},
     "/metrics": {"text/plain": {"schema": {"type": "string", "description": "Prometheus text format 0.0.4"}}},
     "/openapi.json": {"application/json": {"schema": ref("OpenAPI")}},
+    "/version": {"application/json": {"schema": ref("Version")}},
 }

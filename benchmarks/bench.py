@@ -95,8 +95,18 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
             wl.add_args(w)
 
 
+# `jitney bench WORD ...`: commands with flags of their own, handed everything after the word (main()); the
+# help lists them (tests/test_cli.py walks every parser's help for its subcommands).
+SUBCOMMANDS = {"routing": ("benchmarks.routing", "replicas and routing policies on a shared-prefix workload, over "
+                                                 "HTTP (`jitney bench routing --help`)")}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jitney bench", description=__doc__.split("\n\n")[0])
+    from api.parser import Parser  # one-line errors with a "did you mean", as every jitney command
+    p = Parser(prog="jitney bench", error_prefix="jitney bench", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="subcommands:\n" + "\n".join(f"  jitney bench {name:<10} {why}"
+                                                    for name, (_, why) in SUBCOMMANDS.items()))
     t = p.add_argument_group("target").add_mutually_exclusive_group()
     t.add_argument("--in-process", action="store_true", help="an Engine per run in this process (the default)")
     t.add_argument("--start-server", action="store_true", help="start `jitney serve` per run, measure over HTTP")
@@ -313,9 +323,9 @@ def run_bench(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["routing"]:  # replicas and routing on the shared-prefix workload: benchmarks/routing.py
-        from .routing import main as routing_main
-        return routing_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
+        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
     try:
         run_bench(argv)
     except (BenchError, WorkloadError, FileNotFoundError, ValueError) as e:  # ValueError: an empty Azure window

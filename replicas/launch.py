@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import replace
 
+from api import logs
 from api.app import ServerSettings, build_app
 from api.protocol import ConnectionLimits
 from api.server import serve
@@ -35,6 +36,10 @@ log = logging.getLogger("jitney.replicas")
 #    listens on 127.0.0.1 and nothing else: tests/test_replicas.py lists every socket of the process tree.
 #  - no usage report is sent (ray's --disable-usage-stats).
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# The lines replica processes write reach this process's output (Ray's log_to_driver), prefixed with the
+# process's name and pid: without ANSI colour in it (RAY_COLOR_PREFIX=0), so a log file or a shipper gets
+# plain text. Set for a joined cluster too: it is read here, by this process's printing of them.
+LOG_ENV = {"RAY_COLOR_PREFIX": "0"}
 
 
 def cpus_per_replica(replicas: int, asked: int | None) -> int:
@@ -100,9 +105,30 @@ def ray_reach(ray_address: str | None) -> str:
             f"cluster was started, on every interface unless it was kept to loopback (docs/replicas.md)")
 
 
+def forward_replica_logs_as_records() -> None:
+    """Under --log-format json: each line a Ray process writes becomes a log record (logger "ray.worker", its
+    pid and actor as fields) instead of Ray's prefixed text line, and Ray's own loggers in this process write
+    through the one handler api/logs.py set. Ray's printing is swapped on its stdstream dispatcher, the hook its
+    own ray.init installs it on (ray/_private/worker.py, Ray 2.60)."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    worker_log = logging.getLogger("ray.worker")
+
+    def emit(data: dict) -> None:
+        fields = {"pid": data.get("pid"), "actor": data.get("actor_name") or data.get("task_name") or None,
+                  "stream": "stderr" if data.get("is_err") else "stdout"}
+        for line in data.get("lines", ()):
+            worker_log.info(line, extra=fields)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", emit)
+    logs.adopt("ray", "ray.serve")
+
+
 def serve_replicas(args, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, settings: ServerSettings,
-                   limits: ConnectionLimits, guards: str) -> int:
-    """guards: the start-up lines of the HTTP front end's protections (api/cli.py's protections())."""
+                   limits: ConnectionLimits, guards: str, sock) -> int:
+    """guards: the start-up lines of the HTTP front end's protections (api/cli.py's protections()), printed
+    once the front end listens on sock (bound by api/cli.py before anything else starts)."""
+    os.environ.update(LOG_ENV)
     if not args.ray_address:
         os.environ.update(LOCAL_RAY_ENV)
     try:
@@ -121,22 +147,26 @@ def serve_replicas(args, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, s
         gpus = args.replicas if runner_cfg.device.startswith("cuda") else 0
         ray.init(num_cpus=args.replicas * cpus, num_gpus=gpus, object_store_memory=OBJECT_STORE_BYTES,
                  include_dashboard=False, logging_level=logging.WARNING)
+    if args.log_format == "json":
+        forward_replica_logs_as_records()
     try:
         handle = deploy(args.replicas, cpus, runner_cfg, batcher_cfg, args.routing, args.routing_imbalance,
                         args.grace_s, args.log_requests)
         engine = RemoteEngine(handle, handle.info.remote().result())
+        if args.chat_template is not None:  # chat is rendered here, in the front end, with this tokenizer
+            engine.runner.tokenizer.chat_template = args.chat_template.text
         app = build_app(engine, settings)
         replica_metrics.install(app.metrics if hasattr(app, "metrics") else app.app.metrics)  # under CORS or not
-        print(f"jitney: {engine.runner.describe()}\njitney: {args.replicas} replicas x {cpus} CPU, {kv_note}; "
-              f"routing {args.routing}; policy {args.policy}\njitney: {ray_reach(args.ray_address)}\n"
-              f"{guards}", flush=True)
-        serve(app, engine, settings, args.host, args.port, args.grace_s, args.ssl_certfile, args.ssl_keyfile,
-              limits, args.keep_alive_s)
+        logs.log_line(f"jitney: {engine.runner.describe()}\njitney: {args.replicas} replicas x {cpus} CPU, "
+                      f"{kv_note}; routing {args.routing}; policy {args.policy}\njitney: {ray_reach(args.ray_address)}")
+        serve(app, engine, settings, sock, args.grace_s, args.ssl_certfile, args.ssl_keyfile, limits,
+              args.keep_alive_s, ready=guards)
     finally:
         try:
-            ray_serve.delete(APP)
-            if not args.ray_address:
-                ray_serve.shutdown()
+            ray_serve.delete(APP)  # the replicas drain and stop; on a joined cluster the rest of Serve stays
         finally:
+            # A local Ray goes whole (Serve's controller with it): serve.shutdown() first would ray.kill the
+            # controller under this process's own pending calls to it, which the raylet then reports as failed
+            # tasks ("The actor is dead because it was killed by `ray.kill`") at every clean exit.
             ray.shutdown()
     return 0

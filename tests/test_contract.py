@@ -120,7 +120,8 @@ def test_contract_fuzzer_with_every_check_finds_nothing(server, tmp_path):
 
 ROUTES = {"/generate": {"POST"}, "/v1/completions": {"POST"}, "/v1/chat/completions": {"POST"},
           "/tokenize": {"POST"}, "/detokenize": {"POST"}, "/v1/models": {"GET", "HEAD"},
-          "/openapi.json": {"GET", "HEAD"}, "/health": {"GET", "HEAD"}, "/metrics": {"GET", "HEAD"}}
+          "/openapi.json": {"GET", "HEAD"}, "/health": {"GET", "HEAD"}, "/metrics": {"GET", "HEAD"},
+          "/version": {"GET", "HEAD"}}
 
 
 def test_every_405_says_which_methods_the_route_takes(server):

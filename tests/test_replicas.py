@@ -238,6 +238,8 @@ def test_a_local_ray_listens_on_loopback_only_and_says_what_each_replica_got():
         code, out = server.stop(timeout=60), server.output()
         server.close()
     assert code == 0, out[-3000:]
+    # A clean stop reads clean: no colour codes from Ray's prefixes, no failed-task or dead-actor reports.
+    assert "\x1b[" not in out and "actor is dead" not in out and "Traceback" not in out, out[-3000:]
 
 
 # --- over HTTP, on Ray -----------------------------------------------------------------------------------------
