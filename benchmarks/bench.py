@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -123,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-tpot-ms", type=float, default=100.0,
                    help="... and a time per output token after the first at most this (default: 100)")
     s.add_argument("--hourly-cost", type=float, help="USD per hour of this machine: adds $ per M output tokens")
-    s.add_argument("--out", help="output folder (default: results/bench-<timestamp>/)")
+    s.add_argument("--out", help="output folder (default: a new jitney-bench-<timestamp>-* folder in the "
+                                 "system's temporary directory, named at the end; nothing is written into the "
+                                 "working directory unless --out names it)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -301,7 +304,7 @@ def run_bench(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started, load = time.time(), os.getloadavg()[0]
     trace, trace_desc = WORKLOADS[args.workload].build(args)
-    out = Path(args.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"jitney-bench-{time.strftime('%Y%m%d-%H%M%S')}-"))
     out.mkdir(parents=True, exist_ok=True)
     if args.save_trace:
         save_trace(trace, args.save_trace)

@@ -232,7 +232,7 @@ def parse_args(argv: list[str] | None) -> tuple[ModelShape, Settings]:
     p.add_argument("--device-gb", type=float, default=d.device_gb, help="memory of one device, GB")
     p.add_argument("--cards", type=int, default=d.cards, help="devices the model is split over (tensor parallel)")
     p.add_argument("--overhead-gb", type=float, help=f"activations, CUDA context, workspaces per device; default "
-                   f"{FIXED_OVERHEAD_GB:g} GB + {OVERHEAD_OF_WEIGHTS:.0%} of the weights")
+                   f"{FIXED_OVERHEAD_GB:g} GB + {OVERHEAD_OF_WEIGHTS:.0%}% of the weights")  # %%: argparse formats help
     p.add_argument("--headroom", type=float, default=d.headroom, help="fraction of the device left unused")
     a = p.parse_args(argv)
     dtype_bytes = WEIGHT_FORMAT_BYTES[a.weight_format] if a.weight_format else a.dtype_bytes

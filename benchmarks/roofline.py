@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -39,7 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=128, help="mean tokens each sequence attends to while timed")
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size (their mean is used)")
     p.add_argument("--prefill-len", type=int, default=512, help="tokens of the one-sequence prefill point")
-    p.add_argument("--out", default="results/roofline", help="directory for roofline.md, .json and .png")
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "jitney-roofline"),
+                   help="directory for roofline.md, .json and .png (default: jitney-roofline in the system's "
+                        "temporary directory; nothing is written into the working directory unless --out names it)")
     p.add_argument("--quick", action="store_true", help="batch sizes 1,8, context 32, 4 steps, prefill 128")
     args = p.parse_args(argv)
     if args.quick:
