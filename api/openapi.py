@@ -95,8 +95,9 @@ def field_schema(f: Field, model: Model) -> dict:
                     "strict": {"type": ["boolean", "null"],
                                "description": "accepted either way: the schema is always enforced"},
                     "schema": {"type": "object", "description": "a JSON Schema (what llguidance implements of draft "
-                               f"2020-12; at most {MAX_SCHEMA_CHARS} characters of JSON, nested at most 32 deep in the "
-                               "body); an unimplemented keyword (not, uniqueItems, ...) is a 400"}}}}}]},
+                               f"2020-12; at most {MAX_SCHEMA_CHARS} characters of JSON once its annotations (title, "
+                               "description, examples, $comment) are left out, nested at most 32 deep in the body); "
+                               "an unimplemented keyword (not, uniqueItems, ...) is a 400"}}}}}]},
     }
     if f.kind in shapes:
         schema = shapes[f.kind]

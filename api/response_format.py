@@ -4,8 +4,10 @@
   {"type": "json_object"}                             the output is one JSON object
   {"type": "json_schema", "json_schema": {"name", "description", "schema", "strict"}}
                                                       the output is JSON matching "schema"
-The shape is checked here (400 naming the field); the schema itself is compiled by llguidance in a worker
-thread, so a large schema never stalls the event loop (a cache hit needs no thread), and a schema it cannot
+The shape is checked here (400 naming the field). A large schema's cache key (its JSON text, annotations left out)
+is made on the prep thread (api/offload.py), in work bounded by MAX_SCHEMA_CHARS, not by the schema; the schema
+itself is compiled by llguidance in a worker thread, so a large schema never stalls the event loop (a cache hit
+needs no thread), and a schema it cannot
 enforce (malformed, a keyword it does not implement such as "not" or "uniqueItems", a bound it would enforce
 inexactly, or more lexer work than its compile limit: model_runner/grammar.py) is a 400 with its reason.
 At most MAX_COMPILES schemas compile at once; one that finds no free slot within COMPILE_WAIT_S gets a 429.
@@ -14,11 +16,13 @@ At most MAX_COMPILES schemas compile at once; one that finds no free slot within
 from __future__ import annotations
 
 import asyncio
+import json
 import weakref
 
-from model_runner.grammar import Grammar, GrammarCompiler, GrammarError
+from model_runner.grammar import Grammar, GrammarCompiler, GrammarError, _without_annotations
 
 from .errors import APIError
+from .offload import OFFLOAD_BYTES, PrepThread
 
 MAX_SCHEMA_CHARS = 32 * 1024  # a schema's JSON text; keeps compile time in milliseconds
 MAX_NAME_CHARS = 64           # OpenAI's bound on json_schema.name
@@ -72,21 +76,89 @@ def requested_schema(body: dict) -> tuple[dict | None, str]:
     return schema, "response_format.json_schema.schema"
 
 
-async def compile_response_format(body: dict, compiler: GrammarCompiler | None, params) -> Grammar | None:
-    """The grammar a request's response_format asks for (None for text), compiled off the event loop."""
+def schema_source(schema: dict, limit: int = MAX_SCHEMA_CHARS) -> str | None:
+    """GrammarCompiler.key(schema), the cache's key and llguidance's input, or None when it is longer than limit
+    characters. Leaving the annotations out walks the whole schema in Python (the GIL changes hands meanwhile); the
+    text is then written by canonical_json, whose work stops at the limit: json.dumps of a megabyte schema is one C
+    call that holds the GIL for over 100 ms, whichever thread makes it."""
+    return canonical_json(_without_annotations(schema), limit)
+
+
+def canonical_json(value, limit: int) -> str | None:
+    """json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) (value parsed from JSON), or
+    None as soon as that text is known to be longer than limit characters: a container or string whose shortest
+    JSON text would pass what is left is not walked at all, so the work grows with the limit, not with value."""
+    out: list[str] = []
+    return "".join(out) if _write(value, out, limit) >= 0 else None
+
+
+def _write(v, out: list[str], left: int) -> int:
+    """Appends v's JSON text to out; returns the characters left of the budget (negative: over it, stopped)."""
+    if isinstance(v, dict):
+        if 5 * len(v) + 1 > left:  # n entries are at least '"":0' each, n - 1 commas and the braces
+            return -1
+        out.append("{")
+        left -= 2
+        for i, k in enumerate(sorted(v)):
+            key = ("," if i else "") + json.dumps(k, ensure_ascii=False) + ":"
+            out.append(key)
+            if (left := _write(v[k], out, left - len(key))) < 0:
+                return -1
+        out.append("}")
+        return left
+    if isinstance(v, list):
+        if 2 * len(v) + 1 > left:  # n items are at least one character each, with n - 1 commas and the brackets
+            return -1
+        out.append("[")
+        left -= 2
+        for i, item in enumerate(v):
+            if i:
+                out.append(",")
+                left -= 1
+            if (left := _write(item, out, left)) < 0:
+                return -1
+        out.append("]")
+        return left
+    if isinstance(v, str) and len(v) + 2 > left:
+        return -1
+    text = json.dumps(v, ensure_ascii=False)
+    out.append(text)
+    return left - len(text)
+
+
+def _small(value, budget: int = OFFLOAD_BYTES) -> bool:
+    """Whether value has at most about budget characters of JSON (a node counts one, a string its length): the
+    cheap test, at most budget steps, that keeps a small schema on the event loop (a thread hop costs more)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        budget -= 1 + (len(v) if isinstance(v, str) else 0)
+        if budget < 0:
+            return False
+        if isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+    return True
+
+
+async def compile_response_format(body: dict, compiler: GrammarCompiler | None,
+                                  prep: PrepThread | None = None) -> Grammar | None:
+    """The grammar a request's response_format asks for (None for text), compiled off the event loop; a large
+    schema's key is made on prep (None: here). ignore_eos and min_tokens, which a grammar excludes, were refused
+    with the body's other rules (api/schemas.py RULES) before this runs."""
     schema, field = requested_schema(body)
     if schema is None:
         return None
     if compiler is None:  # replicas/: a compiled grammar cannot travel to a replica (its matcher is native state)
         raise _refuse("response_format", "is not supported when serving replicas (--replicas, --ray-address): "
                                          "serve one process for constrained decoding", "unsupported_combination")
-    if params.ignore_eos or params.min_tokens:
-        name = "ignore_eos" if params.ignore_eos else "min_tokens"
-        raise _refuse(name, "cannot be combined with response_format: the output ends (end-of-sequence) as soon "
-                            "as the JSON document is complete", "unsupported_combination")
-    source = compiler.key(schema)  # serialized once: its size, the cache's key, llguidance's input
-    if len(source) > MAX_SCHEMA_CHARS:
-        raise _refuse(field, f"is longer than {MAX_SCHEMA_CHARS} characters of JSON")
+    # Serialized once: its size, the cache's key, llguidance's input.
+    source = await prep.run(schema_source, schema) if prep is not None and not _small(schema) \
+        else schema_source(schema)
+    if source is None:
+        raise _refuse(field, f"is longer than {MAX_SCHEMA_CHARS} characters of JSON (annotations left out)")
     if (hit := compiler.cached(source)) is not None:
         return hit
     loop = asyncio.get_running_loop()

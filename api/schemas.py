@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from model_runner.sampling_params import MAX_LOGPROBS, SamplingParams
+from model_runner.sampling_params import GRAMMAR_EXCLUDES, MAX_LOGPROBS, SamplingParams, grammar_excludes
 from model_runner.text import encode
 from batcher.engine import MAX_N
 
@@ -184,12 +184,21 @@ def absent(name: str) -> dict:
 NOT_NULL = {"not": {"type": "null"}}
 GENERATING = ("/generate", "/v1/completions", "/v1/chat/completions")
 GRAMMAR = {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}
-_NO_GRAMMAR = ("cannot be combined with a JSON response_format: the output ends (end-of-sequence) as soon as the "
-               "JSON document is complete")
 
 
 def _grammar(b: dict) -> bool:
     return isinstance(rf := b.get("response_format"), dict) and rf.get("type") in ("json_object", "json_schema")
+
+
+def _grammar_rule(name: str, off: bool | int) -> Rule:
+    """A field the engine's grammar excludes (sampling_params.GRAMMAR_EXCLUDES, its rule and message): with a JSON
+    response_format it must be null or `off`. A value of another type is value()'s 422, as for every rule."""
+    kind = "boolean" if isinstance(off, bool) else "integer"
+    holds = (lambda b: not isinstance(b.get(name), bool) or b.get(name) == off) if kind == "boolean" \
+        else (lambda b: as_int(b.get(name)) in (None, off))
+    return Rule(GENERATING, given("response_format", GRAMMAR),
+                {"properties": {name: {"not": {"type": kind, "not": {"const": off}}}}},
+                _grammar, holds, grammar_excludes(name), 400, "unsupported_combination")
 
 
 def _zero(v: Any) -> bool:
@@ -213,13 +222,7 @@ RULES = (
     Rule(("/generate",), given("max_tokens", {"const": 0}), given("prompt_logprobs", NOT_NULL),
          lambda b: _zero(b.get("max_tokens")), lambda b: b.get("prompt_logprobs") is not None,
          "'max_tokens' may be 0 only with 'prompt_logprobs' (scoring the prompt)"),
-    Rule(GENERATING, given("response_format", GRAMMAR), {"properties": {"ignore_eos": {"not": {"const": True}}}},
-         _grammar, lambda b: b.get("ignore_eos") is not True, f"'ignore_eos' {_NO_GRAMMAR}", 400,
-         "unsupported_combination"),
-    Rule(GENERATING, given("response_format", GRAMMAR),
-         {"properties": {"min_tokens": {"anyOf": [{"type": "null"}, {"const": 0}]}}},
-         _grammar, lambda b: b.get("min_tokens") is None or _zero(b.get("min_tokens")),
-         f"'min_tokens' {_NO_GRAMMAR}", 400, "unsupported_combination"),
+    *(_grammar_rule(name, off) for name, off in GRAMMAR_EXCLUDES.items()),
     Rule(("/tokenize",), given("prompt", NOT_NULL), absent("messages"),
          lambda b: b.get("prompt") is not None, lambda b: b.get("messages") is None,
          "give exactly one of 'prompt' (text) or 'messages' (chat turns), not both", code="missing_field"),

@@ -11,6 +11,17 @@ from model_runner.errors import InvalidSamplingParams
 # distribution is a point mass on the argmax anyway (the same cut-off vLLM uses).
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's bound for chat's top_logprobs)
+# A grammar (the API's response_format) ends the output with end-of-sequence as soon as its document is complete, so
+# nothing may hold end-of-sequence back: with one, each of these fields must keep its "off" value. The one statement
+# of the rule and its message: validate() checks it, and the API's body rules and OpenAPI document are built from
+# it (api/schemas.py RULES).
+GRAMMAR_EXCLUDES = {"ignore_eos": False, "min_tokens": 0}
+
+
+def grammar_excludes(name: str) -> str:
+    """The error for a field of GRAMMAR_EXCLUDES set with a grammar."""
+    return (f"'{name}' cannot be combined with a JSON response_format: the output ends (end-of-sequence) as soon as "
+            "the JSON document is complete")
 
 
 def _is_int(x: object) -> bool:
@@ -97,10 +108,8 @@ class SamplingParams:
         check(isinstance(self.logit_bias, (tuple, list)) and all(_is_bias(kv) for kv in self.logit_bias),
               "logit_bias", "pairs of (token id >= 0, bias in [-100, 100])")
         check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
-        if self.grammar is not None:
-            # The grammar ends the output with end-of-sequence once the document is complete: neither can hold.
-            check(not self.ignore_eos, "ignore_eos", "false with a grammar (response_format)")
-            check(self.min_tokens == 0, "min_tokens", "0 with a grammar (response_format)")
+        if self.grammar is not None and (held := [k for k, off in GRAMMAR_EXCLUDES.items() if getattr(self, k) != off]):
+            raise InvalidSamplingParams(grammar_excludes(held[0]))
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             check(n is None or (_is_int(n) and 0 <= n <= MAX_LOGPROBS), name, f"null or an integer in [0, {MAX_LOGPROBS}]")

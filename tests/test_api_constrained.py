@@ -3,7 +3,6 @@ too, and every malformed response_format or impossible combination is a 400 nami
 import asyncio
 import json
 import threading
-import types
 
 import httpx
 import jsonschema
@@ -133,8 +132,6 @@ async def test_compiles_are_bounded_and_the_excess_gets_429_after_a_bounded_wait
     release, started = threading.Event(), []
 
     class Blocking:  # the compiler's surface compile_response_format uses
-        key = staticmethod(GrammarCompiler.key)
-
         def cached(self, source):
             return None
 
@@ -143,18 +140,18 @@ async def test_compiles_are_bounded_and_the_excess_gets_429_after_a_bounded_wait
             release.wait(10)
             return source
 
-    compiler, params = Blocking(), types.SimpleNamespace(ignore_eos=False, min_tokens=0)
+    compiler = Blocking()
     bodies = [{"response_format": as_json_schema({"type": "integer", "maximum": i})} for i in range(4)]
-    running = [asyncio.create_task(response_format.compile_response_format(b, compiler, params))
+    running = [asyncio.create_task(response_format.compile_response_format(b, compiler))
                for b in bodies[:response_format.MAX_COMPILES]]
     await asyncio.sleep(0.05)
     with pytest.raises(APIError) as refused:
-        await response_format.compile_response_format(bodies[-1], compiler, params)
+        await response_format.compile_response_format(bodies[-1], compiler)
     assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
     assert len(started) == response_format.MAX_COMPILES
     running[0].cancel()  # its client left: its compile still runs, and still holds its slot
     with pytest.raises(APIError):
-        await response_format.compile_response_format(bodies[-1], compiler, params)
+        await response_format.compile_response_format(bodies[-1], compiler)
     release.set()
     assert await running[1] == GrammarCompiler.key(bodies[1]["response_format"]["json_schema"]["schema"])
-    assert await response_format.compile_response_format(bodies[-1], compiler, params)  # a slot is free again
+    assert await response_format.compile_response_format(bodies[-1], compiler)  # a slot is free again

@@ -22,8 +22,11 @@ from hypothesis import strategies as st
 
 from api.chat import chat_prompt_ids
 from api.errors import APIError
+from api.app import ServerSettings
 from api.offload import PrepThread, byte_bound, json_pieces, json_text
+from api.response_format import schema_source
 from api.schemas import LOGPROB_PRODUCT, MAX_LOGPROB_ENTRIES, Model, logprob_entries, sampling_params
+from model_runner.grammar import ANNOTATIONS, GrammarCompiler
 from model_runner.loader import load_tokenizer, resolve_model
 from model_runner.text import GIL_FREE_CHARS, encode, encode_offsets
 from model_runner.tiny import CHAT_TEMPLATE, byte_level_tokenizer
@@ -162,6 +165,24 @@ def test_json_text_is_in_pieces_only_on_the_prep_thread():
     assert here == there == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+schema_keys = st.sampled_from(sorted(ANNOTATIONS) + ["type", "properties", "items", "anyOf", "enum", "const",
+                                                      "$defs", "not", "p", "", "é"]) | st.text(max_size=3)
+schemas = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=40) | st.dictionaries(schema_keys, inner, max_size=20),
+    max_leaves=200)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(schema=st.dictionaries(schema_keys, schemas, max_size=8), limit=st.integers(0, 3000))
+def test_a_schemas_key_is_made_within_its_limit(schema, limit):
+    """response_format's key, made in work bounded by the limit (schema_source): the very text the compiler's
+    cache is keyed by (annotations left out), or None exactly when that is longer than the limit."""
+    key = GrammarCompiler.key(schema)
+    assert schema_source(schema, limit) == (key if len(key) <= limit else None)
+
+
 # --- the bound on logprob entries ------------------------------------------------------------------------
 
 MODEL = Model(max_model_len=1024, vocab_size=320)
@@ -217,7 +238,8 @@ def params_plp(route: str, body: dict):
 
 # --- the server: the largest inputs, and the loop's lag ------------------------------------------------
 
-BODY_LIMIT = 256 << 10
+BODY_LIMIT = 256 << 10  # the bodies of most kinds below; the server keeps its default limit, DEFAULT_LIMIT
+DEFAULT_LIMIT = ServerSettings.max_body_bytes
 STALL_S = 0.1  # the acceptance: no event-loop stall over 100 ms
 
 
@@ -275,6 +297,11 @@ def largest_inputs() -> dict[str, tuple[str, bytes]]:
         "response_format: a schema": ("/v1/completions", fill(lambda k: {
             "prompt": "x", "max_tokens": 1, "response_format": {"type": "json_schema", "json_schema": {
                 "name": "s", "schema": schema(k)}}}, limit)),
+        # The one kind whose work on the loop (the schema's key) grew with the body after the rest moved off it:
+        # checked at the default body limit too (the key's work now stops at MAX_SCHEMA_CHARS).
+        "response_format: a schema, at the default body limit": ("/v1/completions", fill(lambda k: {
+            "prompt": "x", "max_tokens": 1, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "s", "schema": schema(k)}}}, DEFAULT_LIMIT - 64)),
     }
 
 
@@ -287,7 +314,7 @@ def stalls(client: httpx.Client, url: str) -> float:
 
 @pytest.fixture(scope="module")
 def server():
-    with jitney_server("--max-body-bytes", str(BODY_LIMIT)) as server:
+    with jitney_server() as server:  # the default body limit (1 MiB)
         yield server
 
 
@@ -299,9 +326,9 @@ def test_no_input_stalls_the_event_loop(server):
     not the probe's round trips: those also count the test process's scheduling and, on a machine shared with
     other work, any pause of either process. A stall caused by a request recurs every time it is sent, while
     a pause the machine imposes is chance: so a kind that shows a stall is sent again, up to three times, and
-    fails only if every run stalled. The probe's worst round trip is reported alongside. The server's body
-    limit is lowered to 256 KiB to keep the test short: work on the loop grows with the body, so the old code's
-    stalls are already seconds at this size, and off the loop there is none at any size."""
+    fails only if every run stalled. The probe's worst round trip is reported alongside. Bodies are 256 KiB
+    to keep the test short (work on the loop grows with the body, so the old code's stalls are already seconds
+    at this size, and off the loop there is none at any size); a schema is sent at the default 1 MiB as well."""
     inputs = largest_inputs()
     with httpx.Client(timeout=300) as client, httpx.Client(timeout=30) as probe_client:
         url = server.url
