@@ -71,7 +71,7 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jitney-engine",
                                             initializer=threads.apply, initargs=(runner.threads,))
         self._task: asyncio.Task | None = None
-        self.prefill_progress = PrefillProgress()  # a line every 5 s for a prompt that long to prefill
+        self.prefill_progress = PrefillProgress(clock=self.clock)  # a line every 5 s for so long a prefill
         self.accepting = True
 
     @property
