@@ -188,3 +188,26 @@ def test_each_matmul_errs_by_no_more_than_its_formats_allow(monkeypatch, loop, p
     our_logits(pair[precision][1], ids)
     assert calls and all(dtype == getattr(torch, precision[0]) for dtype, _ in calls)
     assert max(excess for _, excess in calls) <= 0, "a quantized matmul erred past its bound"
+
+
+# --- the real model: the combinations --dtype auto picks (bfloat16 on AVX512-BF16 CPUs, float32 elsewhere) -----
+
+ANSWERS = ["What is the capital of France?", "What is 2 + 2?", "Name the largest planet in the solar system."]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["q4", "int8"])
+def test_bfloat16_compute_answers_as_float32_does(mode):
+    """The README's first prompt and two more, as chat, greedy, 12 tokens: the quantized model under bfloat16
+    compute answers with the float32-compute quantized model's text, and the first says Paris. (With 8-bit
+    activations both dtypes answered "L'Étoile, la Marseillaise, ..." on this CPU.)"""
+    texts = {}
+    for dtype in ("float32", "bfloat16"):
+        r = ModelRunner(RunnerConfig(model="smollm2-135m", dtype=dtype, kv_cache_memory=16 << 20,
+                                     quantization=mode), progress=False)
+        tok = r.tokenizer
+        prompts = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False))["input_ids"] for p in ANSWERS]
+        texts[dtype] = [tok.decode(s.output_token_ids) for s in generate(r, prompts, greedy(12))]
+    assert texts["bfloat16"] == texts["float32"]
+    assert "Paris" in texts["bfloat16"][0]
