@@ -6,9 +6,10 @@
   int8  any model: each output row (channel) of a matmul weight as int8 q in -127..127 and a float32 scale
         s = max|w| / 127, quantized at load (symmetric, weight-only); w ~ s q.
 
-The matmul (csrc/qmatmul.cpp) quantizes the activations of each step to 8-bit blocks of 32 (a float32 scale
-per block) and computes each block's dot product in integers (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd): the way
-llama.cpp computes with these formats. For that the rows are repacked at load into tiles of 8 rows interleaved
+The matmul (csrc/qmatmul.cpp) quantizes the activations of each step to 16-bit integers per block of 32 (a
+float32 scale per block, two 8-bit digits) and computes each block's dot product in integers (AVX2 vpmaddubsw,
+AVX-512 VNNI vpdpbusd): the way llama.cpp computes with these formats, but with 16-bit activations instead of 8,
+so that the result is the float model's to the compute dtype's precision (the kernel's header says why). For that the rows are repacked at load into tiles of 8 rows interleaved
 by 4 bytes (the kernel's header says why); the values, scales and mins are untouched, and `to_gguf` gives the
 file's bytes back (tests check both round trips bit for bit).
 
