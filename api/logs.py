@@ -30,7 +30,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exc_info"] = self.formatException(record.exc_info)
         for key, value in vars(record).items():
-            if key not in _STANDARD and key not in line:
+            if key not in _STANDARD and key not in line and not key.startswith("_"):  # Ray's _ray_timestamp_ns
                 line[key] = value
         return json.dumps(line, default=str)  # default=str: an extra field JSON cannot hold is still written
 

@@ -110,14 +110,22 @@ def forward_replica_logs_as_records() -> None:
     pid and actor as fields) instead of Ray's prefixed text line, and Ray's own loggers in this process write
     through the one handler api/logs.py set. Ray's printing is swapped on its stdstream dispatcher, the hook its
     own ray.init installs it on (ray/_private/worker.py, Ray 2.60)."""
+    from ray._private import ray_constants
+    from ray._private.worker import filter_autoscaler_events
     from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
     worker_log = logging.getLogger("ray.worker")
+    worker_log.setLevel(logging.INFO)  # under "ray", which ray.init holds at WARNING: these lines are all kept
+    marker = ray_constants.LOG_PREFIX_INFO_MESSAGE
 
     def emit(data: dict) -> None:
+        # As Ray's print_worker_logs: of the autoscaler's output only its events (not its periodic status).
+        lines = data.get("lines", ())
+        if data.get("pid") == "autoscaler":
+            lines = filter_autoscaler_events(lines)
         fields = {"pid": data.get("pid"), "actor": data.get("actor_name") or data.get("task_name") or None,
                   "stream": "stderr" if data.get("is_err") else "stdout"}
-        for line in data.get("lines", ()):
-            worker_log.info(line, extra=fields)
+        for line in lines:
+            worker_log.info(line.split(marker)[1] if marker in line else line, extra=fields)
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", emit)
@@ -138,6 +146,8 @@ def serve_replicas(args, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, s
         raise InvalidRequestError("--replicas and --ray-address need Ray Serve: pip install -e '.[scale]' "
                                   "(or make install SCALE=1)") from None
     from .remote_engine import RemoteEngine
+    if args.log_format == "json":  # Ray's own handlers, set as it was imported: its first warnings come in ray.init
+        logs.adopt("ray", "ray.serve")
 
     cpus = cpus_per_replica(args.replicas, args.cpus_per_replica)
     runner_cfg, kv_note = size_replicas(args, runner_cfg)  # before Ray starts: a refusal costs nothing

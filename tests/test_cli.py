@@ -121,7 +121,7 @@ def serve_value_actions() -> dict[str, argparse.Action]:
 BAD = ("", " ", "0", "-1", "nan", "inf", "1e400", " 5", "0x10", "-1GiB", "*", "99999999999999999999", "--")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flag=st.sampled_from(sorted(serve_value_actions())), value=st.one_of(st.sampled_from(BAD), st.text(max_size=8)),
        fmt=st.sampled_from(["yaml", "toml"]))
 def test_a_config_value_gets_exactly_the_command_lines_check(tmp_path, flag, value, fmt):
@@ -188,7 +188,7 @@ def long_flags(command: str) -> list[str]:
                   if o.startswith("--") and len(o) > 6 and o != "--help")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.data(), command=st.sampled_from(["serve", "generate"]))
 def test_a_mistyped_flag_is_refused_naming_a_flag_that_exists(data, command):
     flag = data.draw(st.sampled_from(long_flags(command)))
@@ -220,7 +220,7 @@ def test_bench_typos_get_a_suggestion_too(capsys):
 
 # --- every subcommand is in its parent's help -------------------------------------------------------------------
 
-def test_every_subcommand_is_listed_in_its_parents_help():
+def test_every_subcommand_is_listed_in_its_parents_help(capsys):
     """Walks jitney's parser tree, and bench's own words (benchmarks/bench.py SUBCOMMANDS)."""
     from benchmarks import bench
 
@@ -236,10 +236,10 @@ def test_every_subcommand_is_listed_in_its_parents_help():
     assert len(list(walk(build_parser()))) == 4  # jitney, generate, serve, bench
     text = bench.build_parser().format_help()
     assert bench.SUBCOMMANDS and all(f"jitney bench {name}" in text for name in bench.SUBCOMMANDS)
-    for name, (module, _) in bench.SUBCOMMANDS.items():  # and each is what main() hands the words to
-        help_out = subprocess.run([sys.executable, "-m", "benchmarks", name, "--help"], cwd=REPO,
-                                  capture_output=True, text=True, timeout=120)
-        assert help_out.returncode == 0 and f"usage: jitney bench {name}" in help_out.stdout, help_out.stderr
+    for name in bench.SUBCOMMANDS:  # and each is what main() hands the words to
+        with pytest.raises(SystemExit) as e:
+            bench.main([name, "--help"])
+        assert e.value.code == 0 and f"usage: jitney bench {name}" in capsys.readouterr().out
 
 
 # --- preconditions before the model loads ----------------------------------------------------------------------
