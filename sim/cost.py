@@ -1,0 +1,178 @@
+"""Step-cost models: what one engine step costs, from its plan alone.
+
+One interface, StepCostModel.cost(plan) -> StepCost(seconds, flops, bytes), so the simulated runner need not know
+where the figures come from. The model here is roofline-shaped:
+
+    seconds = max(flops / flops_per_s, bytes / bytes_per_s) + step_s + seq_s x sequences + all-reduce
+
+A step does the work of its plan (Work: the FLOPs and bytes the model's shape gives for that mix of prefill
+chunks and decodes) at whichever of the two rates binds it, plus a fixed cost per step (the engine's Python, a
+launch) and per sequence (building its rows, sampling it). The rates and terms come from a hardware sheet with
+stated efficiencies (sim/hardware.py) or from timings on this host fitted by least squares (fit(), used by
+sim/calibrate.py). Tensor parallelism over tp devices divides the FLOPs, the weight bytes and the KV heads, and
+adds two ring all-reduces of the step's activations per layer (after attention and after the MLP, Megatron's
+split), priced from the interconnect.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from benchmarks.cost import matmul_params
+from model_runner.config import ModelConfig
+from model_runner.sequence import Sequence
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Bytes per weight as stored, scales included: int8 per-row (one scale per thousands of weights: 1), int4 in
+# blocks of 32 with an fp16 scale (GGUF's Q4_0 and GPTQ/AWQ's group-32 layouts: 18 B per 32 weights).
+WEIGHT_BYTES = {**DTYPE_BYTES, "int8": 1.0, "int4": 18 / 32}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a step's cost depends on: each prompt chunk's (tokens, context after it), each decode's context after
+    its token, and how many rows reach the lm_head (sequences whose chunk ends their tokens: they sample)."""
+    prefill: tuple[tuple[int, int], ...]
+    decode: tuple[int, ...]
+    sampled: int
+
+    @classmethod
+    def of(cls, scheduled: list[tuple[Sequence, int]]) -> StepPlan:
+        """A scheduler's step (sequence, tokens it feeds), as the runner splits it (single tokens are decodes)."""
+        prefill, decode, sampled = [], [], 0
+        for seq, n in scheduled:
+            ctx = seq.num_computed_tokens + n
+            (decode.append(ctx) if n == 1 else prefill.append((n, ctx)))
+            sampled += ctx == len(seq.token_ids)
+        return cls(tuple(prefill), tuple(decode), sampled)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for n, _ in self.prefill) + len(self.decode)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.prefill) + len(self.decode)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    seconds: float
+    flops: float    # per device
+    bytes: float    # per device, memory traffic
+
+
+class Work:
+    """FLOPs and memory bytes of a step on one of tp devices, for a Llama-shaped model.
+
+    FLOPs: 2 per weight per token through the layers' matmuls, 2 per lm_head weight per sampled row, and
+    attention's 4 x heads x head_dim per (query, key) pair (q.k and p.v). Bytes: every weight once per step
+    (the batch shares the read), each sequence's cached K/V once (a decode reads its context; a prompt chunk reads
+    the context before it once, as tiled attention kernels do), and the step's new K/V written once. Activations
+    are left out: at serving sizes they are a small fraction of the weight and KV traffic (an approximation the
+    validation will bound)."""
+
+    def __init__(self, mc: ModelConfig, weights: str, kv_dtype: str, tp: int = 1):
+        if weights not in WEIGHT_BYTES:
+            raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_BYTES)}")
+        self.mc, self.tp = mc, tp
+        self.lm_head = mc.vocab_size * mc.hidden_size
+        self.layer_params = matmul_params(mc) - self.lm_head
+        self.weight_bytes = matmul_params(mc) * WEIGHT_BYTES[weights] / tp
+        # Tensor parallelism gives each device whole KV heads; past kv_heads devices, heads are replicated.
+        kv_share = math.ceil(mc.num_key_value_heads / tp) / mc.num_key_value_heads
+        self.kv_bytes_per_token = mc.kv_bytes_per_token_per_element * DTYPE_BYTES[kv_dtype] * kv_share
+        self.attn_flops_per_pair = 4 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim
+
+    def flops(self, plan: StepPlan) -> float:
+        pairs = sum(plan.decode) + sum(n * ctx - n * (n - 1) / 2 for n, ctx in plan.prefill)  # causal: row i sees
+        return (2 * self.layer_params * plan.num_tokens + 2 * self.lm_head * plan.sampled   # ctx - n + i + 1 keys
+                + self.attn_flops_per_pair * pairs) / self.tp
+
+    def bytes(self, plan: StepPlan) -> float:
+        read = sum(plan.decode) + sum(ctx - n for n, ctx in plan.prefill)
+        return self.weight_bytes + self.kv_bytes_per_token * (read + plan.num_tokens)
+
+
+@dataclass(frozen=True)
+class RooflineParams:
+    flops_per_s: float      # effective: peak x efficiency, or fitted
+    bytes_per_s: float      # effective memory bandwidth
+    step_s: float = 0.0     # fixed cost per step
+    seq_s: float = 0.0      # cost per sequence in the step
+    link_bytes_per_s: float = 0.0   # effective one-way interconnect bandwidth (tensor parallelism)
+    allreduce_latency_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RooflineCost:
+    """The roofline-shaped step cost: Work at RooflineParams' rates, on tp devices."""
+
+    def __init__(self, work: Work, params: RooflineParams, peak_flops: float, peak_bytes_per_s: float,
+                 description: str):
+        self.work, self.params, self.description = work, params, description
+        # The peaks utilisation is reported against (a device's published ones; a host's fitted rates).
+        self.peak_flops, self.peak_bytes_per_s = peak_flops, peak_bytes_per_s
+
+    def allreduce_s(self, num_tokens: int) -> float:
+        tp, p, mc = self.work.tp, self.params, self.work.mc
+        if tp == 1:
+            return 0.0
+        # A ring all-reduce moves 2 (tp - 1) / tp of the message through each link; activations in 2 bytes.
+        message = num_tokens * mc.hidden_size * 2
+        one = 2 * (tp - 1) / tp * message / p.link_bytes_per_s + p.allreduce_latency_s
+        return 2 * mc.num_hidden_layers * one
+
+    def cost(self, plan: StepPlan) -> StepCost:
+        p = self.params
+        flops, nbytes = self.work.flops(plan), self.work.bytes(plan)
+        seconds = (max(flops / p.flops_per_s, nbytes / p.bytes_per_s) + p.step_s + p.seq_s * plan.num_seqs
+                   + self.allreduce_s(plan.num_tokens))
+        return StepCost(seconds, flops, nbytes)
+
+
+# --- fitting the parameters to timed steps ------------------------------------------------------------------
+
+def _solve(x: np.ndarray, seqs: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least squares for t = a x + step + seq s with every coefficient >= 0 (a term that would come out negative
+    is dropped and the rest refitted: a negative per-step cost means the data cannot see it)."""
+    cols = np.stack([x, np.ones_like(x), seqs], axis=1)
+    active = [0, 1, 2]
+    while True:
+        coef = np.zeros(3)
+        coef[active] = np.linalg.lstsq(cols[:, active], t, rcond=None)[0]
+        neg = [i for i in active if coef[i] < 0 and i != 0]
+        if not neg:
+            break
+        active.remove(min(neg, key=lambda i: coef[i]))
+    resid = cols @ coef - t
+    return coef, float(resid @ resid)
+
+
+def fit(flops: list[float], nbytes: list[float], seqs: list[int], seconds: list[float]) -> RooflineParams:
+    """The RooflineParams (no interconnect) whose costs best match the timed steps, by least squares.
+
+    Given the ridge point r = flops_per_s / bytes_per_s the model is linear: t = max(F, r B) / flops_per_s +
+    step_s + seq_s x sequences. So r is searched (a log grid over the data's intensities, refined twice around
+    the best) and each r solved linearly. When every step sits on one side of the ridge the other rate is not
+    identifiable: r lands at the grid's edge and that rate is only a bound (calibrate.py reports it)."""
+    f, b, s, t = (np.asarray(v, dtype=float) for v in (flops, nbytes, seqs, seconds))
+    intensity = f / b
+    lo, hi = math.log(intensity.min() / 4), math.log(intensity.max() * 4)
+    best = None
+    for _ in range(3):
+        for log_r in np.linspace(lo, hi, 161):
+            coef, sse = _solve(np.maximum(f, math.exp(log_r) * b), s, t)
+            if coef[0] > 0 and (best is None or sse < best[0]):
+                best = (sse, log_r, coef)
+        if best is None:
+            raise ValueError("the timings do not grow with the work: no roofline fits them")
+        step = (hi - lo) / 160
+        lo, hi = best[1] - 2 * step, best[1] + 2 * step
+    _, log_r, (a, step_s, seq_s) = best
+    return RooflineParams(flops_per_s=float(1 / a), bytes_per_s=float(1 / (a * math.exp(log_r))), step_s=float(step_s),
+                          seq_s=float(seq_s))
