@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api import config_file, flags
+from api import flags
 from api.cli import build_parser, main, parse
 from tests.server_helpers import REPO, ServerProcess, wait_until
 
@@ -121,7 +121,7 @@ def serve_value_actions() -> dict[str, argparse.Action]:
 BAD = ("", " ", "0", "-1", "nan", "inf", "1e400", " 5", "0x10", "-1GiB", "*", "99999999999999999999", "--")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flag=st.sampled_from(sorted(serve_value_actions())), value=st.one_of(st.sampled_from(BAD), st.text(max_size=8)),
        fmt=st.sampled_from(["yaml", "toml"]))
 def test_a_config_value_gets_exactly_the_command_lines_check(tmp_path, flag, value, fmt):
