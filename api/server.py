@@ -74,7 +74,6 @@ def bind(host: str, port: int) -> socket.socket:
                 "ports below 1024 need privileges: give a --port from 1024 up" if code == errno.EACCES else
                 "give an address of this machine with --host")
         raise InvalidRequestError(f"cannot listen on {host}:{port} ({why}): {hint}") from None
-    sock.set_inheritable(True)
     return sock
 
 
