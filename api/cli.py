@@ -306,6 +306,8 @@ def build_parser() -> Parser:
     # bench parses its own flags (benchmarks.bench): everything after the word is handed over untouched.
     sub.add_parser("bench", add_help=False, help="replay a trace through the batching policies and compare them "
                                                  "(`jitney bench --help`; `jitney bench routing`: replicas)")
+    sub.add_parser("simulate", add_help=False, help="replay a workload through the scheduler on a simulated device, "
+                                                    "in virtual time (`jitney simulate --help`)")
     parser.commands = {"generate": g, "serve": s}  # the subcommands whose flags a --config file may set
     return parser
 
@@ -323,7 +325,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         except config_file.ConfigError as e:
             command.error(str(e))
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "bench":
+    if rest and args.command not in ("bench", "simulate"):
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     return args, rest
 
@@ -333,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from benchmarks.bench import main as bench_main
         return bench_main(rest)
+    if args.command == "simulate":  # sim.simulate parses its own flags, as bench does
+        from sim.simulate import main as simulate_main
+        return simulate_main(rest)
     try:
         return args.func(args)
     except (ModelLoadError, InvalidRequestError) as e:

@@ -157,22 +157,30 @@ def fit(flops: list[float], nbytes: list[float], seqs: list[int], seconds: list[
     """The RooflineParams (no interconnect) whose costs best match the timed steps, by least squares.
 
     Given the ridge point r = flops_per_s / bytes_per_s the model is linear: t = max(F, r B) / flops_per_s +
-    step_s + seq_s x sequences. So r is searched (a log grid over the data's intensities, refined twice around
-    the best) and each r solved linearly. When every step sits on one side of the ridge the other rate is not
+    step_s + seq_s x sequences. So r is searched (a log grid over the data's intensities, then a golden-section
+    search around the best) and each r solved linearly. When every step sits on one side of the ridge the other rate is not
     identifiable: r lands at the grid's edge and that rate is only a bound (calibrate.py reports it)."""
     f, b, s, t = (np.asarray(v, dtype=float) for v in (flops, nbytes, seqs, seconds))
     intensity = f / b
     lo, hi = math.log(intensity.min() / 4), math.log(intensity.max() * 4)
-    best = None
-    for _ in range(3):
-        for log_r in np.linspace(lo, hi, 161):
-            coef, sse = _solve(np.maximum(f, math.exp(log_r) * b), s, t)
-            if coef[0] > 0 and (best is None or sse < best[0]):
-                best = (sse, log_r, coef)
-        if best is None:
-            raise ValueError("the timings do not grow with the work: no roofline fits them")
-        step = (hi - lo) / 160
-        lo, hi = best[1] - 2 * step, best[1] + 2 * step
+    def at(log_r: float) -> tuple[float, float, np.ndarray]:
+        coef, sse = _solve(np.maximum(f, math.exp(log_r) * b), s, t)
+        return (sse if coef[0] > 0 else math.inf), log_r, coef
+
+    best = min((at(x) for x in np.linspace(lo, hi, 121)), key=lambda v: v[0])
+    if best[0] == math.inf:
+        raise ValueError("the timings do not grow with the work: no roofline fits them")
+    # Then a golden-section search in the grid cell either side of the best point, to float precision.
+    step = (hi - lo) / 120
+    a_, b_ = best[1] - step, best[1] + step
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        c_, d_ = b_ - g * (b_ - a_), a_ + g * (b_ - a_)
+        if at(c_)[0] <= at(d_)[0]:
+            b_ = d_
+        else:
+            a_ = c_
+    best = min(best, at((a_ + b_) / 2), key=lambda v: v[0])
     _, log_r, (a, step_s, seq_s) = best
     return RooflineParams(flops_per_s=float(1 / a), bytes_per_s=float(1 / (a * math.exp(log_r))), step_s=float(step_s),
                           seq_s=float(seq_s))

@@ -102,12 +102,13 @@ def test_simulated_schedule_is_the_real_engines(tiny_runner, workload, policy, s
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_virtual_loop_schedules_a_burst_as_the_real_loop_does(tiny_runner, policy):
-    """All requests at t=0: no timing can change this schedule, so the real engine on the real loop (the real
-    clock, the step thread) must produce the very steps the simulation does."""
+    """All requests at t=0 and no window (a window of 3 with 5 waiting would release the last 2 at whichever
+    step boundary follows the window's end, which real step times decide): no timing can change this schedule,
+    so the real engine on the real loop (the real clock, the step thread) must produce the simulation's steps."""
     trace = [TraceRequest(0.0, p, o) for p, o in ((40, 5), (9, 12), (70, 3), (23, 8), (16, 6))]
     ids = [[(13 * i + j) % 300 + 5 for j in range(r.prompt_tokens)] for i, r in enumerate(trace)]
     cfg = batcher_config(policy, dict(max_num_seqs=3, max_batch_size=3, max_num_batched_tokens=32,
-                                      max_wait_ms=20.0, static_flush_ms=20.0), num_kv_blocks=8)
+                                      max_wait_ms=0.0, static_flush_ms=0.0), num_kv_blocks=8)
     real = asyncio.run(_run(lambda clock: tiny_runner, cfg, trace, ids))
     sim = run_virtual(_run(lambda clock: sim_runner(tiny_runner, clock), cfg, trace, ids))
     assert real[0] == sim[0]
@@ -147,3 +148,72 @@ def close(a, b, tol: float = 1e-6) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= tol
     return a == b
+
+
+# --- the cost model and the command ---------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(flops_per_s=st.floats(1e9, 1e15), ridge=st.floats(0.5, 500), step_s=st.floats(0, 0.05),
+       seq_s=st.floats(0, 1e-3), seed=st.integers(0, 2**32 - 1))
+def test_a_fit_recovers_the_parameters_of_synthetic_steps(flops_per_s, ridge, step_s, seq_s, seed):
+    """Steps timed exactly by a known roofline, on both sides of its ridge: fit() finds it again. Tolerances:
+    the ridge comes from a golden-section search whose error is of the order of sqrt(float64's epsilon), 1e-8,
+    at the flat bottom of a least-squares valley: rates within 1e-5, and the terms within 1e-6 of the longest
+    step (a rate's error times a step's work)."""
+    import numpy as np
+
+    from sim.cost import fit
+    rng = np.random.default_rng(seed)
+    nbytes = 10 ** rng.uniform(6, 10, 40)
+    flops = nbytes * ridge * 10 ** rng.uniform(-1.5, 1.5, 40)   # intensities spanning the ridge
+    seqs = rng.integers(1, 128, 40)
+    seconds = np.maximum(flops / flops_per_s, nbytes * ridge / flops_per_s) + step_s + seq_s * seqs
+    got = fit(flops, nbytes, seqs, seconds)
+    assert got.flops_per_s == pytest.approx(flops_per_s, rel=1e-5)
+    assert got.bytes_per_s == pytest.approx(flops_per_s / ridge, rel=1e-5)
+    assert got.step_s == pytest.approx(step_s, abs=1e-6 * seconds.max())
+    assert got.seq_s == pytest.approx(seq_s, abs=1e-6 * seconds.max())
+
+
+def test_work_counts_a_decode_as_the_roofline_docs_do(tiny_runner):
+    """A batch of decodes: the FLOPs and bytes benchmarks/cost.py gives, and tensor parallelism divides them."""
+    from benchmarks.cost import decode_step_cost
+    from sim.cost import StepPlan
+    mc = tiny_runner.model_config
+    flops, nbytes = decode_step_cost(mc, 8, 100, 4)
+    work = Work(mc, "float32", "float32")
+    plan = StepPlan((), (100,) * 8, 8)
+    assert work.flops(plan) == pytest.approx(flops)
+    # decode_step_cost reads each sequence's context; Work also writes the step's new K/V (one token each).
+    assert work.bytes(plan) == pytest.approx(nbytes + 8 * mc.kv_bytes_per_token_per_element * 4)
+    assert Work(mc, "float32", "float32", tp=2).flops(plan) == pytest.approx(flops / 2)
+
+
+def test_simulate_smoke_on_a_named_device(tmp_path):
+    """`jitney simulate` end to end: a small Poisson workload, story-6b on an H100, two policies; the report's
+    tables and plots are written, every request completes, and utilisation stays within the device's peaks."""
+    from sim.simulate import run_simulate
+    result = run_simulate(["--device", "h100-sxm", "--model", "story-6b", "--policies", "sequential,continuous",
+                           "--num-requests", "12", "--rate", "20", "--prompt-len", "16,64", "--output-len", "4,16",
+                           "--out", str(tmp_path), "--no-progress"])
+    assert {p.name for p in tmp_path.iterdir()} >= {"report.md", "results.json", "timeline.png", "latency_cdf.png",
+                                                    "utilisation.png"}
+    runs = {r["label"]: r["summary"] for r in result["runs"]}
+    assert all(s["completed"] == 12 for s in runs.values())
+    assert all(0 < s["flops_util"] <= 1 and 0 < s["bandwidth_util"] <= 1 for s in runs.values())
+    assert runs["continuous"]["mean_batch"] > runs["sequential"]["mean_batch"] == 1
+    assert "SIMULATED" in (tmp_path / "report.md").read_text()
+
+
+def test_calibration_round_trips_into_a_simulation(tmp_path):
+    """--calibrate on the tiny model writes a calibration (its figures are this machine's, not checked), and
+    --cost-model reads it back into a simulation of the same model."""
+    from sim.simulate import main
+    cal = tmp_path / "cal.json"
+    assert main(["--calibrate", "--quick-calibration", "--model", "tiny-random", "--dtype", "float32",
+                 "--cost-model", str(cal), "--no-progress"]) == 0
+    assert main(["--cost-model", str(cal), "--policies", "continuous", "--num-requests", "5", "--prompt-len", "8,32",
+                 "--output-len", "2,6", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    with pytest.raises(SystemExit) as refused:   # an all-reduce needs a device's link to price it
+        main(["--cost-model", str(cal), "--tp", "2"])
+    assert refused.value.code == 2

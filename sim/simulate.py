@@ -1,0 +1,302 @@
+"""`jitney simulate`: replay a workload through jitney's own scheduler on a simulated device, in virtual time.
+
+Any workload `jitney bench` replays, through any policy and knobs: the real Engine, RequestQueue, Scheduler and
+KVCacheManager run on a virtual-time event loop, and a step-cost model stands in for the model (a named device
+from the hardware sheet, tensor parallel over --tp of them, or this host as `--calibrate` measured it). The
+report is the bench's (throughput, goodput, TTFT / ITL / e2e percentiles, mean batch, KV usage, preemptions,
+timeline and CDF plots) plus the device's utilisation and the ratio of simulated to wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from batcher.config import POLICIES, BatcherConfig
+from batcher.engine import Engine
+from benchmarks import bench
+from benchmarks.replay import BATCHER_KNOBS, batcher_config, prompt_ids, replay
+from benchmarks.report import Run, latency_table, ratio_table, step_figures, throughput_table
+from benchmarks.targets import RunResult, RunSpec
+from benchmarks.trace import save_trace
+from benchmarks.workloads import WORKLOADS, WorkloadError
+from model_runner.units import parse_bytes
+
+from .cost import DTYPE_BYTES, WEIGHT_BYTES
+from .hardware import COMPUTE_EFFICIENCY, DEVICES, MEMORY_EFFICIENCY
+from .loop import run_virtual
+from .models import SHAPES, calibrated_model, load_calibration, model_config, sheet_model
+from .runner import SimRunner
+
+DEFAULT_CALIBRATION = "results/calibration.json"
+
+
+@dataclass
+class _NoCpu:
+    """A simulation has no CPU to sample: the bench's CPU columns read '-'."""
+    cpu_pct: float | None = None
+    process_pct: float | None = None
+    samples: list = field(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from api.parser import Parser
+    p = Parser(prog="jitney simulate", error_prefix="jitney simulate", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="what is modelled, the formula and what is not yet validated: docs/simulation.md")
+    d = p.add_argument_group("the simulated device (a hardware sheet, or this host calibrated)")
+    d.add_argument("--device", choices=list(DEVICES), default="a100-80gb",
+                   help="a device from the hardware sheet, with its datasheet peaks (default: a100-80gb)")
+    d.add_argument("--tp", type=int, default=1, help="tensor parallelism: the model split over this many devices, "
+                                                     "two all-reduces per layer over their link (default: 1)")
+    d.add_argument("--cost-model", metavar="FILE", help="use this host's calibration (written by --calibrate) "
+                                                        "instead of --device")
+    d.add_argument("--calibrate", action="store_true",
+                   help="time real engine steps of --model on this host, fit the cost model, write it to "
+                        f"--cost-model (default: {DEFAULT_CALIBRATION}) and exit")
+    d.add_argument("--quick-calibration", action="store_true", help="with --calibrate: 5 small steps, not 12")
+    d.add_argument("--compute-efficiency", type=float, default=COMPUTE_EFFICIENCY,
+                   help=f"fraction of the device's FLOP/s peak a step reaches (default: {COMPUTE_EFFICIENCY}, "
+                        "assumed)")
+    d.add_argument("--memory-efficiency", type=float, default=MEMORY_EFFICIENCY,
+                   help=f"fraction of its memory bandwidth (default: {MEMORY_EFFICIENCY}, assumed)")
+    d.add_argument("--step-overhead-ms", type=float, default=0.0,
+                   help="a device step's fixed cost (the engine's Python, launches); the sheet has none to give "
+                        "(default: 0)")
+    d.add_argument("--seq-overhead-us", type=float, default=0.0,
+                   help="a device step's cost per sequence in it (default: 0)")
+    m = p.add_argument_group("model and knobs (unset knobs keep the server's defaults)")
+    m.add_argument("--model", help=f"{' | '.join(SHAPES)} | a Hugging Face config.json (or its folder) | a model "
+                                   "jitney serves (default: story-6b; with --cost-model, the calibrated model; "
+                                   "with --calibrate, the server's default)")
+    m.add_argument("--dtype", choices=list(DTYPE_BYTES), default=None,
+                   help="compute dtype (default: bfloat16 on a device; the calibration's with --cost-model; "
+                        "auto with --calibrate)")
+    m.add_argument("--weights", choices=list(WEIGHT_BYTES),
+                   help="weights as stored (int8, int4: weight-only quantization, matmuls in --dtype; default: "
+                        "--dtype)")
+    m.add_argument("--kv-cache-dtype", choices=list(DTYPE_BYTES), help="default: --dtype")
+    m.add_argument("--quantization", choices=["none", "int8", "q4"], default="none",
+                   help="with --calibrate: the runner's --quantization to time (default: none)")
+    m.add_argument("--kv-cache-memory", type=parse_bytes,
+                   help="KV-cache bytes per device (default: what the memory planner leaves on the device; 2GiB "
+                        "on a calibrated host)")
+    m.add_argument("--no-prefix-caching", action="store_true", help="as for jitney serve: the prefix cache off")
+    for k in bench.KNOBS:
+        m.add_argument(f"--{k.replace('_', '-')}", type=int if k in bench.INT_KNOBS else float,
+                       help="as for jitney serve (unset: its default)")
+    p.add_argument("--policies", help=f"comma-separated, from {','.join(POLICIES)} (default: all)")
+    bench.add_workload_args(p)
+    s = p.add_argument_group("sweeps and figures")
+    s.add_argument("--sweep-rates", type=bench.floats, help="offered req/s to replay at, e.g. 1,2,4,8")
+    s.add_argument("--sweep", type=bench.knob_sweep,
+                   help=f"KNOB=v1,v2,... one run per value; KNOB: {', '.join(bench.KNOBS)}")
+    s.add_argument("--slo-ttft-ms", type=float, default=1000.0,
+                   help="goodput counts requests with a time to first token at most this (default: 1000)")
+    s.add_argument("--slo-tpot-ms", type=float, default=100.0,
+                   help="... and a time per output token after the first at most this (default: 100)")
+    s.add_argument("--hourly-cost", type=float, help="USD per hour of the --tp devices: adds $ per M output tokens")
+    s.add_argument("--out", help="output folder (default: results/simulate-<timestamp>/)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.tp < 1:
+        p.error("--tp must be at least 1")
+    if args.calibrate:
+        return args
+    if args.cost_model and args.tp != 1:
+        p.error("--tp prices all-reduces over a device's link: give --device, not --cost-model")
+    bench.resolve(p, args)
+    return args
+
+
+# --- one run -------------------------------------------------------------------------------------------------
+
+def build_model(args: argparse.Namespace, block_size: int):
+    """(cost model, KV blocks, ModelConfig, model name) for these flags."""
+    if args.cost_model:
+        cal = load_calibration(args.cost_model)
+        name = args.model or cal["model"]
+        dtype = args.dtype or cal["dtype"]
+        mc = model_config(name)
+        weights = args.weights or dtype
+        cost, blocks = calibrated_model(cal, mc, name, weights, args.kv_cache_dtype or dtype, block_size,
+                                        args.kv_cache_memory)
+    else:
+        name, dtype = args.model or "story-6b", args.dtype or "bfloat16"
+        mc = model_config(name)
+        cost, blocks = sheet_model(mc, name, args.device, dtype, args.weights or dtype, args.kv_cache_dtype or dtype,
+                                   args.tp, block_size, args.kv_cache_memory, args.step_overhead_ms / 1e3,
+                                   args.seq_overhead_us / 1e6, args.compute_efficiency, args.memory_efficiency)
+    return cost, blocks, mc, name
+
+
+async def simulate_run(spec: RunSpec, args: argparse.Namespace, ids: list[list[int]], progress: bool
+                       ) -> tuple[RunResult, SimRunner]:
+    block_size = spec.knobs.get("block_size") or 16
+    cost, blocks, mc, _ = build_model(args, block_size)
+    clock = asyncio.get_running_loop().clock
+    runner = SimRunner(mc, cost, clock, blocks, block_size, description=cost.description)
+    cfg = batcher_config(spec.policy, spec.knobs, enable_prefix_caching=not args.no_prefix_caching)
+    engine = Engine(runner, cfg, record_steps=True, clock=clock)
+    await engine.start()
+    t0 = clock()
+    try:
+        records = await replay(engine, spec.trace, runner.tokenizer, progress=progress, desc=spec.label, ids=ids, t0=t0)
+    finally:
+        await engine.stop()
+    figures, timeline = step_figures(engine.step_log, runner.num_blocks, t0)
+    return RunResult(records, figures, timeline, _NoCpu(), t0), runner
+
+
+def utilisation(runner: SimRunner, t0: float, span: float, bins: int = 200) -> tuple[dict, dict]:
+    """Achieved FLOP/s and bytes/s per device over the run (and over time, in bins), against its peaks."""
+    cost = runner.cost_model
+    starts = np.array(runner.steps.start) - t0
+    secs = np.array([c.seconds for c in runner.steps.cost])
+    flops = np.array([c.flops for c in runner.steps.cost])
+    nbytes = np.array([c.bytes for c in runner.steps.cost])
+    span = span or float((starts + secs).max(initial=0.0)) or 1.0
+    summary = dict(achieved_flops=flops.sum() / span, achieved_bytes_per_s=nbytes.sum() / span,
+                   flops_util=flops.sum() / span / cost.peak_flops, bandwidth_util=nbytes.sum() / span /
+                   cost.peak_bytes_per_s, busy=secs.sum() / span)
+    # Cumulative work is piecewise linear (steps never overlap): read it at the bin edges.
+    edges = np.linspace(0.0, span, bins + 1)
+    pts_t = np.ravel(np.column_stack([starts, starts + secs]))
+    out = {}
+    for key, work, peak in (("flops_util", flops, cost.peak_flops), ("bandwidth_util", nbytes, cost.peak_bytes_per_s)):
+        cum = np.cumsum(work)
+        pts_w = np.ravel(np.column_stack([cum - work, cum]))
+        at = np.interp(edges, pts_t, pts_w, left=0.0) if len(work) else np.zeros_like(edges)
+        out[key] = list(np.diff(at) / np.diff(edges) / peak)
+    out["t"] = list(edges[:-1])
+    return {k: float(v) for k, v in summary.items()}, out
+
+
+def utilisation_table(runs: list[Run]) -> str:
+    rows = ["| run | achieved TFLOP/s | of peak | achieved GB/s | of peak | device busy | simulated s | wall s | "
+            "simulated / wall |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        s = r.summary
+        rows.append(f"| {r.label} | {s['achieved_flops'] / 1e12:,.2f} | {s['flops_util']:.1%} | "
+                    f"{s['achieved_bytes_per_s'] / 1e9:,.0f} | {s['bandwidth_util']:.1%} | {s['busy']:.0%} | "
+                    f"{s['simulated_s']:,.1f} | {s['sim_wall_s']:,.1f} | {s['sim_speed']:,.0f}x |")
+    return "\n".join(rows)
+
+
+def plot_utilisation(runs: list[Run], path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for ax, key, name in ((axes[0], "flops_util", "FLOP/s, % of peak"), (axes[1], "bandwidth_util",
+                                                                          "memory bytes/s, % of peak")):
+        for r in runs:
+            u = r.timeline.get("utilisation", {})
+            ax.plot(u.get("t", []), [100 * v for v in u.get(key, [])], label=r.label, linewidth=1)
+        ax.set_xlabel("simulated time since the replay started (s)")
+        ax.set_ylabel(name)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title[:150], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def header(args: argparse.Namespace, trace_desc: str, model_desc: str) -> str:
+    defaults = BatcherConfig()
+    knobs = ", ".join(f"{k}={getattr(args, k) if getattr(args, k) is not None else getattr(defaults, k):g}"
+                      for k in BATCHER_KNOBS)
+    prefix = "; prefix caching " + ("off" if args.no_prefix_caching else "on")
+    cost = f"; device cost ${args.hourly_cost:g}/hour" if args.hourly_cost else ""
+    return (f"# jitney simulate\n\nSIMULATED, not measured: jitney's scheduler on a modelled device "
+            f"(docs/simulation.md; validation against real runs is pending)\n{model_desc}\n"
+            f"workload: {trace_desc}; seed {args.seed}\nbatcher: {knobs}{prefix}\nSLO for goodput: TTFT <= "
+            f"{args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms{cost}")
+
+
+def run_simulate(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.calibrate:
+        return run_calibrate(args)
+    started = time.time()
+    trace, trace_desc = WORKLOADS[args.workload].build(args)
+    specs = bench.plan(args, trace)
+    out = Path(args.out or f"results/simulate-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.save_trace:
+        save_trace(trace, args.save_trace)
+    cost, _, mc, _ = build_model(args, args.block_size or 16)  # fails here, once, on a plan that cannot fit
+    from .runner import SimTokenizer
+    ids = prompt_ids(SimTokenizer(mc.vocab_size), trace, args.seed, args.shared_prefix)
+    runs = []
+    for spec in specs:
+        wall = time.perf_counter()
+        result, runner = run_virtual(simulate_run(spec, args, ids if spec.trace is trace else
+                                                  prompt_ids(SimTokenizer(mc.vocab_size), spec.trace, args.seed,
+                                                             args.shared_prefix), not args.no_progress))
+        wall = time.perf_counter() - wall
+        run = bench.finish_run(spec, args, result)
+        util, series = utilisation(runner, result.t0, run.summary["wall_s"])
+        simulated = max((r.finished_s for r in result.records if r.finished_s is not None), default=0.0)
+        run.summary.update(util, simulated_s=simulated, sim_wall_s=wall, sim_speed=simulated / wall if wall else 0.0)
+        run.timeline["utilisation"] = series
+        runs.append(run)
+        bench.say(run)
+    rows = [(r.label, r.summary) for r in runs]
+    parts = [throughput_table(rows), latency_table(rows)]
+    if not (args.sweep or args.sweep_rates) and (ratios := ratio_table(rows)):
+        parts.append(ratios)
+    parts.append(utilisation_table(runs))
+    head = header(args, trace_desc, cost.description)
+    report = f"{head}\n\n" + "\n\n".join(parts) + f"\n\ntotal {time.time() - started:.0f} s wall"
+    print("\n" + report)
+    (out / "report.md").write_text(report + "\n")
+    pngs = bench.make_plots(args, runs, out, trace_desc)
+    pngs.append(plot_utilisation(runs, out / "utilisation.png", f"simulated device utilisation, {trace_desc}"))
+    result = dict(argv=sys.argv[1:] if argv is None else argv, header=head,
+                  trace=dict(description=trace_desc, requests=[asdict(r) for r in trace]),
+                  runs=[dict(label=r.label, policy=r.policy, x=r.x, summary=r.summary, timeline=r.timeline,
+                             records=[asdict(rec) for rec in r.records]) for r in runs])
+    with open(out / "results.json", "w") as f:
+        json.dump(result, f)
+    print(f"wrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(p.name for p in pngs)}")
+    return result
+
+
+def run_calibrate(args: argparse.Namespace) -> dict:
+    from model_runner.loader import DEFAULT_MODEL
+    from .calibrate import calibrate, report, save
+    path = args.cost_model or DEFAULT_CALIBRATION
+    cal = calibrate(args.model or DEFAULT_MODEL, args.dtype or "auto", args.quantization,
+                    quick=args.quick_calibration, progress=not args.no_progress)
+    save(cal, path)
+    print(report(cal) + f"\nwrote {path}; simulate with: jitney simulate --cost-model {path} ...")
+    return cal
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run_simulate(argv)
+    except (WorkloadError, FileNotFoundError, ValueError) as e:
+        print(f"jitney simulate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
