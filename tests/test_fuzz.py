@@ -169,12 +169,14 @@ def test_openapi_document_names_every_route_and_bound():
     assert set(doc["paths"]) == set(ROUTES)
     gen = doc["paths"]["/generate"]["post"]
     props = gen["requestBody"]["content"]["application/json"]["schema"]["properties"]
-    assert props["max_tokens"]["maximum"] == 1024 and props["repetition_penalty"]["minimum"] == 0.1
+    # A prompt holds at least one token: at most context - 1 are left to generate (tiny-random's context is 1024).
+    assert props["max_tokens"]["maximum"] == 1023 and props["repetition_penalty"]["minimum"] == 0.1
     assert gen["responses"]["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     for path, ops in doc["paths"].items():  # every success body is described, not left as {}
         for op in ops.values():
             assert all(entry["schema"] for entry in op["responses"]["200"]["content"].values()), path
-    kinds = [alt["properties"]["type"] for alt in props["response_format"]["oneOf"]]
+    shapes = props["response_format"]["anyOf"][0]  # (null, its other alternative, means the default: text)
+    kinds = [alt["properties"]["type"] for alt in shapes["oneOf"]]
     assert kinds == [{"enum": ["text", "json_object"]}, {"const": "json_schema"}]
 
 
