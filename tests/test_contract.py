@@ -41,7 +41,9 @@ from hypothesis import strategies as st
 
 from api.openapi import field_schema, id_pattern, nullable, request_schema
 from api.errors import APIError
-from api.schemas import ROUTE_FIELDS, ROUTE_RULES, Model, check_rules, sampling_params, spec, value
+from api.schemas import GENERATING, ROUTE_FIELDS, ROUTE_RULES, Model, check_rules, sampling_params, spec, value
+from model_runner.errors import InvalidSamplingParams
+from model_runner.sampling_params import SamplingParams
 
 from .server_helpers import jitney_server
 
@@ -292,6 +294,26 @@ def test_the_rules_between_fields_are_what_the_document_says(body):
             assert e.status in (400, 422)
             accepted = False
         assert documented == accepted, (route, body)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(ignore_eos=st.booleans(), min_tokens=st.integers(0, 8) | st.sampled_from([0.0, 3.0]),
+       route=st.sampled_from(GENERATING), kind=st.sampled_from(["json_object", "json_schema"]))
+def test_a_grammar_excludes_the_same_fields_with_the_same_message_in_the_engine_and_the_api(ignore_eos, min_tokens,
+                                                                                           route, kind):
+    """One rule (sampling_params.GRAMMAR_EXCLUDES): the engine (SamplingParams.validate, for in-process users)
+    and the API's body rules refuse the same combinations, with the same message."""
+    engine = api = None
+    try:
+        SamplingParams(max_tokens=8, ignore_eos=ignore_eos, min_tokens=int(min_tokens), grammar=object()).validate()
+    except InvalidSamplingParams as e:
+        engine = str(e)
+    try:
+        check_rules({"response_format": {"type": kind}, "ignore_eos": ignore_eos, "min_tokens": min_tokens}, route)
+    except APIError as e:
+        assert (e.status, e.code) == (400, "unsupported_combination")
+        api = e.message
+    assert engine == api
 
 
 @settings(max_examples=500, deadline=None, derandomize=True)
