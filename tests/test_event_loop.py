@@ -254,9 +254,9 @@ def big_text(nbytes: int, seed: int = 0) -> str:
     return "".join(out)[: nbytes // 4]  # at most nbytes bytes, whatever the characters
 
 
-def fill(make, limit: int) -> bytes:
-    """The largest body make(k) (JSON) under limit bytes, by bisection on k."""
-    lo, hi = 1, limit
+def fill(make, limit: int, most: int | None = None) -> bytes:
+    """The largest body make(k) (JSON) under limit bytes, by bisection on k (at most `most`, if given)."""
+    lo, hi = 1, most or limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if len(json.dumps(make(mid), ensure_ascii=False).encode()) <= limit:
@@ -274,6 +274,7 @@ def largest_inputs() -> dict[str, tuple[str, bytes]]:
     turns = lambda k: [{"role": ("user", "assistant")[i % 2], "content": big_text(min(k, per_turn) * 4, i)}  # noqa
                        for i in range(1024)]
     entries = MAX_LOGPROB_ENTRIES // (1023 * 21)  # n: the most samples of a 1023-token prompt, echoed with 20
+    # (a property takes over 20 bytes: the bisection for k starts at limit / 20)
     schema = lambda k: {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(k)}}  # noqa
     return {
         "completion: a text prompt": ("/v1/completions", fill(lambda k: {"prompt": text(k), "max_tokens": 1}, limit)),
@@ -296,12 +297,12 @@ def largest_inputs() -> dict[str, tuple[str, bytes]]:
              "max_tokens": MAX_LOGPROB_ENTRIES // (16 * 21), "ignore_eos": True}).encode()),
         "response_format: a schema": ("/v1/completions", fill(lambda k: {
             "prompt": "x", "max_tokens": 1, "response_format": {"type": "json_schema", "json_schema": {
-                "name": "s", "schema": schema(k)}}}, limit)),
+                "name": "s", "schema": schema(k)}}}, limit, limit // 20)),
         # The one kind whose work on the loop (the schema's key) grew with the body after the rest moved off it:
         # checked at the default body limit too (the key's work now stops at MAX_SCHEMA_CHARS).
         "response_format: a schema, at the default body limit": ("/v1/completions", fill(lambda k: {
             "prompt": "x", "max_tokens": 1, "response_format": {"type": "json_schema", "json_schema": {
-                "name": "s", "schema": schema(k)}}}, DEFAULT_LIMIT - 64)),
+                "name": "s", "schema": schema(k)}}}, DEFAULT_LIMIT - 64, DEFAULT_LIMIT // 20)),
     }
 
 
