@@ -127,12 +127,13 @@ def _write(v, out: list[str], left: int) -> int:
 
 
 def _small(value, budget: int = OFFLOAD_BYTES) -> bool:
-    """Whether value has at most about budget characters of JSON (a node counts one, a string its length): the
-    cheap test, at most budget steps, that keeps a small schema on the event loop (a thread hop costs more)."""
+    """Whether value has at most about budget characters of JSON (a node counts one, a string or container its
+    length too): the cheap test, at most budget steps and no container over budget copied, that keeps a small
+    schema on the event loop (a thread hop costs more)."""
     stack = [value]
     while stack:
         v = stack.pop()
-        budget -= 1 + (len(v) if isinstance(v, str) else 0)
+        budget -= 1 + (len(v) if isinstance(v, (str, dict, list)) else 0)  # (a container's items count again)
         if budget < 0:
             return False
         if isinstance(v, dict):
