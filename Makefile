@@ -29,15 +29,20 @@ serve: $(STAMP) $(if $(SCALE),$(SCALE_STAMP))
 
 # The whole suite on this CPU's own kernels, then every test that runs the model again on the next loop down
 # (an AVX-512 machine runs its AVX2 loop, with oneDNN and ATen held to AVX2 too; an AVX2 machine the portable
-# loop, on the tiny model only; see native.second_path). The HTTP layer, replicas/ and the benchmarks' smoke tests run once: they reach the
-# model only through the engine, which the second pass covers. tests/test_native.py runs every loop this CPU
+# loop, on the tiny model only; see native.second_path). The HTTP layer, replicas/, the command line, the simulator
+# and the benchmarks' smoke tests run once: they reach the model only through the engine, which the second pass covers. tests/test_native.py runs every loop this CPU
 # can run in both passes. Also skipped there: what never runs a kernel (GGUF reading, the KV manager's books, the
 # tokenizer, the import graph) and the few costly tests marked first_pass_only, whose second-loop coverage comes
 # from cheaper ones (each says which).
 SECOND_PASS_SKIPS := --ignore-glob='tests/test_api*' --ignore-glob='tests/test_bench*' --ignore=tests/test_fuzz.py \
 	--ignore=tests/test_connection_limits.py --ignore=tests/test_roofline_memory.py --ignore=tests/test_replicas.py \
 	--ignore=tests/test_gguf.py --ignore=tests/test_kv_cache_manager.py --ignore=tests/test_detokenizer.py \
-	--ignore=tests/test_imports.py --ignore=tests/test_text.py -m 'not first_pass_only'
+	--ignore=tests/test_imports.py --ignore=tests/test_text.py --ignore=tests/test_contract.py \
+	--ignore=tests/test_event_loop.py --ignore=tests/test_cli.py --ignore=tests/test_flags.py --ignore=tests/test_hub.py \
+	--ignore=tests/test_docs_commands.py --ignore=tests/test_dockerfile.py --ignore=tests/test_dashboards.py \
+	--ignore=tests/test_metrics.py --ignore=tests/test_model_dir.py --ignore=tests/test_chat_template.py \
+	--ignore=tests/test_threads.py --ignore=tests/test_sim.py --ignore=tests/test_prefill_progress.py \
+	-m 'not first_pass_only'
 test: $(STAMP) $(SCALE_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 	env $$($(PY) -m model_runner.native --second-path) $(PY) -m pytest -q $(SECOND_PASS_SKIPS) $(ARGS)
