@@ -314,14 +314,7 @@ def run_bench(argv: list[str] | None = None) -> dict:
     print("\n" + report)
     (out / "report.md").write_text(report + "\n")
     pngs = make_plots(args, runs, out, trace_desc)
-    result = dict(argv=sys.argv[1:] if argv is None else argv, header=head,
-                  trace=dict(description=trace_desc, requests=[asdict(r) for r in trace]),
-                  runs=[dict(label=r.label, policy=r.policy, x=r.x, summary=r.summary, timeline=r.timeline,
-                             records=[asdict(rec) for rec in r.records]) for r in runs])
-    with open(out / "results.json", "w") as f:
-        json.dump(result, f)
-    print(f"wrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(p.name for p in pngs)}")
-    return result
+    return write_results(argv, head, trace_desc, trace, runs, out, pngs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,6 +328,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jitney bench: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+
+def write_results(argv, head: str, trace_desc: str, trace, runs, out, pngs) -> dict:
+    """results.json (the trace, every run's summary, timeline and records) beside report.md and the plots."""
+    result = dict(argv=sys.argv[1:] if argv is None else argv, header=head,
+                  trace=dict(description=trace_desc, requests=[asdict(r) for r in trace]),
+                  runs=[dict(label=r.label, policy=r.policy, x=r.x, summary=r.summary, timeline=r.timeline,
+                             records=[asdict(rec) for rec in r.records]) for r in runs])
+    with open(out / "results.json", "w") as f:
+        json.dump(result, f)
+    print(f"wrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(p.name for p in pngs)}")
+    return result
 
 
 if __name__ == "__main__":

@@ -267,14 +267,7 @@ def run_simulate(argv: list[str] | None = None) -> dict:
     (out / "report.md").write_text(report + "\n")
     pngs = bench.make_plots(args, runs, out, trace_desc)
     pngs.append(plot_utilisation(runs, out / "utilisation.png", f"simulated device utilisation, {trace_desc}"))
-    result = dict(argv=sys.argv[1:] if argv is None else argv, header=head,
-                  trace=dict(description=trace_desc, requests=[asdict(r) for r in trace]),
-                  runs=[dict(label=r.label, policy=r.policy, x=r.x, summary=r.summary, timeline=r.timeline,
-                             records=[asdict(rec) for rec in r.records]) for r in runs])
-    with open(out / "results.json", "w") as f:
-        json.dump(result, f)
-    print(f"wrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(p.name for p in pngs)}")
-    return result
+    return bench.write_results(argv, head, trace_desc, trace, runs, out, pngs)
 
 
 def run_calibrate(args: argparse.Namespace) -> dict:
