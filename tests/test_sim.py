@@ -210,8 +210,10 @@ def test_calibration_round_trips_into_a_simulation(tmp_path):
     --cost-model reads it back into a simulation of the same model."""
     from sim.simulate import main
     cal = tmp_path / "cal.json"
-    assert main(["--calibrate", "--quick-calibration", "--model", "tiny-random", "--dtype", "float32",
-                 "--cost-model", str(cal), "--no-progress"]) == 0
+    # The fit refuses timings that do not grow with the work, which a busy machine can give a quick grid: try
+    # again (a real calibration does not repeat that by chance three times).
+    assert any(main(["--calibrate", "--quick-calibration", "--model", "tiny-random", "--dtype", "float32",
+                     "--cost-model", str(cal), "--no-progress"]) == 0 for _ in range(3))
     assert main(["--cost-model", str(cal), "--policies", "continuous", "--num-requests", "5", "--prompt-len", "8,32",
                  "--output-len", "2,6", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     with pytest.raises(SystemExit) as refused:   # an all-reduce needs a device's link to price it
