@@ -20,6 +20,7 @@ COPY batcher/ batcher/
 COPY model_runner/ model_runner/
 COPY benchmarks/ benchmarks/
 COPY replicas/ replicas/
+COPY sim/ sim/
 COPY tests/ tests/
 COPY docs/ docs/
 

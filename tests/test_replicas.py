@@ -155,7 +155,7 @@ def test_remote_abort_ends_every_sample_with_the_first_reason_given(n, reasons, 
     async def main():
         handle = FakeHandle()
         engine = RemoteEngine(handle, {"tokenizer": None, "max_model_len": 64, "vocab_size": 10, "block_size": 16,
-                                       "describe": "fake"})
+                                       "describe": "fake", "config_info": {}})
         await engine.start()
         streams = await engine.add_parallel_requests([1, 2, 3], SamplingParams(max_tokens=4), n, "r")
         if started:
@@ -177,7 +177,7 @@ def test_remote_stop_tells_requests_it_cut_that_the_server_shut_down():
 
     async def main():
         engine = RemoteEngine(FakeHandle(), {"tokenizer": None, "max_model_len": 64, "vocab_size": 10,
-                                             "block_size": 16, "describe": "fake"})
+                                             "block_size": 16, "describe": "fake", "config_info": {}})
         await engine.start()
         stream = await engine.add_request([1, 2], SamplingParams(max_tokens=4))
         await asyncio.sleep(0.01)
