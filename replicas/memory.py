@@ -57,7 +57,7 @@ def plan_kv(replicas: int, available: int, total: int, weight_bytes: int, contex
                 f"available, less the {1 - threshold:.0%} Ray's memory monitor keeps free): lower "
                 f"--kv-cache-memory or --replicas")
         return KVPlan(asked, f"--kv-cache-memory {gib(asked)} each")
-    kv = min(max(default, context_bytes), left // replicas) if left > 0 else 0
+    kv = min(default, left // replicas) if left > 0 else 0
     if kv < context_bytes:
         raise InvalidRequestError(
             f"{replicas} replicas do not fit this host: each needs {gib(each)} of weights and runtime and at least "
