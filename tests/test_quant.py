@@ -80,14 +80,19 @@ def kernel_isas():
     return isas
 
 
-@pytest.fixture(scope="module", params=kernel_isas())
-def lib(request):
+def quant_library(isa: str):
+    """The quantized-matmul library of one loop, declared in this process (quant.library is read at every call)."""
     cxx = native._compiler()
     if cxx is None:
         pytest.skip("no C++ compiler: the matmul dequantizes per call (checked by test_torch_fallback)")
-    lib = native._load(cxx, request.param, quant.SOURCE)
+    lib = native._load(cxx, isa, quant.SOURCE)
     quant._declare(lib)
     return lib
+
+
+@pytest.fixture(scope="module", params=kernel_isas())
+def lib(request):
+    return quant_library(request.param)
 
 
 def bound(w: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -132,14 +132,9 @@ def tiny_with(weights: dict, dtype: str, kv: str) -> ModelRunner:
 
 @pytest.fixture(scope="module", params=kernel_isas())
 def loop(request):
-    """Each quantized-matmul loop this CPU can run, in this process (quant.library is read at every call)."""
-    from model_runner import native
-    cxx = native._compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler: the matmul is the dequantized weight's (test_torch_fallback)")
-    lib = native._load(cxx, request.param, quant.SOURCE)
-    quant._declare(lib)
-    return lib
+    """Each quantized-matmul loop this CPU can run."""
+    from .test_quant import quant_library
+    return quant_library(request.param)
 
 
 @pytest.fixture(scope="module", params=FORMATS)
