@@ -39,9 +39,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=flags.integer(1), default=None,
                    help="threads a model step runs on (PyTorch, OpenMP and the native kernels alike); default: "
                         "every CPU this process may use (its affinity mask: `taskset -c 0 jitney ...` gives 1). "
-                        "On a machine shared with busy processes give fewer than the free cores, or set "
-                        "OMP_WAIT_POLICY=passive: a step waits for its slowest thread (docs/benchmarks.md"
-                        "#sharing-the-machine)")
+                        "On a machine shared with busy processes pin the server to the free cores with taskset "
+                        "(the thread count follows), or else set OMP_WAIT_POLICY=passive: a step waits for its "
+                        "slowest thread (docs/benchmarks.md#sharing-the-machine)")
     p.add_argument("--chat-template", type=flags.chat_template, default=None, metavar="FILE",
                    help="a Jinja chat template file used instead of the model's (chat requests, generate --chat); "
                         "rendered on a two-message conversation at start, refused if it fails (default: the "

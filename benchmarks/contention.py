@@ -23,10 +23,13 @@ import time
 from .machine import cpu_model
 from .report import finish
 
-CONFIGS = (  # (label, threads (0: every available CPU), OMP_WAIT_POLICY or None for libgomp's default)
-    ("default: all CPUs, default wait", 0, None),
-    ("all CPUs, OMP_WAIT_POLICY=passive", 0, "passive"),
-    ("--threads 1", 1, None),
+CONFIGS = (  # (label, threads (0: every available CPU), OMP_WAIT_POLICY or None for libgomp's default, pinned)
+    # pinned: the server runs under `taskset` on the CPUs the neighbour does not use, so its default thread
+    # count (the affinity mask) drops to match.
+    ("default: all CPUs, default wait", 0, None, False),
+    ("all CPUs, OMP_WAIT_POLICY=passive", 0, "passive", False),
+    ("--threads 1", 1, None, False),
+    ("taskset to the other CPUs (threads follow the mask)", 0, None, True),
 )
 
 
@@ -52,20 +55,21 @@ def _model_config(model: str):
     return ModelConfig.from_hf_dir(resolve_model(model, progress=False))
 
 
-def run(args: argparse.Namespace, threads: int, policy: str | None, neighbour: bool) -> dict:
+def run(args: argparse.Namespace, threads: int, policy: str | None, neighbour: bool, pinned: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if policy:
         env["OMP_WAIT_POLICY"] = policy
-    busy = None
+    busy, cpu = None, max(os.sched_getaffinity(0))
+    others = (os.sched_getaffinity(0) - {cpu}) or {cpu}
     if neighbour:
-        cpu = max(os.sched_getaffinity(0))
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"],
                                 preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     try:
         out = subprocess.run([sys.executable, "-m", "benchmarks.contention", "--child", "--threads", str(threads),
                               "--model", args.model, "--dtype", args.dtype, "--steps", str(args.steps),
                               "--batch-sizes", ",".join(map(str, args.batch_sizes))],
-                             env=env, capture_output=True, text=True, check=True)
+                             env=env, capture_output=True, text=True, check=True,
+                             preexec_fn=(lambda: os.sched_setaffinity(0, others)) if pinned else None)
     finally:
         if busy:
             busy.kill()
@@ -89,11 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     from model_runner.precision import cpu_kind
     started, rows = time.perf_counter(), []
-    quiet = run(args, 0, None, neighbour=False)
-    rows.append({"configuration": "quiet machine, default", "threads": quiet["threads"],
-                 **{f"b{b} ms": round(quiet["ms"][str(b)], 1) for b in args.batch_sizes}})
-    for label, threads, policy in CONFIGS:
-        r = run(args, threads, policy, neighbour=True)
+    for label, threads in (("default", 0), ("--threads 1", 1)):
+        quiet = run(args, threads, None, neighbour=False)
+        rows.append({"configuration": "quiet machine, " + label, "threads": quiet["threads"],
+                     **{f"b{b} ms": round(quiet["ms"][str(b)], 1) for b in args.batch_sizes}})
+    for label, threads, policy, pinned in CONFIGS:
+        r = run(args, threads, policy, neighbour=True, pinned=pinned)
         rows.append({"configuration": "busy neighbour, " + label, "threads": r["threads"],
                      **{f"b{b} ms": round(r["ms"][str(b)], 1) for b in args.batch_sizes}})
     print(f"decode step ms, {args.model} --dtype {args.dtype}, {cpu_model()} ({cpu_kind()}), {os.cpu_count()} CPUs; "
