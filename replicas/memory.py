@@ -5,7 +5,8 @@ and then Ray's memory monitor kills them (it kills a worker once the node's used
 RAY_memory_usage_threshold, 0.95 of it by default). So, for replicas of a Ray started here:
   - each replica costs its KV cache plus a footprint measured apart from the KV cache (below);
   - the memory to share is what the host has available now less what Ray's monitor keeps free;
-  - by default each replica gets min(the one-process budget, its share of what is left after the N footprints);
+  - by default each replica gets min(the one-process budget, its share of what is left after the N footprints),
+    where the one-process budget is raised to one whole context if it is smaller (a long --max-model-len);
   - an explicit --kv-cache-memory still wins, but N x (it + the footprint) past that memory is refused up front;
   - a budget that cannot hold one whole context (max_model_len tokens) is refused: a long prompt would never run.
 Replicas on a cluster (--ray-address) land on other machines whose memory this host cannot see: they keep the
@@ -57,16 +58,21 @@ def plan_kv(replicas: int, available: int, total: int, weight_bytes: int, contex
                 f"available, less the {1 - threshold:.0%} Ray's memory monitor keeps free): lower "
                 f"--kv-cache-memory or --replicas")
         return KVPlan(asked, f"--kv-cache-memory {gib(asked)} each")
-    kv = min(default, left // replicas) if left > 0 else 0
+    cap = max(default, context_bytes)  # the default never refuses a context the host holds
+    kv = min(cap, left // replicas) if left > 0 else 0
     if kv < context_bytes:
         raise InvalidRequestError(
             f"{replicas} replicas do not fit this host: each needs {gib(each)} of weights and runtime and at least "
             f"{gib(context_bytes)} of KV cache (one whole context), and {gib(usable)} is to spare "
             f"({gib(available)} available, less the {1 - threshold:.0%} Ray's memory monitor keeps free): lower "
             f"--replicas or --max-model-len")
-    how = "the one-process default, which fits" if kv == default else (
-        f"sized: {gib(usable)} to spare on this host, less {gib(each)} of weights and runtime each, shared by "
-        f"{replicas}")
+    if kv == default:
+        how = "the one-process default, which fits"
+    elif kv == cap:
+        how = "one whole context, above the one-process default"
+    else:
+        how = f"sized: {gib(usable)} to spare on this host, less {gib(each)} of weights and runtime each, shared by " \
+              f"{replicas}"
     return KVPlan(kv, f"KV cache {gib(kv)} each ({how})")
 
 
