@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,9 @@ from .loop import run_virtual
 from .models import SHAPES, calibrated_model, load_calibration, model_config, sheet_model
 from .runner import SimRunner
 
-DEFAULT_CALIBRATION = "results/calibration.json"
+from model_runner.paths import cache_dir
+
+DEFAULT_CALIBRATION = str(cache_dir() / "calibration.json")  # beside the converted models: never in the repo
 
 
 @dataclass
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "instead of --device")
     d.add_argument("--calibrate", action="store_true",
                    help="time real engine steps of --model on this host, fit the cost model, write it to "
-                        f"--cost-model (default: {DEFAULT_CALIBRATION}) and exit")
+                        "--cost-model (default: calibration.json in the cache directory, JITNEY_CACHE_DIR or else "
+                        "~/.cache/jitney) and exit")
     d.add_argument("--quick-calibration", action="store_true", help="with --calibrate: 5 small steps, not 12")
     d.add_argument("--compute-efficiency", type=float, default=COMPUTE_EFFICIENCY,
                    help=f"fraction of the device's FLOP/s peak a step reaches (default: {COMPUTE_EFFICIENCY}, "
@@ -102,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-tpot-ms", type=float, default=100.0,
                    help="... and a time per output token after the first at most this (default: 100)")
     s.add_argument("--hourly-cost", type=float, help="USD per hour of the --tp devices: adds $ per M output tokens")
-    s.add_argument("--out", help="output folder (default: results/simulate-<timestamp>/)")
+    s.add_argument("--out", help="output folder (default: a new jitney-simulate-<timestamp>-* folder in the "
+                                 "system's temporary directory)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -235,7 +240,7 @@ def run_simulate(argv: list[str] | None = None) -> dict:
     started = time.time()
     trace, trace_desc = WORKLOADS[args.workload].build(args)
     specs = bench.plan(args, trace)
-    out = Path(args.out or f"results/simulate-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"jitney-simulate-{time.strftime('%Y%m%d-%H%M%S')}-"))
     out.mkdir(parents=True, exist_ok=True)
     if args.save_trace:
         save_trace(trace, args.save_trace)
