@@ -1,0 +1,149 @@
+"""The simulator against real runs: calibrate on this host, replay the same traces for real and simulated, and
+report the error of every figure the story asks about.
+
+    .venv/bin/python -m benchmarks.sim_validate [--out DIR] [--cost-model FILE] [--plot docs/figures/sim_validation.png]
+
+For each case (Poisson below and above saturation, the burst, an Azure window) the real run goes first
+(`jitney bench --in-process`, which saves its trace), then `jitney simulate --cost-model` replays that very
+trace, so both see the same arrivals and lengths. The figures compared: output tok/s, TTFT p50/p90/p99, ITL
+p50/p99 and e2e p90, per policy. Targets (issue #23): throughput within 5 %, each latency within 10 %.
+Everything goes into --out (default: a new temporary folder); nothing is written into the repository unless
+--plot names a path there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .machine import cpu_model
+
+POLICIES = "sequential,static,dynamic,continuous"
+LENGTHS = ["--prompt-len", "16,128", "--output-len", "8,64"]
+# (name, workload flags): small enough that the four policies of all four cases run in ~15 min on 2 cores.
+CASES = (
+    ("poisson 0.4 req/s", ["--workload", "poisson", "--rate", "0.4", "--num-requests", "24", *LENGTHS]),
+    ("poisson 4 req/s", ["--workload", "poisson", "--rate", "4", "--num-requests", "48", *LENGTHS]),
+    ("burst", ["--workload", "burst", "--num-requests", "48", *LENGTHS]),
+    ("azure window", ["--workload", "azure", "--azure-start-s", "1200", "--azure-duration-s", "30",
+                      "--max-requests", "40", "--token-scale", "8", "--time-scale", "4"]),
+)
+# (column, summary key, percentile or None, target relative error)
+FIGURES = (("out tok/s", "output_tok_s", None, 0.05),
+           ("TTFT p50", "ttft_ms", "p50", 0.10), ("TTFT p90", "ttft_ms", "p90", 0.10),
+           ("TTFT p99", "ttft_ms", "p99", 0.10), ("ITL p50", "inter_token_ms", "p50", 0.10),
+           ("ITL p99", "inter_token_ms", "p99", 0.10), ("e2e p90", "e2e_ms", "p90", 0.10))
+
+
+def jitney(*args: str) -> None:
+    """One jitney command in a child process (each run starts from a fresh interpreter, as a user's would)."""
+    subprocess.run([sys.executable, "-m", "api.cli", *args, "--no-progress"], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def summaries(folder: Path) -> dict[str, dict]:
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    return {r["policy"]: r["summary"] for r in runs}
+
+
+def figure(summary: dict, key: str, pct: str | None) -> float:
+    v = summary[key]
+    return float(v[pct] if pct else v)
+
+
+def compare(real: dict[str, dict], sim: dict[str, dict]) -> list[dict]:
+    rows = []
+    for policy in real:
+        row = {"policy": policy}
+        for col, key, pct, _ in FIGURES:
+            r, s = figure(real[policy], key, pct), figure(sim[policy], key, pct)
+            row[col] = (r, s, (s - r) / r if r else float("nan"))
+        rows.append(row)
+    return rows
+
+
+def table(case: str, rows: list[dict]) -> str:
+    head = "| " + case + " | " + " | ".join(c for c, *_ in FIGURES) + " |\n|---|" + "---:|" * len(FIGURES)
+    lines = [head]
+    for row in rows:
+        cells = []
+        for col, _, pct, target in FIGURES:
+            r, s, e = row[col]
+            mark = "" if abs(e) <= target else " ✗"
+            cells.append(f"{r:,.0f} / {s:,.0f} ({100 * e:+.0f} %{mark})")
+        lines.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[dict]], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = [c for c, *_ in FIGURES]
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (case, rows) in zip(axes, results.items()):
+        for i, row in enumerate(rows):
+            ax.bar([j + 0.2 * i for j in range(len(cols))], [100 * row[c][2] for c in cols], width=0.2,
+                   label=row["policy"])
+        ax.axhline(10, color="grey", linewidth=0.8, linestyle="--")
+        ax.axhline(-10, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks([j + 0.3 for j in range(len(cols))], cols, rotation=45, ha="right", fontsize=8)
+        ax.set_title(case, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("simulated vs real, % error")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"jitney simulate against real runs, {cpu_model()}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sim_validate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="folder for the calibration, traces and both runs' reports (default: a new "
+                                 "temporary folder)")
+    p.add_argument("--cost-model", help="reuse this calibration instead of calibrating first")
+    p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))),
+                   help="which cases to run, by index: " + "; ".join(f"{i} {c[0]}" for i, c in enumerate(CASES)))
+    p.add_argument("--plot", help="write the error chart to this PNG")
+    p.add_argument("--json", help="write every figure to this file")
+    args = p.parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="jitney-sim-validate-"))
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cal = args.cost_model or str(out / "calibration.json")
+    if not args.cost_model:
+        print("calibrating ...", flush=True)
+        jitney("simulate", "--calibrate", "--cost-model", cal)
+    results, parts = {}, []
+    for i in (int(c) for c in args.cases.split(",")):
+        name, flags = CASES[i]
+        real, sim, trace = out / f"real-{i}", out / f"sim-{i}", out / f"trace-{i}.jsonl"
+        print(f"{name}: real ...", flush=True)
+        t = time.perf_counter()
+        jitney("bench", "--in-process", *flags, "--policies", POLICIES, "--save-trace", str(trace),
+               "--out", str(real))
+        real_s = time.perf_counter() - t
+        print(f"{name}: simulated ...", flush=True)
+        t = time.perf_counter()
+        jitney("simulate", "--cost-model", cal, "--trace", str(trace), "--policies", POLICIES, "--out", str(sim))
+        results[name] = compare(summaries(real), summaries(sim))
+        parts.append(table(name, results[name]) + f"\n\nreal {real_s:.0f} s, simulated {time.perf_counter() - t:.0f} s")
+        print(parts[-1], flush=True)
+    print(f"\nreal / simulated (error), {cpu_model()}, calibration {cal}; ✗ = outside the target "
+          f"(throughput 5 %, latency 10 %)\n\n" + "\n\n".join(parts) + f"\n\ntotal {time.perf_counter() - started:.0f} s")
+    if args.plot:
+        plot(results, args.plot)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "cases": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
