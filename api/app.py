@@ -22,10 +22,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from batcher.engine import Engine, EngineStopped
+from batcher.engine import EngineStopped
+from batcher.engine_client import EngineClient
 from batcher.request import RequestOutput, RequestStream
 from batcher.request_queue import Overloaded
 from model_runner.errors import InvalidRequestError, InvalidSamplingParams
+from model_runner.grammar import GrammarError
 from model_runner.sampler import TokenLogprob
 from model_runner.text import decode
 
@@ -38,7 +40,7 @@ from .looplag import LoopLag
 from .metrics import Metrics
 from .offload import OFFLOAD_BYTES, OFFLOAD_WEIGHT, PrepThread, byte_bound, json_response, json_text, json_weight
 from .openapi import openapi_document
-from .response_format import compile_response_format
+from .response_format import compile_response_format, requested_schema, schema_refused
 from .schemas import (Model, ParsedRequest, chat_messages, check_fields, check_rules, prompt_ids, sampling_params,
                       spec, value)
 from .version import version_info
@@ -368,10 +370,11 @@ class ChatFormat(CompletionFormat):
 
 # --- the app --------------------------------------------------------------------------------------------
 
-def build_app(engine: Engine, settings: ServerSettings):
+def build_app(engine: EngineClient, settings: ServerSettings):
+    """The app over any engine that implements EngineClient (one process, or replicas): it asks nothing else."""
     metrics = Metrics(engine, settings.model_name)
-    tokenizer = engine.runner.tokenizer
-    model = Model(engine.runner.max_model_len, engine.runner.model_config.vocab_size, byte_bound(tokenizer))
+    tokenizer = engine.tokenizer
+    model = Model(engine.model_info.max_model_len, engine.model_info.vocab_size, byte_bound(tokenizer))
     texts = TokenTexts(tokenizer)
     prep = PrepThread(tokenizer)  # where a large request's parsing, tokenizing and answer are done
     lag = LoopLag(metrics.registry)
@@ -385,9 +388,11 @@ def build_app(engine: Engine, settings: ServerSettings):
         return await prep.run(lambda: prepare(parse_body(raw, route), prep.tokenizer))
 
     async def submit(parsed: ParsedRequest, body: dict) -> list[RequestStream]:
-        parsed.params.grammar = await compile_response_format(body, engine.runner.grammars, prep)
+        parsed.params.grammar = await compile_response_format(body, engine, prep)
         try:
             return await engine.add_parallel_requests(parsed.prompt_ids, parsed.params, parsed.n)
+        except GrammarError as e:  # over replicas: the replica that compiled the schema refused it
+            raise schema_refused(requested_schema(body)[1], e) from None
         except InvalidSamplingParams as e:
             raise schemas.invalid(str(e)) from None
         except InvalidRequestError as e:
@@ -588,7 +593,7 @@ def build_app(engine: Engine, settings: ServerSettings):
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": 0, "owned_by": "jitney",
-            "max_model_len": engine.runner.max_model_len}]})
+            "max_model_len": engine.model_info.max_model_len}]})
 
     version = version_info()  # what this process runs: read once, at start
 
@@ -606,8 +611,7 @@ def build_app(engine: Engine, settings: ServerSettings):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if engine.runner.grammars is not None:  # None over replicas (they refuse response_format)
-            await asyncio.to_thread(engine.runner.grammars.prepare)  # response_format's vocabulary, before any request
+        await engine.warm_up()  # before any request (response_format's vocabulary)
         if not engine.alive:
             await engine.start()
         watch = asyncio.create_task(lag.run())  # jitney_event_loop_lag_seconds (api/looplag.py)

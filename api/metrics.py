@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from batcher.engine import Engine
+from batcher.engine_client import EngineClient
 from batcher.request import RequestOutput
 from batcher.stats import StepRecord
 
@@ -21,7 +21,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class EngineCollector:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: EngineClient):
         self.engine = engine
 
     def collect(self):
@@ -75,7 +75,7 @@ def parse(text: str, model_name: str | None = None, strict: bool = True) -> dict
 
 
 class Metrics:
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: EngineClient, model_name: str):
         self.registry = CollectorRegistry()
         self.labelled = WithModelName(self.registry, model_name)
         self.registry.register(EngineCollector(engine))

@@ -7,19 +7,18 @@
 The shape is checked here (400 naming the field). A large schema's cache key (its JSON text, annotations left out)
 is made on the prep thread (api/offload.py), in work bounded by MAX_SCHEMA_CHARS, not by the schema; the schema
 itself is compiled by llguidance in a worker thread, so a large schema never stalls the event loop (a cache hit
-needs no thread), and a schema it cannot
-enforce (malformed, a keyword it does not implement such as "not" or "uniqueItems", a bound it would enforce
-inexactly, or more lexer work than its compile limit: model_runner/grammar.py) is a 400 with its reason.
-At most MAX_COMPILES schemas compile at once; one that finds no free slot within COMPILE_WAIT_S gets a 429.
+needs no thread). The engine compiles it (batcher/grammars.py; over replicas, the replica that runs the request),
+and a schema it cannot enforce (malformed, a keyword it does not implement such as "not" or "uniqueItems", a bound
+it would enforce inexactly, or more lexer work than its compile limit: model_runner/grammar.py) is a 400 with its
+reason. Too many compiles at once (batcher/grammars.py MAX_COMPILES) is a 429.
 "strict" may be given either way: the schema is always enforced.
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import weakref
 
-from model_runner.grammar import Grammar, GrammarCompiler, GrammarError, _without_annotations
+from batcher.grammars import TooManyCompiles
+from model_runner.grammar import GrammarError, _without_annotations
 
 from .errors import APIError
 from .offload import OFFLOAD_BYTES, PrepThread
@@ -27,13 +26,6 @@ from .offload import OFFLOAD_BYTES, PrepThread
 MAX_SCHEMA_CHARS = 32 * 1024  # a schema's JSON text; keeps compile time in milliseconds
 MAX_NAME_CHARS = 64           # OpenAI's bound on json_schema.name
 JSON_OBJECT = {"type": "object"}
-# Compiles at once. Each is bounded (grammar.COMPILE_LIMITS: refused past ~0.3 s of lexer work, measured), runs
-# in the default thread pool (5-6 threads on a 2-core machine) and competes with the model step for the cores:
-# two keep a burst of new schemas from taking every pool thread. A compile waits for a slot up to COMPILE_WAIT_S,
-# several bounded compiles' worth, then the request gets a 429 with Retry-After (the server's overload answer).
-MAX_COMPILES = 2
-COMPILE_WAIT_S = 2.0
-_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its asyncio.Semaphore
 SHAPE = ('{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., '
          '"schema": {...}}}')
 
@@ -144,38 +136,26 @@ def _small(value, budget: int = OFFLOAD_BYTES) -> bool:
     return True
 
 
-async def compile_response_format(body: dict, compiler: GrammarCompiler | None,
-                                  prep: PrepThread | None = None) -> Grammar | None:
-    """The grammar a request's response_format asks for (None for text), compiled off the event loop; a large
-    schema's key is made on prep (None: here). ignore_eos and min_tokens, which a grammar excludes, were refused
-    with the body's other rules (api/schemas.py RULES) before this runs."""
+def schema_refused(field: str, e: GrammarError) -> APIError:
+    return _refuse(field, f"cannot be enforced: {str(e)[:500]}", "invalid_schema")
+
+
+async def compile_response_format(body: dict, engine, prep: PrepThread | None = None):
+    """What SamplingParams.grammar carries for a request's response_format (None for text): the engine's
+    compile_grammar() of the schema's text (batcher/engine_client.py). A large schema's text is made on prep (None:
+    here). ignore_eos and min_tokens, which a grammar excludes, were refused with the body's other rules
+    (api/schemas.py RULES) before this runs."""
     schema, field = requested_schema(body)
     if schema is None:
         return None
-    if compiler is None:  # replicas/: a compiled grammar cannot travel to a replica (its matcher is native state)
-        raise _refuse("response_format", "is not supported when serving replicas (--replicas, --ray-address): "
-                                         "serve one process for constrained decoding", "unsupported_combination")
-    # Serialized once: its size, the cache's key, llguidance's input.
+    # Serialized once: its size, the cache's key, llguidance's input (or what travels to a replica).
     source = await prep.run(schema_source, schema) if prep is not None and not _small(schema) \
         else schema_source(schema)
     if source is None:
         raise _refuse(field, f"is longer than {MAX_SCHEMA_CHARS} characters of JSON (annotations left out)")
-    if (hit := compiler.cached(source)) is not None:
-        return hit
-    loop = asyncio.get_running_loop()
-    slots = _slots.setdefault(loop, asyncio.Semaphore(MAX_COMPILES))
     try:
-        async with asyncio.timeout(COMPILE_WAIT_S):  # (an acquire cancelled after it was granted gives it back)
-            await slots.acquire()
-    except TimeoutError:
-        raise APIError(429, f"too many new response_format schemas are compiling (at most {MAX_COMPILES} at once); "
-                            "retry shortly, or reuse a schema (compiled ones are cached)", "overloaded",
-                       "too_many_compiles", {"Retry-After": "1"}) from None
-    # The slot is freed when the compile ends, not when this request stops waiting (a client that leaves does not
-    # stop the thread): the count is of compiles running.
-    compiling = asyncio.ensure_future(asyncio.to_thread(compiler.compile, source))
-    compiling.add_done_callback(lambda _: slots.release())
-    try:
-        return await asyncio.shield(compiling)
+        return await engine.compile_grammar(source)
     except GrammarError as e:
-        raise _refuse(field, f"cannot be enforced: {str(e)[:500]}", "invalid_schema") from None
+        raise schema_refused(field, e) from None
+    except TooManyCompiles as e:
+        raise APIError(429, str(e), "overloaded", "too_many_compiles", {"Retry-After": "1"}) from None

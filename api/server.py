@@ -17,7 +17,7 @@ import socket
 
 import uvicorn
 
-from batcher.engine import Engine
+from batcher.engine_client import EngineClient
 from batcher.request import EndReason
 from model_runner.errors import InvalidRequestError
 
@@ -29,7 +29,7 @@ log = logging.getLogger("jitney.server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engine, settings: ServerSettings, grace_s: float,
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, settings: ServerSettings, grace_s: float,
                  ready: str = ""):
         super().__init__(config)
         self.engine, self.settings, self.grace_s, self.ready = engine, settings, grace_s, ready
@@ -77,7 +77,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app, engine: Engine, settings: ServerSettings, sock: socket.socket, grace_s: float,
+def serve(app, engine: EngineClient, settings: ServerSettings, sock: socket.socket, grace_s: float,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
           limits: ConnectionLimits = ConnectionLimits(), keep_alive_s: float = 5.0, ready: str = "") -> None:
     """Serves on `sock` (from bind()); prints `ready` once uvicorn listens on it."""

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import cached_property
 
 from model_runner import threads
 from model_runner.errors import InvalidRequestError
@@ -25,6 +26,8 @@ from model_runner.sequence import FinishReason, Sequence
 from .clock import REAL_CLOCK, Clock
 from .config import BatcherConfig
 from .detokenizer import IncrementalDetokenizer
+from .engine_client import ModelInfo
+from .grammars import CompileSlots
 from .kv_cache_manager import KVCacheManager
 from .progress import PrefillProgress
 from .request import EndReason, Request, RequestOutput, RequestStream
@@ -41,6 +44,8 @@ class EngineStopped(Exception):
 
 
 class Engine:
+    """The model in this process, behind the EngineClient interface (batcher/engine_client.py)."""
+
     def __init__(self, runner: ModelRunner, cfg: BatcherConfig | None = None, log_requests: bool = False,
                  record_steps: bool = False, kv: KVCacheManager | None = None, clock: Clock = REAL_CLOCK):
         self.runner, self.cfg = runner, cfg or BatcherConfig()
@@ -73,6 +78,18 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.prefill_progress = PrefillProgress(clock=self.clock)  # a line every 5 s for so long a prefill
         self.accepting = True
+        self._compiles = CompileSlots()
+
+    # --- what the API reads: the tokenizer and the model's facts -------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.runner.tokenizer
+
+    @cached_property
+    def model_info(self) -> ModelInfo:
+        r = self.runner
+        return ModelInfo(str(r.cfg.model), r.max_model_len, r.model_config.vocab_size, r.block_size, r.describe())
 
     @property
     def step_log(self) -> list[StepRecord] | None:
@@ -91,6 +108,11 @@ class Engine:
         gc.collect()
         gc.freeze()
         self._task = asyncio.create_task(self._loop(), name="jitney-engine-loop")
+
+    async def warm_up(self) -> None:
+        """The grammar compiler's view of the vocabulary (0.3-0.9 s holding the GIL): built in a thread before the
+        server answers, not by the first response_format request on the event loop."""
+        await asyncio.to_thread(self.runner.grammars.prepare)
 
     @property
     def alive(self) -> bool:
@@ -134,6 +156,8 @@ class Engine:
         params.validate()
         self.runner.check_prompt(prompt_token_ids)
         self.runner.check_params(params)
+        if isinstance(params.grammar, str):  # a schema's text, shipped by a front end (replicas/): compiled here
+            params = replace(params, grammar=await self.compile_grammar(params.grammar))
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
@@ -160,6 +184,11 @@ class Engine:
                      n, params, self.runner.tokenizer.decode(prompt_token_ids))
         self._wake.set()
         return [RequestStream(r, self.abort) for r in reqs]
+
+    async def compile_grammar(self, source: str):
+        """response_format's schema (its GrammarCompiler.key text) compiled for this engine's runner: off the event
+        loop, a few at once (batcher/grammars.py). Raises GrammarError or TooManyCompiles."""
+        return await self._compiles.compile(self.runner.grammars, source)
 
     def _fork(self, plan: SchedulerOutput, sampled: list[int | None]) -> None:
         """Starts the siblings of every sequence that just sampled its first token (its prompt's K/V are all

@@ -25,6 +25,7 @@ from batcher.request import RequestOutput
 from batcher.stats import StepRecord
 from model_runner.config import RunnerConfig
 from model_runner.errors import InvalidRequestError
+from model_runner.grammar import GrammarError
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
 
@@ -61,7 +62,7 @@ class Accepted:
 
 @dataclass
 class Refused:
-    kind: str                  # invalid | overloaded | stopped
+    kind: str                  # invalid | invalid_schema | overloaded | stopped
     message: str
     retry_after: float = 1.0
 
@@ -78,6 +79,7 @@ class JitneyReplica:
         # Per histogram: a count per bucket (the last one +Inf) and the sum of observations.
         self.histograms = {name: ([0] * (len(b) + 1), [0]) for name, b in STEP_HISTOGRAMS.items()}
         self.engine.step_observers.append(self._observe_step)
+        await self.engine.warm_up()  # response_format's schemas are compiled here, on the replica that runs them
         await self.engine.start()
 
     def _observe_step(self, rec: StepRecord) -> None:
@@ -88,15 +90,17 @@ class JitneyReplica:
 
     def info(self) -> dict:
         """What the front end needs to parse and tokenize requests without loading the model itself."""
-        r = self.runner
-        return {"tokenizer": r.tokenizer, "max_model_len": r.max_model_len, "vocab_size": r.model_config.vocab_size,
-                "block_size": r.block_size, "describe": r.describe(), "config_info": self.engine.config_info()}
+        e = self.engine
+        return {"model_info": e.model_info, "tokenizer": e.tokenizer, "config_info": e.config_info()}
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, n: int):
         """Yields Accepted or Refused, then lists of (sample index, RequestOutput): whatever is ready at once
         travels together, so a busy replica sends fewer, larger messages."""
         try:
             streams = await self.engine.add_parallel_requests(prompt_token_ids, params, n)
+        except GrammarError as e:  # the response_format's schema, compiled here, cannot be enforced
+            yield Refused("invalid_schema", str(e))
+            return
         except InvalidRequestError as e:
             yield Refused("invalid", str(e))
             return
@@ -136,7 +140,7 @@ class JitneyReplica:
         snap = self.engine.replica_snapshot()
         s = snap["stats"]
         return {"replica": self.name, "pid": os.getpid(), "node": socket.gethostname(),
-                "block_size": self.runner.block_size,
+                "block_size": self.engine.model_info.block_size,
                 "load": s.waiting + s.running, "kv_usage": s.kv_blocks_used / max(s.kv_blocks_total, 1),
                 "stats": asdict(s),
                 "cached_block_hashes": snap["cached_block_hashes"],

@@ -1,4 +1,4 @@
-"""RemoteEngine: the engine surface api/app.py and api/server.py use, served by replicas over a Serve handle.
+"""RemoteEngine: the EngineClient interface (batcher/engine_client.py), served by replicas over a Serve handle.
 
 The HTTP layer stays the same code: it tokenizes and validates here, in the front end, then calls
 add_parallel_requests(), which sends the request to the replica the router picks and hands back one stream per
@@ -6,7 +6,8 @@ sample. The replica's first answer says whether it took the request (raised here
 InvalidRequestError, Overloaded, EngineStopped) and which replica it is (stream.replica, sent to the client as
 x-jitney-replica). If the replica dies or cannot be reached mid-request, every unfinished stream ends with an
 error output (error "unavailable": a 503 before the first token, an error event after it); nothing waits on
-a replica that is gone.
+a replica that is gone. A response_format travels as its schema's text and is compiled on the replica that runs
+the request (a compiled grammar is native state that cannot be pickled).
 """
 from __future__ import annotations
 
@@ -14,33 +15,20 @@ import asyncio
 import itertools
 import logging
 import time
-from types import SimpleNamespace
 
 from batcher.engine import EngineStopped
+from batcher.engine_client import ModelInfo
 from batcher.request_queue import Overloaded
 from batcher.request import EndReason, RequestOutput
 from batcher.stats import EngineStats
 from model_runner.errors import InvalidRequestError
+from model_runner.grammar import GrammarError
 from model_runner.sampling_params import SamplingParams
 
 from .deployment import Accepted, Refused
 from .board import replica_reports
 
 log = logging.getLogger("jitney.replicas")
-
-
-class RemoteRunner:
-    """The parts of ModelRunner the HTTP layer reads (the tokenizer runs here; the model only in replicas)."""
-
-    def __init__(self, info: dict):
-        self.tokenizer, self.max_model_len, self.block_size = info["tokenizer"], info["max_model_len"], \
-            info["block_size"]
-        self.model_config = SimpleNamespace(vocab_size=info["vocab_size"])
-        self._describe = info["describe"]
-        self.grammars = None  # response_format is refused over replicas (api/response_format.py says why)
-
-    def describe(self) -> str:
-        return self._describe
 
 
 class RemoteStream:
@@ -122,8 +110,10 @@ class RemoteCall:
 
 class RemoteEngine:
     def __init__(self, handle, info: dict):
+        """info: a replica's JitneyReplica.info() (every replica runs the same model and configuration)."""
         self.handle = handle.options(stream=True)
-        self.runner = RemoteRunner(info)
+        self.model_info: ModelInfo = info["model_info"]
+        self.tokenizer = info["tokenizer"]  # the front end tokenizes and renders chat; the model runs in replicas
         self._config_info = info["config_info"]
         self.accepting = True
         self.requests: dict[str, RemoteCall] = {}
@@ -135,6 +125,9 @@ class RemoteEngine:
 
     async def start(self) -> None:
         self._state = "running"
+
+    async def warm_up(self) -> None:
+        """Nothing here: each replica warms its own grammar compiler as it starts."""
 
     @property
     def alive(self) -> bool:
@@ -183,6 +176,8 @@ class RemoteEngine:
                 s.end("no replica could take the request (one may be restarting); retry it", EndReason.UNAVAILABLE)
             return call.streams
         if isinstance(first, Refused):
+            if first.kind == "invalid_schema":
+                raise GrammarError(first.message)
             if first.kind == "invalid":
                 raise InvalidRequestError(first.message)
             if first.kind == "overloaded":
@@ -201,6 +196,11 @@ class RemoteEngine:
         server's shutdown (SHUT_DOWN, which the client is told as an error)."""
         if (call := self.requests.get(request_id)) is not None:
             call.cancel(reason)
+
+    async def compile_grammar(self, source: str) -> str:
+        """The schema's text itself: the replica that runs the request compiles it (Engine.add_parallel_requests),
+        and a schema it cannot enforce comes back as GrammarError from add_parallel_requests."""
+        return source
 
     # --- statistics ---------------------------------------------------------------------------------------
 

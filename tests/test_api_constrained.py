@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 
 from api import response_format
+from batcher import grammars
 from api.errors import APIError
 from model_runner.grammar import GrammarCompiler
 
@@ -125,13 +126,13 @@ def test_schemas_the_engine_cannot_hold_exactly_are_400_naming_the_keyword(clien
 
 
 async def test_compiles_are_bounded_and_the_excess_gets_429_after_a_bounded_wait(monkeypatch):
-    """MAX_COMPILES compiles run at once; another waits COMPILE_WAIT_S for a slot, then gets 429 + Retry-After. A
-    slot is freed when its compile ends, not when its waiter leaves. Compiles block on an event here, so the
-    outcome depends on no clock but the (shortened) wait."""
-    monkeypatch.setattr(response_format, "COMPILE_WAIT_S", 0.2)
+    """MAX_COMPILES compiles run at once (batcher/grammars.py, below the engine interface); another waits
+    COMPILE_WAIT_S for a slot, then gets 429 + Retry-After. A slot is freed when its compile ends, not when its
+    waiter leaves. Compiles block on an event here, so the outcome depends on no clock but the (shortened) wait."""
+    monkeypatch.setattr(grammars, "COMPILE_WAIT_S", 0.2)
     release, started = threading.Event(), []
 
-    class Blocking:  # the compiler's surface compile_response_format uses
+    class Blocking:  # the compiler's surface CompileSlots uses
         def cached(self, source):
             return None
 
@@ -140,18 +141,25 @@ async def test_compiles_are_bounded_and_the_excess_gets_429_after_a_bounded_wait
             release.wait(10)
             return source
 
-    compiler = Blocking()
+    class SlotEngine:  # the one EngineClient method compile_response_format uses
+        slots, compiler = grammars.CompileSlots(), Blocking()
+
+        async def compile_grammar(self, source):
+            return await self.slots.compile(self.compiler, source)
+
+    engine = SlotEngine()
     bodies = [{"response_format": as_json_schema({"type": "integer", "maximum": i})} for i in range(4)]
-    running = [asyncio.create_task(response_format.compile_response_format(b, compiler))
-               for b in bodies[:response_format.MAX_COMPILES]]
+    running = [asyncio.create_task(response_format.compile_response_format(b, engine))
+               for b in bodies[:grammars.MAX_COMPILES]]
     await asyncio.sleep(0.05)
     with pytest.raises(APIError) as refused:
-        await response_format.compile_response_format(bodies[-1], compiler)
+        await response_format.compile_response_format(bodies[-1], engine)
     assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
-    assert len(started) == response_format.MAX_COMPILES
+    assert refused.value.code == "too_many_compiles"
+    assert len(started) == grammars.MAX_COMPILES
     running[0].cancel()  # its client left: its compile still runs, and still holds its slot
     with pytest.raises(APIError):
-        await response_format.compile_response_format(bodies[-1], compiler)
+        await response_format.compile_response_format(bodies[-1], engine)
     release.set()
     assert await running[1] == GrammarCompiler.key(bodies[1]["response_format"]["json_schema"]["schema"])
-    assert await response_format.compile_response_format(bodies[-1], compiler)  # a slot is free again
+    assert await response_format.compile_response_format(bodies[-1], engine)  # a slot is free again

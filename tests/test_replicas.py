@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from batcher.engine_client import ModelInfo
 from batcher.request import EndReason
 from model_runner.errors import InvalidRequestError
 from model_runner.sampling_params import SamplingParams
@@ -130,6 +132,9 @@ class FakeGeneration:
         self.cancelled = True
 
 
+FAKE_INFO = {"model_info": ModelInfo("fake", 64, 10, 16, "fake"), "tokenizer": None, "config_info": {}}
+
+
 class FakeHandle:
     def __init__(self):
         self.generations = []
@@ -154,8 +159,7 @@ def test_remote_abort_ends_every_sample_with_the_first_reason_given(n, reasons, 
 
     async def main():
         handle = FakeHandle()
-        engine = RemoteEngine(handle, {"tokenizer": None, "max_model_len": 64, "vocab_size": 10, "block_size": 16,
-                                       "describe": "fake", "config_info": {}})
+        engine = RemoteEngine(handle, FAKE_INFO)
         await engine.start()
         streams = await engine.add_parallel_requests([1, 2, 3], SamplingParams(max_tokens=4), n, "r")
         if started:
@@ -176,8 +180,7 @@ def test_remote_stop_tells_requests_it_cut_that_the_server_shut_down():
     from replicas.remote_engine import RemoteEngine
 
     async def main():
-        engine = RemoteEngine(FakeHandle(), {"tokenizer": None, "max_model_len": 64, "vocab_size": 10,
-                                             "block_size": 16, "describe": "fake", "config_info": {}})
+        engine = RemoteEngine(FakeHandle(), FAKE_INFO)
         await engine.start()
         stream = await engine.add_request([1, 2], SamplingParams(max_tokens=4))
         await asyncio.sleep(0.01)
@@ -309,10 +312,22 @@ def test_greedy_text_through_two_replicas_equals_one_process(servers):
         assert "x-jitney-replica" not in b.headers  # one process: no replicas, no header
 
 
-def test_response_format_is_refused_over_replicas_not_ignored(servers):
-    """A grammar's matcher cannot travel to a replica: refused up front with a 400 naming the field."""
-    r = complete(servers[0].url, "Give me JSON", response_format={"type": "json_object"})
-    assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
+def test_response_format_works_over_replicas_as_in_one_process(servers):
+    """The schema travels to the replica as its text and is compiled there (a compiled grammar is native state):
+    the same constrained output as one process, and a schema the replica cannot enforce is the same 400."""
+    replicas, single = servers
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok"],
+              "properties": {"ok": {"type": "boolean"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    a, b = (complete(s.url, "Give me JSON", max_tokens=40, response_format=fmt) for s in servers)
+    assert a.status_code == b.status_code == 200, a.text
+    text = a.json()["choices"][0]["text"]
+    assert text == b.json()["choices"][0]["text"] and a.json()["choices"][0]["finish_reason"] == "stop"
+    assert isinstance(json.loads(text)["ok"], bool)
+    bad = {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"not": {}}}}}}
+    a, b = (complete(s.url, "Give me JSON", response_format=bad) for s in servers)
+    assert a.status_code == b.status_code == 400 and a.json()["error"]["code"] == "invalid_schema", a.text
+    assert a.json()["error"]["message"] == b.json()["error"]["message"]
 
 
 async def open_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int):
