@@ -33,6 +33,7 @@ from model_runner.text import decode
 
 from . import schemas
 from .chat import chat_prompt_ids
+from .dashboard import dashboard_routes, key_from_query
 from .errors import APIError, BodyTimeout, ClientGone, error_response
 from .jsonbody import parse_json
 from .logprobs import TokenTexts, chat_logprobs, completion_logprobs, generate_logprobs
@@ -61,6 +62,7 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()  # CORS: off unless origins are named
     allow_special_tokens_in_content: bool = False
     draining: bool = field(default=False)
+    dashboard: bool = True            # GET /dashboard and its stream GET /v1/engine/steps (api/dashboard.py)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -638,6 +640,8 @@ def build_app(engine: EngineClient, settings: ServerSettings):
         Route("/metrics", metrics_route, methods=["GET"]),
         Route("/version", version_route, methods=["GET"]),
     ], lifespan=lifespan)
+    if settings.dashboard:  # --no-dashboard leaves both routes out
+        app.router.routes.extend(dashboard_routes(engine))
     # "/generate/" is a 404 like any unknown path: Starlette's default answers it with a redirect whose
     # Location is built from the client's own Host header.
     app.router.redirect_slashes = False
@@ -649,6 +653,7 @@ def build_app(engine: EngineClient, settings: ServerSettings):
     app.add_exception_handler(405, method_not_allowed)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     gate = Gatekeeper(app, settings, metrics)
+    gate = key_from_query(gate) if settings.dashboard else gate  # the page's ?api_key= (api/dashboard.py)
     if not settings.allowed_origins:
         return gate
     # Outside the key check: a browser's preflight (OPTIONS) carries no key, and must be answered.

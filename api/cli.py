@@ -128,7 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,
                               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
                               allowed_origins=tuple(args.allowed_origins or ()),
-                              allow_special_tokens_in_content=args.allow_special_tokens_in_content)
+                              allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+                              dashboard=not args.no_dashboard)
     limits = ConnectionLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
                               header_timeout_s=args.header_timeout_s, max_connections=args.max_connections)
     # Every check above and the bind run before the model loads: a port in use costs milliseconds, not a load.
@@ -251,6 +252,10 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="read special-token text in chat message content (e.g. '<|im_start|>') as the special "
                         "token itself, which lets a user forge turns (default: off, read as plain text)")
+    s.add_argument("--no-dashboard", action="store_true",
+                   help="leave out GET /dashboard (a live page of the scheduler: queue, steps, KV blocks) and its "
+                        "feed GET /v1/engine/steps (Server-Sent Events of step summaries: counts and ids, never "
+                        "text; behind --api-key like every route) (default: on; docs/serving.md#dashboard)")
     s.add_argument("--grace-s", type=flags.real(0), default=30.0,
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
     s.add_argument("--ssl-certfile", type=flags.word("file name"), default=None,
@@ -308,6 +313,12 @@ def build_parser() -> Parser:
                                                  "(`jitney bench --help`; `jitney bench routing`: replicas)")
     sub.add_parser("simulate", add_help=False, help="replay a workload through the scheduler on a simulated device, "
                                                     "in virtual time (`jitney simulate --help`)")
+    from .view import add_view_args, cmd_view
+    v = sub.add_parser("view", help="replay step recordings (bench --record-steps) in the dashboard page, two side "
+                                    "by side", description="Serve the dashboard page over one or two step recordings "
+                                                           "on 127.0.0.1, with play/pause, seek and speed.")
+    add_view_args(v)
+    v.set_defaults(func=cmd_view)
     parser.commands = {"generate": g, "serve": s}  # the subcommands whose flags a --config file may set
     return parser
 

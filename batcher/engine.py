@@ -259,6 +259,8 @@ class Engine:
             if self.counters.wants_records:
                 self.counters.record(StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens, self.num_waiting,
                                                 len(plan.preempted), self.kv.num_used))
+            for watch in self.counters.step_watchers:  # batcher/step_view.py: only while someone watches
+                watch(self, plan, sampled, t0, elapsed)
             self._fork(plan, sampled)  # before update, which may end (and free) a sequence on its first token
             self.scheduler.update(plan, sampled)
             self.prefill_progress.step(plan.scheduled, sampled, elapsed,

@@ -56,6 +56,9 @@ class Counters:
     finished_by_reason: Counter = field(default_factory=Counter)
     step_log: list[StepRecord] | None = None  # one StepRecord per step when asked (benchmarks plot them)
     step_observers: list[Callable[[StepRecord], None]] = field(default_factory=list)  # e.g. /metrics' histogram
+    # Called with (engine, plan, sampled, t0, seconds) after each step, before its tokens are applied: the step
+    # summaries of batcher/step_view.py, present only while a dashboard viewer or a recording watches.
+    step_watchers: list[Callable] = field(default_factory=list)
 
     @property
     def mean_batch_size(self) -> float:

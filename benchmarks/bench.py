@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from batcher.config import POLICIES, BatcherConfig
+from batcher.step_view import StepRecorder
 from model_runner.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
 from model_runner.units import parse_bytes
 
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "system's temporary directory, named at the end; nothing is written into the "
                                  "working directory unless --out names it)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--record-steps", metavar="FILE",
+                   help="write every run's step stream to this JSONL file (the dashboard's events: queue, steps, KV "
+                        "blocks; counts and ids, never text), to replay with `jitney view FILE`; in-process only")
     return p
 
 
@@ -175,6 +179,8 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
     elif unknown := set(args.policies) - set(POLICIES):
         p.error(f"unknown policies {sorted(unknown)}: choose from {', '.join(POLICIES)}")
     args.url = url.rstrip("/") if url else None
+    if getattr(args, "record_steps", None) and (url or start_server):
+        p.error("--record-steps records an in-process engine's steps: leave out --url and --start-server")
     return args
 
 
@@ -223,7 +229,8 @@ def say(run: Run) -> None:
 
 async def run_all(args: argparse.Namespace, specs: list[RunSpec], out: Path) -> tuple[list[Run], str]:
     """Every run in turn; returns them and a description of the model that served them."""
-    local = InProcess(args) if not (args.url or args.start_server) else None
+    recorder = StepRecorder(open(args.record_steps, "w")) if args.record_steps else None
+    local = InProcess(args, recorder) if not (args.url or args.start_server) else None
     if args.url:
         await wait_healthy(args.url, timeout=10)
     tokenizer = local.get_runner(args.block_size).tokenizer if local else load_tokenizer(resolve_model(args.model))
@@ -248,6 +255,9 @@ async def run_all(args: argparse.Namespace, specs: list[RunSpec], out: Path) -> 
                           if line.startswith("jitney: ") and "KV cache" in line), model)
         runs.append(finish_run(spec, args, result))
         say(runs[-1])
+    if recorder is not None:
+        recorder.file.close()
+        tqdm.write(f"wrote {args.record_steps}: `jitney view {args.record_steps}` replays it")
     return runs, model
 
 

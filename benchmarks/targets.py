@@ -63,15 +63,21 @@ def warm_up_trace(trace: list[TraceRequest]) -> list[TraceRequest]:
 
 async def run_policy(runner: ModelRunner, cfg: BatcherConfig, trace: list[TraceRequest], seed: int = 0,
                      progress: bool = True, desc: str = "replay", ids: list[list[int]] | None = None,
-                     t0: float | None = None) -> tuple[list[RequestRecord], list[StepRecord]]:
-    """One open-loop replay through a fresh Engine on this runner: the records and the engine's step log."""
+                     t0: float | None = None, recorder=None,
+                     label: str = "") -> tuple[list[RequestRecord], list[StepRecord]]:
+    """One open-loop replay through a fresh Engine on this runner: the records and the engine's step log.
+    recorder: a batcher.step_view.StepRecorder writing this run's step stream as `label` (--record-steps)."""
     # A new engine, a new KV-cache manager: the previous run served the very same prompts, and its prefix cache
     # would have handed this one their KV for free.
     engine = Engine(runner, cfg, record_steps=True)
     await engine.start()
+    if recorder is not None:
+        recorder.attach(engine, label or cfg.policy, t0)
     try:
         records = await replay(engine, trace, runner.tokenizer, seed, progress, desc, ids=ids, t0=t0)
     finally:
+        if recorder is not None:
+            recorder.detach()
         await engine.stop()
     return records, engine.step_log
 
@@ -79,8 +85,9 @@ async def run_policy(runner: ModelRunner, cfg: BatcherConfig, trace: list[TraceR
 class InProcess:
     """One model load per block size; a fresh engine (and KV allocator) per run."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, recorder=None):
         self.args, self.runner, self.description, self.warm = args, None, "", False
+        self.recorder = recorder  # --record-steps: every measured run's step stream (not the warm-up's)
 
     def get_runner(self, block_size: int | None) -> ModelRunner:
         block_size = block_size or RunnerConfig.block_size
@@ -102,7 +109,8 @@ class InProcess:
         t0 = time.monotonic() + LEAD_S
         with CpuMonitor(os.getpid()) as cpu:
             records, steps = await run_policy(runner, batcher_config(spec.policy, spec.knobs, **prefix), spec.trace,
-                                              progress=progress, desc=spec.label, ids=ids, t0=t0)
+                                              progress=progress, desc=spec.label, ids=ids, t0=t0,
+                                              recorder=self.recorder, label=spec.label)
         figures, timeline = step_figures(steps, runner.num_blocks, t0)
         return RunResult(records, figures, timeline, cpu, t0)
 
