@@ -9,7 +9,7 @@ SCALE_STAMP := $(VENV)/.jitney-scale-installed
 # torch is pinned and installed first: a bare `torch` from another package's requirements can pull a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install serve test test-fast bench bench-all clean
+.PHONY: install serve browser test test-fast bench bench-all clean
 
 install: $(STAMP) $(if $(SCALE),$(SCALE_STAMP))
 
@@ -42,8 +42,17 @@ SECOND_PASS_SKIPS := --ignore-glob='tests/test_api*' --ignore-glob='tests/test_b
 	--ignore=tests/test_docs_commands.py --ignore=tests/test_dockerfile.py --ignore=tests/test_dashboards.py \
 	--ignore=tests/test_metrics.py --ignore=tests/test_model_dir.py --ignore=tests/test_chat_template.py \
 	--ignore=tests/test_threads.py --ignore=tests/test_sim.py --ignore=tests/test_prefill_progress.py \
+	--ignore=tests/test_dashboard_stream.py --ignore=tests/test_dashboard_browser.py \
 	-m 'not first_pass_only'
-test: $(STAMP) $(SCALE_STAMP)
+# The dashboard's browser tests (tests/test_dashboard_browser.py) drive Debian's headless Chromium: installed here
+# when missing (as root, or with passwordless sudo); where that fails they are skipped, and say why.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	} || echo "make test: could not install chromium and chromium-driver: the browser tests will be skipped"
+
+test: $(STAMP) $(SCALE_STAMP) browser
 	$(PY) -m pytest -q $(ARGS)
 	env $$($(PY) -m model_runner.native --second-path) $(PY) -m pytest -q $(SECOND_PASS_SKIPS) $(ARGS)
 

@@ -65,10 +65,11 @@ class StepStream:
                                 (b"x-accel-buffering", b"no")]})
 
         async def pump() -> None:
+            """Until the viewer is dropped or the server stops accepting (a drain ends the stream, not waits on it)."""
             now = engine.clock()
             first = [encode(hello(engine, now)), encode(state(engine, now))]
             await send({"type": "http.response.body", "body": frame(first), "more_body": True})
-            while not viewer.dropped:
+            while engine.accepting:
                 lines = await viewer.take(IDLE_STATE_S)
                 if viewer.dropped:
                     return
@@ -79,27 +80,22 @@ class StepStream:
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        tasks = [asyncio.create_task(pump()), asyncio.create_task(gone()),
-                 asyncio.create_task(dropped(viewer))]
+        tasks = [asyncio.create_task(pump()), asyncio.create_task(gone()), asyncio.create_task(viewer.gone.wait())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in tasks:
                 t.cancel()
             self.hub.leave(viewer)
-        if viewer.dropped:  # its last bytes if it takes them soon; else uvicorn cuts the connection
-            try:
-                await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
-                                       FINAL_SEND_S)
-            except (TimeoutError, OSError):
-                pass
-
-
-async def dropped(viewer) -> None:
-    while not viewer.dropped:
-        await viewer.ready.wait()
-        if not viewer.dropped:
-            await asyncio.sleep(0.05)
+        if tasks[1] in done:  # the client left
+            return
+        # Dropped, or the server is stopping: the end of the stream, if the client takes it soon; else uvicorn
+        # cuts the connection (a stalled client never reads it).
+        try:
+            await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
+                                   FINAL_SEND_S)
+        except (TimeoutError, OSError):
+            pass
 
 
 def frame(lines: list[str]) -> bytes:

@@ -165,7 +165,8 @@ class Viewer:
         self.hub, self.limit = hub, limit
         self.events: deque[str] = deque()
         self.dropped = False
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # events are waiting (or the viewer was dropped)
+        self.gone = asyncio.Event()   # dropped
 
     def push(self, line: str) -> None:
         if self.dropped:
@@ -182,6 +183,7 @@ class Viewer:
         self.dropped = True
         self.events.clear()
         self.ready.set()
+        self.gone.set()
         self.hub.leave(self)
 
     async def take(self, timeout: float) -> list[str]:
