@@ -50,6 +50,14 @@ class DrainingServer(uvicorn.Server):
         self.settings.draining = True
         self._drain_task = asyncio.get_event_loop().create_task(self._drain())
 
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown on a forced exit, leaving its lifespan task to be cancelled at the
+            # loop's end (a CancelledError traceback in the log). Every request is aborted by now, so the app's
+            # own shutdown (engine stop, prep thread) is quick: run it, and exit cleanly.
+            await self.lifespan.shutdown()
+
     async def _drain(self) -> None:
         await self.engine.stop(self.grace_s)
         await asyncio.sleep(0.1)  # let handlers flush their final events before uvicorn closes connections

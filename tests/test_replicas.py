@@ -330,10 +330,10 @@ def test_response_format_works_over_replicas_as_in_one_process(servers):
     assert a.json()["error"]["message"] == b.json()["error"]["message"]
 
 
-async def open_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int):
+async def open_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, n: int = 1):
     """Starts a streamed request; returns (response, replica, line iterator) once its headers are in."""
     req = client.build_request("POST", f"{url}/v1/completions", json={
-        "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True})
+        "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "n": n})
     resp = await client.send(req, stream=True)
     return resp, resp.headers.get("x-jitney-replica"), resp.aiter_lines()
 
@@ -430,6 +430,38 @@ def test_sigterm_drains_every_replica_and_exits_0(servers):
         return False
 
     assert wait_until(lambda: all(gone(p) for p in pids.values()), timeout=60), "replica processes outlived the drain"
+
+
+def test_a_second_sigterm_with_requests_in_flight_ends_every_stream_with_an_error_and_exits_0(cluster):
+    """The first signal starts the drain (grace 30 s), the second cuts it: every stream in flight on the replicas
+    still ends with a final error event (shutting_down) and [DONE], and the front end exits 0 at once. (The fixture's
+    server has exited by now: this one deploys the same Serve application on the module's cluster.)"""
+    server = ServerProcess(*TINY, "--replicas", "2", "--cpus-per-replica", "1", "--ray-address", cluster,
+                           grace_s=30)
+    try:
+        server.start()
+        server.wait_ready(240)
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                opened = [await open_stream(client, server.url, f"cut {i}", 900, n=8) for i in range(4)]
+                firsts = [await anext(lines) for _, _, lines in opened]  # every stream has started
+                server.signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                server.signal(signal.SIGTERM)
+                return firsts, await asyncio.gather(*(read_all(lines) for _, _, lines in opened))
+
+        firsts, bodies = asyncio.run(main())
+        code = server.proc.wait(60)
+    finally:
+        server.stop(timeout=60)
+        out = server.output()
+        server.close()
+    assert all(f.startswith("data: ") for f in firsts), (firsts, [b[-3:] for b in bodies])
+    for body in bodies:
+        assert body[-1] == "[DONE]" and body[-2]["error"]["code"] == "shutting_down", body[-3:]
+    assert code == 0, out[-3000:]
+    assert "Traceback" not in out and "TypeError" not in out, out[-3000:]
 
 
 def test_a_context_above_the_default_budget_is_served_when_the_host_holds_it():
