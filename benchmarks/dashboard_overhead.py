@@ -16,6 +16,7 @@ import asyncio
 import os
 import statistics
 import sys
+import time
 
 from batcher.step_view import StepHub
 
@@ -30,6 +31,7 @@ class OneViewer:
 
     def __init__(self):
         self.on, self.events, self._task, self._hub, self._viewer = False, 0, None, None, None
+        self.seconds = 0.0  # spent building, encoding and draining summaries in the last run (the viewer's own cost)
         self._out = open(os.devnull, "wb")
 
     def attach(self, engine, label, origin=None) -> None:
@@ -38,12 +40,23 @@ class OneViewer:
         from api.dashboard import frame
         self._hub = StepHub(engine)
         self._viewer = viewer = self._hub.join()
+        watchers, inner = engine.counters.step_watchers, self._hub._watch
+
+        def timed(*a):
+            t = time.perf_counter()
+            inner(*a)
+            self.seconds += time.perf_counter() - t
+
+        watchers[watchers.index(inner)] = self._timed = timed
+        self._watchers, self._inner = watchers, inner
 
         async def drain():
             while not viewer.dropped:
                 lines = await viewer.take(1.0)
+                t = time.perf_counter()
                 self.events += len(lines)
                 self._out.write(frame(lines))
+                self.seconds += time.perf_counter() - t
                 await asyncio.sleep(0)  # as a socket send would yield
 
         self._task = asyncio.get_running_loop().create_task(drain())
@@ -51,6 +64,7 @@ class OneViewer:
     def detach(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            self._watchers[self._watchers.index(self._timed)] = self._inner
             self._hub.leave(self._viewer)
             assert not self._viewer.dropped, "the viewer fell behind and was dropped"
             self._task = None
@@ -68,11 +82,14 @@ async def measure(argv: list[str], pairs: int) -> list[tuple[float, float]]:
     for i in range(pairs):
         figures = []
         for on in (False, True):
-            viewer.on, viewer.events = on, 0
+            viewer.on, viewer.events, viewer.seconds = on, 0, 0.0
+            t = time.perf_counter()
             run = finish_run(spec, args, await local.run(spec, ids, False))
+            wall = time.perf_counter() - t
             figures.append(run.summary["output_tok_s"])
             print(f"pair {i + 1}: viewer {'on ' if on else 'off'}: {figures[-1]:,.1f} output tok/s"
-                  + (f" ({viewer.events} step events)" if on else ""), flush=True)
+                  + (f" ({viewer.events} step events; the viewer's own work {viewer.seconds:.2f} s of the run's "
+                     f"{wall:.0f} s = {100 * viewer.seconds / wall:.2f} %)" if on else ""), flush=True)
         out.append((figures[0], figures[1]))
     return out
 

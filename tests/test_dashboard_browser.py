@@ -181,19 +181,20 @@ def test_view_replays_two_recordings_side_by_side(browser, tmp_path):
         assert frozen[0] < steps[0] or frozen[1] < steps[1]
         seek = "const s = document.getElementById('seek'); s.value = arguments[0]; s.dispatchEvent(new Event('input'));"
         # seek to the middle: both panes part way (one clock for both)
-        browser.execute_script(seek, "500")
-        middle = (number(browser, 0, "steps"), number(browser, 1, "steps"))
-        assert 0 < middle[0] < steps[0] or 0 < middle[1] < steps[1], (middle, steps)
+        both = lambda: (number(browser, 0, "steps"), number(browser, 1, "steps"))  # noqa: E731
+        browser.execute_script(seek, "500")  # (the page draws at its next animation frame: poll)
+        middle = wait_until(lambda: (m := both()) and (0 < m[0] < steps[0] or 0 < m[1] < steps[1]) and m, 5)
+        assert middle, (both(), steps)
         # seek to the end: every step of both runs; back to the start: none
         browser.execute_script(seek, "1000")
-        assert (number(browser, 0, "steps"), number(browser, 1, "steps")) == tuple(steps)
+        assert wait_until(lambda: both() == tuple(steps), 5), (both(), steps)
         browser.execute_script(seek, "0")
-        assert (number(browser, 0, "steps"), number(browser, 1, "steps")) == (0, 0)
+        assert wait_until(lambda: both() == (0, 0), 5), both()
         # play at 10x from the start: it reaches the end on its own
         browser.execute_script("const s = document.getElementById('speed'); s.value = '10';")
         browser.find_element(By.ID, "play").click()
         assert wait_until(lambda: status(browser) == "replay: at the end", 30), status(browser)
-        assert (number(browser, 0, "steps"), number(browser, 1, "steps")) == tuple(steps)
+        assert wait_until(lambda: both() == tuple(steps), 5), (both(), steps)
         assert not console_errors(browser), console_errors(browser)
     finally:
         proc.terminate()
