@@ -214,3 +214,10 @@ def test_stalled_viewers_leave_memory_flat_and_the_limit_answers_429():
                         break
                 assert time.monotonic() < deadline, r.status_code
                 time.sleep(0.2)
+
+
+def test_no_dashboard_leaves_both_routes_out():
+    with jitney_server(*TINY, "--no-dashboard", env=ENV) as server:
+        for path in ("/dashboard", "/v1/engine/steps"):
+            r = httpx.get(f"{server.url}{path}", timeout=10)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
