@@ -319,6 +319,8 @@ def build_parser() -> Parser:
                                                            "on 127.0.0.1, with play/pause, seek and speed.")
     add_view_args(v)
     v.set_defaults(func=cmd_view)
+    sub.add_parser("plan", add_help=False, help="the cheapest fleet of simulated devices that serves a workload "
+                                                "within its SLOs (`jitney plan --help`)")
     parser.commands = {"generate": g, "serve": s}  # the subcommands whose flags a --config file may set
     return parser
 
@@ -336,7 +338,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         except config_file.ConfigError as e:
             command.error(str(e))
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("bench", "simulate"):
+    if rest and args.command not in ("bench", "simulate", "plan"):
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     return args, rest
 
@@ -349,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":  # sim.simulate parses its own flags, as bench does
         from sim.simulate import main as simulate_main
         return simulate_main(rest)
+    if args.command == "plan":  # so does sim.plan
+        from sim.plan import main as plan_main
+        return plan_main(rest)
     try:
         return args.func(args)
     except (ModelLoadError, InvalidRequestError) as e:

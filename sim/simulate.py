@@ -48,6 +48,20 @@ class _NoCpu:
     samples: list = field(default_factory=list)
 
 
+def add_efficiency_args(d: argparse._ArgumentGroup) -> None:
+    """The hardware sheet's assumed terms (jitney plan takes them too)."""
+    d.add_argument("--compute-efficiency", type=float, default=COMPUTE_EFFICIENCY,
+                   help=f"fraction of the device's FLOP/s peak a step reaches (default: {COMPUTE_EFFICIENCY}, "
+                        "assumed)")
+    d.add_argument("--memory-efficiency", type=float, default=MEMORY_EFFICIENCY,
+                   help=f"fraction of its memory bandwidth (default: {MEMORY_EFFICIENCY}, assumed)")
+    d.add_argument("--step-overhead-ms", type=float, default=0.0,
+                   help="a device step's fixed cost (the engine's Python, launches); the sheet has none to give "
+                        "(default: 0)")
+    d.add_argument("--seq-overhead-us", type=float, default=0.0,
+                   help="a device step's cost per sequence in it (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from api.parser import Parser
     p = Parser(prog="jitney simulate", error_prefix="jitney simulate", description=__doc__.split("\n\n")[0],
@@ -65,16 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--cost-model (default: calibration.json in the cache directory, JITNEY_CACHE_DIR or else "
                         "~/.cache/jitney) and exit")
     d.add_argument("--quick-calibration", action="store_true", help="with --calibrate: 5 small steps, not 12")
-    d.add_argument("--compute-efficiency", type=float, default=COMPUTE_EFFICIENCY,
-                   help=f"fraction of the device's FLOP/s peak a step reaches (default: {COMPUTE_EFFICIENCY}, "
-                        "assumed)")
-    d.add_argument("--memory-efficiency", type=float, default=MEMORY_EFFICIENCY,
-                   help=f"fraction of its memory bandwidth (default: {MEMORY_EFFICIENCY}, assumed)")
-    d.add_argument("--step-overhead-ms", type=float, default=0.0,
-                   help="a device step's fixed cost (the engine's Python, launches); the sheet has none to give "
-                        "(default: 0)")
-    d.add_argument("--seq-overhead-us", type=float, default=0.0,
-                   help="a device step's cost per sequence in it (default: 0)")
+    add_efficiency_args(d)
     m = p.add_argument_group("model and knobs (unset knobs keep the server's defaults)")
     m.add_argument("--model", help=f"{' | '.join(SHAPES)} | a Hugging Face config.json (or its folder) | a model "
                                    "jitney serves (default: story-6b; with --cost-model, the calibrated model; "

@@ -233,7 +233,7 @@ def test_every_subcommand_is_listed_in_its_parents_help(capsys):
                     yield from walk(child)
         yield parser
 
-    assert len(list(walk(build_parser()))) == 5  # jitney, generate, serve, bench, simulate
+    assert len(list(walk(build_parser()))) == 7  # jitney, generate, serve, bench, simulate, plan, view
     text = bench.build_parser().format_help()
     assert bench.SUBCOMMANDS and all(f"jitney bench {name}" in text for name in bench.SUBCOMMANDS)
     for name in bench.SUBCOMMANDS:  # and each is what main() hands the words to

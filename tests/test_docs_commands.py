@@ -28,7 +28,7 @@ from .server_helpers import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_FENCES = {"", "sh", "bash", "shell", "console"}
-JITNEY_SUBCOMMANDS = ("generate", "serve", "bench", "simulate")
+JITNEY_SUBCOMMANDS = ("generate", "serve", "bench", "simulate", "plan")
 
 
 def shell_snippets(text: str) -> list[tuple[int, str]]:
@@ -116,6 +116,9 @@ def jitney_flags(sub: str) -> frozenset[str]:
         parser = build_parser()
     elif sub == "simulate":
         from sim.simulate import build_parser
+        parser = build_parser()
+    elif sub == "plan":
+        from sim.plan import build_parser
         parser = build_parser()
     else:
         from api.cli import build_parser
