@@ -28,7 +28,6 @@ from .config import BatcherConfig
 from .detokenizer import IncrementalDetokenizer
 from .engine_client import ModelInfo
 from .grammars import CompileSlots
-from .kv_cache_manager import KVCacheManager
 from .progress import PrefillProgress
 from .request import EndReason, Request, RequestOutput, RequestStream
 from .request_queue import RequestQueue
@@ -47,7 +46,7 @@ class Engine:
     """The model in this process, behind the EngineClient interface (batcher/engine_client.py)."""
 
     def __init__(self, runner: ModelRunner, cfg: BatcherConfig | None = None, log_requests: bool = False,
-                 record_steps: bool = False, kv: KVCacheManager | None = None, clock: Clock = REAL_CLOCK):
+                 record_steps: bool = False, clock: Clock = REAL_CLOCK):
         self.runner, self.cfg = runner, cfg or BatcherConfig()
         # Every time stamp and window below reads this clock: a simulation (sim/) gives a virtual one and runs
         # the engine on an event loop whose time is that clock, with a runner that computes nothing.
@@ -55,16 +54,13 @@ class Engine:
         self.log_requests = log_requests
         # One StepRecord per model step when asked (benchmarks plot batch size and queue length over time).
         self.counters = Counters(step_log=[] if record_steps else None)
-        # The blocks this engine schedules into: a manager of its own over the runner's cache, or the one given
-        # (an earlier engine's, to keep its prefix cache; meanwhile nothing else may use the runner's cache: a
-        # manager describes what the blocks hold, and another one's writes would silently falsify it).
-        self.kv = kv or KVCacheManager(self.cfg.num_kv_blocks or runner.num_blocks, runner.block_size,
-                                       self.cfg.enable_prefix_caching)
-        if self.kv.num_blocks > runner.num_blocks or self.kv.block_size != runner.block_size:
-            raise ValueError(f"{self.kv!r} does not fit the runner's cache ({runner.num_blocks} x {runner.block_size})")
-        if kv and (kv.enable_prefix_caching != self.cfg.enable_prefix_caching or self.cfg.num_kv_blocks):
-            raise ValueError("a KV-cache manager given to the engine brings its own size and prefix-caching switch")
-        self.scheduler = Scheduler(self.cfg, self.kv, runner.eos_token_ids, runner.max_model_len)
+        # The scheduler owns the blocks it schedules into (all of the runner's cache, or num_kv_blocks of it). While
+        # this engine lives nothing else may use the runner's cache: the scheduler's manager describes what the
+        # blocks hold, and another one's writes would silently falsify it.
+        num_blocks = self.cfg.num_kv_blocks or runner.num_blocks
+        if num_blocks > runner.num_blocks:
+            raise ValueError(f"num_kv_blocks {num_blocks} does not fit the runner's cache ({runner.num_blocks} blocks)")
+        self.scheduler = Scheduler(self.cfg, num_blocks, runner.block_size, runner.eos_token_ids, runner.max_model_len)
         self.queue = RequestQueue(self.cfg, clock)
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
@@ -192,8 +188,7 @@ class Engine:
 
     def _fork(self, plan: SchedulerOutput, sampled: list[int | None]) -> None:
         """Starts the siblings of every sequence that just sampled its first token (its prompt's K/V are all
-        written now): each shares the prompt's full blocks, as a prefix-cache hit would, and is scheduled next."""
-        bs = self.kv.block_size
+        written now): each shares the prompt's full blocks (Scheduler.fork) and is scheduled next."""
         for (seq, _), token in zip(plan.scheduled, sampled):
             req = self._by_seq.get(seq.seq_id)
             if token is None or req is None or not req.forks:
@@ -201,16 +196,12 @@ class Engine:
             forks, req.forks = req.forks, []
             if (lps := self.runner.step_logprobs.get(seq.seq_id)) is not None:
                 req.prompt_logprobs.update(lps.prompt)  # siblings compute only the tail: they share the rest
-            # The last prompt token is always computed by each sibling: its logits are that sibling's first draw.
-            shared = (seq.num_prompt_tokens - 1) // bs  # full prompt blocks
             for child in forks:
                 if child.done:
                     continue
-                self.kv.fork(seq, child.seq, shared)
-                child.seq.num_computed_tokens = shared * bs
+                self.scheduler.fork(seq, child.seq)
                 child.timings.released = req.timings.released
                 child.prompt_logprobs = dict(req.prompt_logprobs)
-                self.scheduler.add_forked(child.seq)
 
     def _check_capacity(self, num_tokens: int) -> None:
         tokens = self.queue.num_tokens + sum(len(s) for s in self.scheduler.waiting_seqs())
@@ -258,7 +249,7 @@ class Engine:
             self.counters.step(elapsed, len(plan.scheduled), plan.num_tokens)
             if self.counters.wants_records:
                 self.counters.record(StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens, self.num_waiting,
-                                                len(plan.preempted), self.kv.num_used))
+                                                len(plan.preempted), self.scheduler.num_blocks_used))
             for watch in self.counters.step_watchers:  # batcher/step_view.py: only while someone watches
                 watch(self, plan, sampled, t0, elapsed)
             self._fork(plan, sampled)  # before update, which may end (and free) a sequence on its first token
@@ -364,12 +355,12 @@ class Engine:
         return self.queue.num_waiting + self.scheduler.num_waiting
 
     def stats(self) -> EngineStats:
-        c, s = self.counters, self.scheduler.stats
+        c, sched = self.counters, self.scheduler
+        s, bs = sched.stats, sched.block_size
         return EngineStats(
-            waiting=self.num_waiting, running=len(self.scheduler.running), preemptions=s.preemptions,
-            kv_blocks_used=self.kv.num_used, kv_blocks_total=self.kv.num_blocks,
-            prefix_cache_queries=s.prefix_queries * self.kv.block_size,
-            prefix_cache_hits=s.prefix_hits * self.kv.block_size,
+            waiting=self.num_waiting, running=len(sched.running), preemptions=s.preemptions,
+            kv_blocks_used=sched.num_blocks_used, kv_blocks_total=sched.num_blocks,
+            prefix_cache_queries=s.prefix_queries * bs, prefix_cache_hits=s.prefix_hits * bs,
             steps=c.steps, mean_batch_size=c.mean_batch_size, last_batch_size=c.last_batch_size,
             last_step_tokens=c.last_step_tokens, prompt_tokens=c.prompt_tokens,
             generation_tokens=c.generation_tokens, finished_by_reason=dict(c.finished_by_reason))
@@ -378,13 +369,13 @@ class Engine:
 
     def replica_snapshot(self) -> dict:
         """stats() and the hash of every full block a prefix lookup can find now (held or in the free list)."""
-        return {"stats": self.stats(), "cached_block_hashes": list(self.kv.cached)}
+        return {"stats": self.stats(), "cached_block_hashes": self.scheduler.cached_block_hashes()}
 
     def config_info(self) -> dict[str, dict[str, str]]:
         """The cache's and the engine's configuration as label values (/metrics' *_config_info series)."""
         r, c = self.runner, self.cfg
         name = lambda d: str(d).removeprefix("torch.")
-        return {"cache": {"block_size": str(self.kv.block_size), "num_blocks": str(self.kv.num_blocks),
+        return {"cache": {"block_size": str(self.scheduler.block_size), "num_blocks": str(self.scheduler.num_blocks),
                           "cache_dtype": name(r.kv_dtype), "kv_cache_bytes": str(r.kv_cache_bytes),
                           "enable_prefix_caching": str(c.enable_prefix_caching).lower()},
                 "engine": {"policy": c.policy, "max_num_seqs": str(c.max_num_seqs),

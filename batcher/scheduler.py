@@ -52,10 +52,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, cfg: BatcherConfig, kv: KVCacheManager, eos_token_ids: tuple[int, ...],
+    def __init__(self, cfg: BatcherConfig, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...],
                  max_model_len: int):
         self.cfg = cfg
-        self.kv = kv
+        # The scheduler's own block manager (as in nano-vllm and vLLM v1): nobody else allocates, frees or forks
+        # blocks, so what it records is what the runner's cache holds. The engine asks through the methods below.
+        self.kv = KVCacheManager(num_blocks, block_size, cfg.enable_prefix_caching)
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # in admission order: the last is the first to be preempted
@@ -71,6 +73,15 @@ class Scheduler:
         """A parallel sample that already holds its shared prompt blocks: first in line (it holds memory), and
         under the run-to-completion policies a member of the running batch."""
         (self.waiting if self.cfg.policy == "continuous" else self.batch).appendleft(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """A parallel sample (n > 1) starts from parent, whose prompt's K/V are all written: it shares the prompt's
+        full blocks by reference, as a prefix-cache hit would, and is scheduled next. The last prompt token is always
+        computed by each sample itself: its logits are that sample's first draw."""
+        shared = (parent.num_prompt_tokens - 1) // self.kv.block_size
+        self.kv.fork(parent, child, shared)
+        child.num_computed_tokens = shared * self.kv.block_size
+        self.add_forked(child)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.batch)
@@ -177,6 +188,25 @@ class Scheduler:
             out.admitted.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
+
+    # --- the KV cache, as the engine reports it ------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    @property
+    def num_blocks_used(self) -> int:
+        return self.kv.num_used
+
+    def cached_block_hashes(self) -> list[int]:
+        """Every full block a prefix lookup can find now (held or on the free list): what a replica tells the
+        router."""
+        return list(self.kv.cached)
 
     # --- applying a step's results ------------------------------------------------------------------------
 

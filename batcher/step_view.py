@@ -46,7 +46,8 @@ def runs(ids) -> list[list[int]]:
 
 
 def kv_map(engine) -> dict:
-    kv, sched = engine.kv, engine.scheduler
+    sched = engine.scheduler
+    kv = sched.kv  # read only: the scheduler owns its KV manager
     tables, held = {}, Counter()
     for seq in (*sched.running, *sched.waiting, *sched.batch):
         if seq.block_table:
@@ -72,7 +73,7 @@ def queue_view(engine, now: float) -> dict:
 def hello(engine, t: float, label: str | None = None) -> dict:
     c = engine.cfg
     out = {"type": "hello", "v": SCHEMA_VERSION, "t": round(t, 6), "policy": c.policy,
-           "num_blocks": engine.kv.num_blocks, "block_size": engine.kv.block_size, "max_num_seqs": c.max_num_seqs,
+           "num_blocks": engine.scheduler.num_blocks, "block_size": engine.scheduler.block_size, "max_num_seqs": c.max_num_seqs,
            "max_num_batched_tokens": c.max_num_batched_tokens, "max_batch_size": c.max_batch_size,
            "max_wait_ms": c.max_wait_ms, "prefix_caching": c.enable_prefix_caching}
     if label is not None:
@@ -121,7 +122,7 @@ def summarize_step(engine, plan, sampled, t0: float, seconds: float, n: int, ori
             ttft.append(round((now - t.arrival) * 1000, 2))
         elif t.token_times:
             itl.append(round((now - t.token_times[-1]) * 1000, 2))
-    bs = engine.kv.block_size
+    bs = engine.scheduler.block_size
     return {"type": "step", "t": round(t0 - origin, 6), "n": n, "ms": round(seconds * 1000, 3), "seqs": seqs,
             "prefill": prefill, "decode": decode, "sampled": sum(tok is not None for tok in sampled),
             "admitted": [[s.seq_id, s.num_cached_tokens // bs] for s in plan.admitted],

@@ -17,10 +17,10 @@ async def collect(stream):
     return tokens, text, final
 
 
-async def run_requests(runner, cfg: BatcherConfig, prompts, params, offsets=None, kv=None):
+async def run_requests(runner, cfg: BatcherConfig, prompts, params, offsets=None):
     """Submits prompts[i] with params[i] at offsets[i] seconds; returns ([(tokens, text, final)], stats), the stats
-    taken once every request has ended. kv: the KV-cache manager to use (an earlier engine's), else a new one."""
-    engine = Engine(runner, cfg, kv=kv)
+    taken once every request has ended."""
+    engine = Engine(runner, cfg)
     await engine.start()
 
     async def one(i):

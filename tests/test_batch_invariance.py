@@ -9,13 +9,14 @@ from batcher.generate import generate
 
 from batcher.config import BatcherConfig
 from batcher.engine import Engine
-from batcher.kv_cache_manager import KVCacheManager
 
 from .engine_helpers import collect, greedy, run_requests
 
 pytestmark = pytest.mark.integration
 
-SYSTEM = "You are a helpful assistant who answers briefly and precisely. "  # a shared prefix for the cache
+# A shared prefix for the cache: over two full blocks, so requests of one run find it cached (each engine's KV
+# manager is its scheduler's own: nothing carries over between the cases).
+SYSTEM = "You are a helpful assistant who answers briefly and precisely, in plain words, for a curious reader. " * 2
 TOPICS = ["the moon", "bread", "rivers", "prime numbers", "the violin", "volcanoes", "owls", "chess",
           "glass", "the Roman empire", "tea", "magnets", "coral reefs", "compilers", "autumn", "bicycles"]
 
@@ -40,23 +41,14 @@ CASES = {
     "dynamic": BatcherConfig(policy="dynamic", max_batch_size=8, max_wait_ms=20),
     "continuous": BatcherConfig(policy="continuous"),
     "continuous-chunked": BatcherConfig(policy="continuous", max_num_batched_tokens=7),
-    # Last: its engine's own KV-cache manager overwrites blocks that the shared prefix cache holds.
     "continuous-no-prefix-cache": BatcherConfig(policy="continuous", enable_prefix_caching=False),
 }
 
 
-@pytest.fixture(scope="module")
-def prefix_cache(smol_runner):
-    """One KV-cache manager for the cases with prefix caching, which run one after another: a later case finds
-    an earlier one's prompts cached. No other manager may write the runner's cache between them."""
-    return KVCacheManager(smol_runner.num_blocks, smol_runner.block_size, enable_prefix_caching=True)
-
-
 @pytest.mark.parametrize("case", CASES)
-async def test_same_text_under_every_policy(smol_runner, workload, prefix_cache, case):
+async def test_same_text_under_every_policy(smol_runner, workload, case):
     prompts, lengths, offsets, alone = workload
-    kv = prefix_cache if CASES[case].enable_prefix_caching else None
-    results, stats = await run_requests(smol_runner, CASES[case], prompts, [greedy(n) for n in lengths], offsets, kv)
+    results, stats = await run_requests(smol_runner, CASES[case], prompts, [greedy(n) for n in lengths], offsets)
     assert [r[0] for r in results] == alone
     if case == "continuous-chunked":
         assert stats.kv_blocks_used == 0

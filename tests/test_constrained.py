@@ -100,7 +100,7 @@ async def test_parallel_samples_and_preemption_keep_their_own_matchers(tiny_runn
         preemptions = engine.scheduler.stats.preemptions
     finally:
         await engine.stop()
-    assert engine.kv.num_used == 0
+    assert engine.scheduler.num_blocks_used == 0
     for _, text, final in results:
         assert final.finish_reason == "stop", text
         jsonschema.validate(json.loads(text), SCHEMA)
@@ -311,5 +311,5 @@ async def test_a_matcher_limit_mid_output_ends_the_request_with_an_error(tiny_ru
     for _, text, final in results:
         assert final.error == "invalid_output" and final.finish_reason != "stop", text
         assert "grammar engine stopped: parser error: Too many items" in final.text
-    assert engine.kv.num_used == 0
+    assert engine.scheduler.num_blocks_used == 0
     assert engine.stats().finished_by_reason == {"error": 3}  # /metrics counts them as errors, not aborts

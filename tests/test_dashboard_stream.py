@@ -121,7 +121,7 @@ def test_events_carry_counts_and_ids_never_text(tiny_runner):
     assert sum(e["sampled"] for e in events) == 48
     assert sum(len(e["ttft_ms"]) for e in events) == 2 and sum(len(e["itl_ms"]) for e in events) == 46
     last = events[-1]["kv"]
-    assert last["used"] + last["free"] + last["evictable"] == last["total"] == engine.kv.num_blocks
+    assert last["used"] + last["free"] + last["evictable"] == last["total"] == engine.scheduler.num_blocks
 
 
 def test_a_viewer_that_falls_behind_is_dropped_not_buffered(tiny_runner):

@@ -21,7 +21,7 @@ async def test_randomized_mix_leaks_nothing(tiny_runner):
     # 12 KV blocks: one request fits alone (<= 11 blocks); four contend.
     cfg = BatcherConfig(max_num_seqs=4, max_num_batched_tokens=24, timeout_s=0.2, max_queue=1000, num_kv_blocks=12)
     engine = Engine(tiny_runner, cfg)
-    alloc = engine.kv
+    alloc = engine.scheduler.kv
     await engine.start()
     outcomes = {"stop": 0, "length": 0, "abort": 0, "timeout": 0}
 

@@ -103,7 +103,7 @@ async def test_scoring_only_with_max_tokens_0(tiny_runner, hf):
     assert lps[0] is None and all(e is not None for e in lps[1:])
     for i, entry in enumerate(lps[1:], start=1):
         assert_entry_matches(entry, ref[i - 1], prompt[i], tol)
-    assert engine.kv.num_used == 0 and stats.kv_blocks_used == 0
+    assert engine.scheduler.num_blocks_used == 0 and stats.kv_blocks_used == 0
 
 
 async def test_no_logprobs_asked_none_computed(tiny_runner):

@@ -38,6 +38,6 @@ async def test_series_labels_units_and_prefix_counters(tiny_runner):
     assert m[("jitney_prefix_cache_queries_total", ())] == stats.prefix_cache_queries
     cache = dict(next(labels for name, labels in m if name == "jitney_cache_config_info"))
     assert cache["block_size"] == str(tiny_runner.block_size) and cache["enable_prefix_caching"] == "true"
-    assert int(cache["num_blocks"]) == engine.kv.num_blocks
+    assert int(cache["num_blocks"]) == engine.scheduler.num_blocks
     info = dict(next(labels for name, labels in m if name == "jitney_engine_config_info"))
     assert info["threads"] == str(tiny_runner.threads) and info["policy"] == "continuous"

@@ -53,14 +53,14 @@ async def test_prompt_blocks_are_shared_not_copied(tiny_runner):
     stats = engine.stats()
     assert stats.prompt_tokens == len(PROMPT)  # counted once for the group
     assert all(r[2].num_prompt_tokens == len(PROMPT) and r[2].num_output_tokens == 8 for r in results)
-    assert engine.kv.num_used == 0
+    assert engine.scheduler.num_blocks_used == 0
 
 
 async def test_no_leak_when_some_finish_early_or_leave(tiny_runner):
     """Samples end at different times (different max_tokens cannot be asked, so stop tokens and aborts do it);
     every block comes back, whoever ends first."""
     engine = Engine(tiny_runner, BatcherConfig(num_kv_blocks=64))
-    alloc = engine.kv
+    alloc = engine.scheduler.kv
     await engine.start()
     try:
         # Sampled at temperature 2 over a 320-token vocabulary, a sample emits one of 40 stop ids early or late.
@@ -100,4 +100,4 @@ async def test_parallel_samples_under_every_policy(tiny_runner):
         results, engine = await run_parallel(tiny_runner, params, cfg=BatcherConfig(policy=policy))
         tokens = [r[0] for r in results]
         expected = expected or tokens
-        assert tokens == expected and engine.kv.num_used == 0
+        assert tokens == expected and engine.scheduler.num_blocks_used == 0

@@ -3,7 +3,6 @@ from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import FinishReason, Sequence
 
 from batcher.config import BatcherConfig
-from batcher.kv_cache_manager import KVCacheManager
 from batcher.scheduler import Scheduler
 
 EOS = 0
@@ -11,8 +10,7 @@ EOS = 0
 
 def make(policy="continuous", blocks=64, block_size=4, **kw):
     cfg = BatcherConfig(policy=policy, **kw)
-    kv = KVCacheManager(blocks, block_size, enable_prefix_caching=cfg.enable_prefix_caching)
-    return Scheduler(cfg, kv, (EOS,), max_model_len=4096)
+    return Scheduler(cfg, blocks, block_size, (EOS,), max_model_len=4096)
 
 
 def seq(n_prompt, max_tokens=4, first=1):
