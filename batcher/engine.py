@@ -18,7 +18,7 @@ from functools import cached_property
 
 from model_runner import threads
 from model_runner.errors import InvalidRequestError
-from model_runner.runner import ModelRunner, StepLogprobs
+from model_runner.runner import ModelRunner, StepLogprobs, StepOutput
 from model_runner.sampler import TokenLogprob
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import FinishReason, Sequence
@@ -186,15 +186,15 @@ class Engine:
         loop, a few at once (batcher/grammars.py). Raises GrammarError or TooManyCompiles."""
         return await self._compiles.compile(self.runner.grammars, source)
 
-    def _fork(self, plan: SchedulerOutput, sampled: list[int | None]) -> None:
+    def _fork(self, plan: SchedulerOutput, step: StepOutput) -> None:
         """Starts the siblings of every sequence that just sampled its first token (its prompt's K/V are all
         written now): each shares the prompt's full blocks (Scheduler.fork) and is scheduled next."""
-        for (seq, _), token in zip(plan.scheduled, sampled):
+        for (seq, _), token in zip(plan.scheduled, step.tokens):
             req = self._by_seq.get(seq.seq_id)
             if token is None or req is None or not req.forks:
                 continue
             forks, req.forks = req.forks, []
-            if (lps := self.runner.step_logprobs.get(seq.seq_id)) is not None:
+            if (lps := step.logprobs.get(seq.seq_id)) is not None:
                 req.prompt_logprobs.update(lps.prompt)  # siblings compute only the tail: they share the rest
             for child in forks:
                 if child.done:
@@ -239,7 +239,7 @@ class Engine:
                 req = self._by_seq[seq.seq_id]
                 req.timings.scheduled = req.timings.scheduled or t0
             try:
-                sampled = await loop.run_in_executor(self._executor, self.runner.execute, plan.scheduled)
+                step = await loop.run_in_executor(self._executor, self.runner.execute, plan.scheduled)
             except Exception:  # a failed step fails its requests, not the server
                 log.exception("model step failed; failing its %d sequences", len(plan.scheduled))
                 for seq, _ in plan.scheduled:
@@ -251,12 +251,12 @@ class Engine:
                 self.counters.record(StepRecord(t0, elapsed, len(plan.scheduled), plan.num_tokens, self.num_waiting,
                                                 len(plan.preempted), self.scheduler.num_blocks_used))
             for watch in self.counters.step_watchers:  # batcher/step_view.py: only while someone watches
-                watch(self, plan, sampled, t0, elapsed)
-            self._fork(plan, sampled)  # before update, which may end (and free) a sequence on its first token
-            self.scheduler.update(plan, sampled)
-            self.prefill_progress.step(plan.scheduled, sampled, elapsed,
+                watch(self, plan, step.tokens, t0, elapsed)
+            self._fork(plan, step)  # before update, which may end (and free) a sequence on its first token
+            self.scheduler.update(plan, step.tokens)
+            self.prefill_progress.step(plan.scheduled, step.tokens, elapsed,
                                        lambda s: self._by_seq[s.seq_id].request_id)
-            self._emit(plan, sampled, self.runner.step_logprobs)
+            self._emit(plan, step)
 
     def _between_steps(self, now: float) -> None:
         """Admission, aborts and deadlines: every change to who is scheduled happens here, between steps."""
@@ -281,11 +281,11 @@ class Engine:
         """Accepted and not running: in the batching window, or released and not admitted yet (or preempted)."""
         return [p.item for p in self.queue.pending] + [self._by_seq[s.seq_id] for s in self.scheduler.waiting_seqs()]
 
-    def _emit(self, plan: SchedulerOutput, sampled: list[int | None], step_logprobs: dict[int, StepLogprobs]) -> None:
+    def _emit(self, plan: SchedulerOutput, step: StepOutput) -> None:
         now = self.clock()
-        for (seq, _), token in zip(plan.scheduled, sampled):
+        for (seq, _), token in zip(plan.scheduled, step.tokens):
             req = self._by_seq[seq.seq_id]
-            lps = step_logprobs.get(seq.seq_id)
+            lps = step.logprobs.get(seq.seq_id)
             if lps is not None:
                 req.prompt_logprobs.update(lps.prompt)  # a recomputed (preempted) prompt writes the same values
             if token is None:

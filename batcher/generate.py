@@ -35,7 +35,7 @@ def step(runner: ModelRunner, seqs: list[Sequence], kv: KVCacheManager, chunk: i
         if not kv.allocate_slots(s, n):
             raise RuntimeError("KV cache too small for this batch: raise kv_cache_memory or lower the batch size")
         scheduled.append((s, n))
-    for (s, n), token in zip(scheduled, runner.execute(scheduled)):
+    for (s, n), token in zip(scheduled, runner.execute(scheduled).tokens):
         s.num_computed_tokens += n
         if token is not None:
             s.append_token(token, runner.eos_token_ids, runner.max_model_len)

@@ -150,7 +150,7 @@ def decode_steps(runner: ModelRunner, batch: int, steps: int, grammar) -> tuple[
                 assert kv.allocate_slots(s, n)
                 scheduled.append((s, n))
             t0 = time.perf_counter()
-            tokens = runner.execute(scheduled)
+            tokens = runner.execute(scheduled).tokens
             for (s, n), t in zip(scheduled, tokens):  # the scheduler's part: the matcher consumes each token here
                 s.num_computed_tokens += n
                 s.append_token(t, runner.eos_token_ids, runner.max_model_len)

@@ -33,6 +33,13 @@ class StepLogprobs:
     sampled: TokenLogprob | None = None
 
 
+@dataclass
+class StepOutput:
+    """Everything one step yields, returned whole (as vLLM's ModelRunnerOutput), consumed in one place."""
+    tokens: list[int | None]  # per scheduled entry, in plan order: the sampled token, None mid-prompt
+    logprobs: dict[int, StepLogprobs] = field(default_factory=dict)  # by seq_id, for sequences that asked
+
+
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig | None = None, progress: bool = True):
         cfg = cfg or RunnerConfig()
@@ -67,7 +74,6 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, cfg.block_size, self.kv_dtype, cfg.device)
         self.sampler = Sampler(cfg.seed)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.eos_token_ids)  # response_format
-        self.step_logprobs: dict[int, StepLogprobs] = {}
         # Attention by the native kernel where it builds for this device and model (see attention.py).
         self.native_attention = native.supported(self.device, self.dtype, mc.num_attention_heads,
                                                  mc.num_key_value_heads, mc.head_dim, cfg.block_size, self.kv_dtype)
@@ -123,11 +129,11 @@ class ModelRunner:
     # --- one step ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> list[int | None]:
-        """Runs one forward over the scheduled chunks; returns a sampled token per entry (None if mid-prompt).
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepOutput:
+        """Runs one forward over the scheduled chunks; returns a sampled token per entry (None if mid-prompt) and
+        the logprobs of the sequences that asked for them.
 
-        Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens. Sequences
-        that asked for logprobs find them in self.step_logprobs[seq_id] afterwards (until the next step).
+        Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens.
         """
         # Single-token chunks first, shortest context first (the PyTorch path attends them in groups of similar
         # length; the native kernel takes any order).
@@ -144,9 +150,9 @@ class ModelRunner:
             if seq.num_computed_tokens + n == len(seq.token_ids):
                 rows.append(end - 1)
                 sampled_items.append(seq)
-        self.step_logprobs = {}
+        step_logprobs: dict[int, StepLogprobs] = {}
         if any(s.params.prompt_logprobs is not None for s, _ in items):
-            self._prompt_logprobs(items, hidden)
+            self._prompt_logprobs(items, hidden, step_logprobs)
         tokens: dict[int, int] = {}
         if rows:
             logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
@@ -166,11 +172,12 @@ class ModelRunner:
                 entries = gather_logprobs(raw, chosen[torch.tensor(want, device=chosen.device)],
                                           [sampled_items[i].params.logprobs for i in want])
                 for i, entry in zip(want, entries):
-                    self.step_logprobs.setdefault(sampled_items[i].seq_id, StepLogprobs()).sampled = entry
+                    step_logprobs.setdefault(sampled_items[i].seq_id, StepLogprobs()).sampled = entry
             tokens = {s.seq_id: t for s, t in zip(sampled_items, chosen.tolist())}
-        return [tokens.get(seq.seq_id) for seq, _ in scheduled]
+        return StepOutput([tokens.get(seq.seq_id) for seq, _ in scheduled], step_logprobs)
 
-    def _prompt_logprobs(self, items: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
+    def _prompt_logprobs(self, items: list[tuple[Sequence, int]], hidden: torch.Tensor,
+                         into: dict[int, StepLogprobs]) -> None:
         """For chunks of sequences that asked for prompt_logprobs: the logprob of each prompt token this chunk
         predicts (the row at position p predicts token p + 1), from the same hidden states, in float32."""
         rows, targets, ks, owners = [], [], [], []
@@ -188,7 +195,7 @@ class ModelRunner:
             return
         logprobs = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).float().log_softmax(-1)
         for (seq_id, index), entry in zip(owners, gather_logprobs(logprobs, torch.tensor(targets), ks)):
-            self.step_logprobs.setdefault(seq_id, StepLogprobs()).prompt.append((index, entry))
+            into.setdefault(seq_id, StepLogprobs()).prompt.append((index, entry))
 
     def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """min_tokens: a sequence that may not stop yet cannot sample EOS or its stop tokens."""

@@ -1,6 +1,6 @@
 """The model runner in a simulation: the real runner's step interface, no computation.
 
-SimRunner.execute(scheduled) returns what the real runner would hand back to the scheduler (a token for every
+SimRunner.execute(scheduled) returns what the real runner would hand back (a StepOutput: a token for every
 sequence whose chunk reaches its last token, None mid-prompt) and charges the virtual clock the step's modelled
 cost. The engine cannot tell the difference: the same scheduler and KV-cache manager decide every step.
 
@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass
 
 from model_runner.config import ModelConfig
-from model_runner.runner import ModelRunner
+from model_runner.runner import ModelRunner, StepOutput
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import Sequence
 
@@ -59,7 +59,6 @@ class SimRunner:
         self.eos_token_ids = tuple(mc.eos_token_ids)
         self.tokenizer = SimTokenizer(mc.vocab_size)
         self.threads = 1            # the engine's step thread is never started: steps run inline
-        self.step_logprobs: dict = {}
         self.description = description
         self.steps = StepLog([], [])
 
@@ -80,13 +79,13 @@ class SimRunner:
             if token not in self.eos_token_ids:
                 return token
 
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> list[int | None]:
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepOutput:
         cost = self.cost_model.cost(StepPlan.of(scheduled))
         self.steps.start.append(self.clock())
         self.steps.cost.append(cost)
         self.clock.charge(cost.seconds)
-        return [self.next_token(seq) if seq.num_computed_tokens + n == len(seq.token_ids) else None
-                for seq, n in scheduled]
+        return StepOutput([self.next_token(seq) if seq.num_computed_tokens + n == len(seq.token_ids) else None
+                           for seq, n in scheduled])
 
 
 class ChargedRunner:
@@ -99,8 +98,8 @@ class ChargedRunner:
     def __getattr__(self, name: str):
         return getattr(self._runner, name)
 
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> list[int | None]:
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepOutput:
         cost = self.cost_model.cost(StepPlan.of(scheduled))  # before the step: it changes no Sequence, but be plain
-        tokens = self._runner.execute(scheduled)
+        step = self._runner.execute(scheduled)
         self.clock.charge(cost.seconds)
-        return tokens
+        return step

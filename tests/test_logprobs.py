@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from batcher.config import BatcherConfig
 from batcher.engine import Engine
+from batcher.generate import kv_manager
 from model_runner.sampling_params import SamplingParams
+from model_runner.sequence import Sequence
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4, 5,", "Once upon a time, in a small village by the sea,"]
 N, K = 12, 5
@@ -109,4 +111,11 @@ async def test_scoring_only_with_max_tokens_0(tiny_runner, hf):
 async def test_no_logprobs_asked_none_computed(tiny_runner):
     (outs,) = await outputs_of(tiny_runner, [[5, 6, 7]], [SamplingParams(max_tokens=4, ignore_eos=True)])
     assert all(o.logprobs is None and o.prompt_logprobs is None for o in outs)
-    assert tiny_runner.step_logprobs == {}
+    kv = kv_manager(tiny_runner)  # and a step of the runner itself returns none
+    seq = Sequence([5, 6, 7], SamplingParams(max_tokens=4))
+    assert kv.allocate_slots(seq, 3)
+    try:
+        step = tiny_runner.execute([(seq, 3)])
+    finally:
+        kv.free(seq)
+    assert step.logprobs == {} and step.tokens[0] is not None

@@ -34,7 +34,7 @@ def run_staggered(runner, jobs, chunk):
             todo = min(len(s) - s.num_computed_tokens, chunk)
             assert alloc.allocate_slots(s, todo)
             plan.append((s, todo))
-        for (s, n), tok in zip(plan, runner.execute(plan)):
+        for (s, n), tok in zip(plan, runner.execute(plan).tokens):
             s.num_computed_tokens += n
             if tok is not None:
                 s.append_token(tok, runner.eos_token_ids, runner.max_model_len)
