@@ -190,6 +190,12 @@ ERRORS = {"timeout": ErrorKind(504, "timeout", "queue_timeout"),
           "invalid_output": ErrorKind(500, "server_error", "invalid_output")}
 
 
+def shutting_down(message: str) -> APIError:
+    """The 503 of a server that is stopping (a request refused by the drain, or by the engine): ERRORS' own."""
+    kind = ERRORS["shutdown"]
+    return APIError(kind.status, message, kind.type, kind.code)
+
+
 def failure(out: RequestOutput) -> APIError | None:
     """The HTTP error for a request the engine ended with an error (its kind says which), else None.
 
@@ -403,7 +409,7 @@ def build_app(engine: EngineClient, settings: ServerSettings):
             raise APIError(429, str(e), "overloaded", "overloaded",
                            {"Retry-After": str(max(1, round(e.retry_after)))}) from None
         except EngineStopped as e:
-            raise APIError(503, str(e), "unavailable", "shutting_down") from None
+            raise shutting_down(str(e)) from None
 
     async def respond(request: Request, body: dict, parsed: ParsedRequest, fmts: list) -> Response:
         """Runs the request (n samples: one format each, fmts[i] for choice i) and answers whole or streamed."""
@@ -755,7 +761,7 @@ class Gatekeeper:
         if path == "/health":
             return None
         if s.draining:
-            return error_response(503, "the server is shutting down", "unavailable", "shutting_down")
+            return shutting_down("the server is shutting down").response()
         if s.api_keys:
             auth = headers.get("authorization", "")
             key = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")

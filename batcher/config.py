@@ -3,13 +3,27 @@ BatcherConfig that exists is a valid one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
-POLICIES = ("sequential", "static", "dynamic", "continuous")
+
+class Policy(str, Enum):
+    """The batching policy (scheduler.py says what each does). A str, so flags, JSON and labels keep the name;
+    code compares members, so a misspelt name cannot pass silently as "not continuous"."""
+    SEQUENTIAL = "sequential"
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    CONTINUOUS = "continuous"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+POLICIES = tuple(p.value for p in Policy)  # the names, for command-line choices
 
 
 @dataclass
 class BatcherConfig:
-    policy: str = "continuous"
+    policy: Policy = Policy.CONTINUOUS  # a name is accepted and turned into its member
     # The window (Triton's max_queue_delay): arrivals are gathered this long, or until max_batch_size are
     # there, before they are released to the scheduler.
     max_wait_ms: float = 2.0
@@ -27,6 +41,7 @@ class BatcherConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        self.policy = Policy(self.policy)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be at least 1")
         for name in ("max_batch_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "max_queued_tokens"):
@@ -38,8 +53,8 @@ class BatcherConfig:
     @property
     def window_s(self) -> float:
         """How long the queue holds the first arrival of a group before releasing it."""
-        if self.policy == "static":
+        if self.policy is Policy.STATIC:
             return self.static_flush_ms / 1000
-        if self.policy == "sequential":
+        if self.policy is Policy.SEQUENTIAL:
             return 0.0
         return self.max_wait_ms / 1000

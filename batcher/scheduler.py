@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from model_runner.sequence import FinishReason, Sequence
 
-from .config import BatcherConfig
+from .config import BatcherConfig, Policy
 from .kv_cache_manager import KVCacheManager
 
 
@@ -72,7 +72,7 @@ class Scheduler:
     def add_forked(self, seq: Sequence) -> None:
         """A parallel sample that already holds its shared prompt blocks: first in line (it holds memory), and
         under the run-to-completion policies a member of the running batch."""
-        (self.waiting if self.cfg.policy == "continuous" else self.batch).appendleft(seq)
+        (self.waiting if self.cfg.policy is Policy.CONTINUOUS else self.batch).appendleft(seq)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """A parallel sample (n > 1) starts from parent, whose prompt's K/V are all written: it shares the prompt's
@@ -128,7 +128,7 @@ class Scheduler:
     def _check(self, out: SchedulerOutput) -> None:
         """The plan's invariants: within both budgets, each sequence once, each holding the blocks its step
         writes (the runner indexes block tables by position, unchecked)."""
-        limit = self.cfg.max_num_seqs if self.cfg.policy == "continuous" else self.cfg.max_batch_size
+        limit = self.cfg.max_num_seqs if self.cfg.policy is Policy.CONTINUOUS else self.cfg.max_batch_size
         assert out.num_tokens <= self.cfg.max_num_batched_tokens, out
         running = {id(s) for s in self.running}
         assert len(running) <= limit and all(id(s) in running for s, _ in out.scheduled), out
@@ -158,15 +158,15 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         # It stays a member of its batch under the run-to-completion policies.
-        (self.waiting if self.cfg.policy == "continuous" else self.batch).appendleft(seq)
+        (self.waiting if self.cfg.policy is Policy.CONTINUOUS else self.batch).appendleft(seq)
         self.stats.preemptions += 1
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        if self.cfg.policy == "continuous":
+        if self.cfg.policy is Policy.CONTINUOUS:
             source, limit = self.waiting, self.cfg.max_num_seqs
         else:  # run-to-completion policies: a new batch forms only when the last one has fully left
             if not self.running and not self.batch:
-                size = 1 if self.cfg.policy == "sequential" else self.cfg.max_batch_size
+                size = 1 if self.cfg.policy is Policy.SEQUENTIAL else self.cfg.max_batch_size
                 while self.waiting and len(self.batch) < size:
                     self.batch.append(self.waiting.popleft())
             source, limit = self.batch, self.cfg.max_batch_size

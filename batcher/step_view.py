@@ -29,6 +29,8 @@ import logging
 from collections import Counter, deque
 from typing import IO
 
+from .config import Policy
+
 log = logging.getLogger("jitney.step_view")
 SCHEMA_VERSION = 1
 MAX_IDS = 64  # ids listed per queue (counts are always whole)
@@ -92,7 +94,7 @@ def _held(engine, plan) -> str | None:
         return None
     if plan.preempted:
         return "preemption: a step that preempts admits nobody"
-    if c.policy != "continuous":
+    if c.policy is not Policy.CONTINUOUS:
         return "batch running: a new batch forms when this one has left" if sched.running else "kv_blocks"
     if len(sched.running) >= c.max_num_seqs:
         return "max_num_seqs"
