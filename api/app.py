@@ -33,7 +33,7 @@ from model_runner.text import decode
 
 from . import schemas
 from .chat import chat_prompt_ids
-from .dashboard import dashboard_routes, key_from_query
+from .dashboard import KeyFromQuery, dashboard_routes
 from .errors import APIError, BodyTimeout, ClientGone, error_response
 from .jsonbody import parse_json
 from .logprobs import TokenTexts, chat_logprobs, completion_logprobs, generate_logprobs
@@ -658,13 +658,15 @@ def build_app(engine: EngineClient, settings: ServerSettings):
     app.add_exception_handler(404, not_found)
     app.add_exception_handler(405, method_not_allowed)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
-    gate = Gatekeeper(app, settings, metrics)
-    gate = key_from_query(gate) if settings.dashboard else gate  # the page's ?api_key= (api/dashboard.py)
-    if not settings.allowed_origins:
-        return gate
-    # Outside the key check: a browser's preflight (OPTIONS) carries no key, and must be answered.
-    return CORSMiddleware(gate, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
-                          allow_headers=["Authorization", "Content-Type", "X-API-Key"])
+    outer = Gatekeeper(app, settings, metrics)
+    if settings.dashboard:
+        outer = KeyFromQuery(outer)  # the page's ?api_key= (api/dashboard.py)
+    if settings.allowed_origins:
+        # Outside the key check: a browser's preflight (OPTIONS) carries no key, and must be answered.
+        outer = CORSMiddleware(outer, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type", "X-API-Key"])
+    outer.metrics = metrics  # whatever wraps the app, its owner finds the registry in one place
+    return outer
 
 
 class NoResponse(Response):

@@ -34,16 +34,19 @@ def page(config: dict) -> str:
     return PAGE.read_text().replace("/*CONFIG*/null", json.dumps(config))
 
 
-def key_from_query(app):
+class KeyFromQuery:
     """ASGI wrapper, outside the Gatekeeper: GET /dashboard?api_key=KEY is treated as if it carried the header."""
-    async def wrapped(scope, receive, send):
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
         if (scope["type"] == "http" and scope["path"] == "/dashboard" and scope["method"] in ("GET", "HEAD")
                 and scope.get("query_string")):
             keys = parse_qs(scope["query_string"].decode("latin-1")).get("api_key")
             if keys and not any(k.lower() == b"authorization" for k, _ in scope["headers"]):
                 scope = dict(scope, headers=[*scope["headers"], (b"authorization", f"Bearer {keys[0]}".encode())])
-        return await app(scope, receive, send)
-    return wrapped
+        return await self.app(scope, receive, send)
 
 
 class StepStream:

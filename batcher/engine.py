@@ -151,6 +151,7 @@ class Engine:
             raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
         params.validate()
         self.runner.check_prompt(prompt_token_ids)
+        self.scheduler.check_fits(len(prompt_token_ids))
         self.runner.check_params(params)
         if isinstance(params.grammar, str):  # a schema's text, shipped by a front end (replicas/): compiled here
             params = replace(params, grammar=await self.compile_grammar(params.grammar))
@@ -237,7 +238,8 @@ class Engine:
             t0 = self.clock()
             for seq in plan.admitted:
                 req = self._by_seq[seq.seq_id]
-                req.timings.scheduled = req.timings.scheduled or t0
+                if req.timings.scheduled is None:  # first admission only (a preempted one is admitted again)
+                    req.timings.scheduled = t0
             try:
                 step = await loop.run_in_executor(self._executor, self.runner.execute, plan.scheduled)
             except Exception:  # a failed step fails its requests, not the server
@@ -296,7 +298,7 @@ class Engine:
                 self._end(req, EndReason.of(seq), **extra)
                 continue
             t = req.timings
-            t.first_token = t.first_token or now
+            t.first_token = now if t.first_token is None else t.first_token
             t.token_times.append(now)
             self.counters.generation_tokens += 1
             text = req.detok.push([token])

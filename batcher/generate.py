@@ -49,10 +49,11 @@ def generate(runner: ModelRunner, prompts: list[list[int]], params: SamplingPara
     """Runs prompts (token ids) to completion together; returns their finished Sequences in order. `chunk`:
     prefill at most this many tokens of each prompt a step (default: whole prompts in the first step)."""
     plist = params if isinstance(params, list) else [params] * len(prompts)
+    kv = kv or kv_manager(runner)
     for p, prompt in zip(plist, prompts):
         p.validate()
         runner.check_prompt(prompt)
-    kv = kv or kv_manager(runner)
+        kv.check_fits(len(prompt))
     seqs = [Sequence(prompt, p) for prompt, p in zip(prompts, plist)]
     try:
         while not all(s.is_finished for s in seqs):
@@ -69,6 +70,7 @@ def score(runner: ModelRunner, token_ids: list[int], kv: KVCacheManager | None =
     """Float32 logits [n, vocab] at every position of a prompt (reference checks), through the paged path."""
     runner.check_prompt(token_ids)
     kv = kv or kv_manager(runner)
+    kv.check_fits(len(token_ids))
     seq = Sequence(token_ids, SamplingParams())
     if not kv.allocate_slots(seq, len(token_ids)):
         raise InvalidRequestError("not enough free KV blocks to score this prompt now")

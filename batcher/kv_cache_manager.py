@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from model_runner.errors import InvalidRequestError
 from model_runner.sequence import Sequence
 
 
@@ -85,6 +86,13 @@ class KVCacheManager:
     def num_used(self) -> int:
         """Blocks some sequence holds (a cached block nobody holds is free: it sits on the free list)."""
         return self.num_blocks - len(self.free_ids)
+
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        """Refuses up front a prompt this cache could never hold, with its first generated token, even empty
+        (admission would wait for it forever)."""
+        if -(-(num_prompt_tokens + 1) // self.block_size) > self.num_blocks:
+            raise InvalidRequestError(f"the prompt needs more KV cache than exists ({self.num_blocks} blocks of "
+                                      f"{self.block_size} tokens); raise --kv-cache-memory")
 
     def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
         """How many more blocks a table needs to hold num_tokens tokens."""

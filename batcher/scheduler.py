@@ -83,6 +83,9 @@ class Scheduler:
         child.num_computed_tokens = shared * self.kv.block_size
         self.add_forked(child)
 
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        self.kv.check_fits(num_prompt_tokens)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.batch)
 

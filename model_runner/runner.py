@@ -105,9 +105,6 @@ class ModelRunner:
         if n >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {n} tokens; this model's context window is "
                                       f"{self.max_model_len}, leaving no room to generate")
-        if -(-(n + 1) // self.block_size) > self.num_blocks:
-            raise InvalidRequestError(f"the prompt needs more KV cache than exists ({self.num_blocks} blocks of "
-                                      f"{self.block_size}); raise --kv-cache-memory")
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")

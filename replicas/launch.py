@@ -166,7 +166,7 @@ def serve_replicas(args, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, s
         if args.chat_template is not None:  # chat is rendered here, in the front end, with this tokenizer
             engine.tokenizer.chat_template = args.chat_template.text
         app = build_app(engine, settings)
-        replica_metrics.install(app.metrics if hasattr(app, "metrics") else app.app.metrics)  # under CORS or not
+        replica_metrics.install(app.metrics)
         logs.log_line(f"jitney: {engine.model_info.description}\njitney: {args.replicas} replicas x {cpus} CPU, "
                       f"{kv_note}; routing {args.routing}; policy {args.policy}\njitney: {ray_reach(args.ray_address)}")
         serve(app, engine, settings, sock, args.grace_s, args.ssl_certfile, args.ssl_keyfile, limits,

@@ -30,7 +30,7 @@ def exported(tiny_runner, monkeypatch) -> set[str]:
               "histograms": {name: ([0] * (len(b) + 1), 0) for name, b in STEP_HISTOGRAMS.items()}}
     monkeypatch.setattr(replica_metrics, "replica_reports", lambda: {"r1": report})
     app = build_app(engine, ServerSettings(model_name="m"))
-    metrics = app.metrics if hasattr(app, "metrics") else app.app.metrics
+    metrics = app.metrics
     replica_metrics.install(metrics)
     text = metrics.render().decode()
     names = set()

@@ -107,6 +107,22 @@ async def test_invalid_requests_are_refused_before_queueing(tiny_runner):
         await engine.stop()
 
 
+async def test_a_prompt_the_engines_cache_cannot_hold_is_refused_up_front(tiny_runner):
+    """The engine's own cache (num_kv_blocks, below the runner's) decides: a prompt that could never be admitted
+    is refused at once, never queued to wait for blocks that will not come; one block less is served."""
+    bs = tiny_runner.block_size
+    engine = Engine(tiny_runner, BatcherConfig(num_kv_blocks=3))
+    await engine.start()
+    try:
+        with pytest.raises(InvalidRequestError, match="more KV cache than exists"):
+            await engine.add_request([5] * (3 * bs), greedy(2))   # with its first output token: 4 blocks
+        assert engine.stats().waiting == 0
+        tokens, _, _ = await collect(await engine.add_request([5] * (3 * bs - 1), greedy(1)))
+        assert len(tokens) == 1
+    finally:
+        await engine.stop()
+
+
 async def test_stop_strings_and_timings(tiny_runner):
     tok = tiny_runner.tokenizer
     [(free, _, _)], _ = await run_requests(tiny_runner, BatcherConfig(), [tok("ab")["input_ids"]], [greedy(30)])
