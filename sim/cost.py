@@ -28,6 +28,14 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Bytes per weight as stored, scales included: int8 per-row (one scale per thousands of weights: 1), int4 in
 # blocks of 32 with an fp16 scale (GGUF's Q4_0 and GPTQ/AWQ's group-32 layouts: 18 B per 32 weights).
 WEIGHT_BYTES = {**DTYPE_BYTES, "int8": 1.0, "int4": 18 / 32}
+# Compute dtypes: the stored ones, and tf32 (float32 tensors whose matmuls run on the tensor cores' TF32 path,
+# as PyTorch does only when asked: torch.backends.cuda.matmul.allow_tf32). Element size of the activations.
+COMPUTE_BYTES = {**DTYPE_BYTES, "tf32": 4}
+
+
+def storage_dtype(dtype: str) -> str:
+    """The dtype a compute dtype's tensors are stored in (tf32 computes on float32 tensors)."""
+    return "float32" if dtype == "tf32" else dtype
 
 
 @dataclass(frozen=True)
@@ -74,10 +82,16 @@ class Work:
     are left out: at serving sizes they are a small fraction of the weight and KV traffic (an approximation the
     validation will bound)."""
 
-    def __init__(self, mc: ModelConfig, weights: str, kv_dtype: str, tp: int = 1):
+    def __init__(self, mc: ModelConfig, weights: str, kv_dtype: str, tp: int = 1, dtype: str | None = None):
+        """dtype: the compute dtype, whose element size the activations (the all-reduces' messages) have;
+        default: the weights' own float dtype, else the KV cache's (int8 / int4 weights compute in a float)."""
         if weights not in WEIGHT_BYTES:
             raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_BYTES)}")
-        self.mc, self.tp = mc, tp
+        dtype = dtype or (weights if weights in DTYPE_BYTES else kv_dtype)
+        if dtype not in COMPUTE_BYTES:
+            raise ValueError(f"unknown compute dtype {dtype!r}: choose one of {', '.join(COMPUTE_BYTES)}")
+        self.mc, self.tp, self.dtype = mc, tp, dtype
+        self.activation_bytes = COMPUTE_BYTES[dtype]
         self.lm_head = mc.vocab_size * mc.hidden_size
         self.layer_params = matmul_params(mc) - self.lm_head
         self.weight_bytes = matmul_params(mc) * WEIGHT_BYTES[weights] / tp
@@ -122,8 +136,9 @@ class RooflineCost:
         tp, p, mc = self.work.tp, self.params, self.work.mc
         if tp == 1:
             return 0.0
-        # A ring all-reduce moves 2 (tp - 1) / tp of the message through each link; activations in 2 bytes.
-        message = num_tokens * mc.hidden_size * 2
+        # A ring all-reduce moves 2 (tp - 1) / tp of the message through each link; the message is the step's
+        # activations, hidden_size elements per token in the compute dtype (4 bytes in float32, 2 in bfloat16).
+        message = num_tokens * mc.hidden_size * self.work.activation_bytes
         one = 2 * (tp - 1) / tp * message / p.link_bytes_per_s + p.allreduce_latency_s
         return 2 * mc.num_hidden_layers * one
 

@@ -59,7 +59,7 @@ def sheet_model(mc: ModelConfig, model: str, device_name: str, dtype: str, weigh
             f"{compute_eff:.0%} of {peak / 1e12:,.1f} TFLOP/s and {memory_eff:.0%} of {dev.bandwidth / 1e9:,.0f} GB/s "
             f"(assumed efficiencies), + {step_s * 1e3:g} ms per step + {seq_s * 1e6:g} us per sequence; "
             f"{blocks:,} KV blocks x {block_size} tokens per device; peaks from the {dev.source}")
-    return RooflineCost(Work(mc, weights, kv_dtype, tp), params, peak, dev.bandwidth, desc), blocks
+    return RooflineCost(Work(mc, weights, kv_dtype, tp, dtype), params, peak, dev.bandwidth, desc), blocks
 
 
 def load_calibration(path: str) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 
 from batcher.config import POLICIES, BatcherConfig
 from batcher.engine import Engine
+from batcher.step_view import StepRecorder
 from benchmarks import bench
 from benchmarks.replay import BATCHER_KNOBS, batcher_config, prompt_ids, replay
 from benchmarks.report import Run, latency_table, ratio_table, step_figures, throughput_table
@@ -29,8 +30,8 @@ from benchmarks.trace import save_trace
 from benchmarks.workloads import WORKLOADS, WorkloadError
 from model_runner.units import parse_bytes
 
-from .cost import DTYPE_BYTES, WEIGHT_BYTES
-from .hardware import COMPUTE_EFFICIENCY, DEVICES, MEMORY_EFFICIENCY
+from .cost import COMPUTE_BYTES, DTYPE_BYTES, WEIGHT_BYTES, storage_dtype
+from .hardware import COMPUTE_EFFICIENCY, DEVICES, MEMORY_EFFICIENCY, STEP_OVERHEAD_S
 from .loop import run_virtual
 from .models import SHAPES, calibrated_model, load_calibration, model_config, sheet_model
 from .runner import SimRunner
@@ -55,9 +56,10 @@ def add_efficiency_args(d: argparse._ArgumentGroup) -> None:
                         "assumed)")
     d.add_argument("--memory-efficiency", type=float, default=MEMORY_EFFICIENCY,
                    help=f"fraction of its memory bandwidth (default: {MEMORY_EFFICIENCY}, assumed)")
-    d.add_argument("--step-overhead-ms", type=float, default=0.0,
-                   help="a device step's fixed cost (the engine's Python, launches); the sheet has none to give "
-                        "(default: 0)")
+    d.add_argument("--step-overhead-ms", type=float, default=STEP_OVERHEAD_S * 1e3,
+                   help="a sheet device's fixed cost per step: the host's scheduling, input building, launches and "
+                        "sampling while the GPU waits (default: %(default)g, ASSUMED from vLLM's published CPU-overhead "
+                        "profile, sim/hardware.py; a calibrated host (--cost-model) has its own fitted value)")
     d.add_argument("--seq-overhead-us", type=float, default=0.0,
                    help="a device step's cost per sequence in it (default: 0)")
 
@@ -84,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help=f"{' | '.join(SHAPES)} | a Hugging Face config.json (or its folder) | a model "
                                    "jitney serves (default: story-6b; with --cost-model, the calibrated model; "
                                    "with --calibrate, the server's default)")
-    m.add_argument("--dtype", choices=list(DTYPE_BYTES), default=None,
+    m.add_argument("--dtype", choices=list(COMPUTE_BYTES), default=None,
                    help="compute dtype (default: bfloat16 on a device; the calibration's with --cost-model; "
-                        "auto with --calibrate)")
+                        "auto with --calibrate); float32 is priced at the sheet's CUDA-core FP32 peak (PyTorch's "
+                        "default), tf32 at its TF32 tensor-core peak (float32 tensors, TF32 matmuls: only when a "
+                        "server asks for them)")
     m.add_argument("--weights", choices=list(WEIGHT_BYTES),
                    help="weights as stored (int8, int4: weight-only quantization, matmuls in --dtype; default: "
                         "--dtype)")
@@ -110,10 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="goodput counts requests with a time to first token at most this (default: 1000)")
     s.add_argument("--slo-tpot-ms", type=float, default=100.0,
                    help="... and a time per output token after the first at most this (default: 100)")
-    s.add_argument("--hourly-cost", type=float, help="USD per hour of the --tp devices: adds $ per M output tokens")
+    s.add_argument("--hourly-cost", type=float, metavar="USD",
+                   help="USD per hour of ONE device (per GPU-hour, as sim/prices.py and jitney plan's --price count); "
+                        "the run costs --tp times this: adds $ per M output tokens")
     s.add_argument("--out", help="output folder (default: a new jitney-simulate-<timestamp>-* folder in the "
                                  "system's temporary directory)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--record-steps", metavar="FILE",
+                   help="write every run's step stream to this JSONL file, the format `jitney bench --record-steps` "
+                        "writes (the dashboard's events: queue, steps, KV blocks, in simulated seconds), to replay "
+                        "with `jitney view FILE`")
     return p
 
 
@@ -122,11 +132,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tp < 1:
         p.error("--tp must be at least 1")
+    if args.dtype == "tf32" and (args.calibrate or args.cost_model):
+        p.error("--dtype tf32 is a GPU's matmul mode, priced from the hardware sheet: give --device")
     if args.calibrate:
         return args
     if args.cost_model and args.tp != 1:
         p.error("--tp prices all-reduces over a device's link: give --device, not --cost-model")
     bench.resolve(p, args)
+    # --hourly-cost is per device (as every price here); the bench's report reads the run's: tp of them.
+    args.device_hourly_cost = args.hourly_cost
+    if args.hourly_cost:
+        args.hourly_cost = args.hourly_cost * args.tp
     return args
 
 
@@ -139,20 +155,21 @@ def build_model(args: argparse.Namespace, block_size: int):
         name = args.model or cal["model"]
         dtype = args.dtype or cal["dtype"]
         mc = model_config(name)
-        weights = args.weights or dtype
-        cost, blocks = calibrated_model(cal, mc, name, weights, args.kv_cache_dtype or dtype, block_size,
+        weights = args.weights or storage_dtype(dtype)
+        cost, blocks = calibrated_model(cal, mc, name, weights, args.kv_cache_dtype or storage_dtype(dtype), block_size,
                                         args.kv_cache_memory)
     else:
         name, dtype = args.model or "story-6b", args.dtype or "bfloat16"
         mc = model_config(name)
-        cost, blocks = sheet_model(mc, name, args.device, dtype, args.weights or dtype, args.kv_cache_dtype or dtype,
+        stored = storage_dtype(dtype)
+        cost, blocks = sheet_model(mc, name, args.device, dtype, args.weights or stored, args.kv_cache_dtype or stored,
                                    args.tp, block_size, args.kv_cache_memory, args.step_overhead_ms / 1e3,
                                    args.seq_overhead_us / 1e6, args.compute_efficiency, args.memory_efficiency)
     return cost, blocks, mc, name
 
 
-async def simulate_run(spec: RunSpec, args: argparse.Namespace, ids: list[list[int]], progress: bool
-                       ) -> tuple[RunResult, SimRunner]:
+async def simulate_run(spec: RunSpec, args: argparse.Namespace, ids: list[list[int]], progress: bool,
+                       recorder: StepRecorder | None = None) -> tuple[RunResult, SimRunner]:
     block_size = spec.knobs.get("block_size") or 16
     cost, blocks, mc, _ = build_model(args, block_size)
     clock = asyncio.get_running_loop().clock
@@ -161,9 +178,13 @@ async def simulate_run(spec: RunSpec, args: argparse.Namespace, ids: list[list[i
     engine = Engine(runner, cfg, record_steps=True, clock=clock)
     await engine.start()
     t0 = clock()
+    if recorder is not None:  # the bench's writer (batcher/step_view.py): `jitney view` reads both alike
+        recorder.attach(engine, spec.label, t0)
     try:
         records = await replay(engine, spec.trace, runner.tokenizer, progress=progress, desc=spec.label, ids=ids, t0=t0)
     finally:
+        if recorder is not None:
+            recorder.detach()
         await engine.stop()
     figures, timeline = step_figures(engine.step_log, runner.num_blocks, t0)
     return RunResult(records, figures, timeline, _NoCpu(), t0), runner
@@ -231,7 +252,8 @@ def header(args: argparse.Namespace, trace_desc: str, model_desc: str) -> str:
     knobs = ", ".join(f"{k}={getattr(args, k) if getattr(args, k) is not None else getattr(defaults, k):g}"
                       for k in BATCHER_KNOBS)
     prefix = "; prefix caching " + ("off" if args.no_prefix_caching else "on")
-    cost = f"; device cost ${args.hourly_cost:g}/hour" if args.hourly_cost else ""
+    cost = (f"; device cost ${args.device_hourly_cost:g}/hour" + (f" x {args.tp} devices = ${args.hourly_cost:g}/hour"
+                                                                   if args.tp > 1 else "")) if args.hourly_cost else ""
     return (f"# jitney simulate\n\nSIMULATED, not measured: jitney's scheduler on a modelled device "
             f"(docs/simulation.md; validation against real runs is pending)\n{model_desc}\n"
             f"workload: {trace_desc}; seed {args.seed}\nbatcher: {knobs}{prefix}\nSLO for goodput: TTFT <= "
@@ -253,11 +275,12 @@ def run_simulate(argv: list[str] | None = None) -> dict:
     from .runner import SimTokenizer
     ids = prompt_ids(SimTokenizer(mc.vocab_size), trace, args.seed, args.shared_prefix)
     runs = []
+    recorder = StepRecorder(open(args.record_steps, "w")) if args.record_steps else None
     for spec in specs:
         wall = time.perf_counter()
         result, runner = run_virtual(simulate_run(spec, args, ids if spec.trace is trace else
                                                   prompt_ids(SimTokenizer(mc.vocab_size), spec.trace, args.seed,
-                                                             args.shared_prefix), not args.no_progress))
+                                                             args.shared_prefix), not args.no_progress, recorder))
         wall = time.perf_counter() - wall
         run = bench.finish_run(spec, args, result)
         util, series = utilisation(runner, result.t0, run.summary["wall_s"])
@@ -266,6 +289,9 @@ def run_simulate(argv: list[str] | None = None) -> dict:
         run.timeline["utilisation"] = series
         runs.append(run)
         bench.say(run)
+    if recorder is not None:
+        recorder.file.close()
+        print(f"wrote {args.record_steps}: `jitney view {args.record_steps}` replays it")
     rows = [(r.label, r.summary) for r in runs]
     parts = [throughput_table(rows), latency_table(rows)]
     if not (args.sweep or args.sweep_rates) and (ratios := ratio_table(rows)):

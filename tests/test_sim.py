@@ -219,3 +219,120 @@ def test_calibration_round_trips_into_a_simulation(tmp_path):
     with pytest.raises(SystemExit) as refused:   # an all-reduce needs a device's link to price it
         main(["--cost-model", str(cal), "--tp", "2"])
     assert refused.value.code == 2
+
+
+# --- recordings: `jitney simulate --record-steps` writes what `jitney bench --record-steps` writes ---------------
+
+def _schema(path) -> dict[str, set]:
+    """Each event type's keys (and the kv map's) in a recording."""
+    import json
+    out: dict[str, set] = {}
+    for line in path.read_text().splitlines():
+        e = json.loads(line)
+        out.setdefault(e["type"], set()).update(e)
+        if "kv" in e:
+            out.setdefault("kv", set()).update(e["kv"])
+    return out
+
+
+def test_simulate_records_steps_that_the_view_replays(tmp_path, tiny_runner):
+    """A tiny simulation over two policies writes one recording: a hello per run (labelled by its policy), step
+    events in simulated seconds, and a closing state; `jitney view`'s loader accepts it and shows both runs side
+    by side; every event type has the keys the bench's recording (its own writer, on the real tiny model) has."""
+    from api.view import panes, read_runs
+    from batcher.step_view import StepRecorder
+    from benchmarks.targets import run_policy
+    from benchmarks.trace import burst
+    from sim.simulate import run_simulate
+
+    sim_rec = tmp_path / "sim.jsonl"
+    result = run_simulate(["--device", "h100-sxm", "--model", "story-6b", "--policies", "static,continuous",
+                           "--num-requests", "6", "--rate", "20", "--prompt-len", "16,64", "--output-len", "4,8",
+                           "--out", str(tmp_path / "out"), "--no-progress", "--record-steps", str(sim_rec)])
+    runs = read_runs(str(sim_rec))
+    assert [label for label, _ in runs] == ["static", "continuous"]
+    assert [label for label, _ in panes([str(sim_rec)])] == ["static", "continuous"]
+    import json
+    for (label, lines), run in zip(runs, result["runs"]):
+        events = [json.loads(x) for x in lines]
+        assert events[0]["type"] == "hello" and events[-1]["type"] == "state"
+        steps = [e for e in events if e["type"] == "step"]
+        assert steps and [e["n"] for e in steps] == list(range(1, len(steps) + 1))
+        assert sum(e["sampled"] for e in steps) == run["summary"]["output_tokens"]
+        assert all(e["t"] <= run["summary"]["simulated_s"] + 1e-6 for e in steps)   # simulated seconds from 0
+
+    bench_rec = tmp_path / "bench.jsonl"
+    with open(bench_rec, "w") as f:
+        recorder = StepRecorder(f)
+        trace = burst(3, (8, 16), (2, 4))
+        ids = [[5 + i] * r.prompt_tokens for i, r in enumerate(trace)]
+        asyncio.run(run_policy(tiny_runner, batcher_config("continuous", {}), trace, progress=False, ids=ids,
+                               recorder=recorder, label="continuous"))
+    assert _schema(sim_rec) == _schema(bench_rec)
+
+
+# --- the review's fixes: all-reduce dtype, TF32, per-device cost, per-step overhead --------------------------
+
+def test_allreduce_is_priced_in_the_compute_dtypes_element_size():
+    """A ring all-reduce of a step's activations: hidden_size elements per token in the compute dtype (4 bytes in
+    float32 and tf32, 2 in bfloat16), two per layer, each 2 (tp - 1) / tp of the message over the link."""
+    from sim.models import STORY_6B, sheet_model
+    from sim.hardware import ALLREDUCE_LATENCY_S, LINK_EFFICIENCY, device
+    link = device("a100-80gb").link * LINK_EFFICIENCY
+    for dtype, size in (("float32", 4), ("tf32", 4), ("bfloat16", 2), ("float16", 2)):
+        stored = "float32" if dtype == "tf32" else dtype
+        cost, _ = sheet_model(STORY_6B, "story-6b", "a100-80gb", dtype, stored, stored, 4, 16, 2**30, 0.0, 0.0)
+        one = 2 * 3 / 4 * 100 * 4096 * size / link + ALLREDUCE_LATENCY_S
+        assert cost.allreduce_s(100) == pytest.approx(2 * 28 * one)
+    # int8 weights compute in their float dtype: the all-reduce is bfloat16's
+    cost, _ = sheet_model(STORY_6B, "story-6b", "a100-80gb", "bfloat16", "int8", "bfloat16", 2, 16, 2**30, 0.0, 0.0)
+    assert cost.work.activation_bytes == 2
+
+
+def test_float32_is_priced_at_fp32_and_tf32_only_when_asked(tmp_path):
+    """float32 matmuls get the sheet's CUDA-core FP32 peak; --dtype tf32 the tensor cores' TF32 peak (dense),
+    with float32 weights and KV cache; a calibrated host has no tf32 to time."""
+    from sim.hardware import DEVICES
+    from sim.simulate import build_model, parse_args
+    assert DEVICES["a100-80gb"].flops["float32"] == 19.5e12 and DEVICES["a100-80gb"].flops["tf32"] == 156e12
+    assert DEVICES["h100-sxm"].flops["tf32"] == 494.5e12
+    assert all(d.flops["float32"] < d.flops["tf32"] <= d.flops["bfloat16"] for d in DEVICES.values())
+    base = ["--num-requests", "2", "--kv-cache-memory", "1GiB"]
+    f32, _, _, _ = build_model(parse_args([*base, "--dtype", "float32"]), 16)
+    tf32, _, _, _ = build_model(parse_args([*base, "--dtype", "tf32"]), 16)
+    assert f32.peak_flops == 19.5e12 and tf32.peak_flops == 156e12
+    assert tf32.work.weight_bytes == f32.work.weight_bytes and tf32.work.kv_bytes_per_token == f32.work.kv_bytes_per_token
+    with pytest.raises(SystemExit):
+        parse_args(["--dtype", "tf32", "--cost-model", str(tmp_path / "cal.json")])
+
+
+def test_hourly_cost_is_per_device_and_tp_multiplies_it(tmp_path):
+    """--hourly-cost is USD per device-hour (as sim/prices.py and jitney plan count): --tp 4 costs 4 x it."""
+    from sim.simulate import build_parser, parse_args, run_simulate
+    args = parse_args(["--hourly-cost", "5", "--tp", "4"])
+    assert args.device_hourly_cost == 5 and args.hourly_cost == 20
+    assert "ONE device" in build_parser().format_help()
+    result = run_simulate(["--device", "a100-80gb", "--model", "story-6b", "--policies", "continuous", "--tp", "2",
+                           "--num-requests", "4", "--rate", "20", "--prompt-len", "16,32", "--output-len", "4,8",
+                           "--hourly-cost", "3", "--out", str(tmp_path), "--no-progress"])
+    s = result["runs"][0]["summary"]
+    assert s["cost_per_mtok"] == pytest.approx(6 / (s["output_tok_s"] * 3600) * 1e6)
+    assert "$3/hour x 2 devices = $6/hour" in (tmp_path / "report.md").read_text()
+
+
+def test_sheet_devices_pay_a_documented_step_overhead_by_default():
+    """A sheet device's step costs its roofline time plus STEP_OVERHEAD_S (2 ms, assumed) unless
+    --step-overhead-ms says otherwise; the description says which."""
+    from sim.cost import StepPlan
+    from sim.hardware import STEP_OVERHEAD_S
+    from sim.simulate import build_model, parse_args
+    assert STEP_OVERHEAD_S == 2e-3
+    plan = StepPlan((), (100,) * 4, 4)
+    base = ["--num-requests", "2", "--kv-cache-memory", "1GiB"]
+    default, _, _, _ = build_model(parse_args(base), 16)
+    zero, _, _, _ = build_model(parse_args([*base, "--step-overhead-ms", "0"]), 16)
+    five, _, _, _ = build_model(parse_args([*base, "--step-overhead-ms", "5"]), 16)
+    assert default.params.step_s == STEP_OVERHEAD_S and zero.params.step_s == 0.0
+    assert default.cost(plan).seconds - zero.cost(plan).seconds == pytest.approx(STEP_OVERHEAD_S)
+    assert five.cost(plan).seconds - zero.cost(plan).seconds == pytest.approx(5e-3)
+    assert "+ 2 ms per step" in default.description
