@@ -26,10 +26,12 @@ figure in docs/serving.md):
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
 import sys
+import threading
 
 import httpx
 import hypothesis
@@ -143,6 +145,15 @@ def test_contract_fuzzer_with_every_check_finds_nothing(server, tmp_path, monkey
     # imported, with ast.parse; two workers importing one at once broke CPython 3.11.7's ast.parse ("SystemError:
     # AST constructor recursion depth mismatch", seen in this test). Not for this run, then.
     monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"])
+    # The same CPython 3.11.7 bug also reached hypothesis's own ast.parse (it describes
+    # a lambda strategy from its source) in both workers at once: one parse at a time for this run.
+    parse, parsing = ast.parse, threading.Lock()
+
+    def one_parse_at_a_time(*args, **kwargs):
+        with parsing:
+            return parse(*args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", one_parse_at_a_time)
     with httpx.Client(base_url=server.url, timeout=60) as client:
         def filter_case(context, case) -> bool:
             return keeps(client, case)
