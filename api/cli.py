@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(tok.decode(seq.output_token_ids, skip_special_tokens=True))
     n, first = seq.num_output_tokens, (bars.first_token or time.perf_counter()) - t1
     decode_rate = (n - 1) / (elapsed - first) if n > 1 else float("nan")
-    print(f"[{len(ids)} prompt tokens, {n} generated ({seq.finish_reason.value}) in {elapsed:.2f}s: "
+    print(f"[{len(ids)} prompt tokens, {n} generated ({seq.finish_reason.finish_reason}) in {elapsed:.2f}s: "
           f"first token {1000 * first:.0f} ms, {decode_rate:.1f} tokens/s decoding]", file=sys.stderr)
     return 0
 

@@ -21,7 +21,7 @@ from model_runner.errors import InvalidRequestError
 from model_runner.runner import ModelRunner, StepLogprobs, StepOutput
 from model_runner.sampler import TokenLogprob
 from model_runner.sampling_params import SamplingParams
-from model_runner.sequence import FinishReason, Sequence
+from model_runner.sequence import Sequence
 
 from .clock import REAL_CLOCK, Clock
 from .config import BatcherConfig
@@ -231,7 +231,7 @@ class Engine:
                 continue
             plan = self.scheduler.schedule()
             for seq in plan.finished:  # outgrew the whole KV cache
-                self._end(self._by_seq[seq.seq_id], EndReason.of(seq))
+                self._end(self._by_seq[seq.seq_id], seq.finish_reason)
             if not plan.scheduled:
                 await asyncio.sleep(0.001)
                 continue
@@ -295,7 +295,7 @@ class Engine:
             extra = self._logprob_fields(req, lps)
             if seq.params.max_tokens == 0:  # the prompt was only scored (the scheduler ended it): no token
                 extra.pop("logprobs", None)
-                self._end(req, EndReason.of(seq), **extra)
+                self._end(req, seq.finish_reason, **extra)
                 continue
             t = req.timings
             t.first_token = now if t.first_token is None else t.first_token
@@ -305,7 +305,7 @@ class Engine:
             if req.detok.stopped and not seq.is_finished:
                 self._end(req, EndReason.STOPPED, text, [token], **extra)
             elif seq.is_finished:  # (a response_format failure's message replaces the text)
-                self._end(req, EndReason.of(seq), text, [token], message=seq.failure, **extra)
+                self._end(req, seq.finish_reason, text, [token], message=seq.failure, **extra)
             else:
                 req.outputs.put_nowait(RequestOutput(req.request_id, text, [token], **extra))
 
@@ -331,7 +331,7 @@ class Engine:
         req.done = True
         seq = req.seq
         if not seq.is_finished:  # ended from outside its own rules (stop string, abort, deadline, failure)
-            self.scheduler.finish(seq, FinishReason(reason.finish_reason))
+            self.scheduler.finish(seq, reason)
         req.timings.finished = self.clock()
         self.counters.ended(reason, 0 if req.forked else seq.num_prompt_tokens)
         text = message if message is not None else text + req.detok.flush()

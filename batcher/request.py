@@ -4,48 +4,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 
 from model_runner.sampler import TokenLogprob
-from model_runner.sequence import FinishReason, Sequence
+from model_runner.sequence import EndReason, Sequence
 
 from .clock import REAL_CLOCK, Clock
 from .detokenizer import IncrementalDetokenizer
-
-
-class EndReason(str, Enum):
-    """Why a request ended: every path that ends one names one of these, and nothing else."""
-    FINISHED = "finished"      # an end-of-sequence token or a stop token id
-    STOPPED = "stopped"        # a stop string
-    LENGTH = "length"          # max_tokens, the context window, or a sequence bigger than the whole KV cache
-    ABORTED = "aborted"        # the client cancelled or went away
-    TIMED_OUT = "timed_out"    # not started within timeout_s
-    SHUT_DOWN = "shut_down"    # the server stopped before it ended
-    FAILED = "failed"          # the model step raised
-    UNAVAILABLE = "unavailable"  # the replica serving it died or could not be reached (replicas/)
-    INVALID_OUTPUT = "invalid_output"  # response_format: no matching document could be finished (Sequence.failure)
-
-    @property
-    def finish_reason(self) -> str:
-        """OpenAI's finish_reason: stop | length | abort."""
-        return _FINISH_REASONS.get(self.value, "abort")
-
-    @property
-    def error(self) -> str | None:
-        """The error kind a client is told of (the API maps it to a status), None for an ordinary end."""
-        return _ERROR_KINDS.get(self.value)
-
-    @classmethod
-    def of(cls, seq: Sequence) -> "EndReason":
-        """The end a finished sequence's own rules gave it (token rules, or outgrowing the cache)."""
-        return _OF_FINISH.get(seq.finish_reason, cls.ABORTED)
-
-
-_FINISH_REASONS = {"finished": "stop", "stopped": "stop", "length": "length"}  # the rest: "abort"
-_ERROR_KINDS = {"timed_out": "timeout", "shut_down": "shutdown", "failed": "internal", "unavailable": "unavailable",
-                "invalid_output": "invalid_output"}
-_OF_FINISH = {FinishReason.STOP: EndReason.FINISHED, FinishReason.LENGTH: EndReason.LENGTH,
-              FinishReason.GRAMMAR: EndReason.INVALID_OUTPUT}
 
 
 @dataclass

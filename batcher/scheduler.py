@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from model_runner.sequence import FinishReason, Sequence
+from model_runner.sequence import EndReason, Sequence
 
 from .config import BatcherConfig, Policy
 from .kv_cache_manager import KVCacheManager
@@ -48,7 +48,6 @@ class SchedulerStats:
     preemptions: int = 0
     prefix_queries: int = 0      # prompt blocks looked up in the prefix cache
     prefix_hits: int = 0         # ... and found there
-    chunked_prefills: int = 0    # steps in which a prompt was fed only partly
 
 
 class Scheduler:
@@ -97,7 +96,7 @@ class Scheduler:
     def waiting_seqs(self) -> list[Sequence]:
         return [*self.waiting, *self.batch]
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def finish(self, seq: Sequence, reason: EndReason) -> None:
         """Ends a sequence wherever it is (running, waiting, or in a batch) and frees its blocks now."""
         seq.finish_reason = seq.finish_reason or reason
         for group in (self.running, self.waiting, self.batch):
@@ -123,8 +122,6 @@ class Scheduler:
             budget -= n
         if not out.preempted:
             self._admit(out, budget)
-        self.stats.chunked_prefills += any(
-            s.num_computed_tokens + n < len(s) for s, n in out.scheduled)
         self._check(out)
         return out
 
@@ -144,13 +141,12 @@ class Scheduler:
         """Grows seq's block table, preempting the newest running sequences until it fits (or seq itself goes)."""
         while not self.kv.allocate_slots(seq, num_tokens - seq.num_computed_tokens):
             if self.running == [seq]:  # alone and still too big: it can never fit, so it ends here
-                self.finish(seq, FinishReason.LENGTH)
+                self.finish(seq, EndReason.LENGTH)
                 out.finished.append(seq)
                 return False
             victim = self.running.pop()
             self._preempt(victim)
-            out.preempted.append(victim)
-            out.scheduled = [(s, n) for s, n in out.scheduled if s is not victim]
+            out.preempted.append(victim)  # never one already in out.scheduled: that holds only older sequences
             if victim is seq:
                 return False
         return True
@@ -213,19 +209,17 @@ class Scheduler:
 
     # --- applying a step's results ------------------------------------------------------------------------
 
-    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
-        """Advances each scheduled sequence; returns the ones that finished (their blocks already freed)."""
-        finished = list(out.finished)
+    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> None:
+        """Advances each scheduled sequence; one that finished leaves the scheduler here, its blocks freed (the
+        engine sees it as seq.is_finished when it hands out the step's tokens)."""
         for (seq, n), token in zip(out.scheduled, sampled):
             seq.num_computed_tokens += n
             self.kv.cache_full_blocks(seq)
             if token is None:
                 continue
             if seq.params.max_tokens == 0:  # the prompt was only to be scored: its logprobs are out, stop here
-                seq.finish_reason = FinishReason.LENGTH
+                seq.finish_reason = EndReason.LENGTH
             else:
                 seq.append_token(token, self.eos_token_ids, self.max_model_len)
             if seq.is_finished:
                 self.finish(seq, seq.finish_reason)
-                finished.append(seq)
-        return finished

@@ -39,7 +39,7 @@ def expected(real):
         seq = generate(runner, [ids], SamplingParams(max_tokens=MAX_TOKENS))[0]
         text = runner.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True,
                                        clean_up_tokenization_spaces=False)
-        out.append((text, seq.num_output_tokens, seq.finish_reason.value))
+        out.append((text, seq.num_output_tokens, seq.finish_reason.finish_reason))
     return out
 
 

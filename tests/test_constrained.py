@@ -20,7 +20,7 @@ from batcher.engine import Engine
 from batcher.generate import generate
 from model_runner.grammar import GrammarCompiler, GrammarError, apply_grammar_masks
 from model_runner.sampling_params import SamplingParams
-from model_runner.sequence import FinishReason
+from model_runner.sequence import EndReason
 
 from .engine_helpers import collect
 
@@ -45,7 +45,7 @@ def test_outputs_parse_and_match_greedy_and_sampled_and_plain_rows_are_untouched
         SamplingParams(max_tokens=100, temperature=1.0, seed=s, grammar=grammar) for s in range(4)] + [plain]
     seqs = generate(r, [prompt] * len(params), params)
     for s in seqs[:-1]:
-        assert s.finish_reason.value == "stop", text_of(r, s)
+        assert s.finish_reason is EndReason.FINISHED, text_of(r, s)
         jsonschema.validate(json.loads(text_of(r, s)), SCHEMA)
         assert s.matcher.is_stopped() and not s.matcher.get_error()  # it took every token, the last an EOS
     assert len({text_of(r, s) for s in seqs[1:-1]}) > 1  # each sample follows the grammar on its own
@@ -68,7 +68,7 @@ def test_max_tokens_cuts_the_document_with_finish_reason_length(tiny_runner):
     r = tiny_runner
     prompt = r.tokenizer("Hi", add_special_tokens=False)["input_ids"]
     seq = generate(r, [prompt], SamplingParams(max_tokens=3, grammar=r.grammars.json_schema(SCHEMA)))[0]
-    assert seq.finish_reason.value == "length" and seq.num_output_tokens == 3
+    assert seq.finish_reason is EndReason.LENGTH and seq.num_output_tokens == 3
     assert text_of(r, seq).startswith('{"')  # the start of a document, not a whole one
     with pytest.raises(json.JSONDecodeError):
         json.loads(text_of(r, seq))
@@ -180,12 +180,12 @@ def test_every_stop_is_a_matching_document_and_every_other_end_is_length_or_a_to
     for s in seqs:
         text = text_of(r, s)
         event(s.finish_reason.value)
-        if s.finish_reason is FinishReason.STOP:
+        if s.finish_reason is EndReason.FINISHED:
             assert matches(schema, text), text
         else:
-            assert s.finish_reason in (FinishReason.LENGTH, FinishReason.GRAMMAR), s
-            assert (s.failure is not None) == (s.finish_reason is FinishReason.GRAMMAR)
-            if s.finish_reason is FinishReason.GRAMMAR:  # told, and rightly: a cut document, or a wrong one
+            assert s.finish_reason in (EndReason.LENGTH, EndReason.INVALID_OUTPUT), s
+            assert (s.failure is not None) == (s.finish_reason is EndReason.INVALID_OUTPUT)
+            if s.finish_reason is EndReason.INVALID_OUTPUT:  # told, and rightly: a cut document, or a wrong one
                 assert "response_format" in s.failure
                 assert "grammar engine stopped" in s.failure or not matches(schema, text)
 
