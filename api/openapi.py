@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+from model_runner.sampling_params import LOGIT_BIAS
+
 from .response_format import MAX_NAME_CHARS, MAX_SCHEMA_CHARS
 from .responses import SCHEMAS, SUCCESS
 from .schemas import (GENERATING, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS,
@@ -81,7 +83,8 @@ def field_schema(f: Field, model: Model) -> dict:
                       "maxItems": model.max_model_len if f.name == "tokens" else MAX_STOP},
         "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS,
                        "propertyNames": {"pattern": id_pattern(model.vocab_size)},
-                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+                       "additionalProperties": {"type": "number", "minimum": LOGIT_BIAS.lo,
+                                                "maximum": LOGIT_BIAS.hi}},
         "stream_options": {"type": "object", "additionalProperties": False,
                            "properties": {"include_usage": {"type": "boolean"}}},
         "response_format": {"oneOf": [

@@ -1,8 +1,8 @@
 """Request bodies -> (prompt, SamplingParams), with a clear 4xx for anything wrong.
 
-Every field a route accepts is declared once, in the tables below (name, type, bounds, what it does): the
-checks read them, and so does the OpenAPI document (api/openapi.py), so the published contract cannot drift
-from the code. A field no table names is refused (400, "not supported"): a client that sends `tools` or
+Every field a route accepts is declared once, in the tables below (name, type, bounds, what it does; the
+sampling bounds come from model_runner.sampling_params.BOUNDS, which the engine checks too): the checks read
+them, and so does the OpenAPI document (api/openapi.py), so the published contract cannot drift from the code. A field no table names is refused (400, "not supported"): a client that sends `tools` or
 `functions` learns at once that it will not get them, instead of getting an answer that silently lacks them.
 
 Status codes: 400 for a body that is not JSON, a field this server does not support, or a request that
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from model_runner.sampling_params import GRAMMAR_EXCLUDES, MAX_LOGPROBS, SamplingParams, grammar_excludes
+from model_runner.sampling_params import BOUNDS, GRAMMAR_EXCLUDES, LOGIT_BIAS, SamplingParams, grammar_excludes
 from model_runner.text import encode
 from batcher.engine import MAX_N
 
@@ -59,13 +59,15 @@ MAX_TOKENS = Field("max_tokens", "integer", "tokens to generate at most; prompt 
                    "window (400 otherwise)", lo=1)
 SAMPLING = (
     MAX_TOKENS,
-    Field("temperature", "number", "0 = greedy; higher samples more freely", lo=0.0, hi=2.0, default=0.0),
+    Field("temperature", "number", "0 = greedy; higher samples more freely", *BOUNDS["temperature"], default=0.0),
     Field("top_p", "number", "nucleus sampling: the smallest set of tokens holding this much probability",
-          lo=0.0, hi=1.0, open_lo=True, default=1.0),
-    Field("top_k", "integer", "sample among the k likeliest tokens; 0 or -1 = off", lo=-1, hi=1 << 20, default=0),
-    Field("seed", "integer", "makes a sampled request reproducible, whatever shares its batch", lo=0, hi=2**63 - 1),
+          *BOUNDS["top_p"], default=1.0),
+    Field("top_k", "integer", "sample among the k likeliest tokens; 0 or -1 = off", *BOUNDS["top_k"],
+          default=0),
+    Field("seed", "integer", "makes a sampled request reproducible, whatever shares its batch",
+          *BOUNDS["seed"]),
     Field("repetition_penalty", "number", "> 1 discourages tokens already seen (prompt and output), < 1 "
-          "encourages them; 1 = off", lo=0.1, hi=10.0, default=1.0),
+          "encourages them; 1 = off", *BOUNDS["repetition_penalty"], default=1.0),
     Field("stop", "stop", f"a string or up to {MAX_STOP} strings (1..{MAX_STOP_CHARS} characters each) that end "
           "the output; the stop string itself is not returned"),
     Field("stop_token_ids", "token_ids", f"up to {MAX_STOP} token ids that end the output"),
@@ -73,13 +75,14 @@ SAMPLING = (
     Field("min_tokens", "integer", "end-of-sequence and stop tokens cannot be sampled until this many tokens are "
           "out (at most max_tokens)", lo=0, default=0),
     Field("presence_penalty", "number", "subtracted from the logit of every token already generated (OpenAI's "
-          "penalty; the prompt does not count); < 0 encourages repeats", lo=-2.0, hi=2.0, default=0.0),
+          "penalty; the prompt does not count); < 0 encourages repeats", *BOUNDS["presence_penalty"], default=0.0),
     Field("frequency_penalty", "number", "subtracted from a token's logit once per time it was generated "
-          "(OpenAI's penalty; the prompt does not count)", lo=-2.0, hi=2.0, default=0.0),
-    Field("logit_bias", "logit_bias", f"{{token id (as a string): bias in [-100, 100]}}, at most {MAX_LOGIT_BIAS} "
-          "entries, added to those logits before sampling (greedy included); -100 bans a token, 100 forces it"),
+          "(OpenAI's penalty; the prompt does not count)", *BOUNDS["frequency_penalty"], default=0.0),
+    Field("logit_bias", "logit_bias", f"{{token id (as a string): bias {LOGIT_BIAS}}}, at most {MAX_LOGIT_BIAS} entries, added "
+          f"to those logits before sampling (greedy included); {LOGIT_BIAS.lo:g} bans a token, {LOGIT_BIAS.hi:g} "
+          "forces it"),
     Field("min_p", "number", "sampling only: drop tokens less likely than min_p times the likeliest; 0 = off",
-          lo=0.0, hi=1.0, default=0.0),
+          *BOUNDS["min_p"], default=0.0),
     Field("stream", "boolean", "answer as Server-Sent Events", default=False),
     Field("response_format", "response_format", "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
           "\"json_schema\": {\"schema\": ...}}: constrained decoding, the output is JSON matching it and ends when "
@@ -108,7 +111,7 @@ LOGPROBS_DOC = ("log-probabilities of the raw model distribution (float32 log_so
 ECHO_MAX_TOKENS = Field("max_tokens", "integer", MAX_TOKENS.doc + "; 0 only with echo (scores the prompt)", lo=0)
 COMPLETION_EXTRAS = (
     Field("logprobs", "integer", f"the chosen token's and the N likeliest tokens' {LOGPROBS_DOC}, per token"
-          + _entries_doc("/v1/completions"), lo=0, hi=MAX_LOGPROBS),
+          + _entries_doc("/v1/completions"), *BOUNDS["logprobs"]),
     Field("echo", "boolean", "return the prompt before the completion (with logprobs: the prompt tokens' too, "
           "the first null)", default=False),
 )
@@ -116,16 +119,16 @@ CHAT_EXTRAS = (
     Field("logprobs", "boolean", f"return each generated token's {LOGPROBS_DOC}" + _entries_doc("/v1/chat/completions"),
           default=False),
     Field("top_logprobs", "integer", "with logprobs: also the N likeliest tokens at each position",
-          lo=0, hi=MAX_LOGPROBS),
+          *BOUNDS["logprobs"]),
     Field("max_completion_tokens", "integer", "OpenAI's newer name for max_tokens", lo=1),
 )
 SCORING_MAX_TOKENS = Field("max_tokens", "integer", MAX_TOKENS.doc + "; 0 only with prompt_logprobs (scores the "
                            "prompt)", lo=0)
 GENERATE_EXTRAS = (
     Field("logprobs", "integer", f"per generated token: its and the N likeliest tokens' {LOGPROBS_DOC}"
-          + _entries_doc("/generate"), lo=0, hi=MAX_LOGPROBS),
+          + _entries_doc("/generate"), *BOUNDS["logprobs"]),
     Field("prompt_logprobs", "integer", "per prompt token (the first has none): its and the N likeliest "
-          "tokens' logprobs", lo=0, hi=MAX_LOGPROBS),
+          "tokens' logprobs", *BOUNDS["prompt_logprobs"]),
 )
 
 ROUTE_FIELDS: dict[str, tuple[Field, ...]] = {
@@ -359,8 +362,8 @@ def logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
     for key, b in bias.items():
         if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) >= vocab_size:
             raise invalid(f"'logit_bias' keys must be token ids in 0..{vocab_size - 1}, got {key[:20]!r}")
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
-            raise invalid(f"'logit_bias' values must be numbers in [-100, 100]; token {key} has {str(b)[:40]}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not LOGIT_BIAS.holds(b):
+            raise invalid(f"'logit_bias' values must be numbers {LOGIT_BIAS}; token {key} has {str(b)[:40]}")
         pairs.append((int(key), float(b)))
     return tuple(pairs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from model_runner.errors import InvalidSamplingParams
 
@@ -16,6 +17,44 @@ MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's bound for chat's top_logpr
 # of the rule and its message: validate() checks it, and the API's body rules and OpenAPI document are built from
 # it (api/schemas.py RULES).
 GRAMMAR_EXCLUDES = {"ignore_eos": False, "min_tokens": 0}
+
+
+class Bound(NamedTuple):
+    """A numeric field's allowed range, inclusive unless open_lo; None = unbounded on that side."""
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+
+    def holds(self, x: float) -> bool:
+        return ((self.lo is None or (x > self.lo if self.open_lo else x >= self.lo))
+                and (self.hi is None or x <= self.hi))
+
+    def __str__(self) -> str:
+        """e.g. "in (0, 1]", ">= 0": what an error message says the value must be."""
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}]"
+        if self.lo is not None:
+            return f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        return f"<= {self.hi:g}" if self.hi is not None else ""
+
+
+# The sampling fields' bounds, declared once: SamplingParams.validate checks them, and the API's field tables
+# (api/schemas.py), hence its 422s and /openapi.json, are built from them, so the engine and the published contract
+# cannot disagree. They are the ones docs/serving.md promises. max_tokens and min_tokens have no fixed bound (the
+# context window and max_tokens bound them), so they are checked in validate() alone.
+BOUNDS: dict[str, Bound] = {
+    "temperature": Bound(0.0, 2.0),
+    "top_p": Bound(0.0, 1.0, open_lo=True),
+    "top_k": Bound(-1, 1 << 20),               # -1 and 0 mean off
+    "seed": Bound(0, 2**63 - 1),
+    "repetition_penalty": Bound(0.1, 10.0),
+    "presence_penalty": Bound(-2.0, 2.0),
+    "frequency_penalty": Bound(-2.0, 2.0),
+    "min_p": Bound(0.0, 1.0),
+    "logprobs": Bound(0, MAX_LOGPROBS),
+    "prompt_logprobs": Bound(0, MAX_LOGPROBS),
+}
+LOGIT_BIAS = Bound(-100.0, 100.0)  # each entry's bias
 
 
 def grammar_excludes(name: str) -> str:
@@ -34,7 +73,7 @@ def _is_number(x: object) -> bool:
 
 def _is_bias(kv: object) -> bool:
     return (isinstance(kv, (tuple, list)) and len(kv) == 2 and _is_int(kv[0]) and kv[0] >= 0
-            and _is_number(kv[1]) and -100 <= kv[1] <= 100)
+            and _is_number(kv[1]) and LOGIT_BIAS.holds(kv[1]))
 
 
 @dataclass
@@ -91,26 +130,23 @@ class SamplingParams:
         least = 0 if self.prompt_logprobs is not None else 1
         check(_is_int(self.max_tokens) and self.max_tokens >= least, "max_tokens",
               f"an integer >= {least}" + (" (0 only with prompt_logprobs)" if least else ""))
-        check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a finite number >= 0")
-        check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "-1 or 0 (off), or an integer >= 1")
-        check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
-        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed", "null or an integer in [0, 2**63)")
-        check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "a finite number > 0")
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"):
+            check(_is_number(getattr(self, name)) and BOUNDS[name].holds(getattr(self, name)), name,
+                  f"a finite number {BOUNDS[name]}")
+        check(_is_int(self.top_k) and BOUNDS["top_k"].holds(self.top_k), "top_k",
+              f"-1 or 0 (off), or an integer >= 1 (at most {BOUNDS['top_k'].hi:g})")
+        check(self.seed is None or (_is_int(self.seed) and BOUNDS["seed"].holds(self.seed)), "seed",
+              f"null or an integer {BOUNDS['seed']}")
         check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "a list of integers >= 0")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean")
         check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
               f"an integer in [0, max_tokens={self.max_tokens}]")
-        check(_is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
-              "a number in [-2, 2]")
-        check(_is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
-              "a number in [-2, 2]")
         check(isinstance(self.logit_bias, (tuple, list)) and all(_is_bias(kv) for kv in self.logit_bias),
-              "logit_bias", "pairs of (token id >= 0, bias in [-100, 100])")
-        check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
+              "logit_bias", f"pairs of (token id >= 0, bias {LOGIT_BIAS})")
         if self.grammar is not None and (held := [k for k, off in GRAMMAR_EXCLUDES.items() if getattr(self, k) != off]):
             raise InvalidSamplingParams(grammar_excludes(held[0]))
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
-            check(n is None or (_is_int(n) and 0 <= n <= MAX_LOGPROBS), name, f"null or an integer in [0, {MAX_LOGPROBS}]")
+            check(n is None or (_is_int(n) and BOUNDS[name].holds(n)), name, f"null or an integer {BOUNDS[name]}")
         return self
