@@ -1,8 +1,9 @@
 """`jitney view FILE [FILE2]`: the dashboard page (api/static/dashboard.html) over step recordings, with play/pause,
 seek and speed; two recordings side by side.
 
-A recording is the JSONL that `jitney bench --record-steps FILE` writes: per run a hello line (its label), then the
-run's step events (the schema of batcher/step_view.py). A file holding several runs (bench over several policies)
+A recording is the JSONL that `jitney bench --record-steps FILE` or `jitney simulate --record-steps FILE` writes
+(one writer, batcher/step_view.StepRecorder; a simulated run's times are simulated seconds): per run a hello line
+(its label), then the run's step events (the schema of batcher/step_view.py). A file holding several runs (bench over several policies)
 shows its first two side by side; with FILE2, the first run of each file. Served on 127.0.0.1 only.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ from .flags import integer
 
 def add_view_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", metavar="FILE",
-                   help="a recording from `jitney bench --record-steps FILE`; give two to compare them side by side "
-                        "(e.g. static and continuous on the same trace)")
+                   help="a recording from `jitney bench --record-steps FILE` or `jitney simulate --record-steps FILE`; "
+                        "give two to compare them side by side (e.g. static and continuous on the same trace)")
     p.add_argument("--port", type=integer(0, 65535), default=0, help="port on 127.0.0.1 (default: 0 = a free one the OS picks)")
 
 
@@ -38,7 +39,7 @@ def read_runs(path: str) -> list[tuple[str, list[str]]]:
             kind = event["type"]
         except (ValueError, KeyError, TypeError):
             raise InvalidRequestError(f"{path}:{i} is not a step event (a recording from `jitney bench "
-                                      f"--record-steps`)") from None
+                                      f"--record-steps` or `jitney simulate --record-steps`)") from None
         if kind == "hello":
             out.append((event.get("label") or f"{Path(path).name} run {len(out) + 1}", []))
         elif not out:
@@ -53,7 +54,10 @@ def panes(files: list[str]) -> list[tuple[str, list[str]]]:
     if len(files) > 2:
         raise InvalidRequestError("jitney view shows one or two recordings (FILE [FILE2])")
     if len(files) == 2:
-        return [read_runs(files[0])[0], read_runs(files[1])[0]]
+        shown = [read_runs(files[0])[0], read_runs(files[1])[0]]
+        if shown[0][0] == shown[1][0]:  # two runs of one policy (prefix caching on and off): say which file
+            shown = [(f"{label} ({Path(f).name})", lines) for f, (label, lines) in zip(files, shown)]
+        return shown
     return read_runs(files[0])[:2]
 
 
@@ -93,3 +97,20 @@ def cmd_view(args: argparse.Namespace) -> int:
     config = uvicorn.Config(build_view_app(shown), log_level="warning", lifespan="off", log_config=None)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m api.view FILE [FILE2]`: the same as `jitney view` (benchmarks/screenshots.py starts it so)."""
+    p = argparse.ArgumentParser(prog="jitney view", description=__doc__.split("\n\n")[0])
+    add_view_args(p)
+    args = p.parse_args(argv)
+    try:
+        return cmd_view(args)
+    except InvalidRequestError as e:
+        print(f"jitney view: error: {e}", flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

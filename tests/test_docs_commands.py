@@ -28,7 +28,7 @@ from .server_helpers import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_FENCES = {"", "sh", "bash", "shell", "console"}
-JITNEY_SUBCOMMANDS = ("generate", "serve", "bench", "simulate", "plan")
+JITNEY_SUBCOMMANDS = ("generate", "serve", "bench", "simulate", "plan", "view")
 
 
 def shell_snippets(text: str) -> list[tuple[int, str]]:
@@ -120,8 +120,15 @@ def jitney_flags(sub: str) -> frozenset[str]:
     elif sub == "plan":
         from sim.plan import build_parser
         parser = build_parser()
+    elif sub == "view":
+        from api.view import add_view_args
+        parser = argparse.ArgumentParser(prog="jitney view")
+        add_view_args(parser)
     else:
-        from api.cli import build_parser
+        try:  # the CLI may live in the top-level jitney package (it is moving there from api/)
+            from jitney.cli import build_parser
+        except ImportError:
+            from api.cli import build_parser
         sp = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
         parser = sp.choices[sub]
     return frozenset(o for a in parser._actions for o in a.option_strings)
