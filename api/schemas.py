@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from model_runner.sampling_params import BOUNDS, GRAMMAR_EXCLUDES, LOGIT_BIAS, SamplingParams, grammar_excludes
+from model_runner import context_window
+from model_runner.errors import ContextLengthExceeded
 from model_runner.text import encode
 from batcher.engine import MAX_N
 
@@ -383,13 +385,14 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
     max_tokens beyond what the context leaves after the prompt is refused (400, with both numbers), never
     quietly cut; a default max_tokens (the client gave none) is lowered to fit instead. So with the bound on
     logprob entries (MAX_LOGPROB_ENTRIES), with n samples."""
-    room = model.max_model_len - prompt_len
+    room = context_window.room(prompt_len, model.max_model_len)
     max_tokens = value(body, spec(route, "max_tokens"), hi=model.max_model_len - 1)  # a prompt holds >= 1 token
     logprobs, prompt_logprobs = logprob_fields(body, route, max_tokens)
-    if max_tokens is not None and prompt_len < model.max_model_len and max_tokens > room:
-        raise APIError(400, f"max_tokens is {max_tokens} but the prompt has {prompt_len} tokens and the context "
-                            f"window is {model.max_model_len} tokens, leaving room for {room}: ask for at most {room} "
-                            "or shorten the prompt", code="context_length_exceeded")
+    if max_tokens is not None:  # (a prompt too long for the window is the engine's refusal, at submission)
+        try:
+            context_window.check_max_tokens_fit(prompt_len, max_tokens, model.max_model_len)
+        except ContextLengthExceeded as e:
+            raise APIError(400, str(e), code="context_length_exceeded") from None
     if max_tokens is None:
         fits = room if logprobs is None else (MAX_LOGPROB_ENTRIES - logprob_entries(
             route, n, prompt_len, 0, logprobs, prompt_logprobs)) // (n * (1 + logprobs))
@@ -489,7 +492,7 @@ def check_text_size(text: str, model: Model, what: str) -> None:
     # A character is at most 4 bytes: a text this short cannot reach the bound, and needs no count at all.
     if bound is None or 4 * len(text) <= bound.token_bytes * (model.max_model_len - 1):
         return
-    if (least := bound.min_tokens(text)) >= model.max_model_len:
+    if context_window.room(least := bound.min_tokens(text), model.max_model_len) <= 0:  # the engine's rule, early
         raise APIError(400, f"{what} is {len(text.encode('utf-8')):,} bytes, so at least {least:,} tokens (no "
                             f"token of this model stands for more than {bound.token_bytes} bytes), and the context "
                             f"window is {model.max_model_len:,} tokens: shorten it", code="invalid_prompt")

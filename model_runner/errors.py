@@ -12,3 +12,8 @@ class InvalidRequestError(ValueError):
 class InvalidSamplingParams(InvalidRequestError):
     """A sampling parameter out of its range (SamplingParams.validate): the API answers it 422, like its own
     field checks, where other invalid requests (the prompt) are 400."""
+
+
+class ContextLengthExceeded(InvalidRequestError):
+    """prompt + max_tokens exceed the context window (model_runner/context_window.py): the API answers it 400
+    context_length_exceeded."""

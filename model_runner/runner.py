@@ -14,6 +14,7 @@ import torch
 from . import native, quant, threads
 from .attention import AttentionMetadata, DecodeGroup, NativeAttention, PrefillChunk
 from .config import ModelConfig, RunnerConfig
+from .context_window import check_prompt_fits
 from .errors import InvalidRequestError, ModelLoadError
 from .grammar import GrammarCompiler, apply_grammar_masks
 from .kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
@@ -101,10 +102,7 @@ class ModelRunner:
         """Refuses what could never run, before it reaches a queue or the model."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty: give at least one token")
-        n = len(prompt_token_ids)
-        if n >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {n} tokens; this model's context window is "
-                                      f"{self.max_model_len}, leaving no room to generate")
+        check_prompt_fits(len(prompt_token_ids), self.max_model_len)
         bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
