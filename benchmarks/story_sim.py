@@ -55,6 +55,9 @@ FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.85, 1.0, 1.15)   # of the capacity: the p99-a
 SPREAD_SEEDS = (1, 2)      # the story's server at its 4.2 s rate again, other arrivals and lengths: the noise
 DECODE_CONTEXT = 256       # tokens of context for the modelled decode steps (the workload's decodes: ~70..500)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The README's figures assume no per-step overhead (docs/README.md says so beside them); `jitney simulate`'s own
+# default for a sheet device is sim/hardware.py's STEP_OVERHEAD_S (2 ms). --step-overhead-ms sets it here.
+STEP_OVERHEAD_MS = 0.0
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ class Runner:
         from sim.simulate import run_simulate
         self.count += 1
         argv = ["--device", DEVICE, "--model", MODEL, *option.flags, *option.traffic, *extra,
-                "--hourly-cost", f"{PRICE_PER_GPU_HOUR * option.gpus:g}", "--no-progress",
+                "--step-overhead-ms", f"{STEP_OVERHEAD_MS:g}",
+                "--hourly-cost", f"{PRICE_PER_GPU_HOUR:g}", "--no-progress",
                 "--out", str(self.out / f"{self.count:02d}-{name}")]
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -221,7 +225,9 @@ def run_option(run: Runner, option: Option, refine: int) -> Result:
 
 def cost_model(dtype: str, weights: str | None = None, tp: int = 1):
     from sim.models import model_config, sheet_model
-    cost, _ = sheet_model(model_config(MODEL), MODEL, DEVICE, dtype, weights or dtype, dtype, tp, 16, None, 0.0, 0.0)
+    # The per-step overhead the simulations are given too (--step-overhead-ms), none per sequence.
+    cost, _ = sheet_model(model_config(MODEL), MODEL, DEVICE, dtype, weights or dtype, dtype, tp, 16, None,
+                          STEP_OVERHEAD_MS / 1e3, 0.0)
     return cost
 
 
@@ -439,6 +445,7 @@ def plot_curve(rows: list[dict], path: Path) -> None:
 # --- main -----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    global STEP_OVERHEAD_MS
     p = argparse.ArgumentParser(prog="python -m benchmarks.story_sim",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="\n\n".join(__doc__.split("\n\n")[:1] + __doc__.split("\n\n")[2:]))
@@ -451,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"runs at most to refine each rate where p99 reaches {STORY_P99_S} s (default: 1)")
     p.add_argument("--only", help="comma-separated configurations to run, from " + ",".join(o.key for o in OPTIONS)
                                   + " (default: all; with --only, no runs on the README's traffic)")
+    p.add_argument("--step-overhead-ms", type=float, default=STEP_OVERHEAD_MS,
+                   help="every step's fixed host overhead, in the simulations and the modelled decode steps (default: "
+                        "0, the README's figures; jitney simulate's own default for a sheet device is 2)")
     args = p.parse_args(argv)
+    STEP_OVERHEAD_MS = args.step_overhead_ms
     out = Path(args.out or tempfile.mkdtemp(prefix="story-sim-"))
     out.mkdir(parents=True, exist_ok=True)
     options = [o for o in OPTIONS if not args.only or o.key in args.only.split(",")]
@@ -477,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
 
     print("# The story, simulated (python -m benchmarks.story_sim)\n")
-    print(f"SIMULATED, not measured: jitney simulate on {DEVICE} (hardware sheet, assumed efficiencies; "
-          "docs/simulation.md). The story's traffic: " + " ".join(STORY_TRAFFIC) + f"; sweeps of {args.requests} "
+    print(f"SIMULATED, not measured: jitney simulate on {DEVICE} (hardware sheet, assumed efficiencies, "
+          f"{STEP_OVERHEAD_MS:g} ms per step of host overhead; docs/simulation.md). The story's traffic: " + " ".join(STORY_TRAFFIC) + f"; sweeps of {args.requests} "
           "requests, "
           f"capacity runs of {args.capacity_requests} offered at {OVERLOAD_RATE:g}/s. Price: "
           f"${PRICE_PER_GPU_HOUR}/A100-hour, ASSUMED ({PRICE_SOURCE}); $/M counts output tokens.\n")
