@@ -15,6 +15,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ make \
 
 WORKDIR /opt/jitney
 COPY pyproject.toml Makefile README.md ./
+COPY jitney/ jitney/
 COPY api/ api/
 COPY batcher/ batcher/
 COPY model_runner/ model_runner/

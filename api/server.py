@@ -4,7 +4,7 @@ On the first signal: /health turns 503 and new requests get 503, in-flight reque
 grace_s, the rest are aborted (streams get a final error event), then uvicorn closes and the process exits 0.
 A second signal exits at once.
 
-The listening socket is bound before the model loads (bind(), called by api/cli.py): a port in use, or an
+The listening socket is bound before the model loads (bind(), called by jitney/cli.py): a port in use, or an
 address this machine does not have, is a one-line error in milliseconds instead of after the load. uvicorn is
 handed that socket, listens on it at start-up, and only then is the "serving on" line printed.
 """

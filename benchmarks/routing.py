@@ -50,7 +50,7 @@ def free_port() -> int:
 
 def start_server(model: str, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "jitney.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--max-queue", "100000", "--grace-s", "1", *flags]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

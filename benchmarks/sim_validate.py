@@ -42,7 +42,7 @@ FIGURES = (("out tok/s", "output_tok_s", None, 0.05),
 
 def jitney(*args: str) -> None:
     """One jitney command in a child process (each run starts from a fresh interpreter, as a user's would)."""
-    subprocess.run([sys.executable, "-m", "api.cli", *args, "--no-progress"], check=True,
+    subprocess.run([sys.executable, "-m", "jitney.cli", *args, "--no-progress"], check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -127,7 +127,7 @@ def free_port() -> int:
 async def jitney_serve(args: argparse.Namespace, spec: RunSpec, log_path: Path) -> AsyncIterator[tuple[str, int]]:
     """A `jitney serve` for this run on a free port: yields (url, pid) once /health answers; SIGTERM after."""
     port = free_port()
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--model", args.model, "--dtype", args.dtype,
+    cmd = [sys.executable, "-m", "jitney.cli", "serve", "--model", args.model, "--dtype", args.dtype,
            "--policy", spec.policy, "--host", "127.0.0.1", "--port", str(port), "--max-queue", str(10**6),
            "--grace-s", "1"]
     for k, v in spec.knobs.items():

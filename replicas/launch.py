@@ -134,8 +134,8 @@ def forward_replica_logs_as_records() -> None:
 
 def serve_replicas(args, runner_cfg: RunnerConfig, batcher_cfg: BatcherConfig, settings: ServerSettings,
                    limits: ConnectionLimits, guards: str, sock) -> int:
-    """guards: the start-up lines of the HTTP front end's protections (api/cli.py's protections()), printed
-    once the front end listens on sock (bound by api/cli.py before anything else starts)."""
+    """guards: the start-up lines of the HTTP front end's protections (jitney/cli.py's protections()), printed
+    once the front end listens on sock (bound by jitney/cli.py before anything else starts)."""
     os.environ.update(LOG_ENV)
     if not args.ray_address:
         os.environ.update(LOCAL_RAY_ENV)

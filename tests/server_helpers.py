@@ -59,7 +59,7 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         self.port = free_port()
-        cmd = [sys.executable, "-m", "api.cli", "serve", "--model", self.model, "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "jitney.cli", "serve", "--model", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,

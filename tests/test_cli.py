@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api import flags
-from api.cli import build_parser, main, parse
+from jitney.cli import build_parser, main, parse
 from tests.server_helpers import REPO, ServerProcess, wait_until
 
 
@@ -250,7 +250,7 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        run = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--model", "tiny-random", "--port",
+        run = subprocess.run([sys.executable, "-m", "jitney.cli", "serve", "--model", "tiny-random", "--port",
                               str(port)], cwd=REPO, capture_output=True, text=True, timeout=120,
                              env={**__import__("os").environ, "JITNEY_CACHE_DIR": str(tmp_path / "cache")})
     out = run.stdout + run.stderr

@@ -138,7 +138,7 @@ def test_without_the_key_the_page_and_its_stream_are_refused(browser, server):
 def record(tmp: Path) -> Path:
     """static and continuous on the same quick trace, recorded by `jitney bench --record-steps`."""
     path = tmp / "steps.jsonl"
-    subprocess.run([sys.executable, "-m", "api.cli", "bench", "--quick", "--model", "tiny-random", "--policies",
+    subprocess.run([sys.executable, "-m", "jitney.cli", "bench", "--quick", "--model", "tiny-random", "--policies",
                     "static,continuous", "--no-progress", "--record-steps", str(path), "--out", str(tmp / "out")],
                    cwd=REPO, check=True, capture_output=True, timeout=300, env={**__import__("os").environ, **ENV})
     return path
@@ -154,7 +154,7 @@ def test_view_replays_two_recordings_side_by_side(browser, tmp_path):
         runs[-1].append(event)
     assert [r[0]["label"] for r in runs] == ["static", "continuous"]
     steps = [sum(e["type"] == "step" for e in r) for r in runs]
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "view", str(path)], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "jitney.cli", "view", str(path)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         url = None

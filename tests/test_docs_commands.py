@@ -128,7 +128,7 @@ def jitney_flags(sub: str) -> frozenset[str]:
         try:  # the CLI may live in the top-level jitney package (it is moving there from api/)
             from jitney.cli import build_parser
         except ImportError:
-            from api.cli import build_parser
+            from jitney.cli import build_parser
         sp = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
         parser = sp.choices[sub]
     return frozenset(o for a in parser._actions for o in a.option_strings)

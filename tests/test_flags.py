@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 
 from api import flags
 from api.app import ROUTES, Gatekeeper, ServerSettings
-from api.cli import build_parser, main, protections, reach
+from jitney.cli import build_parser, main, protections, reach
 from model_runner.errors import InvalidRequestError
 
 

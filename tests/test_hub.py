@@ -250,7 +250,7 @@ def test_generate_downloads_from_the_hub(tiny_files, tiny_runner, tmp_path):
     the cache: test_snapshot_fetches_only_what_loading_reads, test_a_prepopulated_cache_loads_offline)."""
     from batcher.generate import generate
     from model_runner.sampling_params import SamplingParams
-    argv = [sys.executable, "-m", "api.cli", "generate", "--prompt", "hello", "--max-tokens", "8",
+    argv = [sys.executable, "-m", "jitney.cli", "generate", "--prompt", "hello", "--max-tokens", "8",
             "--dtype", "float32", "--ignore-eos"]
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.pop("HF_HUB_OFFLINE", None)

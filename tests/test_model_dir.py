@@ -335,14 +335,14 @@ def test_truncated_gguf_is_refused(tmp_path_factory, monkeypatch, keep):
 
 
 def test_cli_says_jitney_error_in_one_line(tmp_path):
-    """Through `python -m api.cli` (a subprocess each): exit status 2 and one `jitney: error:` line."""
+    """Through `python -m jitney.cli` (a subprocess each): exit status 2 and one `jitney: error:` line."""
     heads0 = model_dir(tmp_path)
     (heads0 / "config.json").write_text(json.dumps(TINY_CONFIG | {"num_attention_heads": 0}))
     for command, model, says in (("generate", tmp_path / "no" / "such" / "dir", "does not exist"),
                                  ("generate", heads0, "num_attention_heads is 0"),
                                  ("serve", heads0, "num_attention_heads is 0")):
         args = ["--prompt", "x"] if command == "generate" else ["--host", "127.0.0.1", "--port", "0"]
-        out = subprocess.run([sys.executable, "-m", "api.cli", command, "--model", str(model), *args], cwd=REPO,
+        out = subprocess.run([sys.executable, "-m", "jitney.cli", command, "--model", str(model), *args], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, out.stderr[-2000:]
         assert "Traceback" not in out.stderr

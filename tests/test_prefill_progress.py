@@ -117,7 +117,7 @@ def test_generate_shows_bars_on_a_terminal_or_for_a_long_prompt(tiny_runner, mon
     """Bars (prefill, then generate) on stderr exactly when stderr is a terminal or the prompt is longer than one
     step (512 tokens, the server's default budget); stdout holds the generated text alone either way."""
     import model_runner.runner
-    from api.cli import main
+    from jitney.cli import main
     monkeypatch.setattr(model_runner.runner, "ModelRunner", lambda *a, **k: tiny_runner)  # one load for all
     capsys.readouterr()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)

@@ -73,7 +73,7 @@ def test_bad_combinations_refused(cfg, match):
 
 
 def test_cli_help_says_what_each_costs():
-    from api.cli import build_parser
+    from jitney.cli import build_parser
     text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert "--quantization {none,int8,q4}" in text and "Q4_0/Q4_1/Q8_0" in text
 

@@ -102,7 +102,7 @@ def test_too_many_replicas_for_the_host_are_refused_before_ray_starts():
     pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
     env = {**os.environ, "JITNEY_CACHE_DIR": os.environ.get("JITNEY_CACHE_DIR", "/tmp/jcache")}
     env.pop("JITNEY_API_KEY", None)
-    out = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--model", "tiny-random", "--replicas", "64",
+    out = subprocess.run([sys.executable, "-m", "jitney.cli", "serve", "--model", "tiny-random", "--replicas", "64",
                           "--kv-cache-memory", "1TiB"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]

@@ -64,7 +64,7 @@ def test_unknown_dtype_and_missing_cuda():
 
 
 def test_cli_reports_errors_without_traceback(capsys):
-    from api.cli import main
+    from jitney.cli import main
     assert main(["generate", "--model", "nope", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "unknown model" in err and "Traceback" not in err

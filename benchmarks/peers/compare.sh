@@ -42,7 +42,7 @@ replay() {  # $1: label, $2: base URL
 jitney() {  # $1: label, the rest: serve flags
   local label=$1; shift
   echo "== $label ($*) =="
-  $PY -m api.cli serve --port 8101 "$@" > "$OUT/$label.log" 2>&1 &
+  $PY -m jitney.cli serve --port 8101 "$@" > "$OUT/$label.log" 2>&1 &
   PID=$!
   wait_up http://127.0.0.1:8101/health; head -1 "$OUT/$label.log"
   replay "$label" http://127.0.0.1:8101

@@ -1,4 +1,8 @@
-"""The `jitney` command: `generate` (one-shot, to try a model), `serve` (the HTTP server), `bench`."""
+"""The `jitney` command: `generate` (one-shot, to try a model), `serve` (the HTTP server, one process or Ray Serve
+replicas), `bench`, `simulate`, `plan`, `view`.
+
+The program's composition root: the one place that wires the packages together (model_runner, batcher, api,
+replicas, benchmarks, sim), so that none of them needs to import a package above it (tests/test_imports.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +12,9 @@ import time
 from model_runner.errors import InvalidRequestError, ModelLoadError
 from model_runner.loader import DEFAULT_MODEL, NAMED_MODELS
 
-from . import config_file, flags
-from .logs import FORMATS, log_line, setup as setup_logs
-from .parser import Parser
+from api import config_file, flags
+from api.logs import FORMATS, log_line, setup as setup_logs
+from api.parser import Parser
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -104,9 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from model_runner.config import RunnerConfig
     from model_runner.runner import ModelRunner
 
-    from .app import ServerSettings, build_app
-    from .protocol import ConnectionLimits
-    from .server import bind, serve
+    from api.app import ServerSettings, build_app
+    from api.protocol import ConnectionLimits
+    from api.server import bind, serve
 
     setup_logs(args.log_format)
     keys = tuple(args.api_key or ()) + flags.env_api_keys(os.environ)
@@ -313,7 +317,7 @@ def build_parser() -> Parser:
                                                  "(`jitney bench --help`; `jitney bench routing`: replicas)")
     sub.add_parser("simulate", add_help=False, help="replay a workload through the scheduler on a simulated device, "
                                                     "in virtual time (`jitney simulate --help`)")
-    from .view import add_view_args, cmd_view
+    from api.view import add_view_args, cmd_view
     v = sub.add_parser("view", help="replay step recordings (bench --record-steps) in the dashboard page, two side "
                                     "by side", description="Serve the dashboard page over one or two step recordings "
                                                            "on 127.0.0.1, with play/pause, seek and speed.")

@@ -1,0 +1,1 @@
+"""The composition root: the `jitney` command (jitney/cli.py) wires api, batcher, replicas, benchmarks and sim."""
