@@ -21,7 +21,7 @@ from batcher.engine_client import EngineClient
 from batcher.request import EndReason
 from model_runner.errors import InvalidRequestError
 
-from .app import ServerSettings
+from .settings import ServerSettings
 from .logs import log_line
 from .protocol import ConnectionLimits, limited_protocol
 

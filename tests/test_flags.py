@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from api import flags
-from api.app import ROUTES, Gatekeeper, ServerSettings
+from api.gatekeeper import Gatekeeper
+from api.settings import ROUTES, ServerSettings
 from jitney.cli import build_parser, main, protections, reach
 from model_runner.errors import InvalidRequestError
 

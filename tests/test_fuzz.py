@@ -165,7 +165,7 @@ def test_fuzz_every_route_against_the_openapi_document():
 def test_openapi_document_names_every_route_and_bound():
     with jitney_server(*TINY, env=ENV) as server:
         doc = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
-    from api.app import ROUTES
+    from api.settings import ROUTES
     assert set(doc["paths"]) == set(ROUTES)
     gen = doc["paths"]["/generate"]["post"]
     props = gen["requestBody"]["content"]["application/json"]["schema"]["properties"]
