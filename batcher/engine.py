@@ -100,7 +100,7 @@ class Engine:
     async def start(self) -> None:
         # Everything alive now (torch, transformers, the model, the tokenizer) lives for the whole run: move it
         # out of the collector's sight. Otherwise each full collection walks it all, a 60-180 ms pause that
-        # lands on whichever requests are in flight (measured: p99 150 ms -> see README).
+        # lands on whichever requests are in flight (docs/benchmarks.md: p99 160 ms without it).
         gc.collect()
         gc.freeze()
         self._task = asyncio.create_task(self._loop(), name="jitney-engine-loop")

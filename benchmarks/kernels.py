@@ -38,15 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def set_path(runner: ModelRunner, attention: bool, elementwise: bool) -> None:
-    runner.native_attention, runner.model.ops.native = attention, elementwise
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, kv_cache_memory=4 << 30))  # float32 at batch 96 x 700 tokens
-    native_attention, native_ops = runner.native_attention, runner.model.ops.native
+    native_attention, native_ops = runner.native_kernels
     print(f"machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(runner.describe())
     if not native_attention:
@@ -57,13 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
         ms = {}
         with random_step(runner, batch, lo, hi, chunk) as plan:
             for label, attention, elementwise in PATHS:
-                set_path(runner, attention, elementwise and native_ops)
+                runner.use_kernels(attention, elementwise)
                 runner.execute(plan)  # warm-up: the first call of a shape picks oneDNN kernels
                 ms[label] = 1000 * best_seconds(lambda: runner.execute(plan), args.steps)
         base = ms[PATHS[0][0]]
         rows.append({"step": name, **{k: round(v, 2) for k, v in ms.items()},
                      "speed-up": round(base / ms[PATHS[-1][0]], 2)})
-    set_path(runner, native_attention, native_ops)
+    runner.use_kernels(native_attention, native_ops)
     header = ["step"] + [f"{label} ms" for label, _, _ in PATHS] + ["speed-up"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:

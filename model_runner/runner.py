@@ -78,6 +78,13 @@ class ModelRunner:
         # Attention by the native kernel where it builds for this device and model (see attention.py).
         self.native_attention = native.supported(self.device, self.dtype, mc.num_attention_heads,
                                                  mc.num_key_value_heads, mc.head_dim, cfg.block_size, self.kv_dtype)
+        self.native_kernels = (self.native_attention, self.model.ops.native)  # what builds here (use_kernels)
+
+    def use_kernels(self, attention: bool, elementwise: bool) -> None:
+        """Which paths the next steps take, native or PyTorch (benchmarks/kernels.py times each): a native one
+        only where it builds here, so this can turn one off, never on where it cannot run."""
+        self.native_attention = attention and self.native_kernels[0]
+        self.model.ops.native = elementwise and self.native_kernels[1]
 
     # --- reporting -------------------------------------------------------------------------------------
 
