@@ -15,7 +15,7 @@ connection stays open. This subclass adds, each a `jitney serve` flag:
   (Closing at once would be simpler, but a socket closed with unread bytes in it is reset, and the reset can
   destroy the answer before the client reads it.)
 
-The body deadline (--body-timeout-s) is kept by the app's middleware (api/app.py), which can answer 408 in
+The body deadline (--body-timeout-s) is kept by the app's middleware (api/gatekeeper.py), which can answer 408 in
 JSON through the normal path. uvicorn's own answer to malformed HTTP (a plain-text 400) is JSON here too.
 """
 from __future__ import annotations

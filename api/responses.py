@@ -1,6 +1,6 @@
 """The success bodies of every route, as JSON Schema for GET /openapi.json (components/schemas). The shapes are
-built in api/app.py and api/logprobs.py; the fuzz test (tests/test_fuzz.py) validates every 200 body, and every
-Server-Sent Event's data, against these, so they stay true.
+built in api/formats.py and api/logprobs.py; the fuzz test (tests/test_fuzz.py) validates every 200 body, and
+every Server-Sent Event's data, against these, so they stay true.
 
 A streamed answer is text/event-stream: `data: <JSON>` events, each matching the route's "x-sse-data" schema
 (chunks, then the final one; an "error" object if the server shut down mid-stream), and for the OpenAI routes a

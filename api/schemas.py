@@ -426,7 +426,7 @@ def sampling_params(body: dict, route: str, model: Model, prompt_len: int, defau
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
     )
-    return params  # validated by the engine, its one owner (an error there is a 422 too: api/app.py submit)
+    return params  # validated by the engine, its one owner (an error there is a 422 too: api/routes.py submit)
 
 
 def logprob_entries(route: str, n: int, prompt_len: int, max_tokens: int, logprobs: int | None,

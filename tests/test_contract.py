@@ -101,7 +101,7 @@ def breaks_logprob_bound(path: str, body: dict, n: int, context: int) -> bool:
     count (schemas.sampling_params, which lowers a default max_tokens to fit first), as the route calls it."""
     body = dict(body)
     if path == "/v1/chat/completions" and body.get("max_completion_tokens") is not None:
-        body["max_tokens"] = body["max_completion_tokens"]  # api/app.py's chat_request, before sampling_params
+        body["max_tokens"] = body["max_completion_tokens"]  # api/routes.py's chat_request, before sampling_params
     samples = 1 if path == "/generate" else value(body, spec(path, "n"))
     try:
         sampling_params(body, path, Model(context, MODEL.vocab_size), n, DEFAULT_MAX_TOKENS[path] or context, samples)
