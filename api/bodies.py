@@ -45,5 +45,5 @@ def parse_body(raw: bytes, route: str) -> dict:
     """The body as JSON, its fields checked: work that grows with the body (see api/routes.py prepared())."""
     body = parse_json(raw)
     check_fields(body, route)
-    check_rules(body, route)  # conditions between fields (schemas.RULES), before any field is read
+    check_rules(body, route)  # conditions between fields (fields.RULES), before any field is read
     return body

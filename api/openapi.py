@@ -1,4 +1,4 @@
-"""GET /openapi.json: the API's contract, built from the very field tables the checks read (api/schemas.py),
+"""GET /openapi.json: the API's contract, built from the very field tables the checks read (api/fields.py),
 so a bound changed there changes here. The fuzz test (tests/test_fuzz.py) generates requests from this
 document and holds the server to it: no 5xx, every error the JSON shape below, every success body (and every
 streamed event) the shape api/responses.py publishes.
@@ -11,8 +11,9 @@ from model_runner.sampling_params import LOGIT_BIAS
 
 from .response_format import MAX_NAME_CHARS, MAX_SCHEMA_CHARS
 from .responses import SCHEMAS, SUCCESS
-from .schemas import (GENERATING, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS,
-                      ROUTE_RULES, UNSUPPORTED, Field, Model)
+from .fields import (GENERATING, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PARTS, MAX_STOP, MAX_STOP_CHARS, ROUTE_FIELDS,
+                     ROUTE_RULES, UNSUPPORTED, Field)
+from .schemas import Model
 
 ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {
     "type": "object", "required": ["message", "type", "code"], "additionalProperties": False,

@@ -144,7 +144,7 @@ async def compile_response_format(body: dict, engine, prep: PrepThread | None = 
     """What SamplingParams.grammar carries for a request's response_format (None for text): the engine's
     compile_grammar() of the schema's text (batcher/engine_client.py). A large schema's text is made on prep (None:
     here). ignore_eos and min_tokens, which a grammar excludes, were refused with the body's other rules
-    (api/schemas.py RULES) before this runs."""
+    (api/fields.py RULES) before this runs."""
     schema, field = requested_schema(body)
     if schema is None:
         return None

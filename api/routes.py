@@ -259,7 +259,7 @@ class Routes:
         route = "/v1/chat/completions"
         ids = self.chat_ids(body, tok)
         newer = value(body, spec(route, "max_completion_tokens"), hi=self.model.max_model_len - 1)
-        if newer is not None:  # never both (schemas.RULES)
+        if newer is not None:  # never both (fields.RULES)
             body["max_tokens"] = newer
         # Chat defaults to "until the context is full", as OpenAI's does.
         return body, self.openai_request(body, route, ids, self.model.max_model_len, tok)

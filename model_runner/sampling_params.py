@@ -15,7 +15,7 @@ MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's bound for chat's top_logpr
 # A grammar (the API's response_format) ends the output with end-of-sequence as soon as its document is complete, so
 # nothing may hold end-of-sequence back: with one, each of these fields must keep its "off" value. The one statement
 # of the rule and its message: validate() checks it, and the API's body rules and OpenAPI document are built from
-# it (api/schemas.py RULES).
+# it (api/fields.py RULES).
 GRAMMAR_EXCLUDES = {"ignore_eos": False, "min_tokens": 0}
 
 
@@ -39,7 +39,7 @@ class Bound(NamedTuple):
 
 
 # The sampling fields' bounds, declared once: SamplingParams.validate checks them, and the API's field tables
-# (api/schemas.py), hence its 422s and /openapi.json, are built from them, so the engine and the published contract
+# (api/fields.py), hence its 422s and /openapi.json, are built from them, so the engine and the published contract
 # cannot disagree. They are the ones docs/serving.md promises. max_tokens and min_tokens have no fixed bound (the
 # context window and max_tokens bound them), so they are checked in validate() alone.
 BOUNDS: dict[str, Bound] = {

@@ -10,7 +10,7 @@ fields (types, bounds, null, 1.0 as an integer), the rules between fields, and l
 What JSON Schema cannot say is left out of the document's schemas and stated in its text (TOKEN_LIMITS in
 api/openapi.py, the field descriptions): a text prompt's token count, comparisons between two fields' values
 (prompt tokens + max_tokens within the context window, min_tokens <= max_tokens), and the bound on an answer's
-logprob entries, a product of several fields and the prompt's tokens (schemas.MAX_LOGPROB_ENTRIES). The hook
+logprob entries, a product of several fields and the prompt's tokens (fields.MAX_LOGPROB_ENTRIES). The hook
 (filter_case, registered for the fuzzer's run) drops the generated *valid* requests that break those, asking the server's own POST /tokenize for the count and the server's own sampling_params for the
 logprob bound; nothing else is filtered.
 
@@ -43,7 +43,8 @@ from hypothesis import strategies as st
 
 from api.openapi import field_schema, id_pattern, nullable, request_schema
 from api.errors import APIError
-from api.schemas import GENERATING, ROUTE_FIELDS, ROUTE_RULES, Model, check_rules, sampling_params, spec, value
+from api.fields import GENERATING, ROUTE_FIELDS, ROUTE_RULES
+from api.schemas import Model, check_rules, sampling_params, spec, value
 from model_runner.errors import InvalidSamplingParams
 from model_runner.sampling_params import SamplingParams
 

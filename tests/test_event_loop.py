@@ -1,6 +1,6 @@
 """No request stalls the event loop: work that grows with a request's size runs off it, large texts are refused
 by their size before they are tokenized, and an answer's logprob entries are bounded (api/offload.py,
-api/looplag.py, schemas.MAX_LOGPROB_ENTRIES).
+api/looplag.py, fields.MAX_LOGPROB_ENTRIES).
 
 The server test drives the largest input of every kind the API accepts, and watches the loop's own lag from
 inside the server (jitney_event_loop_lag_seconds), while a probe calls /health every 10 ms. The pieces it rests
@@ -25,7 +25,8 @@ from api.errors import APIError
 from api.app import ServerSettings
 from api.offload import PrepThread, byte_bound, json_pieces, json_text
 from api.response_format import schema_source
-from api.schemas import LOGPROB_PRODUCT, MAX_LOGPROB_ENTRIES, Model, logprob_entries, sampling_params
+from api.fields import LOGPROB_PRODUCT, MAX_LOGPROB_ENTRIES
+from api.schemas import Model, logprob_entries, sampling_params
 from model_runner.grammar import ANNOTATIONS, GrammarCompiler
 from model_runner.loader import load_tokenizer, resolve_model
 from model_runner.text import GIL_FREE_CHARS, encode, encode_offsets
