@@ -12,7 +12,6 @@ import gc
 import itertools
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import cached_property
 
@@ -26,7 +25,7 @@ from model_runner.sequence import Sequence
 from .clock import REAL_CLOCK, Clock
 from .config import BatcherConfig
 from .detokenizer import IncrementalDetokenizer
-from .engine_client import ModelInfo
+from .engine_client import MAX_N, EngineStopped, ModelInfo
 from .grammars import CompileSlots
 from .progress import PrefillProgress
 from .request import EndReason, Request, RequestOutput, RequestStream
@@ -35,11 +34,6 @@ from .scheduler import Scheduler, SchedulerOutput
 from .stats import Counters, EngineStats, StepRecord
 
 log = logging.getLogger("jitney.engine")
-MAX_N = 16  # parallel samples per request (OpenAI's n)
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down and accepts no new requests."""
 
 
 class Engine:
@@ -67,10 +61,9 @@ class Engine:
         self._aborts: dict[str, EndReason] = {}
         self._ids = itertools.count()
         self._wake = asyncio.Event()
-        # The step thread takes the runner's thread count before its first step (model_runner/threads.py: a new
-        # thread would start the native kernels' OpenMP regions at the process default).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jitney-engine",
-                                            initializer=threads.apply, initargs=(runner.threads,))
+        # Steps run on the process's torch thread, the one that loaded the model (model_runner/threads.py: a
+        # second thread running OpenMP regions costs every step a sleep and a wake-up).
+        self._executor = threads.torch_thread()
         self._task: asyncio.Task | None = None
         self.prefill_progress = PrefillProgress(clock=self.clock)  # a line every 5 s for so long a prefill
         self.accepting = True
@@ -130,7 +123,6 @@ class Engine:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
 
     # --- requests -----------------------------------------------------------------------------------------
 

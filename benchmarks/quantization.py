@@ -278,4 +278,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from model_runner.threads import torch_thread
+    torch_thread().run(main)  # all timed work on the thread that loads the model: one OpenMP pool

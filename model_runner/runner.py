@@ -43,7 +43,11 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig | None = None, progress: bool = True):
-        cfg = cfg or RunnerConfig()
+        # Loading, steps and scoring all run on the process's torch thread (model_runner/threads.py: one OpenMP
+        # pool in the process, or every step pays for two).
+        threads.torch_thread().run(self._load, cfg or RunnerConfig(), progress)
+
+    def _load(self, cfg: RunnerConfig, progress: bool) -> None:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         if cfg.quantization != "none" and cfg.device != "cpu":
@@ -121,22 +125,31 @@ class ModelRunner:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
 
-    @torch.inference_mode()
     def score(self, seq: Sequence) -> torch.Tensor:
         """Logits [n, vocab] at every position of seq's tokens (reference checks), through the paged path; seq
         holds blocks for all of them and none is computed yet."""
+        return threads.torch_thread().run(self._score, seq)
+
+    @torch.inference_mode()
+    def _score(self, seq: Sequence) -> torch.Tensor:
         meta, input_ids, positions = self._prepare([(seq, len(seq))])
         return self.model.logits(self.model.forward(input_ids, positions, self.kv_cache, meta))
 
     # --- one step ---------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepOutput:
         """Runs one forward over the scheduled chunks; returns a sampled token per entry (None if mid-prompt) and
-        the logprobs of the sequences that asked for them.
+        the logprobs of the sequences that asked for them. On the torch thread, whoever calls (the engine calls
+        from it already).
 
         Every sequence must already hold KV blocks for num_computed_tokens + num_new_tokens tokens.
         """
+        return threads.torch_thread().run(self._execute, scheduled)
+
+    @torch.inference_mode()
+    def _execute(self, scheduled: list[tuple[Sequence, int]]) -> StepOutput:
+        if torch.get_num_threads() != self.threads:  # another runner of this process asked for another count
+            threads.apply(self.threads)
         # Single-token chunks first, shortest context first (the PyTorch path attends them in groups of similar
         # length; the native kernel takes any order).
         order = sorted(range(len(scheduled)),

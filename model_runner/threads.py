@@ -7,12 +7,22 @@ slowest, so a thread whose core is busy with another process stalls the whole st
 measures it; docs/benchmarks.md#sharing-the-machine gives the advice that follows).
 
 torch.set_num_threads sets ATen's count and the calling thread's OpenMP count only: a thread that has not run
-an ATen op yet still starts OpenMP regions (our kernels') at the process default. So every thread that runs
-steps calls apply() before its first step (batcher/engine.py's step thread does).
+an ATen op yet still starts OpenMP regions (our kernels') at the process default. So the thread that runs steps
+calls apply() before its first step.
+
+All of a process's model work runs on one thread, the torch thread below: loading, every step, scoring. libgomp
+gives each thread that starts OpenMP regions a pool of its own, and once the process holds more OpenMP threads
+than CPUs (the loading thread's pool and the step thread's, 4 threads on 2 CPUs) it throttles their spinning, so
+every parallel region of a step pays a sleep and a wake-up. Loading on the main thread and stepping on the
+engine's thread cost a batch-1 decode step 1.6-1.8x (SmolLM2, bfloat16, AMD Zen 4, 2 cores: 44-52 ms against
+23-27 ms with one thread doing both; benchmarks/one_thread.py, docs/benchmarks.md#one-thread-for-the-model).
 """
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from concurrent.futures import Executor, Future
 
 import torch
 
@@ -30,3 +40,49 @@ def apply(n: int | None) -> int:
     n = n or available()
     torch.set_num_threads(n)
     return n
+
+
+class TorchThread(Executor):
+    """The one thread that runs the model (see above). A daemon thread: Ctrl-C during a load ends the process
+    instead of waiting for the load; an Executor, so the engine hands it steps with run_in_executor."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="jitney-torch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # the caller's to handle, as with any executor
+                    future.set_exception(e)
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def run(self, fn, *args, **kwargs):
+        """fn(*args) on this thread (at once when called from it), its result or its exception here."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shared by every engine and runner of the process: it lives as long as the process."""
+
+
+_torch_thread: TorchThread | None = None
+_lock = threading.Lock()
+
+
+def torch_thread() -> TorchThread:
+    """The process's torch thread, started on first use."""
+    global _torch_thread
+    with _lock:
+        if _torch_thread is None:
+            _torch_thread = TorchThread()
+        return _torch_thread
