@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from model_runner.sampling_params import BOUNDS, GRAMMAR_EXCLUDES, LOGIT_BIAS, grammar_excludes
-from batcher.engine import MAX_N
+from batcher.engine_client import MAX_N
 
 MAX_STOP = 16             # stop strings, and stop token ids, per request
 MAX_STOP_CHARS = 256      # characters in one stop string

@@ -17,7 +17,24 @@ from batcher.stats import StepRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The engine's series, one table for this registry and for replicas/metrics.py's per-replica copies:
+# (name after jitney_, EngineStats field, help).
+ENGINE_GAUGES = (("requests_waiting", "waiting", "Requests accepted but not started"),
+                 ("requests_running", "running", "Sequences in the running batch"),
+                 ("kv_cache_blocks_used", "kv_blocks_used", "KV-cache blocks in use"),
+                 ("kv_cache_blocks_total", "kv_blocks_total", "KV-cache blocks"))
+ENGINE_COUNTERS = (("preemptions", "preemptions", "Sequences preempted for KV memory"),
+                   ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                                                    "(whole blocks)"),
+                   ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+                   ("prompt_tokens", "prompt_tokens", "Prompt tokens of finished requests"),
+                   ("generation_tokens", "generation_tokens", "Tokens generated"),
+                   ("engine_steps", "steps", "Model steps run"))
+KV_USAGE_HELP = "Fraction of KV-cache blocks in use (0..1)"
+FINISHED_HELP = "Requests ended, by finish reason"
+# Per-step histograms: (bucket bounds, help). Replicas count into the same bounds, so their buckets add up.
+STEP_HISTOGRAMS = {"batch_size": ((1, 2, 4, 8, 16, 32, 64, 128, 256), "Sequences per model step"),
+                   "step_tokens": ((1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096), "Tokens per model step")}
 
 
 class EngineCollector:
@@ -26,21 +43,13 @@ class EngineCollector:
 
     def collect(self):
         s = self.engine.stats()
-        yield GaugeMetricFamily("jitney_requests_waiting", "Requests accepted but not started", value=s.waiting)
-        yield GaugeMetricFamily("jitney_requests_running", "Sequences in the running batch", value=s.running)
-        yield GaugeMetricFamily("jitney_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)",
+        for metric, field, help_ in ENGINE_GAUGES:
+            yield GaugeMetricFamily(f"jitney_{metric}", help_, value=getattr(s, field))
+        yield GaugeMetricFamily("jitney_kv_cache_usage_ratio", KV_USAGE_HELP,
                                 value=s.kv_blocks_used / max(s.kv_blocks_total, 1))
-        yield GaugeMetricFamily("jitney_kv_cache_blocks_used", "KV-cache blocks in use", value=s.kv_blocks_used)
-        yield GaugeMetricFamily("jitney_kv_cache_blocks_total", "KV-cache blocks", value=s.kv_blocks_total)
-        yield CounterMetricFamily("jitney_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
-                                  "(whole blocks)", value=s.prefix_cache_queries)
-        yield CounterMetricFamily("jitney_prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                  value=s.prefix_cache_hits)
-        yield CounterMetricFamily("jitney_preemptions", "Sequences preempted for KV memory", value=s.preemptions)
-        yield CounterMetricFamily("jitney_prompt_tokens", "Prompt tokens of finished requests", value=s.prompt_tokens)
-        yield CounterMetricFamily("jitney_generation_tokens", "Tokens generated", value=s.generation_tokens)
-        yield CounterMetricFamily("jitney_engine_steps", "Model steps run", value=s.steps)
-        finished = CounterMetricFamily("jitney_requests_finished", "Requests ended, by finish reason", labels=["reason"])
+        for metric, field, help_ in ENGINE_COUNTERS:
+            yield CounterMetricFamily(f"jitney_{metric}", help_, value=getattr(s, field))
+        finished = CounterMetricFamily("jitney_requests_finished", FINISHED_HELP, labels=["reason"])
         for reason, n in sorted(s.finished_by_reason.items()):
             finished.add_metric([reason], n)
         yield finished
@@ -88,9 +97,8 @@ class Metrics:
                              registry=r)
         self.e2e = Histogram("jitney_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
                              registry=r)
-        self.batch_size = Histogram("jitney_batch_size", "Sequences per model step", buckets=BATCH_BUCKETS, registry=r)
-        self.step_tokens = Histogram("jitney_step_tokens", "Tokens per model step",
-                                     buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
+        self.batch_size, self.step_tokens = (Histogram(f"jitney_{key}", help_, buckets=bounds, registry=r)
+                                             for key, (bounds, help_) in STEP_HISTOGRAMS.items())
         self.http = Counter("jitney_http_requests", "HTTP requests by route and status", ["path", "status"], registry=r)
         engine.step_observers.append(self.observe_step)
 

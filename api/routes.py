@@ -9,7 +9,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from batcher.engine import EngineStopped
+from batcher.engine_client import EngineStopped
 from batcher.engine_client import EngineClient
 from batcher.request import RequestOutput, RequestStream
 from batcher.request_queue import Overloaded

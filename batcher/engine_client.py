@@ -20,6 +20,12 @@ from model_runner.sampling_params import SamplingParams
 from .request import EndReason, RequestOutput
 from .stats import EngineStats, StepRecord
 
+MAX_N = 16  # parallel samples per request (OpenAI's n): every engine's limit, and the API's
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and accepts no new requests (any engine; the API answers 503)."""
+
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -18,8 +18,10 @@ import os
 import socket
 from dataclasses import asdict, dataclass, replace
 
+from api.metrics import STEP_HISTOGRAMS
 from batcher.config import BatcherConfig
-from batcher.engine import Engine, EngineStopped
+from batcher.engine import Engine
+from batcher.engine_client import EngineStopped
 from batcher.request_queue import Overloaded
 from batcher.request import RequestOutput
 from batcher.stats import StepRecord
@@ -28,10 +30,6 @@ from model_runner.errors import InvalidRequestError
 from model_runner.grammar import GrammarError
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
-
-# As api/metrics.py's jitney_batch_size and jitney_step_tokens: the front end merges them by adding counts.
-STEP_HISTOGRAMS = {"batch_size": (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                   "step_tokens": (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)}
 
 
 def keep_serve_grpc_on_loopback() -> bool:
@@ -77,14 +75,14 @@ class JitneyReplica:
         self.engine = Engine(self.runner, batcher_cfg, log_requests=log_requests)
         self.name = serve.get_replica_context().replica_id.unique_id
         # Per histogram: a count per bucket (the last one +Inf) and the sum of observations.
-        self.histograms = {name: ([0] * (len(b) + 1), [0]) for name, b in STEP_HISTOGRAMS.items()}
+        self.histograms = {name: ([0] * (len(b) + 1), [0]) for name, (b, _) in STEP_HISTOGRAMS.items()}
         self.engine.step_observers.append(self._observe_step)
         await self.engine.warm_up()  # response_format's schemas are compiled here, on the replica that runs them
         await self.engine.start()
 
     def _observe_step(self, rec: StepRecord) -> None:
         for name, value in (("batch_size", rec.batch_size), ("step_tokens", rec.num_tokens)):
-            bounds, (counts, total) = STEP_HISTOGRAMS[name], self.histograms[name]
+            (bounds, _), (counts, total) = STEP_HISTOGRAMS[name], self.histograms[name]
             counts[next((i for i, b in enumerate(bounds) if value <= b), len(bounds))] += 1
             total[0] += value
 

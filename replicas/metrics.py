@@ -14,20 +14,9 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .deployment import STEP_HISTOGRAMS
-from .board import DECISIONS, PREFIX_HIT_TOKENS, replica_reports
+from api.metrics import ENGINE_COUNTERS, ENGINE_GAUGES, FINISHED_HELP, KV_USAGE_HELP, STEP_HISTOGRAMS
 
-GAUGES = (("requests_waiting", "waiting", "Requests accepted but not started"),
-          ("requests_running", "running", "Sequences in the running batch"),
-          ("kv_cache_blocks_used", "kv_blocks_used", "KV-cache blocks in use"),
-          ("kv_cache_blocks_total", "kv_blocks_total", "KV-cache blocks"))
-COUNTERS = (("preemptions", "preemptions", "Sequences preempted for KV memory"),
-            ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
-            ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache"),
-            ("prompt_tokens", "prompt_tokens", "Prompt tokens of finished requests"),
-            ("generation_tokens", "generation_tokens", "Tokens generated"),
-            ("engine_steps", "steps", "Model steps run"))
-HELP = {"batch_size": "Sequences per model step", "step_tokens": "Tokens per model step"}
+from .board import DECISIONS, PREFIX_HIT_TOKENS, replica_reports
 
 
 def histogram(name: str, key: str, bounds, groups: list[tuple[list[str], list[dict]]], labels: list[str],
@@ -47,30 +36,30 @@ def histogram(name: str, key: str, bounds, groups: list[tuple[list[str], list[di
 class ReplicaCollector:
     def collect(self):
         reports = sorted(replica_reports().values(), key=lambda r: r["replica"])
-        for key, bounds in STEP_HISTOGRAMS.items():
-            yield histogram(f"jitney_{key}", key, bounds, [([], reports)] if reports else [], [], HELP[key])
+        for key, (bounds, help_) in STEP_HISTOGRAMS.items():
+            yield histogram(f"jitney_{key}", key, bounds, [([], reports)] if reports else [], [], help_)
             yield histogram(f"jitney_replica_{key}", key, bounds, [([r["replica"]], [r]) for r in reports],
-                            ["replica"], HELP[key] + ", per replica")
-        for metric, field, help_ in GAUGES:
+                            ["replica"], help_ + ", per replica")
+        for metric, field, help_ in ENGINE_GAUGES:
             fam = GaugeMetricFamily(f"jitney_replica_{metric}", help_ + ", per replica", labels=["replica"])
             for r in reports:
                 fam.add_metric([r["replica"]], r["stats"][field])
             yield fam
-        usage = GaugeMetricFamily("jitney_replica_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1), "
-                                  "per replica", labels=["replica"])
+        usage = GaugeMetricFamily("jitney_replica_kv_cache_usage_ratio", KV_USAGE_HELP + ", per replica",
+                                  labels=["replica"])
         info = GaugeMetricFamily("jitney_replica_info", "1 per live replica: its process and node",
                                  labels=["replica", "pid", "node"])
         for r in reports:
             usage.add_metric([r["replica"]], r["kv_usage"])
             info.add_metric([r["replica"], str(r["pid"]), r["node"]], 1)
         yield from (usage, info)
-        for metric, field, help_ in COUNTERS:
+        for metric, field, help_ in ENGINE_COUNTERS:
             fam = CounterMetricFamily(f"jitney_replica_{metric}", help_ + ", per replica", labels=["replica"])
             for r in reports:
                 fam.add_metric([r["replica"]], r["stats"][field])
             yield fam
-        finished = CounterMetricFamily("jitney_replica_requests_finished", "Requests ended, by finish reason, per "
-                                       "replica", labels=["replica", "reason"])
+        finished = CounterMetricFamily("jitney_replica_requests_finished", FINISHED_HELP + ", per replica",
+                                       labels=["replica", "reason"])
         for r in reports:
             for reason, n in sorted(r["stats"]["finished_by_reason"].items()):
                 finished.add_metric([r["replica"], reason], n)

@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 
-from batcher.engine import EngineStopped
+from batcher.engine_client import EngineStopped
 from batcher.engine_client import ModelInfo
 from batcher.request_queue import Overloaded
 from batcher.request import EndReason, RequestOutput

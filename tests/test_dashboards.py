@@ -22,12 +22,12 @@ PROMQL_WORDS = re.compile(r"\b([a-z_]+)\s*\(")  # function names, to tell them f
 
 def exported(tiny_runner, monkeypatch) -> set[str]:
     import replicas.metrics as replica_metrics
-    from replicas.deployment import STEP_HISTOGRAMS
+    from api.metrics import STEP_HISTOGRAMS
 
     engine = Engine(tiny_runner, BatcherConfig())
     report = {"replica": "r1", "pid": 1, "node": "n", "block_size": tiny_runner.block_size, "load": 0,
               "kv_usage": 0.0, "stats": asdict(engine.stats()), "cached_block_hashes": [],
-              "histograms": {name: ([0] * (len(b) + 1), 0) for name, b in STEP_HISTOGRAMS.items()}}
+              "histograms": {name: ([0] * (len(b) + 1), 0) for name, (b, _) in STEP_HISTOGRAMS.items()}}
     monkeypatch.setattr(replica_metrics, "replica_reports", lambda: {"r1": report})
     app = build_app(engine, ServerSettings(model_name="m"))
     metrics = app.metrics
