@@ -255,7 +255,7 @@ def header(args: argparse.Namespace, trace_desc: str, model_desc: str) -> str:
     cost = (f"; device cost ${args.device_hourly_cost:g}/hour" + (f" x {args.tp} devices = ${args.hourly_cost:g}/hour"
                                                                    if args.tp > 1 else "")) if args.hourly_cost else ""
     return (f"# jitney simulate\n\nSIMULATED, not measured: jitney's scheduler on a modelled device "
-            f"(docs/simulation.md; against real runs on a 2-core CPU it was optimistic: docs/simulation.md#validation)\n{model_desc}\n"
+            f"(docs/simulation.md; its error against real runs on a CPU: docs/simulation.md#validation)\n{model_desc}\n"
             f"workload: {trace_desc}; seed {args.seed}\nbatcher: {knobs}{prefix}\nSLO for goodput: TTFT <= "
             f"{args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms{cost}")
 

@@ -220,8 +220,8 @@ def test_stalled_viewers_leave_memory_flat_and_the_limit_answers_429():
                 after = rss_kib(server.pid)
                 # KiB. A smoke check over HTTP against unbounded growth only: RSS moves by the allocator's noise
                 # (up to ~19 MB over one round on a loaded 2-core machine), more than a round's bounded buffers
-                # hold. The exact bound is checked in process above (test_a_viewer_that_falls_behind_is_dropped_not_buffered: a dropped
-                # viewer's buffer is emptied and it leaves the hub).
+                # hold. The exact bound is checked in process above (a viewer that falls behind is dropped: its
+                # buffer is emptied and it leaves the hub).
                 assert after - before < 32 * 1024, (before, after)
                 assert client.get("/health").status_code == 200
                 metrics = parse_metrics(client.get("/metrics").text)

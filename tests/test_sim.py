@@ -224,7 +224,8 @@ def test_calibration_round_trips_into_a_simulation(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(ModelRunner, "execute", charged)
-    monkeypatch.setattr(sim.calibrate, "time", SimpleNamespace(perf_counter=lambda: now[0], strftime=real_time.strftime))
+    fake_time = SimpleNamespace(perf_counter=lambda: now[0], strftime=real_time.strftime)
+    monkeypatch.setattr(sim.calibrate, "time", fake_time)
     cal = tmp_path / "cal.json"
     assert main(["--calibrate", "--quick-calibration", "--model", "tiny-random", "--dtype", "float32",
                  "--cost-model", str(cal), "--no-progress"]) == 0
