@@ -98,19 +98,3 @@ def cmd_view(args: argparse.Namespace) -> int:
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m api.view FILE [FILE2]`: the same as `jitney view` (benchmarks/screenshots.py starts it so)."""
-    p = argparse.ArgumentParser(prog="jitney view", description=__doc__.split("\n\n")[0])
-    add_view_args(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_view(args)
-    except InvalidRequestError as e:
-        print(f"jitney view: error: {e}", flush=True)
-        return 2
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

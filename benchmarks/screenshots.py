@@ -9,7 +9,7 @@ gives the same events on every machine):
   step" lesson), side by side, at AT_S simulated seconds;
 - view_prefix_cache.png: continuous batching on a workload whose prompts share a 512-token system prompt, prefix
   caching on beside off, at AT_S.
-Each recording is served by `jitney view` (`python -m api.view`, the same page) on 127.0.0.1 and shot in Debian's
+Each recording is served by `jitney view` on 127.0.0.1 and shot in Debian's
 headless Chromium driven by Selenium, after seeking to that moment; the PNG is re-saved optimized (RGB, no
 alphas; a flat-colour page compresses well: well under 300 KB). The recordings and the simulations' reports stay in --work.
 """
@@ -74,17 +74,22 @@ def browser():
     return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
 
 
+def start_view(recordings: list[Path]) -> tuple[subprocess.Popen, str | None]:
+    """`jitney view` over the recordings, in a child process: it, and the URL it prints (None if it printed none).
+    The caller stops it."""
+    proc = subprocess.Popen([sys.executable, "-m", "jitney.cli", "view", *map(str, recordings)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if m := re.search(r"open (http://127\.0\.0\.1:\d+/)", line):
+            return proc, m.group(1)
+    return proc, None
+
+
 def shoot(driver, recordings: list[Path], at_s: float, png: Path) -> None:
     """Serve the recordings with `jitney view`, seek to at_s, save a PNG of the window."""
     from PIL import Image
-    proc = subprocess.Popen([sys.executable, "-m", "api.view", *map(str, recordings)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url = start_view(recordings)
     try:
-        url = None
-        for line in proc.stdout:
-            if m := re.search(r"open (http://127\.0\.0\.1:\d+/)", line):
-                url = m.group(1)
-                break
         if not url:
             raise RuntimeError("jitney view printed no URL")
         driver.get(url)

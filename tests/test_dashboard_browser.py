@@ -154,14 +154,9 @@ def test_view_replays_two_recordings_side_by_side(browser, tmp_path):
         runs[-1].append(event)
     assert [r[0]["label"] for r in runs] == ["static", "continuous"]
     steps = [sum(e["type"] == "step" for e in r) for r in runs]
-    proc = subprocess.Popen([sys.executable, "-m", "jitney.cli", "view", str(path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    from benchmarks.screenshots import start_view
+    proc, url = start_view([path])
     try:
-        url = None
-        for line in proc.stdout:
-            if m := re.search(r"open (http://127\.0\.0\.1:\d+/)", line):
-                url = m.group(1)
-                break
         assert url, "jitney view printed no URL"
         browser.get(url)
         assert wait_until(lambda: status(browser) == "replay: paused", 15), status(browser)
