@@ -18,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from batcher.step_view import StepHub, TooManyViewers, encode, hello, state
+from batcher.engine_client import EngineClient
+from batcher.step_view import StepHub, TooManyViewers
 
 from .errors import error_response
 
@@ -62,21 +63,18 @@ class StepStream:
         except TooManyViewers as e:
             return await error_response(429, str(e), "rate_limit_error", "too_many_viewers",
                                         headers={"Retry-After": "5"})(scope, receive, send)
-        engine = self.hub.engine
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
                                 (b"x-accel-buffering", b"no")]})
 
         async def pump() -> None:
             """Until the viewer is dropped or the server stops accepting (a drain ends the stream, not waits on it)."""
-            now = engine.clock()
-            first = [encode(hello(engine, now)), encode(state(engine, now))]
-            await send({"type": "http.response.body", "body": frame(first), "more_body": True})
-            while engine.accepting:
+            await send({"type": "http.response.body", "body": frame(self.hub.opening()), "more_body": True})
+            while self.hub.live:
                 lines = await viewer.take(IDLE_STATE_S)
                 if viewer.dropped:
                     return
-                lines = lines or [encode(state(engine, engine.clock()))]
+                lines = lines or [self.hub.state_now()]
                 await send({"type": "http.response.body", "body": frame(lines), "more_body": True})
 
         async def gone() -> None:
@@ -105,11 +103,10 @@ def frame(lines: list[str]) -> bytes:
     return "".join(f"data: {line}\n\n" for line in lines).encode()
 
 
-def dashboard_routes(engine) -> list[Route]:
-    """The page and its stream over an in-process engine; over replicas (no one engine to watch) the stream
-    answers 501."""
-    from batcher.engine import Engine
-    hub = StepHub(engine, MAX_VIEWERS, BUFFER_EVENTS) if isinstance(engine, Engine) else None
+def dashboard_routes(engine: EngineClient) -> list[Route]:
+    """The page and its stream over an engine that has steps to watch (EngineClient.step_hub); where it has
+    none (over replicas) the stream answers 501."""
+    hub = engine.step_hub(MAX_VIEWERS, BUFFER_EVENTS)
 
     async def dashboard(request: Request) -> Response:
         html = page({"mode": "live", "stream": "/v1/engine/steps"})

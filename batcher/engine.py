@@ -32,6 +32,7 @@ from .request import EndReason, Request, RequestOutput, RequestStream
 from .request_queue import RequestQueue
 from .scheduler import Scheduler, SchedulerOutput
 from .stats import Counters, EngineStats, StepRecord
+from .step_view import StepHub
 
 log = logging.getLogger("jitney.engine")
 
@@ -358,6 +359,10 @@ class Engine:
             steps=c.steps, mean_batch_size=c.mean_batch_size, last_batch_size=c.last_batch_size,
             last_step_tokens=c.last_step_tokens, prompt_tokens=c.prompt_tokens,
             generation_tokens=c.generation_tokens, finished_by_reason=dict(c.finished_by_reason))
+
+    def step_hub(self, max_viewers: int, buffer_events: int) -> StepHub:
+        """Live viewers of this engine's steps (the dashboard): it is watched only while one is attached."""
+        return StepHub(self, max_viewers, buffer_events)
 
     # --- for replicas/: what one replica reports to the router in front of it (the only such method) --------
 

@@ -4,7 +4,8 @@ Two engines implement it: batcher.engine.Engine (the model in this process) and 
 RemoteEngine (replicas behind a Ray Serve handle). api/ is written against this protocol alone, so the two cannot
 drift apart unnoticed: tests/test_engine_client.py checks both against it, signatures included. The shape follows
 vLLM's EngineClient (vllm/engine/protocol.py): requests in, output streams out, abort with a reason, the tokenizer
-and model facts the API validates with, a response format compiled below the door, stats, health, shutdown.
+and model facts the API validates with, a response format compiled below the door, stats, health, shutdown; and
+one optional capability, the live step events the dashboard streams (step_hub: None where there are none).
 
 Errors a caller must expect from add_request/add_parallel_requests: InvalidRequestError (and its InvalidSamplingParams,
 GrammarError), Overloaded (batcher.request_queue), EngineStopped (batcher.engine).
@@ -19,6 +20,7 @@ from model_runner.sampling_params import SamplingParams
 
 from .request import EndReason, RequestOutput
 from .stats import EngineStats, StepRecord
+from .step_view import StepHub
 
 MAX_N = 16  # parallel samples per request (OpenAI's n): every engine's limit, and the API's
 
@@ -90,3 +92,8 @@ class EngineClient(Protocol):
     def stats(self) -> EngineStats: ...
 
     def config_info(self) -> dict[str, dict[str, str]]: ...
+
+    # --- the dashboard: a capability an engine may lack (None) ---
+    def step_hub(self, max_viewers: int, buffer_events: int) -> StepHub | None:
+        """A hub for the live viewers of every model step (GET /v1/engine/steps, batcher/step_view.py), or None
+        where this process runs no steps to watch (over replicas each replica runs its own)."""

@@ -229,6 +229,20 @@ class StepHub:
         if not self.viewers:
             self._watch.detach()
 
+    @property
+    def live(self) -> bool:
+        """The engine still accepts requests (a drain ends every viewer's stream rather than waits on it)."""
+        return self.engine.accepting
+
+    def opening(self) -> list[str]:
+        """A new viewer's first events: hello, then the queue and KV cache as they are now."""
+        now = self.engine.clock()
+        return [encode(hello(self.engine, now)), encode(state(self.engine, now))]
+
+    def state_now(self) -> str:
+        """The state event as it is now (between steps, while no step comes)."""
+        return encode(state(self.engine, self.engine.clock()))
+
     def _broadcast(self, line: str) -> None:
         for v in list(self.viewers):
             v.push(line)

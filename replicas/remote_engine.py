@@ -209,6 +209,10 @@ class RemoteEngine:
         replica's)."""
         return self._config_info
 
+    def step_hub(self, max_viewers: int, buffer_events: int) -> None:
+        """None: the steps run in the replicas, no one engine here to watch (the step stream answers 501)."""
+        return None
+
     def stats(self) -> EngineStats:
         """Every replica's last report, added up (counters and gauges add; rates are recomputed from counts)."""
         reports = list(replica_reports().values())

@@ -9,14 +9,19 @@ import time
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 
+from api.dashboard import dashboard_routes
 from batcher import step_view
 from batcher.config import BatcherConfig
 from batcher.engine import Engine
+from batcher.engine_client import ModelInfo
 from batcher.step_view import StepHub, TooManyViewers
+from replicas.remote_engine import RemoteEngine
 
 from .engine_helpers import collect, greedy
 from .server_helpers import jitney_server, parse_metrics
+from .test_replicas import FakeHandle
 
 KEY = "stream-key"
 TINY = ("--dtype", "float32", "--kv-cache-memory", "32MiB")
@@ -247,3 +252,18 @@ def test_no_dashboard_leaves_both_routes_out():
         for path in ("/dashboard", "/v1/engine/steps"):
             r = httpx.get(f"{server.url}{path}", timeout=10)
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+
+
+def test_the_stream_answers_501_where_the_engine_has_no_steps_to_watch():
+    """Over replicas (RemoteEngine.step_hub is None) the page is still served; its stream is a 501."""
+    info = ModelInfo("fake", 64, 10, 16, "fake")
+    app = Starlette(routes=dashboard_routes(RemoteEngine(FakeHandle(), {"model_info": info, "tokenizer": None,
+                                                                       "config_info": {}})))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get("/dashboard"), await client.get("/v1/engine/steps")
+
+    page, steps = asyncio.run(main())
+    assert page.status_code == 200 and "/v1/engine/steps" in page.text
+    assert steps.status_code == 501 and steps.json()["error"]["code"] == "not_implemented", steps.text

@@ -10,6 +10,7 @@ import pytest
 from batcher.config import BatcherConfig
 from batcher.engine import Engine
 from batcher.engine_client import EngineClient, ModelInfo
+from batcher.step_view import StepHub
 from replicas.remote_engine import RemoteEngine
 from tests.server_helpers import REPO
 
@@ -51,6 +52,15 @@ def test_engine_implements_engine_client(tiny_runner):
 def test_remote_engine_implements_engine_client():
     info = ModelInfo("fake", 64, 10, 16, "fake")
     check_implements(RemoteEngine(FakeHandle(), {"model_info": info, "tokenizer": None, "config_info": {}}))
+
+
+def test_only_an_engine_in_this_process_has_steps_to_watch(tiny_runner):
+    """The dashboard's capability (EngineClient.step_hub): a hub over the local engine; none over replicas."""
+    engine = Engine(tiny_runner, BatcherConfig())
+    hub = engine.step_hub(2, 8)
+    assert isinstance(hub, StepHub) and hub.engine is engine and (hub.max_viewers, hub.buffer_events) == (2, 8)
+    info = ModelInfo("fake", 64, 10, 16, "fake")
+    assert RemoteEngine(FakeHandle(), {"model_info": info, "tokenizer": None, "config_info": {}}).step_hub(2, 8) is None
 
 
 def test_api_reaches_no_runner():
