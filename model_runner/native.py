@@ -139,6 +139,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.jitney_add_rms_norm.restype = None
     lib.jitney_silu_mul.argtypes = [_i32, _ptr, _ptr, _i64, _i64]
     lib.jitney_silu_mul.restype = None
+    lib.jitney_argmax.argtypes, lib.jitney_argmax.restype = [_ptr, _i64, _i64, _i64, _ptr], None
 
 
 def _check(ok: bool, what: str, *tensors: torch.Tensor) -> None:
@@ -234,6 +235,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, inter = gate_up.shape[0], gate_up.shape[-1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
     library().jitney_silu_mul(int(gate_up.dtype == torch.bfloat16), gate_up.data_ptr(), out.data_ptr(), rows, inter)
+    return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of float32 rows x [B, V] (unit stride within a row): the same index torch gives (the first
+    maximum; the first NaN where a row has one), rows in parallel, where torch's argmax runs on one core."""
+    _check(x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1,
+           "float32 [B, V] rows with V > 0, unit stride within a row", x)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().jitney_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
     return out
 
 

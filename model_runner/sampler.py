@@ -6,7 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
+from model_runner import native
 from model_runner.sampling_params import SamplingParams
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax: the native kernel's where it runs (float32 logits on the CPU, rows in parallel),
+    torch's otherwise; both give the first maximum."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1]
+            and logits.stride(1) == 1 and native.library() is not None):
+        return native.argmax(logits)
+    return logits.argmax(-1)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -156,7 +166,7 @@ class Sampler:
         device = logits.device
         logits = self._adjust(logits, params, token_histories, output_histories)
 
-        tokens = logits.argmax(-1)
+        tokens = greedy(logits)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if not sampled:  # the common all-greedy decode step: no float copy, no sort, no randomness
             return tokens

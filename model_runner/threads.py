@@ -16,10 +16,18 @@ than CPUs (the loading thread's pool and the step thread's, 4 threads on 2 CPUs)
 every parallel region of a step pays a sleep and a wake-up. Loading on the main thread and stepping on the
 engine's thread cost a batch-1 decode step 1.6-1.8x (SmolLM2, bfloat16, AMD Zen 4, 2 cores: 44-52 ms against
 23-27 ms with one thread doing both; benchmarks/one_thread.py, docs/benchmarks.md#one-thread-for-the-model).
+
+A step allocates the same large buffers every time (at decode batch 128 the logits alone are 25 MB), and glibc
+serves such buffers with mmap and returns them with munmap, or trims them off the heap, so every step paid
+thousands of page faults on fresh zeroed pages. keep_step_buffers() tells glibc to keep freed memory up to a
+bound for reuse: a batch-128 decode step of SmolLM2 (bfloat16, AMD Zen 4, 2 cores) went from 298 to 226 ms and
+a 512-token prefill from 527 to 475 ms (`python -m benchmarks.profile_step`; docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import queue
 import threading
 from concurrent.futures import Executor, Future
@@ -42,12 +50,32 @@ def apply(n: int | None) -> int:
     return n
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt's parameters (malloc.h)
+MMAP_THRESHOLD = 256 << 20  # larger buffers (loading a checkpoint) still go back to the system when freed
+TRIM_THRESHOLD = 512 << 20  # free memory kept at the top of the heap before it is returned
+
+
+def keep_step_buffers() -> bool:
+    """Lets glibc keep a step's freed buffers for the next step (see above); False where libc is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # One arena, the main heap: a thread's own arena lives in 64 MB heaps that glibc unmaps whenever one
+        # empties, whatever the thresholds say, and a step's buffers come and go by tens of megabytes.
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                    and libc.mallopt(M_ARENA_MAX, 1))
+    except (OSError, AttributeError):
+        return False
+
+
 class TorchThread(Executor):
     """The one thread that runs the model (see above). A daemon thread: Ctrl-C during a load ends the process
     instead of waiting for the load; an Executor, so the engine hands it steps with run_in_executor."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        keep_step_buffers()
         self._thread = threading.Thread(target=self._work, name="jitney-torch", daemon=True)
         self._thread.start()
 

@@ -716,9 +716,31 @@ void write_kv(const TS* k, int64_t k_stride, const TS* v, int64_t v_stride, cons
   }
 }
 
+// The index of each row's largest value, as torch.argmax gives it: the first maximum, or the first NaN where a
+// row holds one (NaN compares above everything there). Two passes over a row that stays in L2 (a 49,152-token
+// vocabulary is 192 KB): a vectorized maximum, then the first index holding it. Rows in parallel: at batch 128
+// torch's argmax took 5.5 ms of a decode step on AMD Zen 4, on one core.
+int64_t argmax_row(const float* x, int64_t n) {
+  float m = -INFINITY;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t i = 0; i < n; i++) {
+    m = x[i] > m ? x[i] : m;
+    nan |= x[i] != x[i];
+  }
+  for (int64_t i = 0; i < n; i++)
+    if (nan ? x[i] != x[i] : x[i] == m) return i;
+  return 0;  // n == 0 is refused by the caller; every row value -inf ends above at i = 0
+}
+
 }  // namespace
 
 extern "C" {
+
+void jitney_argmax(const float* x, int64_t rows, int64_t n, int64_t row_stride, int64_t* out) {
+#pragma omp parallel for if (rows > 1)
+  for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * row_stride, n);
+}
 
 void jitney_add_rms_norm(int is_bf16, void* x, const void* delta, const void* weight, void* out, int64_t rows,
                          int64_t n, float eps) {
