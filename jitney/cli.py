@@ -25,10 +25,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = bfloat16 where the CPU/GPU computes it natively (AVX512-BF16, "
                         "AMX, a GPU), else float32 (AVX2, Arm) (default: auto)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="what the KV cache stores; auto = the compute dtype. bfloat16 under float32 compute halves "
                         "the bytes a decode step reads at long contexts (CPUs without AVX512-BF16), at the cost of "
-                        "rounding keys and values to 8 significant bits (default: auto)")
+                        "rounding keys and values to 8 significant bits; int8 (CPU, float32 or bfloat16 compute) "
+                        "stores each key and value row as int8 with a float32 scale: about half a bfloat16 "
+                        "cache's bytes (docs/quantization.md) (default: auto)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     # --quantization (docs/quantization.md): one flag, RunnerConfig.quantization.
     p.add_argument("--quantization", default="none", choices=["none", "int8", "q4"],

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .int8_kv import as_stored, dequantize_rows, quantize_rows
 
 
 @dataclass
@@ -68,9 +69,11 @@ class AttentionMetadata:
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
-    """cache [KVH, blocks, bs, D] <- x [T, KVH, D] at the given slots (rounded to the cache's dtype)."""
-    kvh, _, _, d = cache.shape
-    cache.view(kvh, -1, d).index_copy_(1, slot_mapping, x.transpose(0, 1).to(cache.dtype))
+    """cache [KVH, blocks, bs, D] <- x [T, KVH, D] at the given slots (rounded to the cache's dtype; into an
+    int8 cache, whose rows are D + 4 bytes, quantized: int8_kv.py)."""
+    kvh, _, _, width = cache.shape
+    rows = quantize_rows(x) if cache.dtype == torch.int8 else x.to(cache.dtype)
+    cache.view(kvh, -1, width).index_copy_(1, slot_mapping, rows.transpose(0, 1))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -90,7 +93,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     for c in meta.prefills:
         qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
         if c.rows is None:  # a fresh prompt: its keys are exactly this chunk's, as the cache holds them
-            kc, vc = (x[c.start:c.end].transpose(0, 1).to(kv_cache.dtype).to(q.dtype) for x in (k, v))
+            kc, vc = (as_stored(x[c.start:c.end].transpose(0, 1), kv_cache.dtype).to(q.dtype) for x in (k, v))
         else:
             kc, vc = gather_kv(kv_cache, c.rows)[:, :, : c.context_len].to(q.dtype)
         o = F.scaled_dot_product_attention(qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=c.mask,
@@ -101,7 +104,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, g: DecodeGroup, scale: float) -> torch.Tensor:
     """One group of single-token queries q [rows, H, D] against their sequences' cached K/V."""
-    n, kvh, d = q.shape[0], kv_cache.shape[1], kv_cache.shape[-1]
+    n, kvh, d = q.shape[0], kv_cache.shape[1], q.shape[-1]
     kv = gather_kv(kv_cache, g.rows).view(2, kvh, n, -1, d).to(q.dtype)  # [2, KVH, rows, ctx, Dh]
     qd = q.view(n, kvh, -1, d).transpose(0, 1)                     # [KVH, rows, q heads per kv head, Dh]
     scores = torch.add(g.bias, torch.matmul(qd, kv[0].transpose(-1, -2)), alpha=scale)
@@ -110,9 +113,11 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, g: DecodeGroup, sc
 
 
 def gather_kv(kv_cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[2, KVH, tokens, Dh] from a layer's cache [2, KVH, blocks, block_size, Dh], given (K/V, head, block) rows.
+    """[2, KVH, tokens, Dh] from a layer's cache [2, KVH, blocks, block_size, Dh], given (K/V, head, block) rows
+    (from an int8 cache, whose rows are Dh + 4 bytes: widened and scaled, float32).
 
     Gathering whole rows of a 2-D view is a plain row copy: twice as fast as index_select along an inner dim
     of the 5-D cache, and one call fetches K and V together."""
-    _, kvh, blocks, _, d = kv_cache.shape
-    return kv_cache.view(2 * kvh * blocks, -1).index_select(0, rows).view(2, kvh, -1, d)
+    _, kvh, blocks, _, width = kv_cache.shape
+    rows = kv_cache.view(2 * kvh * blocks, -1).index_select(0, rows).view(2, kvh, -1, width)
+    return dequantize_rows(rows) if kv_cache.dtype == torch.int8 else rows

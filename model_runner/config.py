@@ -187,7 +187,7 @@ class ModelConfig:
 class RunnerConfig:
     model: str = "smollm2-135m"
     dtype: str = "auto"          # auto | float32 | bfloat16 | float16
-    kv_cache_dtype: str = "auto"  # auto (the compute dtype) | float32 | bfloat16 (also under float32 compute)
+    kv_cache_dtype: str = "auto"  # auto (the compute dtype) | float32 | bfloat16 (also under float32) | int8 (CPU)
     quantization: str = "none"   # none | int8 (per-row int8 at load) | q4 (a GGUF's Q4_0/Q4_1/Q8_0 as stored)
     device: str = "cpu"          # cpu | cuda
     block_size: int = 16         # tokens per KV block

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .kv_cache import cache_head_dim
 from .paths import cache_dir
 from .precision import cpuinfo_flags
 
@@ -46,6 +47,9 @@ ISA_FLAGS = {
 }
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# What a cache holds, as the kernels' kv_kind / dst_kind argument says it: int8 rows carry their float32 scale
+# after their values (model_runner/kv_cache.py).
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 def _machine() -> str:
@@ -163,8 +167,9 @@ def elementwise_supported(device: str, dtype: torch.dtype) -> bool:
 def supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int,
               kv_dtype: torch.dtype | None = None) -> bool:
     """Whether paged attention (and the K/V write) can run natively: compute in `dtype`, a cache in
-    `kv_dtype` (the same when None; float32 compute over a bfloat16 cache is the AVX2 machines' case)."""
-    ok = device == "cpu" and dtype in KERNEL_DTYPES and (kv_dtype or dtype) in KERNEL_DTYPES
+    `kv_dtype` (the same when None; float32 compute over a bfloat16 cache is the AVX2 machines' case; int8
+    under either compute dtype)."""
+    ok = device == "cpu" and dtype in KERNEL_DTYPES and (kv_dtype or dtype) in KV_KINDS
     lib = library() if ok else None
     if lib is None or heads % kv_heads:
         return False
@@ -177,17 +182,20 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     """Attention of query rows q [n, H, D] (heads contiguous, any stride between rows) over a layer's cache
     [2, KVH, blocks, block_size, D]: row i attends to the first context_lens[i] tokens (int32, >= 1) of the
     sequence whose blocks are block_tables[i] (int32; rows of one prompt share a table). Returns [n, H, D] in
-    q's dtype; the cache may be bfloat16 under float32 queries (widened as read). Callers check `supported`."""
+    q's dtype; the cache may be bfloat16 under float32 queries (widened as read).
+    An int8 cache (rows of D + 4 bytes: kv_cache.py) goes under either, widened and scaled as read. Callers
+    check `supported`."""
     n, heads, d = q.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
-    _check(q.dtype in KERNEL_DTYPES and kv_cache.dtype in KERNEL_DTYPES and q.stride(2) == 1 and q.stride(1) == d
-           and kv_cache.is_contiguous(), "q and the cache: float32 or bfloat16, heads contiguous, a contiguous cache",
+    _check(q.dtype in KERNEL_DTYPES and kv_cache.dtype in KV_KINDS and q.stride(2) == 1 and q.stride(1) == d
+           and kv_cache.is_contiguous(), "q float32 or bfloat16 with heads contiguous, a contiguous float32, "
+           "bfloat16 or int8 cache",
            q, kv_cache)
     _check(block_tables.dtype == context_lens.dtype == torch.int32 and block_tables.stride(1) == 1
            and context_lens.is_contiguous() and block_tables.shape[0] == context_lens.shape[0] == n
-           and kv_cache.shape[-1] == d, "one int32 table row and context length per query row", block_tables)
+           and cache_head_dim(kv_cache) == d, "one int32 table row and context length per query row", block_tables)
     out = torch.empty(n, heads, d, dtype=q.dtype)
-    library().jitney_paged_attention(int(q.dtype == torch.bfloat16), int(kv_cache.dtype == torch.bfloat16),
+    library().jitney_paged_attention(int(q.dtype == torch.bfloat16), KV_KINDS[kv_cache.dtype],
                                      q.data_ptr(), q.stride(0),
                                      kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
                                      context_lens.data_ptr(), out.data_ptr(), n, heads, kv_heads, d, num_blocks,
@@ -199,16 +207,17 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: to
     """Stores k, v [T, KVH, D] (heads contiguous, any stride between rows) at slots [T] (int64) of a layer's
     cache [2, KVH, blocks, block_size, D]: one pass, where two index_copy_ calls on the strided views took
     7 ms of a 100 ms decode step. Float32 k, v going into a bfloat16 cache are rounded to nearest even (as
-    torch's cast)."""
-    _, kv_heads, num_blocks, block_size, d = kv_cache.shape
-    _check(k.dtype == v.dtype in KERNEL_DTYPES and kv_cache.dtype in KERNEL_DTYPES and kv_cache.is_contiguous()
-           and (k.dtype == kv_cache.dtype or k.dtype == torch.float32)
+    torch's cast); into an int8 cache each row is quantized, bit for bit as int8_kv.quantize_rows does it."""
+    _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    d = cache_head_dim(kv_cache)
+    _check(k.dtype == v.dtype in KERNEL_DTYPES and kv_cache.dtype in KV_KINDS and kv_cache.is_contiguous()
+           and (k.dtype == kv_cache.dtype or k.dtype == torch.float32 or kv_cache.dtype == torch.int8)
            and k.shape == v.shape and k.shape[1:] == (kv_heads, d) and k.stride(2) == v.stride(2) == 1
            and k.stride(1) == v.stride(1) == d,
            "k, v [T, kv_heads, head_dim] with contiguous heads, of the cache's dtype or float32", k, v, kv_cache)
     _check(slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (k.shape[0],),
            "one int64 slot per row", slots)
-    library().jitney_write_kv(int(k.dtype == torch.bfloat16), int(kv_cache.dtype == torch.bfloat16), k.data_ptr(),
+    library().jitney_write_kv(int(k.dtype == torch.bfloat16), KV_KINDS[kv_cache.dtype], k.data_ptr(),
                               k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), kv_cache.data_ptr(),
                               k.shape[0], kv_heads, d, num_blocks, block_size)
 

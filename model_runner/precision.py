@@ -10,6 +10,12 @@ key and value to 8 significant bits moves SmolLM2's logits by 0.2-0.6 % of their
 and greedy text then parts from transformers' float32 on one of the eight reference prompts (at token 38 of
 48; tests/test_precision.py checks the kernel against a reference that rounds the same way). So `auto` keeps
 the cache in the compute dtype, as vLLM's `--kv-cache-dtype auto` does.
+
+`--kv-cache-dtype int8` stores each key and value row as int8 with a float32 scale of its own (per token, kv
+head, K or V: model_runner/kv_cache.py), under float32 or bfloat16 compute: 68 bytes a row at head_dim 64
+where bfloat16 takes 128, so a decode step reads about half the KV bytes of a bfloat16 cache (a quarter of a
+float32 one). Rows are quantized as they are written and widened back to float32 inside the attention kernels;
+what it costs in perplexity and greedy agreement is measured in docs/quantization.md. It is never the default.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import torch
 from .errors import ModelLoadError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {**DTYPES, "int8": torch.int8}  # what --kv-cache-dtype accepts besides auto
 
 
 @cache
@@ -105,10 +112,16 @@ def resolve_precision(dtype: str, kv_cache_dtype: str, device: str) -> Precision
     compute, why = compute_dtype(dtype, device)
     if kv_cache_dtype == "auto":
         return Precision(compute, compute, why)
-    if kv_cache_dtype not in DTYPES:
-        raise ModelLoadError(f"unknown KV-cache dtype {kv_cache_dtype!r}: choose auto, {', '.join(DTYPES)}")
-    kv = DTYPES[kv_cache_dtype]
-    if kv != compute and not (compute == torch.float32 and kv == torch.bfloat16):
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ModelLoadError(f"unknown KV-cache dtype {kv_cache_dtype!r}: choose auto, {', '.join(KV_DTYPES)}")
+    kv = KV_DTYPES[kv_cache_dtype]
+    if kv == torch.int8 and device != "cpu":
+        raise ModelLoadError(f"an int8 KV cache runs on the CPU (its kernels and tests are the CPU's); on {device} "
+                             "use --kv-cache-dtype auto")
+    if kv == torch.int8 and compute not in (torch.float32, torch.bfloat16):
+        raise ModelLoadError(f"an int8 KV cache under {str(compute).removeprefix('torch.')} compute is not "
+                             "supported: use --dtype bfloat16 or float32 with --kv-cache-dtype int8")
+    if kv != compute and kv != torch.int8 and not (compute == torch.float32 and kv == torch.bfloat16):
         raise ModelLoadError(f"a {kv_cache_dtype} KV cache under {str(compute).removeprefix('torch.')} compute "
-                             "is not supported: the KV cache is the compute dtype, or bfloat16 under float32")
+                             "is not supported: the KV cache is the compute dtype, bfloat16 under float32, or int8")
     return Precision(compute, kv, f"{why}, --kv-cache-dtype {kv_cache_dtype}")

@@ -33,7 +33,7 @@ def test_a_bfloat16_cache_under_float32_compute_is_asked_for_by_name():
     assert p.describe().startswith("float32 compute, bfloat16 KV cache")
 
 
-@pytest.mark.parametrize("dtype,kv", [("bfloat16", "float32"), ("float32", "float16"), ("float32", "int8")])
+@pytest.mark.parametrize("dtype,kv", [("bfloat16", "float32"), ("float32", "float16"), ("float32", "int4")])
 def test_unsupported_combinations_are_refused_with_what_to_do(dtype, kv):
     with pytest.raises(ModelLoadError, match="KV-cache dtype|KV cache is the compute dtype"):
         resolve_precision(dtype, kv, "cpu")

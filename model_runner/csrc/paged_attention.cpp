@@ -8,6 +8,11 @@
 // their sequence's blocks, which then stay in cache from one row to the next. Tasks run on the
 // OpenMP threads of the process (built with g++: the same libgomp as PyTorch's, one shared thread pool).
 //
+// The cache holds float32, bfloat16 or int8 rows (--kv-cache-dtype int8: model_runner/kv_cache.py's layout, each
+// row's head_dim int8 values followed by its float32 scale). Int8 rows are quantized as written (write_kv) and
+// widened back to float32 as read, inside the loops below: a row's scale multiplies its key's score (once per
+// group of keys, not per element) and its value's softmax weight.
+//
 // Built and loaded by model_runner/native.py; plain C ABI, no PyTorch headers (a build takes seconds, not the
 // minute a PyTorch extension takes).
 #include <algorithm>
@@ -38,6 +43,19 @@ constexpr int MAX_HEAD_DIM = 256;
 constexpr int MAX_BLOCK = 256;  // tokens per KV block
 
 #include "bf16.h"  // to_float, store
+
+// An int8 cache row: head_dim int8 values, then the row's float32 scale in the next four bytes (value = q *
+// scale). Rows of other types are their head_dim values alone, scale 1.
+template <typename TC>
+constexpr bool is_q8 = std::is_same_v<TC, int8_t>;
+template <typename TC>
+constexpr int row_extra = is_q8<TC> ? 4 : 0;  // elements of a row past its values
+inline float to_float(int8_t x) { return float(x); }
+inline float row_scale(const int8_t* row, int head_dim) {
+  float s;
+  std::memcpy(&s, row + head_dim, sizeof s);
+  return s;
+}
 
 // exp(x) in a form the compiler vectorizes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor
 // polynomial (relative error < 2e-7, below float32 rounding of the sums it feeds), 2^n put straight into the
@@ -97,7 +115,8 @@ template <typename TQ, typename TC, int HD>
 void attend(const TQ* q, const TC* k, const TC* v, const int32_t* table, int context_len, TQ* out, int group,
             int block_size, int head_dim_arg, float scale) {
   const int hd = HD ? HD : head_dim_arg;
-  const int64_t block_stride = int64_t(block_size) * hd;
+  const int rs = hd + row_extra<TC>;  // elements from one cached row to the next
+  const int64_t block_stride = int64_t(block_size) * rs;
   alignas(64) float qf[MAX_GROUP][MAX_HEAD_DIM];
   alignas(64) float acc[MAX_GROUP][MAX_HEAD_DIM];
   alignas(64) float row[MAX_HEAD_DIM];
@@ -115,12 +134,14 @@ void attend(const TQ* q, const TC* k, const TC* v, const int32_t* table, int con
     const TC* vb = v + table[b] * block_stride;
     const int n = std::min(block_size, context_len - b * block_size);
     for (int t = 0; t < n; t++) {  // scores of this block's keys, every head of the group
-      for (int d = 0; d < hd; d++) row[d] = to_float(kb[t * hd + d]);
+      for (int d = 0; d < hd; d++) row[d] = to_float(kb[t * rs + d]);
+      float key_scale = 1.f;
+      if constexpr (is_q8<TC>) key_scale = row_scale(kb + t * rs, hd);
       for (int g = 0; g < group; g++) {
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
         for (int d = 0; d < hd; d++) s += qf[g][d] * row[d];
-        score[g][t] = s;
+        score[g][t] = s * key_scale;
       }
     }
     for (int g = 0; g < group; g++) {
@@ -128,9 +149,11 @@ void attend(const TQ* q, const TC* k, const TC* v, const int32_t* table, int con
       for (int d = 0; d < hd; d++) acc[g][d] *= correction;
     }
     for (int t = 0; t < n; t++) {  // weighted values
-      for (int d = 0; d < hd; d++) row[d] = to_float(vb[t * hd + d]);
+      for (int d = 0; d < hd; d++) row[d] = to_float(vb[t * rs + d]);
+      float value_scale = 1.f;
+      if constexpr (is_q8<TC>) value_scale = row_scale(vb + t * rs, hd);
       for (int g = 0; g < group; g++) {
-        const float p = score[g][t];
+        const float p = score[g][t] * value_scale;
         for (int d = 0; d < hd; d++) acc[g][d] += p * row[d];
       }
     }
@@ -364,12 +387,132 @@ AttendFn<T> pick_avx512(int head_dim, int group) {
     return head_dim == 64 ? pick_group<T, 64>(group) : head_dim == 128 ? pick_group<T, 128>(group) : nullptr;
   }
 }
+
+// An int8 cache under float32 or bfloat16 queries: attend_avx512's design, the query widened to float32 once,
+// the keys and values widened as read (int8 -> int32 -> float32: exact), everything summed in float32.
+// - scores: the sixteen keys are widened once into an L1 scratch that all G heads read (widening them again
+//   for each head costs more than the stores); the dot products are of the stored integers, and one vector
+//   multiply by the sixteen rows' scales (collected by one gather: the rows are HD + 4 bytes apart) and the
+//   softmax scale turns them into scores;
+// - values: each row widened once and weighted by G FMAs, the weights being the softmax numerators times the
+//   value rows' scales (the denominator sums the numerators alone).
+// Needs no AVX512-BF16: a bfloat16 query or output is widened or rounded by integer arithmetic.
+template <typename TQ, int HD, int G>
+void attend_avx512_q8(const TQ* q, const int8_t* k, const int8_t* v, const int32_t* table, int context_len,
+                      TQ* out, int block_size, float scale) {
+  constexpr int NV = HD / 16;  // vectors per row
+  constexpr int RS = HD + 4;   // bytes from one cached row to the next
+  static_assert(RS % 4 == 0, "scales are gathered as floats");
+  const int64_t block_stride = int64_t(block_size) * RS;
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512i scale_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(RS / 4));  // floats from a row's scale to the next
+  __m512 qv[G][NV], acc[G][NV], denom[G];
+  float running_max[G];
+  alignas(64) float weight[G][16];  // this group of keys' softmax numerators times their value rows' scales
+  alignas(64) float kf[16][HD];     // this group of keys widened
+  for (int g = 0; g < G; g++) {
+    for (int j = 0; j < NV; j++) {
+      if constexpr (std::is_same_v<TQ, float>)
+        qv[g][j] = _mm512_loadu_ps(q + g * HD + j * 16);
+      else
+        qv[g][j] = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * HD + j * 16))), 16));
+      acc[g][j] = _mm512_setzero_ps();
+    }
+    running_max[g] = -INFINITY;
+    denom[g] = _mm512_setzero_ps();
+  }
+  auto widen = [](const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  const int num_blocks = (context_len + block_size - 1) / block_size;
+  for (int b = 0; b < num_blocks; b++) {
+    const int8_t* kb = k + table[b] * block_stride;
+    const int8_t* vb = v + table[b] * block_stride;
+    const int n = std::min(block_size, context_len - b * block_size);
+    prefetch_block<_MM_HINT_T0>(k, v, table, b + 1, num_blocks, block_stride);
+    prefetch_block<_MM_HINT_T1>(k, v, table, b + 2, num_blocks, block_stride);
+    for (int t0 = 0; t0 < n; t0 += 16) {
+      const int m = std::min(16, n - t0);
+      const __mmask16 real = __mmask16((1u << m) - 1);  // lanes past the context score -inf, weigh 0
+      const int8_t* kt = kb + t0 * RS;
+      const int8_t* vt = vb + t0 * RS;
+      for (int t = 0; t < m; t++)
+        for (int j = 0; j < NV; j++) _mm512_store_ps(kf[t] + j * 16, widen(kt + t * RS + j * 16));
+      const __m512 key_scale = _mm512_mul_ps(
+          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, scale_at, kt + HD, 4), scale_v);
+      const __m512 value_scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, scale_at, vt + HD, 4);
+      for (int g = 0; g < G; g++) {
+        __m512 part[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++) {
+          part[t] = _mm512_setzero_ps();
+          if (t < m)
+            for (int j = 0; j < NV; j++) part[t] = _mm512_fmadd_ps(qv[g][j], _mm512_load_ps(kf[t] + j * 16), part[t]);
+        }
+        const __m512 s = _mm512_mask_blend_ps(real, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(sum16(part), key_scale));
+        const float top = _mm512_reduce_max_ps(s);
+        if (top > running_max[g]) {  // a new maximum: rescale what was summed under the old one
+          const __m512 c = _mm512_set1_ps(exp_nonpositive(running_max[g] - top));
+          for (int j = 0; j < NV; j++) acc[g][j] = _mm512_mul_ps(acc[g][j], c);
+          denom[g] = _mm512_mul_ps(denom[g], c);
+          running_max[g] = top;
+        }
+        const __m512 p = exp512_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(running_max[g])));
+        denom[g] = _mm512_add_ps(denom[g], p);
+        _mm512_store_ps(weight[g], _mm512_mul_ps(p, value_scale));
+      }
+      for (int t = 0; t < m; t++)
+        for (int j = 0; j < NV; j++) {
+          const __m512 row = widen(vt + t * RS + j * 16);
+          for (int g = 0; g < G; g++) acc[g][j] = _mm512_fmadd_ps(_mm512_set1_ps(weight[g][t]), row, acc[g][j]);
+        }
+    }
+  }
+  for (int g = 0; g < G; g++) {
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(denom[g]));
+    for (int j = 0; j < NV; j++) {
+      const __m512 o = _mm512_mul_ps(acc[g][j], inv);
+      if constexpr (std::is_same_v<TQ, float>) {
+        _mm512_storeu_ps(out + g * HD + j * 16, o);
+      } else {  // rounded to nearest even as torch's cast (`store`), once per output element
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, o);
+        for (int i = 0; i < 16; i++) store(tmp[i], out + g * HD + j * 16 + i);
+      }
+    }
+  }
+}
+
+template <typename TQ, int HD>
+AttendFn<TQ, int8_t> pick_group_q8(int group) {
+  switch (group) {
+    case 1: return attend_avx512_q8<TQ, HD, 1>;
+    case 2: return attend_avx512_q8<TQ, HD, 2>;
+    case 3: return attend_avx512_q8<TQ, HD, 3>;
+    case 4: return attend_avx512_q8<TQ, HD, 4>;
+    case 5: return attend_avx512_q8<TQ, HD, 5>;
+    case 6: return attend_avx512_q8<TQ, HD, 6>;
+    case 7: return attend_avx512_q8<TQ, HD, 7>;
+    case 8: return attend_avx512_q8<TQ, HD, 8>;
+    default: return nullptr;
+  }
+}
+
+template <typename TQ>
+AttendFn<TQ, int8_t> pick_avx512_q8(int head_dim, int group) {
+  return head_dim == 64 ? pick_group_q8<TQ, 64>(group) : head_dim == 128 ? pick_group_q8<TQ, 128>(group) : nullptr;
+}
 #endif
 
 #ifdef JITNEY_AVX2
 // Eight elements as float32: a float32 load, or bfloat16 widened (a bf16 is the top half of a float32: zero-
 // extend each to 32 bits, shift left by 16).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {  // int8 -> int32 -> float32, exact
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const uint16_t* p) {
   const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
@@ -450,15 +593,23 @@ inline __m256 rounded8(__m256 x) {
 }
 
 // Eight consecutive key rows [8, HD] as float32, for the score loop to read without a test per key: float32
-// rows where they are, else copied into kf (bfloat16 widened). Where fewer than eight are left (m < 8), the
-// last real row stands in for the missing ones (never a read past the context, which may lie past the
-// block); their scores are then masked out.
+// rows where they are, else copied into kf (bfloat16 widened; int8 widened and multiplied by its row's scale).
+// Where fewer than eight are left (m < 8), the last real row stands in for the missing ones (never a read past
+// the context, which may lie past the block); their scores are then masked out.
 template <int HD, typename TC>
 const float* keys_f32(const TC* rows, int m, float (*kf)[HD]) {
+  constexpr int RS = HD + row_extra<TC>;
   if constexpr (std::is_same_v<TC, float>)
     if (m == 8) return rows;
-  for (int t = 0; t < 8; t++)
-    for (int j = 0; j < HD / 8; j++) _mm256_store_ps(kf[t] + 8 * j, load8(rows + std::min(t, m - 1) * HD + 8 * j));
+  for (int t = 0; t < 8; t++) {
+    const TC* row = rows + std::min(t, m - 1) * RS;
+    if constexpr (is_q8<TC>) {
+      const __m256 s = _mm256_set1_ps(row_scale(row, HD));
+      for (int j = 0; j < HD / 8; j++) _mm256_store_ps(kf[t] + 8 * j, _mm256_mul_ps(load8(row + 8 * j), s));
+    } else {
+      for (int j = 0; j < HD / 8; j++) _mm256_store_ps(kf[t] + 8 * j, load8(row + 8 * j));
+    }
+  }
   return kf[0];
 }
 
@@ -478,7 +629,8 @@ void attend_avx2(const TQ* q, const TC* k, const TC* v, const int32_t* table, in
                  int block_size, float scale) {
   constexpr int NV = HD / 8;                                          // vectors per row
   constexpr int VT = std::min(NV, G == 1 ? 8 : G == 2 ? 4 : G <= 4 ? 2 : 1);  // G * VT <= 8 accumulators
-  const int64_t block_stride = int64_t(block_size) * HD;
+  constexpr int RS = HD + row_extra<TC>;                              // elements from one cached row to the next
+  const int64_t block_stride = int64_t(block_size) * RS;
   const __m256 scale_v = _mm256_set1_ps(scale);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   alignas(32) float qf[G][HD];
@@ -505,8 +657,12 @@ void attend_avx2(const TQ* q, const TC* k, const TC* v, const int32_t* table, in
     for (int t0 = 0; t0 < n; t0 += 8) {
       const int m = std::min(8, n - t0);
       const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane));
-      const TC* vt = vb + t0 * HD;
-      const float* keys = keys_f32(kb + t0 * HD, m, kf);
+      const TC* vt = vb + t0 * RS;
+      const float* keys = keys_f32(kb + t0 * RS, m, kf);
+      __m256 value_scale = _mm256_set1_ps(1.f);  // int8 rows: their scales, collected by one gather
+      if constexpr (is_q8<TC>)
+        value_scale = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), reinterpret_cast<const float*>(vt + HD),
+                                               _mm256_mullo_epi32(lane, _mm256_set1_epi32(RS / 4)), real, 4);
       for (int g = 0; g < G; g++) {
         __m256 part[8];  // query head g times each key, eight partial sums per key
         for (int t = 0; t < 8; t++) part[t] = _mm256_setzero_ps();
@@ -524,7 +680,7 @@ void attend_avx2(const TQ* q, const TC* k, const TC* v, const int32_t* table, in
         }
         const __m256 p = exp256_nonpositive(_mm256_sub_ps(s, _mm256_set1_ps(running_max[g])));
         denom[g] = _mm256_add_ps(denom[g], p);
-        _mm256_store_ps(weight[g], p);
+        _mm256_store_ps(weight[g], is_q8<TC> ? _mm256_mul_ps(p, value_scale) : p);
       }
       for (int j0 = 0; j0 < NV; j0 += VT) {
         __m256 a[G][VT];
@@ -532,7 +688,7 @@ void attend_avx2(const TQ* q, const TC* k, const TC* v, const int32_t* table, in
           for (int j = 0; j < VT; j++) a[g][j] = _mm256_load_ps(acc[g] + 8 * (j0 + j));
         for (int t = 0; t < m; t++)
           for (int j = 0; j < VT; j++) {
-            const __m256 row = load8(vt + t * HD + 8 * (j0 + j));
+            const __m256 row = load8(vt + t * RS + 8 * (j0 + j));
             for (int g = 0; g < G; g++) a[g][j] = _mm256_fmadd_ps(_mm256_broadcast_ss(&weight[g][t]), row, a[g][j]);
           }
         for (int g = 0; g < G; g++)
@@ -572,6 +728,7 @@ AttendFn<TQ, TC> pick_avx2(int head_dim, int group) {
 template <typename TQ, typename TC>
 constexpr bool avx512_takes() {
 #ifdef JITNEY_AVX512
+  if constexpr (is_q8<TC>) return true;  // attend_avx512_q8, under float32 or bfloat16 queries
   if constexpr (std::is_same_v<TQ, TC>) return Vec<TQ>::available;
 #endif
   return false;
@@ -582,13 +739,14 @@ void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const
                      int64_t table_stride, const int32_t* context_lens, TQ* out, int64_t num_rows, int heads,
                      int kv_heads, int head_dim, int64_t num_blocks, int block_size, float scale) {
   const int group = heads / kv_heads;
-  const int64_t head_stride = num_blocks * block_size * head_dim;  // one kv head's blocks in the cache
+  const int64_t head_stride = num_blocks * block_size * (head_dim + row_extra<TC>);  // one kv head's blocks
   // The widest specialised kernel this build holds for these types and this shape, else the portable loop.
   // The 8-lane kernel is only compiled for the types the AVX-512 one does not take (the build takes twice as
   // long otherwise); both take the same shapes.
   AttendFn<TQ, TC> specialised = nullptr;
 #ifdef JITNEY_AVX512
-  if constexpr (avx512_takes<TQ, TC>()) specialised = pick_avx512<TQ>(head_dim, group);
+  if constexpr (is_q8<TC>) specialised = pick_avx512_q8<TQ>(head_dim, group);
+  else if constexpr (avx512_takes<TQ, TC>()) specialised = pick_avx512<TQ>(head_dim, group);
 #endif
 #ifdef JITNEY_AVX2
   if constexpr (!avx512_takes<TQ, TC>()) specialised = pick_avx2<TQ, TC>(head_dim, group);
@@ -687,22 +845,45 @@ void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
   }
 }
 
+// One row into an int8 cache row: round(x / scale) in [-127, 127], then scale = absmax / 127 (0 for a row of
+// zeros, whose values are then 0) in the row's last four bytes. The float32 operations of int8_kv.py's
+// quantize_rows, in its order (an exact maximum, one division by 127, one per element, ties to even), so either
+// path writes the same bits.
+template <typename TS>
+void quantize_row(const TS* src, int8_t* dst, int head_dim) {
+  float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+  for (int d = 0; d < head_dim; d++) amax = std::max(amax, std::fabs(to_float(src[d])));
+  const float scale = amax / 127.f;
+  const float div = scale > 0.f ? scale : 1.f;
+#pragma omp simd
+  for (int d = 0; d < head_dim; d++) {
+    const float r = std::nearbyint(to_float(src[d]) / div);
+    dst[d] = int8_t(r > 127.f ? 127.f : r >= -127.f ? r : -127.f);  // NaN (from non-finite input): -127
+  }
+  std::memcpy(dst + head_dim, &scale, sizeof scale);
+}
+
 // Writes this step's keys and values into their cache slots: k, v [rows, kv_heads, head_dim] (heads
 // contiguous, k_stride / v_stride elements between rows), slots [rows] (block * block_size + offset), cache as
 // below. Same types: a plain copy of each row. Float32 rows into a bfloat16 cache: rounded to nearest even, by
 // integer arithmetic (bf16_round8) also where AVX512-BF16 has a conversion instruction, which flushes
-// denormals to zero and keeps a NaN's sign and payload: not the bits torch's cast gives.
+// denormals to zero and keeps a NaN's sign and payload: not the bits torch's cast gives. Into an int8 cache:
+// quantize_row.
 template <typename TS, typename TD>
 void write_kv(const TS* k, int64_t k_stride, const TS* v, int64_t v_stride, const int64_t* slots, TD* cache,
               int64_t rows, int kv_heads, int head_dim, int64_t num_blocks, int block_size) {
-  const int64_t head_stride = num_blocks * block_size * head_dim;  // elements of one kv head's blocks
+  const int rs = head_dim + row_extra<TD>;                 // elements of one cached row
+  const int64_t head_stride = num_blocks * block_size * rs;  // elements of one kv head's blocks
 #pragma omp parallel for if (rows > 256)
   for (int64_t i = 0; i < rows; i++) {
     for (int h = 0; h < kv_heads; h++) {
       for (int j = 0; j < 2; j++) {  // K, then V
         const TS* src = (j ? v + i * v_stride : k + i * k_stride) + int64_t(h) * head_dim;
-        TD* dst = cache + (int64_t(j) * kv_heads + h) * head_stride + slots[i] * head_dim;
-        if constexpr (std::is_same_v<TS, TD>) {
+        TD* dst = cache + (int64_t(j) * kv_heads + h) * head_stride + slots[i] * rs;
+        if constexpr (is_q8<TD>) {
+          quantize_row(src, dst, head_dim);
+        } else if constexpr (std::is_same_v<TS, TD>) {
           std::memcpy(dst, src, sizeof(TD) * head_dim);
         } else {
           int d = 0;
@@ -759,10 +940,18 @@ void jitney_silu_mul(int is_bf16, const void* gate_up, void* out, int64_t rows, 
     silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter);
 }
 
-void jitney_write_kv(int src_bf16, int dst_bf16, const void* k, int64_t k_stride, const void* v, int64_t v_stride,
+// src_bf16: 1 for bfloat16 k, v, 0 for float32; dst_kind: the cache's type, 0 float32, 1 bfloat16, 2 int8.
+void jitney_write_kv(int src_bf16, int dst_kind, const void* k, int64_t k_stride, const void* v, int64_t v_stride,
                      const int64_t* slots, void* cache, int64_t rows, int kv_heads, int head_dim,
                      int64_t num_blocks, int block_size) {
-  if (src_bf16 && dst_bf16)
+  const int dst_bf16 = dst_kind == 1;
+  if (dst_kind == 2 && src_bf16)
+    write_kv(static_cast<const uint16_t*>(k), k_stride, static_cast<const uint16_t*>(v), v_stride, slots,
+             static_cast<int8_t*>(cache), rows, kv_heads, head_dim, num_blocks, block_size);
+  else if (dst_kind == 2)
+    write_kv(static_cast<const float*>(k), k_stride, static_cast<const float*>(v), v_stride, slots,
+             static_cast<int8_t*>(cache), rows, kv_heads, head_dim, num_blocks, block_size);
+  else if (src_bf16 && dst_bf16)
     write_kv(static_cast<const uint16_t*>(k), k_stride, static_cast<const uint16_t*>(v), v_stride, slots,
              static_cast<uint16_t*>(cache), rows, kv_heads, head_dim, num_blocks, block_size);
   else if (dst_bf16)
@@ -791,15 +980,25 @@ int jitney_limits(int which) {
 }
 
 // q [rows, heads, head_dim] with q_token_stride elements between rows (heads contiguous);
-// cache: one layer's [2 (K, V), kv_heads, num_blocks, block_size, head_dim], contiguous;
+// cache: one layer's [2 (K, V), kv_heads, num_blocks, block_size, head_dim (+ 4 for int8)], contiguous;
 // block_tables [rows, table_stride] int32; context_lens [rows] int32 (tokens to attend, >= 1);
-// out [rows, heads, head_dim] contiguous, of q's type. q_bf16 / kv_bf16: 1 for bfloat16, 0 for float32
-// (bfloat16 queries need a bfloat16 cache).
-void jitney_paged_attention(int q_bf16, int kv_bf16, const void* q, int64_t q_token_stride, const void* cache,
+// out [rows, heads, head_dim] contiguous, of q's type. q_bf16: 1 for bfloat16, 0 for float32; kv_kind: the
+// cache's type, 0 float32, 1 bfloat16, 2 int8 (rows of head_dim + 4 bytes). Bfloat16 queries need a bfloat16
+// or int8 cache.
+void jitney_paged_attention(int q_bf16, int kv_kind, const void* q, int64_t q_token_stride, const void* cache,
                             const int32_t* block_tables, int64_t table_stride, const int32_t* context_lens,
                             void* out, int64_t num_rows, int heads, int kv_heads, int head_dim,
                             int64_t num_blocks, int block_size, float scale) {
-  if (q_bf16 && kv_bf16)
+  const int kv_bf16 = kv_kind == 1;
+  if (kv_kind == 2 && q_bf16)
+    paged_attention(static_cast<const uint16_t*>(q), q_token_stride, static_cast<const int8_t*>(cache),
+                    block_tables, table_stride, context_lens, static_cast<uint16_t*>(out), num_rows, heads,
+                    kv_heads, head_dim, num_blocks, block_size, scale);
+  else if (kv_kind == 2)
+    paged_attention(static_cast<const float*>(q), q_token_stride, static_cast<const int8_t*>(cache),
+                    block_tables, table_stride, context_lens, static_cast<float*>(out), num_rows, heads,
+                    kv_heads, head_dim, num_blocks, block_size, scale);
+  else if (q_bf16 && kv_bf16)
     paged_attention(static_cast<const uint16_t*>(q), q_token_stride, static_cast<const uint16_t*>(cache),
                     block_tables, table_stride, context_lens, static_cast<uint16_t*>(out), num_rows, heads,
                     kv_heads, head_dim, num_blocks, block_size, scale);
