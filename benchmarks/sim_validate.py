@@ -3,6 +3,10 @@ report the error of every figure the story asks about.
 
     .venv/bin/python -m benchmarks.sim_validate [--out DIR] [--cost-model FILE] [--plot docs/figures/sim_validation.png]
 
+The calibration is in situ (`jitney simulate --calibrate --in-situ`: every step of the real engine serving a
+calibration workload, host work after each step included; sim/insitu.py), the same engine, thread and step
+handling the real runs below have; `--calibration isolated` times the old grid of hand-built steps instead.
+
 For each case (Poisson below and above saturation, the burst, an Azure window) the real run goes first
 (`jitney bench --in-process`, which saves its trace), then `jitney simulate --cost-model` replays that very
 trace, so both see the same arrivals and lengths. The figures compared: output tok/s, TTFT p50/p90/p99, ITL
@@ -38,6 +42,14 @@ FIGURES = (("out tok/s", "output_tok_s", None, 0.05),
            ("TTFT p50", "ttft_ms", "p50", 0.10), ("TTFT p90", "ttft_ms", "p90", 0.10),
            ("TTFT p99", "ttft_ms", "p99", 0.10), ("ITL p50", "inter_token_ms", "p50", 0.10),
            ("ITL p99", "inter_token_ms", "p99", 0.10), ("e2e p90", "e2e_ms", "p90", 0.10))
+
+
+def calibration_summary(path: str) -> str:
+    """The calibration's own report (its kind, fitted terms and fit error), as `jitney simulate --calibrate`
+    printed it."""
+    from sim.calibrate import report
+    from sim.models import load_calibration
+    return report(load_calibration(path))
 
 
 def jitney(*args: str) -> None:
@@ -109,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="folder for the calibration, traces and both runs' reports (default: a new "
                                  "temporary folder)")
     p.add_argument("--cost-model", help="reuse this calibration instead of calibrating first")
+    p.add_argument("--calibration", choices=("in-situ", "isolated"), default="in-situ",
+                   help="how to calibrate when no --cost-model is given (default: in-situ, the engine's own steps; "
+                        "isolated: a grid of hand-built steps, each timed alone)")
     p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))),
                    help="which cases to run, by index: " + "; ".join(f"{i} {c[0]}" for i, c in enumerate(CASES)))
     p.add_argument("--plot", help="write the error chart to this PNG")
@@ -119,8 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cal = args.cost_model or str(out / "calibration.json")
     if not args.cost_model:
-        print("calibrating ...", flush=True)
-        jitney("simulate", "--calibrate", "--cost-model", cal)
+        print(f"calibrating ({args.calibration}) ...", flush=True)
+        jitney("simulate", "--calibrate", f"--{args.calibration}", "--cost-model", cal)
+    calibration = calibration_summary(cal)
+    print(calibration, flush=True)
     results, parts = {}, []
     for i in (int(c) for c in args.cases.split(",")):
         name, flags = CASES[i]
@@ -137,11 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
         parts.append(table(name, results[name]) + f"\n\nreal {real_s:.0f} s, simulated {time.perf_counter() - t:.0f} s")
         print(parts[-1], flush=True)
     print(f"\nreal / simulated (error), {cpu_model()}, calibration {cal}; ✗ = outside the target "
-          f"(throughput 5 %, latency 10 %)\n\n" + "\n\n".join(parts) + f"\n\ntotal {time.perf_counter() - started:.0f} s")
+          f"(throughput 5 %, latency 10 %)\n{calibration}\n\n" + "\n\n".join(parts)
+          + f"\n\ntotal {time.perf_counter() - started:.0f} s")
     if args.plot:
         plot(results, args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "cases": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "calibration": calibration, "cases": results},
+                                              indent=1))
     return results
 
 

@@ -4,6 +4,7 @@ One interface, StepCostModel.cost(plan) -> StepCost(seconds, flops, bytes), so t
 where the figures come from. The model here is roofline-shaped:
 
     seconds = max(flops / flops_per_s, bytes / bytes_per_s) + step_s + seq_s x sequences + all-reduce
+              (+ attention_s_per_flop x attention FLOPs, on a host calibrated in situ)
 
 A step does the work of its plan (Work: the FLOPs and bytes the model's shape gives for that mix of prefill
 chunks and decodes) at whichever of the two rates binds it, plus a fixed cost per step (the engine's Python, a
@@ -100,10 +101,15 @@ class Work:
         self.kv_bytes_per_token = mc.kv_bytes_per_token_per_element * DTYPE_BYTES[kv_dtype] * kv_share
         self.attn_flops_per_pair = 4 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim
 
+    def attention_flops(self, plan: StepPlan) -> float:
+        """Attention's part of flops(): its (query, key) pairs, a decode's context and a chunk's causal triangle
+        (its row i sees ctx - n + i + 1 keys)."""
+        pairs = sum(plan.decode) + sum(n * ctx - n * (n - 1) / 2 for n, ctx in plan.prefill)
+        return self.attn_flops_per_pair * pairs / self.tp
+
     def flops(self, plan: StepPlan) -> float:
-        pairs = sum(plan.decode) + sum(n * ctx - n * (n - 1) / 2 for n, ctx in plan.prefill)  # causal: row i sees
-        return (2 * self.layer_params * plan.num_tokens + 2 * self.lm_head * plan.sampled   # ctx - n + i + 1 keys
-                + self.attn_flops_per_pair * pairs) / self.tp
+        return ((2 * self.layer_params * plan.num_tokens + 2 * self.lm_head * plan.sampled) / self.tp
+                + self.attention_flops(plan))
 
     def bytes(self, plan: StepPlan) -> float:
         read = sum(plan.decode) + sum(ctx - n for n, ctx in plan.prefill)
@@ -118,6 +124,9 @@ class RooflineParams:
     seq_s: float = 0.0      # cost per sequence in the step
     link_bytes_per_s: float = 0.0   # effective one-way interconnect bandwidth (tensor parallelism)
     allreduce_latency_s: float = 0.0
+    # Attention's FLOPs (Work.attention_flops) cost this much each beyond the FLOP rate: fitted in situ, where the
+    # attention kernel runs slower than the matmuls (calibrate.py says why); 0 on a sheet device.
+    attention_s_per_flop: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,40 +155,48 @@ class RooflineCost:
         p = self.params
         flops, nbytes = self.work.flops(plan), self.work.bytes(plan)
         seconds = (max(flops / p.flops_per_s, nbytes / p.bytes_per_s) + p.step_s + p.seq_s * plan.num_seqs
-                   + self.allreduce_s(plan.num_tokens))
+                   + p.attention_s_per_flop * self.work.attention_flops(plan) + self.allreduce_s(plan.num_tokens))
         return StepCost(seconds, flops, nbytes)
 
 
 # --- fitting the parameters to timed steps ------------------------------------------------------------------
 
-def _solve(x: np.ndarray, seqs: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least squares for t = a x + step + seq s with every coefficient >= 0 (a term that would come out negative
-    is dropped and the rest refitted: a negative per-step cost means the data cannot see it)."""
-    cols = np.stack([x, np.ones_like(x), seqs], axis=1)
-    active = [0, 1, 2]
+def _solve(x: np.ndarray, extra: list[np.ndarray], t: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weighted least squares for t = a x + step + the extra columns' terms (sequences, attention FLOPs), every
+    coefficient >= 0 (a term that would come out negative is dropped and the rest refitted: a negative per-step
+    cost means the data cannot see it)."""
+    cols = np.stack([x, np.ones_like(x), *extra], axis=1)
+    sw = np.sqrt(w)
+    active = list(range(cols.shape[1]))
     while True:
-        coef = np.zeros(3)
-        coef[active] = np.linalg.lstsq(cols[:, active], t, rcond=None)[0]
+        coef = np.zeros(cols.shape[1])
+        coef[active] = np.linalg.lstsq(cols[:, active] * sw[:, None], t * sw, rcond=None)[0]
         neg = [i for i in active if coef[i] < 0 and i != 0]
         if not neg:
             break
         active.remove(min(neg, key=lambda i: coef[i]))
     resid = cols @ coef - t
-    return coef, float(resid @ resid)
+    return coef, float(resid * w @ resid)
 
 
-def fit(flops: list[float], nbytes: list[float], seqs: list[int], seconds: list[float]) -> RooflineParams:
-    """The RooflineParams (no interconnect) whose costs best match the timed steps, by least squares.
+def fit(flops: list[float], nbytes: list[float], seqs: list[int], seconds: list[float],
+        weights: list[float] | None = None, attention_flops: list[float] | None = None) -> RooflineParams:
+    """The RooflineParams (no interconnect) whose costs best match the timed steps, by least squares (each
+    squared error times its weight, when weights are given: calibrate.py weighs in-situ steps). With
+    attention_flops (each step's Work.attention_flops), attention_s_per_flop is fitted too; without, it is 0.
 
     Given the ridge point r = flops_per_s / bytes_per_s the model is linear: t = max(F, r B) / flops_per_s +
-    step_s + seq_s x sequences. So r is searched (a log grid over the data's intensities, then a golden-section
-    search around the best) and each r solved linearly. When every step sits on one side of the ridge the other rate is not
-    identifiable: r lands at the grid's edge and that rate is only a bound (calibrate.py reports it)."""
+    step_s + seq_s x sequences (+ attention_s_per_flop x attention FLOPs). So r is searched (a log grid over the
+    data's intensities, then a golden-section search around the best) and each r solved linearly. When every
+    step sits on one side of the ridge the other rate is not identifiable: r lands at the grid's edge and that
+    rate is only a bound (calibrate.py reports it)."""
     f, b, s, t = (np.asarray(v, dtype=float) for v in (flops, nbytes, seqs, seconds))
+    w = np.ones_like(t) if weights is None else np.asarray(weights, dtype=float)
+    extra = [s] if attention_flops is None else [s, np.asarray(attention_flops, dtype=float)]
     intensity = f / b
     lo, hi = math.log(intensity.min() / 4), math.log(intensity.max() * 4)
     def at(log_r: float) -> tuple[float, float, np.ndarray]:
-        coef, sse = _solve(np.maximum(f, math.exp(log_r) * b), s, t)
+        coef, sse = _solve(np.maximum(f, math.exp(log_r) * b), extra, t, w)
         return (sse if coef[0] > 0 else math.inf), log_r, coef
 
     best = min((at(x) for x in np.linspace(lo, hi, 121)), key=lambda v: v[0])
@@ -196,6 +213,6 @@ def fit(flops: list[float], nbytes: list[float], seqs: list[int], seconds: list[
         else:
             a_ = c_
     best = min(best, at((a_ + b_) / 2), key=lambda v: v[0])
-    _, log_r, (a, step_s, seq_s) = best
+    _, log_r, (a, step_s, seq_s, *attn) = best
     return RooflineParams(flops_per_s=float(1 / a), bytes_per_s=float(1 / (a * math.exp(log_r))), step_s=float(step_s),
-                          seq_s=float(seq_s))
+                          seq_s=float(seq_s), attention_s_per_flop=float(attn[0]) if attn else 0.0)

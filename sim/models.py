@@ -79,8 +79,11 @@ def calibrated_model(cal: dict, mc: ModelConfig, model: str, weights: str, kv_dt
     params = RooflineParams(**cal["params"])
     per_block = mc.kv_bytes_per_token_per_element * DTYPE_BYTES[kv_dtype] * block_size
     blocks = max(1, (kv_cache_memory or DEFAULT_CPU_KV_BYTES) // per_block)
-    desc = (f"{model} on this host as calibrated ({cal['host']}, {cal['model']} in {cal['dtype']}, "
+    how = "in situ" if cal.get("method") == "in-situ" else "on isolated steps"  # files before in situ: the grid
+    desc = (f"{model} on this host as calibrated {how} ({cal['host']}, {cal['model']} in {cal['dtype']}, "
             f"{cal['created']}): {weights} weights, {kv_dtype} KV cache; fitted {params.flops_per_s / 1e9:,.1f} "
             f"GFLOP/s, {params.bytes_per_s / 1e9:,.1f} GB/s, {params.step_s * 1e3:.2f} ms per step, "
-            f"{params.seq_s * 1e6:.1f} us per sequence; {blocks:,} KV blocks x {block_size} tokens")
+            f"{params.seq_s * 1e6:.1f} us per sequence"
+            + (f", attention at {1 / (1 / params.flops_per_s + params.attention_s_per_flop) / 1e9:,.1f} GFLOP/s"
+               if params.attention_s_per_flop else "") + f"; {blocks:,} KV blocks x {block_size} tokens")
     return RooflineCost(Work(mc, weights, kv_dtype), params, params.flops_per_s, params.bytes_per_s, desc), blocks

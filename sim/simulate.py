@@ -79,8 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calibrate", action="store_true",
                    help="time real engine steps of --model on this host, fit the cost model, write it to "
                         "--cost-model (default: calibration.json in the cache directory, JITNEY_CACHE_DIR or else "
-                        "~/.cache/jitney) and exit")
-    d.add_argument("--quick-calibration", action="store_true", help="with --calibrate: 5 small steps, not 12")
+                        "~/.cache/jitney) and exit; in situ unless --isolated")
+    how = d.add_mutually_exclusive_group()
+    how.add_argument("--in-situ", action="store_true",
+                     help="with --calibrate (the default): the real engine serves a short calibration workload "
+                          "(decode batches 1-64, prompt chunks 16-512, mixed steps; ~1 min on 2 cores) and every "
+                          "step it runs is timed as the engine lives it, host work after the step included; the fit "
+                          "(with attention's FLOPs at a rate of their own) weighs each step's relative error, each "
+                          "shape alike, and leaves out disturbed steps")
+    how.add_argument("--isolated", action="store_true",
+                     help="with --calibrate: time a grid of 12 hand-built steps instead, each alone through the "
+                          "model runner (the median of 3 runs), and fit them by plain least squares")
+    d.add_argument("--quick-calibration", action="store_true",
+                   help="with --calibrate: a few seconds' workload (in situ) or 5 small steps (isolated), for a "
+                        "smoke test")
     add_efficiency_args(d)
     m = p.add_argument_group("model and knobs (unset knobs keep the server's defaults)")
     m.add_argument("--model", help=f"{' | '.join(SHAPES)} | a Hugging Face config.json (or its folder) | a model "
@@ -134,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--tp must be at least 1")
     if args.dtype == "tf32" and (args.calibrate or args.cost_model):
         p.error("--dtype tf32 is a GPU's matmul mode, priced from the hardware sheet: give --device")
+    if (args.in_situ or args.isolated) and not args.calibrate:
+        p.error("--in-situ and --isolated say how to --calibrate: give --calibrate too")
     if args.calibrate:
         return args
     if args.cost_model and args.tp != 1:
@@ -311,7 +325,7 @@ def run_calibrate(args: argparse.Namespace) -> dict:
     from .calibrate import calibrate, report, save
     path = args.cost_model or DEFAULT_CALIBRATION
     cal = calibrate(args.model or DEFAULT_MODEL, args.dtype or "auto", args.quantization,
-                    quick=args.quick_calibration, progress=not args.no_progress)
+                    quick=args.quick_calibration, progress=not args.no_progress, in_situ=not args.isolated)
     save(cal, path)
     print(report(cal) + f"\nwrote {path}; simulate with: jitney simulate --cost-model {path} ...")
     return cal

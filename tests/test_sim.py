@@ -206,8 +206,8 @@ def test_simulate_smoke_on_a_named_device(tmp_path):
 
 
 def test_calibration_round_trips_into_a_simulation(tmp_path, monkeypatch):
-    """--calibrate on the tiny model writes a calibration and --cost-model reads it back into a simulation of the
-    same model. The real steps run, but the calibration's clock charges each one a fixed roofline of its tokens
+    """--calibrate --isolated on the tiny model writes a calibration and --cost-model reads it back into a
+    simulation of the same model (the in-situ default: tests/test_sim_insitu.py). The real steps run, but the calibration's clock charges each one a fixed roofline of its tokens
     and sequences: the fit then sees timings that grow with the work whatever the machine's load (a busy
     machine's real timings of a quick grid need not, and the fit rightly refuses those)."""
     import time as real_time
@@ -227,7 +227,7 @@ def test_calibration_round_trips_into_a_simulation(tmp_path, monkeypatch):
     fake_time = SimpleNamespace(perf_counter=lambda: now[0], strftime=real_time.strftime)
     monkeypatch.setattr(sim.calibrate, "time", fake_time)
     cal = tmp_path / "cal.json"
-    assert main(["--calibrate", "--quick-calibration", "--model", "tiny-random", "--dtype", "float32",
+    assert main(["--calibrate", "--isolated", "--quick-calibration", "--model", "tiny-random", "--dtype", "float32",
                  "--cost-model", str(cal), "--no-progress"]) == 0
     assert main(["--cost-model", str(cal), "--policies", "continuous", "--num-requests", "5", "--prompt-len", "8,32",
                  "--output-len", "2,6", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
