@@ -1,6 +1,7 @@
 """Batching changes speed, never text: on the real model in float32, every request's greedy output is the
 same under every policy, with any companions, through preemption, chunked prefill and prefix caching, as
-when it runs alone."""
+when it runs alone; over an int8 KV cache too (its rows are quantized one by one, so a row's bits do not
+depend on what else the step holds)."""
 import random
 
 import pytest
@@ -9,6 +10,8 @@ from batcher.generate import generate
 
 from batcher.config import BatcherConfig
 from batcher.engine import Engine
+from model_runner.config import RunnerConfig
+from model_runner.runner import ModelRunner
 
 from .engine_helpers import collect, greedy, run_requests
 
@@ -21,18 +24,23 @@ TOPICS = ["the moon", "bread", "rivers", "prime numbers", "the violin", "volcano
           "glass", "the Roman empire", "tea", "magnets", "coral reefs", "compilers", "autumn", "bicycles"]
 
 
-@pytest.fixture(scope="module")
-def workload(smol_runner):
+def make_workload(runner):
+    """Prompts (half with the shared prefix), output lengths, arrival offsets, and each request's text alone."""
     rng = random.Random(7)
-    tok = smol_runner.tokenizer
+    tok = runner.tokenizer
     prompts, lengths = [], []
     for i, topic in enumerate(TOPICS):
         body = f"Tell me about {topic}." + " Please be detailed." * rng.randrange(0, 12)
         prompts.append(tok((SYSTEM if i % 2 else "") + body)["input_ids"])
         lengths.append(rng.randrange(4, 28))
     offsets = [rng.uniform(0, 0.3) for _ in prompts]
-    alone = [generate(smol_runner, [p], greedy(n))[0].output_token_ids for p, n in zip(prompts, lengths)]
+    alone = [generate(runner, [p], greedy(n))[0].output_token_ids for p, n in zip(prompts, lengths)]
     return prompts, lengths, offsets, alone
+
+
+@pytest.fixture(scope="module")
+def workload(smol_runner):
+    return make_workload(smol_runner)
 
 
 CASES = {
@@ -78,3 +86,32 @@ async def test_chunked_prefill_actually_chunked(smol_runner, workload):
         assert tokens == alone[3]
     finally:
         await engine.stop()
+
+
+@pytest.fixture(scope="module")
+def smol_int8_runner():
+    """The real model in float32 over an int8 KV cache (--kv-cache-dtype int8)."""
+    return ModelRunner(RunnerConfig(model="smollm2-135m", dtype="float32", kv_cache_dtype="int8",
+                                    kv_cache_memory=64 << 20), progress=False)
+
+
+@pytest.fixture(scope="module")
+def int8_workload(smol_int8_runner):
+    return make_workload(smol_int8_runner)
+
+
+INT8_CASES = {"continuous": CASES["continuous"], "continuous-chunked": CASES["continuous-chunked"],
+              "preemption": BatcherConfig(policy="continuous", num_kv_blocks=14)}
+
+
+@pytest.mark.parametrize("case", INT8_CASES)
+async def test_same_text_over_an_int8_kv_cache(smol_int8_runner, int8_workload, case):
+    prompts, lengths, offsets, alone = int8_workload
+    results, stats = await run_requests(smol_int8_runner, INT8_CASES[case], prompts, [greedy(n) for n in lengths],
+                                        offsets)
+    assert [r[0] for r in results] == alone
+    assert stats.kv_blocks_used == 0
+    if case == "continuous":
+        assert stats.prefix_cache_hit_rate > 0
+    if case == "preemption":
+        assert stats.preemptions > 0
