@@ -7,7 +7,9 @@ block * block_size + offset.
 
 On the CPU every query row of a step, decode or prompt chunk, goes to the native kernel (native.py,
 csrc/paged_attention.cpp) where it builds: a row at position p attends to its sequence's first p + 1 cached
-tokens, read in place through the block table, once. What that buys per model step is measured by
+tokens, read in place through the block table, once. Where the CPU has AVX512-BF16 and the step is bfloat16,
+prompt chunks go instead to the tiled kernel (csrc/prefill_attention.cpp: row tiles against packed key and
+value tiles, as matrix products), which attends a 512-token prompt about twice as fast. What that buys per model step is measured by
 `python -m benchmarks.kernels` (the kernels table in docs/README.md: a batch-96 decode step at contexts of
 300..700 tokens is 2.6x faster than the PyTorch path, a 512-token prompt 1.5x).
 
@@ -58,6 +60,13 @@ class NativeAttention:
     no padding, no gathered copy, no mask (a row attends to the first context_lens[row] tokens)."""
     block_tables: torch.Tensor  # [T, widest table] int32: each row's sequence's table, padded
     context_lens: torch.Tensor  # [T] int32: each row's position + 1
+    # Set where the tiled prompt kernel runs (native.prefill_supported): the prompt rows' chunks, (first row,
+    # rows, first position) [C, 3] int32, for it; every other row, in the ranges `row_ranges`, for the row
+    # kernel. A row's kernel follows from its token alone, never from its companions: prompt tokens are tiled,
+    # generated ones (decodes, and their recomputation after a preemption) take the row kernel, so how a step is
+    # batched or chunked does not change which arithmetic a token's attention gets.
+    chunks: torch.Tensor | None = None
+    row_ranges: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -81,8 +90,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """q [T, H, D], k/v [T, KVH, D] for this step's tokens; kv_cache [2, KVH, blocks, block_size, D] is the
     layer's. Returns the attention output [T, H, D]."""
     if meta.native is not None:
+        rows = meta.native
         native.write_kv(kv_cache, meta.slot_mapping, k, v)
-        return native.paged_attention(q, kv_cache, meta.native.block_tables, meta.native.context_lens, scale)
+        if rows.chunks is None:  # no prompt rows, or no tiled kernel here
+            return native.paged_attention(q, kv_cache, rows.block_tables, rows.context_lens, scale)
+        out = torch.empty(q.shape, dtype=q.dtype)
+        for lo, hi in rows.row_ranges:
+            native.paged_attention(q[lo:hi], kv_cache, rows.block_tables[lo:hi], rows.context_lens[lo:hi], scale,
+                                   out[lo:hi])
+        native.prefill_attention(q, kv_cache, rows.block_tables, rows.chunks, scale, out)
+        return out
     write_kv(kv_cache[0], meta.slot_mapping, k)
     write_kv(kv_cache[1], meta.slot_mapping, v)
     if len(meta.decodes) == 1 and not meta.prefills:  # a pure decode step: no output to assemble

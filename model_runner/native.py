@@ -36,6 +36,7 @@ from .precision import cpuinfo_flags
 log = logging.getLogger("jitney")
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+PREFILL_SOURCE = SOURCE.parent / "prefill_attention.cpp"
 # -march=native: the cached library is keyed by this CPU's flags below, so it never runs on another CPU.
 FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
 ISA_FLAGS = {
@@ -130,6 +131,28 @@ def library() -> ctypes.CDLL | None:
     return load_source(SOURCE, _declare, "using PyTorch attention instead (slower at long contexts)")
 
 
+@cache
+def prefill_library() -> ctypes.CDLL | None:
+    """The prompt-chunk kernel (csrc/prefill_attention.cpp), or None; JITNEY_TILED_PREFILL=0 turns it off, so
+    that prompt rows take the row kernel (to compare the two)."""
+    if os.environ.get("JITNEY_TILED_PREFILL", "1") == "0":
+        return None
+    return load_source(PREFILL_SOURCE, _declare_prefill, "prompt chunks run on the row kernel instead")
+
+
+def reload() -> None:
+    """Forget the loaded kernels: the next call builds or loads them for the JITNEY_* variables now set."""
+    library.cache_clear()
+    prefill_library.cache_clear()
+
+
+def _declare_prefill(lib: ctypes.CDLL) -> None:
+    lib.jitney_prefill_supported.argtypes, lib.jitney_prefill_supported.restype = [_i32, _i32, _i32], _i32
+    lib.jitney_prefill_attention.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i32, _ptr, _i32, _i32, _i32, _i64,
+                                             _i32, ctypes.c_float]
+    lib.jitney_prefill_attention.restype = None
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     """The C signatures, so ctypes converts every argument to the width the C side reads."""
     lib.jitney_limits.argtypes, lib.jitney_limits.restype = [_i32], _i32
@@ -178,11 +201,12 @@ def supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_d
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                    context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of query rows q [n, H, D] (heads contiguous, any stride between rows) over a layer's cache
     [2, KVH, blocks, block_size, D]: row i attends to the first context_lens[i] tokens (int32, >= 1) of the
     sequence whose blocks are block_tables[i] (int32; rows of one prompt share a table). Returns [n, H, D] in
-    q's dtype; the cache may be bfloat16 under float32 queries (widened as read).
+    q's dtype (into `out` when given: contiguous, of that shape); the cache may be bfloat16 under float32
+    queries (widened as read).
     An int8 cache (rows of D + 4 bytes: kv_cache.py) goes under either, widened and scaled as read. Callers
     check `supported`."""
     n, heads, d = q.shape
@@ -194,13 +218,46 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     _check(block_tables.dtype == context_lens.dtype == torch.int32 and block_tables.stride(1) == 1
            and context_lens.is_contiguous() and block_tables.shape[0] == context_lens.shape[0] == n
            and cache_head_dim(kv_cache) == d, "one int32 table row and context length per query row", block_tables)
-    out = torch.empty(n, heads, d, dtype=q.dtype)
+    if out is None:
+        out = torch.empty(n, heads, d, dtype=q.dtype)
+    _check(out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype, "out like q, contiguous", out)
     library().jitney_paged_attention(int(q.dtype == torch.bfloat16), KV_KINDS[kv_cache.dtype],
                                      q.data_ptr(), q.stride(0),
                                      kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
                                      context_lens.data_ptr(), out.data_ptr(), n, heads, kv_heads, d, num_blocks,
                                      block_size, scale)
     return out
+
+
+def prefill_supported(dtype: torch.dtype, kv_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether prompt chunks of this layer shape and these dtypes run on the tiled kernel: bfloat16 queries and
+    cache, on a CPU with AVX512-BF16 (elsewhere the row kernel runs them)."""
+    lib = prefill_library()
+    return (lib is not None and dtype == kv_dtype == torch.bfloat16
+            and bool(lib.jitney_prefill_supported(heads, kv_heads, head_dim)))
+
+
+def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, chunks: torch.Tensor,
+                      scale: float, out: torch.Tensor) -> None:
+    """Attention of prompt chunks, tiled (csrc/prefill_attention.cpp), into out [n, H, D] (contiguous,
+    bfloat16): chunks [C, 3] int32 holds each chunk's (first row, rows, position of its first row); a chunk's rows
+    are consecutive rows of q [n, H, D] and its sequence's table is block_tables[first row]. Rows outside the
+    chunks are left as they are. Callers check `prefill_supported`."""
+    n, heads, d = q.shape
+    _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    _check(q.dtype == kv_cache.dtype == out.dtype == torch.bfloat16 and q.stride(2) == 1 and q.stride(1) == d
+           and kv_cache.is_contiguous() and kv_cache.shape[-1] == d and out.is_contiguous()
+           and out.shape == q.shape, "bfloat16 q [n, H, D] with heads contiguous, out like q, a contiguous cache",
+           q, kv_cache, out)
+    _check(block_tables.dtype == chunks.dtype == torch.int32 and block_tables.stride(1) == 1
+           and chunks.is_contiguous() and chunks.dim() == 2 and chunks.shape[1] == 3 and block_tables.shape[0] == n
+           and bool(((chunks[:, 0] >= 0) & (chunks[:, 1] >= 1) & (chunks[:, 0] + chunks[:, 1] <= n)
+                     & (chunks[:, 2] >= 0)).all()),
+           "int32 chunks (first row, rows, first position) within the rows, one table per row", chunks)
+    prefill_library().jitney_prefill_attention(
+        q.data_ptr(), q.stride(0),
+        kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), chunks.data_ptr(), chunks.shape[0],
+        out.data_ptr(), heads, kv_heads, d, num_blocks, block_size, scale)
 
 
 def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

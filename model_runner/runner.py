@@ -82,13 +82,18 @@ class ModelRunner:
         # Attention by the native kernel where it builds for this device and model (see attention.py).
         self.native_attention = native.supported(self.device, self.dtype, mc.num_attention_heads,
                                                  mc.num_key_value_heads, mc.head_dim, cfg.block_size, self.kv_dtype)
-        self.native_kernels = (self.native_attention, self.model.ops.native)  # what builds here (use_kernels)
+        # Prompt chunks by the tiled kernel where it runs (bfloat16 on AVX512-BF16; attention.py).
+        self.tiled_prefill = self.native_attention and native.prefill_supported(
+            self.dtype, self.kv_dtype, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim)
+        # What builds here (use_kernels): attention, tiled prompts, elementwise ops.
+        self.native_kernels = (self.native_attention, self.tiled_prefill, self.model.ops.native)
 
     def use_kernels(self, attention: bool, elementwise: bool) -> None:
         """Which paths the next steps take, native or PyTorch (benchmarks/kernels.py times each): a native one
         only where it builds here, so this can turn one off, never on where it cannot run."""
         self.native_attention = attention and self.native_kernels[0]
-        self.model.ops.native = elementwise and self.native_kernels[1]
+        self.tiled_prefill = attention and self.native_kernels[1]
+        self.model.ops.native = elementwise and self.native_kernels[2]
 
     # --- reporting -------------------------------------------------------------------------------------
 
@@ -104,7 +109,8 @@ class ModelRunner:
                 + (f", quantized matmul by the {quant.isa()} loop" if self.cfg.quantization != "none" else "")
                 + f"; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} "
                 f"blocks x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens; attention by "
-                + (f"the native kernel ({native.isa()} loop)" if self.native_attention else "the PyTorch path")
+                + (f"the native kernel ({native.isa()} loop{', prompts tiled' if self.tiled_prefill else ''})"
+                   if self.native_attention else "the PyTorch path")
                 + f"; {self.threads} thread{'s' if self.threads > 1 else ''} per step")
 
     # --- requests ---------------------------------------------------------------------------------------
@@ -243,7 +249,28 @@ class ModelRunner:
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in items],
                               dtype=torch.int32)
         per_item = torch.tensor([n for _, n in items])
-        return NativeAttention(tables.repeat_interleave(per_item, dim=0), (positions + 1).to(torch.int32))
+        rows = NativeAttention(tables.repeat_interleave(per_item, dim=0), (positions + 1).to(torch.int32))
+        if self.tiled_prefill:
+            rows.chunks, rows.row_ranges = self._prompt_chunks(items)
+        return rows
+
+    @staticmethod
+    def _prompt_chunks(items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        """The step's prompt rows as (first row, rows, first position) chunks for the tiled kernel, and the row
+        ranges left to the row kernel (decodes, recomputed outputs): see attention.NativeAttention."""
+        chunks, ranges, row = [], [], 0
+        for s, n in items:
+            start = s.num_computed_tokens
+            prompt = max(0, min(n, s.num_prompt_tokens - start))
+            if prompt:
+                chunks.append([row, prompt, start])
+            if prompt < n:
+                if ranges and ranges[-1][1] == row + prompt:
+                    ranges[-1] = (ranges[-1][0], row + n)
+                else:
+                    ranges.append((row + prompt, row + n))
+            row += n
+        return (torch.tensor(chunks, dtype=torch.int32) if chunks else None), ranges
 
     def _torch_attention(self, items: list[tuple[Sequence, int]],
                          pos: list[int]) -> tuple[list[DecodeGroup], list[PrefillChunk]]:

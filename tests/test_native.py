@@ -118,14 +118,14 @@ def test_limits_refuse_what_the_kernel_cannot_hold():
 def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path))  # nothing cached: it must build
     monkeypatch.setenv("CXX", "/bin/false")                 # a "compiler" that always fails
-    native.library.cache_clear()
+    native.reload()
     try:
         assert native.library() is None
         assert not native.supported("cpu", torch.float32, 9, 3, 64, 16)
         assert "native kernels failed to build" in caplog.text
     finally:
         monkeypatch.undo()
-        native.library.cache_clear()
+        native.reload()
     assert native.library() is not None
 
 
@@ -163,10 +163,10 @@ def expected_loop(isa):
 @pytest.fixture(params=runnable_isas())
 def isa(request, monkeypatch):
     monkeypatch.setenv("JITNEY_ISA", request.param)
-    native.library.cache_clear()
+    native.reload()
     assert native.library() is not None, f"the kernels failed to build for JITNEY_ISA={request.param}"
     yield request.param
-    native.library.cache_clear()  # monkeypatch then restores JITNEY_ISA: later tests load the default build
+    native.reload()  # monkeypatch then restores JITNEY_ISA: later tests load the default build
 
 
 # Query and cache types: float32 throughout, float32 queries over a bfloat16 cache (the default where the CPU
@@ -324,7 +324,7 @@ def test_model_gives_the_same_logits_with_and_without_native_elementwise_ops(tin
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
     name = native._build(native._compiler(), native.requested_isa()).name  # this build's cache key (built already)
     monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path))
-    native.library.cache_clear()
+    native.reload()
     try:
         built = tmp_path / "kernels" / name
         built.parent.mkdir()
@@ -332,7 +332,7 @@ def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
         assert native.library() is not None and built.stat().st_size > 0
     finally:
         monkeypatch.undo()
-        native.library.cache_clear()
+        native.reload()
 
 
 def test_inputs_the_kernels_cannot_read_are_refused():
@@ -375,3 +375,85 @@ def test_argmax_refuses_what_it_cannot_read():
     for bad in (torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(3), torch.zeros(2, 0), torch.zeros(3, 2).t()):
         with pytest.raises(ValueError):
             native.argmax(bad)
+
+
+# --- the tiled prompt kernel (csrc/prefill_attention.cpp): bfloat16 on AVX512-BF16 ---------------------------
+
+def tiled_here(heads=9, kv_heads=3, head_dim=64) -> bool:
+    return native.prefill_supported(torch.bfloat16, torch.bfloat16, heads, kv_heads, head_dim)
+
+
+def test_tiled_kernel_builds_where_the_cpu_has_avx512_bf16(isa):
+    """The tiled loop is the AVX512-BF16 build's; every other build says so and leaves prompts to the row
+    kernel (which the tests above cover on every loop)."""
+    assert tiled_here() == (native.isa() == "avx512-bf16")
+    assert not native.prefill_supported(torch.float32, torch.float32, 9, 3, 64)
+    assert not native.prefill_supported(torch.float32, torch.bfloat16, 9, 3, 64)
+
+
+def chunk_case(heads, kv_heads, head_dim, block_size, chunks, seed):
+    """Prompt chunks (first position, rows) of separate sequences, their rows stacked as a step has them, with
+    one table and context length per row."""
+    q, cache, tables, _ = random_case(heads, kv_heads, head_dim, block_size, [p + n for p, n in chunks],
+                                      torch.bfloat16, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rows = sum(n for _, n in chunks)
+    q = torch.randn(rows, heads + kv_heads, head_dim, generator=gen).bfloat16()[:, :heads]
+    seq = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor([n for _, n in chunks]))
+    lens = torch.cat([torch.arange(p + 1, p + n + 1) for p, n in chunks]).int()
+    firsts = torch.tensor([sum(n for _, n in chunks[:i]) for i in range(len(chunks))])
+    spec = torch.tensor([[f, n, p] for f, (p, n) in zip(firsts.tolist(), chunks)], dtype=torch.int32)
+    return q, cache, tables[seq].contiguous(), lens, spec
+
+
+def tiled(q, cache, tables, spec, scale):
+    out = torch.full(q.shape, 7.0, dtype=torch.bfloat16)
+    native.prefill_attention(q, cache, tables, spec, scale, out)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (9, 3, 64, 16), (9, 3, 64, 1), (8, 2, 128, 8), (4, 4, 64, 32), (16, 1, 64, 16), (32, 2, 128, 16)])
+def test_tiled_kernel_matches_reference(heads, kv_heads, head_dim, block_size):
+    """Fresh prompts of lengths around the 64-key tile and the row tiles, and chunks after a cached prefix,
+    several sequences in one call, against float64. The bound is bfloat16's: the output's own rounding (2^-9 of
+    its magnitude) plus the softmax weights' rounding to bfloat16 for the second product (2^-9 relative each;
+    the weights are normalised by their rounded sum, so the output moves by at most 2^-8 of the values'
+    largest magnitude)."""
+    if not tiled_here(heads, kv_heads, head_dim):
+        pytest.skip("the tiled kernel runs on AVX512-BF16 only")
+    chunks = [(0, 1), (0, 2), (0, 63), (0, 65), (0, 130), (37, 50), (100, 1), (64, 64), (5, 200)]
+    q, cache, tables, lens, spec = chunk_case(heads, kv_heads, head_dim, block_size, chunks, seed=head_dim)
+    out = tiled(q, cache, tables, spec, head_dim ** -0.5)
+    want = reference(q, cache, tables, lens.tolist(), head_dim ** -0.5)
+    v_max = cache[1].double().abs().max()
+    assert ((out.double() - want).abs() <= want.abs() * 2.0 ** -8 + v_max * 2.0 ** -8).all()
+
+
+def test_tiled_rows_do_not_depend_on_chunking_or_companions():
+    """A row's output is bit-identical however its prompt is cut into chunks and whatever else the call holds:
+    key tiles start at position 0 of the sequence, whatever the chunk, and tasks never mix sequences."""
+    if not tiled_here():
+        pytest.skip("the tiled kernel runs on AVX512-BF16 only")
+    q, cache, tables, lens, spec = chunk_case(9, 3, 64, 16, [(0, 300), (0, 90)], seed=11)
+    whole = tiled(q, cache, tables, spec, 0.125)
+    for cuts in ([(0, 100), (100, 200)], [(0, 1), (1, 298), (299, 1)], [(0, 64), (64, 64), (128, 172)]):
+        for p, n in cuts:
+            part = tiled(q[p:p + n], cache, tables[p:p + n], torch.tensor([[0, n, p]], dtype=torch.int32), 0.125)
+            assert torch.equal(part, whole[p:p + n])
+    alone = tiled(q[300:], cache, tables[300:], torch.tensor([[0, 90, 0]], dtype=torch.int32), 0.125)
+    assert torch.equal(alone, whole[300:])
+
+
+def test_tiled_kernel_leaves_other_rows_alone_and_refuses_what_it_cannot_read():
+    if not tiled_here():
+        pytest.skip("the tiled kernel runs on AVX512-BF16 only")
+    q, cache, tables, lens, spec = chunk_case(9, 3, 64, 16, [(0, 20)], seed=2)
+    out = tiled(q, cache, tables, torch.tensor([[5, 10, 5]], dtype=torch.int32), 0.125)
+    assert (out[:5] == 7).all() and (out[15:] == 7).all() and not (out[5:15] == 7).all()
+    for bad in (torch.tensor([[15, 10, 0]], dtype=torch.int32), torch.tensor([[0, 0, 0]], dtype=torch.int32),
+                torch.tensor([[0, 5, -1]], dtype=torch.int32), spec.long()):
+        with pytest.raises(ValueError):
+            tiled(q, cache, tables, bad, 0.125)
+    with pytest.raises(ValueError):
+        native.prefill_attention(q.float(), cache, tables, spec, 0.125, torch.empty(q.shape))

@@ -1,0 +1,257 @@
+// Prefill attention on the CPU as tiles of matrix products: a tile of a prompt chunk's query rows (every query
+// head of one kv head's group) against tiles of 64 cached keys and values at a time, with an online softmax
+// (FlashAttention's loop). The row kernel (paged_attention.cpp) reads each key and value once per query row and
+// reduces each dot product across a vector; here the keys and values of a chunk's context are packed once
+// (pack_tile) and every row tile multiplies against them with VDPBF16PS: pairs of bfloat16 multiplied exactly
+// and summed in float32, sixteen keys (or sixteen output elements) per instruction.
+//
+// A chunk's row i sits at position first_pos + i and attends to positions 0 .. first_pos + i of its sequence,
+// read through the sequence's block table: a fresh prompt (first_pos 0) and a chunk that continues a cached
+// prefix (first_pos > 0) are the same loop. Tasks are (chunk, kv head, row tile), latest rows first, on the
+// process's OpenMP threads (libgomp, shared with PyTorch).
+//
+// The softmax weights are rounded to bfloat16 for the second product (as PyTorch's and FlashAttention's bf16
+// kernels do), and the row sums that normalise the output are taken over the rounded weights, so the output is
+// a weighted mean of the values: its error is bounded by the weights' rounding (2^-9 relative) times the
+// values' magnitude, on top of the output's own bfloat16 rounding.
+//
+// Only built with AVX512-BF16 (Zen 4, Xeons since Cooper Lake): elsewhere jitney_prefill_supported says no
+// and prompt rows run on the row kernel. Built and loaded by model_runner/native.py (plain C ABI).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(JITNEY_PORTABLE)
+#define JITNEY_DPBF16 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#include "bf16.h"     // to_float, store
+#include "softmax.h"  // exp_nonpositive, exp512_nonpositive
+
+#ifdef JITNEY_DPBF16
+constexpr int MAX_M = 128;  // query vectors per task (rows x the group's heads)
+constexpr int MAX_GROUP = 16;
+constexpr int TK = 64;       // keys per tile: the softmax's horizontal max and sum, once per vector and tile,
+constexpr int NS = TK / 16;  // then cost a fraction of the products; NS score vectors per query vector
+
+// Where position `pos` of a sequence lives in one kv head's blocks [num_blocks, block_size, HD].
+template <typename T>
+inline const T* token_row(const T* base, const int32_t* table, int pos, int block_size, int hd) {
+  return base + (int64_t(table[pos / block_size]) * block_size + pos % block_size) * hd;
+}
+
+// Packs keys and values k0 .. k0 + TK - 1 of one sequence's kv head (k, v: that head's blocks) for tile_bf16,
+// once per chunk, head and tile (every row tile of the chunk reads them): keys in pairs along the head
+// dimension (kp[d / 2][t] holds elements d and d + 1 of key t), so one VDPBF16PS gives 16 keys' partial dot
+// products with a broadcast pair of query elements; values in pairs along the keys (vp[t / 2][d] holds
+// element d of keys t and t + 1), so one adds 16 elements of two keys' weighted values. Keys at or past `n`
+// are zeros.
+template <int HD>
+void pack_tile(const uint16_t* k, const uint16_t* v, const int32_t* table, int block_size, int k0, int n,
+               uint32_t (*kp)[TK], uint32_t (*vp)[HD]) {
+  for (int t = 0; t < TK; t += 2) {
+    uint32_t kr[2][HD / 2] = {};  // copied, not cast: reading bfloat16 data through a uint32_t pointer breaks aliasing
+    uint16_t vr[2][HD] = {};
+    for (int u = 0; u < 2; u++) {
+      if (k0 + t + u < n) {
+        std::memcpy(kr[u], token_row(k, table, k0 + t + u, block_size, HD), sizeof kr[u]);
+        std::memcpy(vr[u], token_row(v, table, k0 + t + u, block_size, HD), sizeof vr[u]);
+      }
+    }
+    for (int d = 0; d < HD / 2; d++) kp[d][t] = kr[0][d], kp[d][t + 1] = kr[1][d];
+    for (int d = 0; d < HD; d++) vp[t / 2][d] = uint32_t(vr[0][d]) | uint32_t(vr[1][d]) << 16;
+  }
+}
+
+// One task: `rows` query rows (first at position first_pos) x `group` heads from head0, against keys
+// 0 .. first_pos + rows - 1 of one kv head, packed (pack_tile). q and out rows are q_stride / out_stride
+// elements apart, heads contiguous. Both products on VDPBF16PS, TK keys and B query vectors at a time
+// (B x (TK + HD) / 16 accumulators in registers).
+template <int HD>
+void tile_bf16(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, int first_pos,
+               const uint32_t* kpack, const uint32_t* vpack, uint16_t* out, int64_t out_stride, float scale) {
+  static_assert(HD % 32 == 0, "whole 512-bit vectors of bfloat16 pairs");
+  constexpr int64_t TILE_WORDS = int64_t(TK) * HD / 2;  // one packed tile: TK keys x HD elements in pairs
+  constexpr int NV = HD / 16;  // float32 vectors per output row
+  constexpr int B = 2;         // query vectors at a time
+  const int m_total = rows * group;
+  alignas(64) uint32_t qp[MAX_M + B][HD / 2] = {};  // each query's elements in pairs (scale goes on scores)
+  alignas(64) __m512 acc[MAX_M + B][NV];
+  float running_max[MAX_M + B], denom[MAX_M + B];
+  for (int m = 0; m < MAX_M + B; m++) {
+    if (m < m_total)
+      std::memcpy(qp[m], q + int64_t(m / group) * q_stride + int64_t(head0 + m % group) * HD, sizeof qp[m]);
+    for (int j = 0; j < NV; j++) acc[m][j] = _mm512_setzero_ps();
+    running_max[m] = -INFINITY;
+    denom[m] = 0.f;
+  }
+  const __m512 scale16 = _mm512_set1_ps(scale);
+  const int context = first_pos + rows;
+  for (int k0 = 0; k0 < context; k0 += TK) {
+    const int n = std::min(TK, context - k0);
+    const uint32_t (*kp)[TK] = reinterpret_cast<const uint32_t (*)[TK]>(kpack + int64_t(k0 / TK) * TILE_WORDS);
+    const uint32_t (*vp)[HD] = reinterpret_cast<const uint32_t (*)[HD]>(vpack + int64_t(k0 / TK) * TILE_WORDS);
+    // Every loop below runs a fixed count (the tile's keys past n are zeros, their weights 0), so the
+    // compiler unrolls them and keeps scores and accumulators in registers.
+    for (int m0 = std::max(0, k0 - first_pos) * group / B * B; m0 < m_total; m0 += B) {
+      __m512 s[B][NS];
+      for (int i = 0; i < B; i++)
+        for (int c = 0; c < NS; c++) s[i][c] = _mm512_setzero_ps();
+      for (int d = 0; d < HD / 2; d++) {
+        __m512bh qd[B];
+        for (int i = 0; i < B; i++) qd[i] = (__m512bh)_mm512_set1_epi32(qp[m0 + i][d]);
+        for (int c = 0; c < NS; c++) {
+          const __m512bh kd = (__m512bh)_mm512_load_si512(kp[d] + 16 * c);
+          for (int i = 0; i < B; i++) s[i][c] = _mm512_dpbf16_ps(s[i][c], kd, qd[i]);
+        }
+      }
+      alignas(64) uint32_t wp[B][TK / 2];  // each vector's weights, rounded to bfloat16, in pairs of keys
+      __m512 a[B][NV];
+      for (int i = 0; i < B; i++) {
+        const int m = m0 + i;
+        const int seen = std::max(0, std::min(first_pos + m / group - k0 + 1, n));  // keys of the tile it sees
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int c = 0; c < NS; c++) {  // scaled scores, -inf where masked
+          const int in = std::min(std::max(seen - 16 * c, 0), 16);
+          s[i][c] = _mm512_mask_blend_ps(__mmask16((1u << in) - 1), _mm512_set1_ps(-INFINITY),
+                                         _mm512_mul_ps(s[i][c], scale16));
+          mx = _mm512_max_ps(mx, s[i][c]);
+        }
+        const float m_new = std::max(running_max[m], _mm512_reduce_max_ps(mx));
+        const float correction = exp_nonpositive(running_max[m] - m_new);
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < NS; c++) {
+          // Rounded to bfloat16 for the product; the row sum is of the rounded weights, so the output stays
+          // a weighted mean of the values.
+          const __m256bh w = _mm512_cvtneps_pbh(exp512_nonpositive(_mm512_sub_ps(s[i][c], _mm512_set1_ps(m_new))));
+          sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16)));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(wp[i] + 8 * c), (__m256i)w);
+        }
+        running_max[m] = m_new;
+        denom[m] = denom[m] * correction + _mm512_reduce_add_ps(sum);
+        const __m512 cv = _mm512_set1_ps(correction);
+        for (int j = 0; j < NV; j++) a[i][j] = _mm512_mul_ps(acc[m][j], cv);
+      }
+      for (int t = 0; t < TK / 2; t++) {
+        __m512bh wt[B];
+        for (int i = 0; i < B; i++) wt[i] = (__m512bh)_mm512_set1_epi32(wp[i][t]);
+        for (int j = 0; j < NV; j++) {
+          const __m512bh vj = (__m512bh)_mm512_load_si512(vp[t] + j * 16);
+          for (int i = 0; i < B; i++) a[i][j] = _mm512_dpbf16_ps(a[i][j], vj, wt[i]);
+        }
+      }
+      for (int i = 0; i < B; i++)
+        for (int j = 0; j < NV; j++) acc[m0 + i][j] = a[i][j];
+    }
+  }
+  for (int m = 0; m < m_total; m++) {
+    uint16_t* orow = out + int64_t(m / group) * out_stride + int64_t(head0 + m % group) * HD;
+    alignas(64) float o[HD];
+    for (int j = 0; j < NV; j++) _mm512_store_ps(o + j * 16, acc[m][j]);
+    const float inv = 1.f / denom[m];
+    for (int d = 0; d < HD; d++) store(o[d] * inv, &orow[d]);
+  }
+}
+
+struct Task {
+  int chunk, row0, rows, head;
+};
+
+template <int HD>
+void prefill_attention(const uint16_t* q, int64_t q_stride, const uint16_t* cache, const int32_t* block_tables,
+                       int64_t table_stride, const int32_t* chunks, int num_chunks, uint16_t* out, int heads,
+                       int kv_heads, int64_t num_blocks, int block_size, float scale) {
+  constexpr int64_t TILE_WORDS = int64_t(TK) * HD / 2;
+  const int group = heads / kv_heads;
+  const int tile_rows = std::max(1, MAX_M / group);
+  const int64_t head_stride = num_blocks * block_size * HD;  // elements of one kv head's blocks
+  // Packed keys and values: for each chunk and kv head, its context's tiles (pack_tile).
+  std::vector<int64_t> first_tile(num_chunks + 1, 0);
+  for (int c = 0; c < num_chunks; c++)
+    first_tile[c + 1] = first_tile[c] + (chunks[3 * c + 2] + chunks[3 * c + 1] + TK - 1) / TK;
+  const int64_t tiles = first_tile[num_chunks];
+  // 64-byte aligned (the tile loop's vector loads): a multiple of 64 bytes, as aligned_alloc asks.
+  struct Free { void operator()(uint32_t* p) const { std::free(p); } };
+  const size_t bytes = size_t(std::max<int64_t>(tiles, 1) * kv_heads * TILE_WORDS) * sizeof(uint32_t);
+  std::unique_ptr<uint32_t, Free> kp(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)));
+  std::unique_ptr<uint32_t, Free> vp(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)));
+  uint32_t* kpack = kp.get();
+  uint32_t* vpack = vp.get();
+  std::vector<Task> tasks;
+  for (int c = 0; c < num_chunks; c++)
+    for (int r = 0; r < chunks[3 * c + 1]; r += tile_rows)
+      for (int h = 0; h < kv_heads; h++) tasks.push_back({c, r, std::min(tile_rows, chunks[3 * c + 1] - r), h});
+  // Latest rows first (they see the most keys): the dynamic schedule then ends on short tasks.
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+    return chunks[3 * a.chunk + 2] + a.row0 > chunks[3 * b.chunk + 2] + b.row0;
+  });
+  const int64_t out_stride = int64_t(heads) * HD;
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t i = 0; i < tiles * kv_heads; i++) {
+      const int64_t tile = i / kv_heads;
+      const int h = int(i % kv_heads);
+      const int c = int(std::upper_bound(first_tile.begin(), first_tile.end(), tile) - first_tile.begin()) - 1;
+      const int32_t* table = block_tables + int64_t(chunks[3 * c]) * table_stride;
+      const int64_t at = (first_tile[c] * kv_heads + int64_t(h) * (first_tile[c + 1] - first_tile[c])
+                          + tile - first_tile[c]) * TILE_WORDS;
+      pack_tile<HD>(cache + h * head_stride, cache + (kv_heads + h) * head_stride, table, block_size,
+                    int(tile - first_tile[c]) * TK, chunks[3 * c + 2] + chunks[3 * c + 1],
+                    reinterpret_cast<uint32_t (*)[TK]>(kpack + at),
+                    reinterpret_cast<uint32_t (*)[HD]>(vpack + at));
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (size_t i = 0; i < tasks.size(); i++) {
+      const Task& t = tasks[i];
+      const int64_t row = chunks[3 * t.chunk] + t.row0;  // the task's first row of the step
+      const int64_t at = (first_tile[t.chunk] * kv_heads
+                          + int64_t(t.head) * (first_tile[t.chunk + 1] - first_tile[t.chunk])) * TILE_WORDS;
+      tile_bf16<HD>(q + row * q_stride, q_stride, t.head * group, group, t.rows, chunks[3 * t.chunk + 2] + t.row0,
+                    kpack + at, vpack + at, out + row * out_stride, out_stride, scale);
+    }
+  }
+}
+
+#endif  // JITNEY_DPBF16
+
+}  // namespace
+
+extern "C" {
+
+// Whether this build has the loop (AVX512-BF16) and a layer of this shape runs on it: head sizes 64 and 128,
+// groups up to MAX_GROUP.
+int jitney_prefill_supported(int heads, int kv_heads, int head_dim) {
+#ifdef JITNEY_DPBF16
+  return kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP &&
+         (head_dim == 64 || head_dim == 128);
+#else
+  (void)heads, (void)kv_heads, (void)head_dim;
+  return 0;
+#endif
+}
+
+// q [rows, heads, head_dim] bfloat16 (q_stride elements between rows, heads contiguous); cache: one layer's
+// [2, kv_heads, num_blocks, block_size, head_dim] bfloat16; block_tables [rows, table_stride] int32, the table
+// of a chunk's sequence at the chunk's first row; chunks [num_chunks, 3] int32: (first row, rows, position of
+// the first row); out [rows, heads, head_dim] contiguous: only the chunks' rows are written. Callers check
+// jitney_prefill_supported.
+void jitney_prefill_attention(const uint16_t* q, int64_t q_stride, const uint16_t* cache,
+                              const int32_t* block_tables, int64_t table_stride, const int32_t* chunks,
+                              int num_chunks, uint16_t* out, int heads, int kv_heads, int head_dim,
+                              int64_t num_blocks, int block_size, float scale) {
+#ifdef JITNEY_DPBF16
+  (head_dim == 64 ? prefill_attention<64> : prefill_attention<128>)(
+      q, q_stride, cache, block_tables, table_stride, chunks, num_chunks, out, heads, kv_heads, num_blocks,
+      block_size, scale);
+#endif
+}
+
+}  // extern "C"
