@@ -86,7 +86,8 @@ def in_situ_samples(steps: list[insitu.StepSample], work: Work) -> list[dict]:
     """The engine's steps (insitu.collect) as the fit and the JSON take them."""
     return [dict(phase=s.phase, plan=plan_dict(s.plan), flops=work.flops(s.plan), bytes=work.bytes(s.plan),
                  seqs=s.plan.num_seqs, attention_flops=work.attention_flops(s.plan), seconds=s.seconds,
-                 step_seconds=s.step_s, host_seconds=s.host_s, idle_after=s.idle_after) for s in steps]
+                 step_seconds=s.step_s, host_seconds=s.host_s, idle_after=s.idle_after, others_cpu=s.others_cpu)
+            for s in steps]
 
 
 # --- the in-situ fit ----------------------------------------------------------------------------------------
@@ -105,7 +106,10 @@ def in_situ_samples(steps: list[insitu.StepSample], work: Work) -> list[dict]:
 # and 117-142 ms in another, on a machine otherwise idle.
 OUTLIER_MADS = 3.0       # a step further than this many scaled median errors off the fit is a disturbance ...
 OUTLIER_FLOOR = 0.10     # ... and never one within 10 %
-BUSY_SHARE = 0.10        # more steps than this left out: the host was busy, the report says to calibrate again
+OUTLIER_CEILING = 0.50   # ... and always one beyond 50 % (when most steps are disturbed, their spread is no guide)
+# The report warns (calibrate again, on a quiet machine) when more steps than BUSY_STEPS were left out, when other
+# processes used more than BUSY_CPU_PCT % of the CPUs meanwhile, or when the fit's median error exceeds POOR_FIT.
+BUSY_STEPS, BUSY_CPU_PCT, POOR_FIT = 0.10, 10.0, 0.20
 MAD_SCALE = 1.4826       # a median absolute deviation x this estimates a normal distribution's sigma
 
 
@@ -127,7 +131,8 @@ def fit_in_situ(samples: list[dict]) -> tuple[RooflineParams, np.ndarray, np.nda
     1 / t^2), and each shape cell (shape_cell) weighs as one: its steps share a weight of 1.
     Disturbances. A step the host interrupted (another process, a page fault storm) can take several times its
     shape's time; after a first fit, steps further off than OUTLIER_MADS scaled median errors (and at least
-    OUTLIER_FLOOR) are left out and the fit redone, up to three times. What is left out is counted and saved."""
+    OUTLIER_FLOOR, and always beyond OUTLIER_CEILING) are left out and the fit redone, up to three times. What is
+    left out is counted and saved."""
     f, b, s, a, t = (np.array([x[k] for x in samples], dtype=float)
                      for k in ("flops", "bytes", "seqs", "attention_flops", "seconds"))
     cells = [shape_cell(plan_of(x["plan"])) for x in samples]
@@ -141,7 +146,8 @@ def fit_in_situ(samples: list[dict]) -> tuple[RooflineParams, np.ndarray, np.nda
     params, w = weighted_fit(keep)
     for _ in range(3):
         rel = _modelled(params, f, b, s, a) / t - 1
-        limit = max(OUTLIER_MADS * MAD_SCALE * float(np.median(np.abs(rel[keep]))), OUTLIER_FLOOR)
+        limit = min(max(OUTLIER_MADS * MAD_SCALE * float(np.median(np.abs(rel[keep]))), OUTLIER_FLOOR),
+                    OUTLIER_CEILING)
         if (np.abs(rel) <= limit).tolist() == keep.tolist():
             break
         keep = np.abs(rel) <= limit
@@ -219,8 +225,13 @@ def calibrate(model: str, dtype: str, quantization: str, repeats: int = 3, quick
             e = [abs(s["modelled_seconds"] / s["seconds"] - 1) for s in kept if _kind(plan_of(s["plan"])) == kind]
             if e:
                 by_kind[kind] = dict(steps=len(e), median=float(np.median(e)), p90=float(np.quantile(e, 0.9)))
+        timed = [(s["others_cpu"], s["seconds"]) for s in samples if s["others_cpu"] is not None]
         cal.update(workload=[p.name for p in workload],
                    steps=len(samples), outliers=int((~keep).sum()), errors_by_kind=by_kind,
+                   # time-weighted over the steps: how much of the calibration other processes shared
+                   others_cpu_pct=float(np.average([o for o, _ in timed], weights=[t for _, t in timed]))
+                   if timed else None,
+                   others_cpu_pct_max=max(o for o, _ in timed) if timed else None,
                    host_seconds_median=float(np.median([s["host_seconds"] for s in samples])),
                    shapes=shapes(samples))
     return cal
@@ -238,6 +249,18 @@ def attention_rate(p: dict) -> float:
     return 1 / (1 / p["flops_per_s"] + p.get("attention_s_per_flop", 0.0))
 
 
+def busy_reasons(cal: dict) -> list[str]:
+    """Why an in-situ calibration looks disturbed (empty: it does not)."""
+    out = []
+    if cal["outliers"] > BUSY_STEPS * len(cal["samples"]):
+        out.append(f"{cal['outliers'] / len(cal['samples']):.0%} of the steps were disturbed")
+    if (cal.get("others_cpu_pct") or 0) > BUSY_CPU_PCT:
+        out.append(f"other processes used {cal['others_cpu_pct']:.0f} % of the CPUs")
+    if cal["median_abs_error"] > POOR_FIT:
+        out.append(f"the fit's median error is {cal['median_abs_error']:.0%}")
+    return out
+
+
 def report(cal: dict) -> str:
     p = cal["params"]
     lines = [f"calibrated {cal['model']} ({cal['dtype']}, quantization {cal['quantization']}) on {cal['host']}, "
@@ -253,16 +276,19 @@ def report(cal: dict) -> str:
         lines.append("  median error by step: " + ", ".join(
             f"{e['median']:.1%} over {e['steps']} {k} steps" for k, e in cal["errors_by_kind"].items()))
         lines.append(f"  {cal['outliers']} of {len(cal['samples'])} steps left out as disturbances (further off "
-                     f"than {OUTLIER_MADS:g} scaled median errors and {OUTLIER_FLOOR:.0%}); the engine's host work "
+                     f"than {OUTLIER_MADS:g} scaled median errors and {OUTLIER_FLOOR:.0%}, or {OUTLIER_CEILING:.0%}); "
+                     f"the engine's host work "
                      f"after a step: median {cal['host_seconds_median'] * 1e3:.2f} ms (in each step's seconds)")
         for kind, what in (("decode", "decodes alone, by batch"), ("prompt", "a prompt chunk alone, by tokens")):
             lines.append(f"  measured / modelled (medians), {what}: " + ", ".join(
                 f"{s['size']}: {s['measured_s'] * 1e3:.0f} / {s['modelled_s'] * 1e3:.0f} ms"
                 for s in cal["shapes"] if s["kind"] == kind))
-        if cal["outliers"] > BUSY_SHARE * len(cal["samples"]):
-            lines.append(f"  WARNING: {cal['outliers'] / len(cal['samples']):.0%} of the steps were disturbed: the "
-                         "host was busy (other processes?) and whole shapes may be missing from the fit; calibrate "
-                         "again on a quiet machine")
+        if cal.get("others_cpu_pct") is not None:
+            lines.append(f"  other processes used {cal['others_cpu_pct']:.0f} % of the machine's CPUs meanwhile "
+                         f"(at most {cal['others_cpu_pct_max']:.0f} % over a phase)")
+        if busy := busy_reasons(cal):
+            lines.append(f"  WARNING: {'; '.join(busy)}: the host was busy, and the fit may have whole shapes "
+                         "missing or slowed; calibrate again on a quiet machine")
     else:
         lines.append(f"  fit error over {len(cal['samples'])} steps: mean {cal['mean_abs_error']:.1%}, max "
                      f"{cal['max_abs_error']:.1%}")

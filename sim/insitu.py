@@ -23,12 +23,14 @@ charges a step. calibrate.py fits the cost model to them.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 
 from batcher.clock import REAL_CLOCK, Clock
 from batcher.engine import Engine
 from benchmarks.replay import batcher_config, prompt_ids, replay
+from benchmarks.sysmon import CpuMonitor
 from benchmarks.trace import TraceRequest
 
 from .cost import StepPlan
@@ -80,6 +82,7 @@ class StepSample:
     step_s: float          # the engine's measure of the step (StepRecord.seconds)
     host_s: float = 0.0    # the engine's work after it, until its loop next yielded
     idle_after: bool = False  # the engine had nothing left to run then (it waited for arrivals)
+    others_cpu: float | None = None  # % of the machine's CPUs other processes used during the step's phase
 
     @property
     def seconds(self) -> float:
@@ -129,10 +132,15 @@ async def collect(runner, phases=WORKLOAD, warm_up: bool = True, progress: bool 
         ids = prompt_ids(runner.tokenizer, trace, seed=i, shared_prefix=phase.shared_prefix)
         wall = time.perf_counter()
         try:
-            records = await replay(engine, trace, runner.tokenizer, progress=False, ids=ids)
+            # The machine's CPU use less this process's: another process on the cores slows every step it meets.
+            with CpuMonitor(os.getpid()) as cpu:
+                records = await replay(engine, trace, runner.tokenizer, progress=False, ids=ids)
         finally:
             sampler.detach()
             await engine.stop()
+        others = None if cpu.cpu_pct is None or cpu.process_pct is None else max(0.0, cpu.cpu_pct - cpu.process_pct)
+        for sample in sampler.samples:
+            sample.others_cpu = others
         if failed := [r for r in records if not r.ok]:
             raise RuntimeError(f"calibration phase {phase.name!r}: {len(failed)} requests failed "
                                f"({failed[0].error or failed[0].finish_reason})")
@@ -140,7 +148,9 @@ async def collect(runner, phases=WORKLOAD, warm_up: bool = True, progress: bool 
             samples += sampler.samples
         if progress:
             print(f"  {phase.name}: {len(sampler.samples)} steps, {time.perf_counter() - wall:.1f} s"
-                  + (" (untimed)" if phase is WARM_UP else ""), flush=True)
+                  + (" (untimed)" if phase is WARM_UP else "")
+                  + (f"; other processes used {others:.0f} % of the CPUs" if others and others >= 5 else ""),
+                  flush=True)
     return samples
 
 

@@ -168,3 +168,13 @@ def test_in_situ_calibration_round_trips_into_a_simulation(tmp_path, monkeypatch
     assert "calibrated in situ" in (tmp_path / "run" / "report.md").read_text()
     with pytest.raises(SystemExit):  # --isolated and --in-situ say how to calibrate: nothing without --calibrate
         main(["--isolated", "--cost-model", str(cal)])
+
+
+def test_a_busy_calibration_is_reported_as_such():
+    """Many steps left out, other processes on the CPUs, or a poor fit: each is a reason to calibrate again."""
+    from sim.calibrate import busy_reasons
+    quiet = dict(outliers=3, samples=[{}] * 300, others_cpu_pct=2.0, median_abs_error=0.08)
+    assert busy_reasons(quiet) == []
+    assert len(busy_reasons(dict(quiet, outliers=40))) == 1
+    assert len(busy_reasons(dict(quiet, others_cpu_pct=35.0))) == 1
+    assert len(busy_reasons(dict(quiet, median_abs_error=0.4, others_cpu_pct=None))) == 1
