@@ -251,8 +251,8 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
            q, kv_cache, out)
     _check(block_tables.dtype == chunks.dtype == torch.int32 and block_tables.stride(1) == 1
            and chunks.is_contiguous() and chunks.dim() == 2 and chunks.shape[1] == 3 and block_tables.shape[0] == n
-           and bool(((chunks[:, 0] >= 0) & (chunks[:, 1] >= 1) & (chunks[:, 0] + chunks[:, 1] <= n)
-                     & (chunks[:, 2] >= 0)).all()),
+           and all(first >= 0 and rows >= 1 and first + rows <= n and pos >= 0  # a few chunks: plain Python
+                   for first, rows, pos in chunks.tolist()),
            "int32 chunks (first row, rows, first position) within the rows, one table per row", chunks)
     prefill_library().jitney_prefill_attention(
         q.data_ptr(), q.stride(0),
