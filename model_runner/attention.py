@@ -60,13 +60,11 @@ class NativeAttention:
     no padding, no gathered copy, no mask (a row attends to the first context_lens[row] tokens)."""
     block_tables: torch.Tensor  # [T, widest table] int32: each row's sequence's table, padded
     context_lens: torch.Tensor  # [T] int32: each row's position + 1
-    # Set where the tiled prompt kernel runs (native.prefill_supported): the prompt rows' chunks, (first row,
-    # rows, first position) [C, 3] int32, for it; every other row, in the ranges `row_ranges`, for the row
-    # kernel. A row's kernel follows from its token alone, never from its companions: prompt tokens are tiled,
-    # generated ones (decodes, and their recomputation after a preemption) take the row kernel, so how a step is
-    # batched or chunked does not change which arithmetic a token's attention gets.
+    # Set where the tiled prompt kernel runs (native.prefill_supported): the step's multi-token chunks, (first
+    # row, rows, first position) [C, 3] int32, for it; the single-token rows before them (decodes: one query per
+    # sequence, nothing to tile) for the row kernel.
     chunks: torch.Tensor | None = None
-    row_ranges: list[tuple[int, int]] | None = None
+    decode_rows: int = 0
 
 
 @dataclass
@@ -92,12 +90,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if meta.native is not None:
         rows = meta.native
         native.write_kv(kv_cache, meta.slot_mapping, k, v)
-        if rows.chunks is None:  # no prompt rows, or no tiled kernel here
+        if rows.chunks is None:  # decodes only, or no tiled kernel here
             return native.paged_attention(q, kv_cache, rows.block_tables, rows.context_lens, scale)
         out = torch.empty(q.shape, dtype=q.dtype)
-        for lo, hi in rows.row_ranges:
-            native.paged_attention(q[lo:hi], kv_cache, rows.block_tables[lo:hi], rows.context_lens[lo:hi], scale,
-                                   out[lo:hi])
+        d = rows.decode_rows
+        if d:
+            native.paged_attention(q[:d], kv_cache, rows.block_tables[:d], rows.context_lens[:d], scale, out[:d])
         native.prefill_attention(q, kv_cache, rows.block_tables, rows.chunks, scale, out)
         return out
     write_kv(kv_cache[0], meta.slot_mapping, k)

@@ -251,26 +251,23 @@ class ModelRunner:
         per_item = torch.tensor([n for _, n in items])
         rows = NativeAttention(tables.repeat_interleave(per_item, dim=0), (positions + 1).to(torch.int32))
         if self.tiled_prefill:
-            rows.chunks, rows.row_ranges = self._prompt_chunks(items)
+            rows.chunks, rows.decode_rows = self._chunks(items)
         return rows
 
     @staticmethod
-    def _prompt_chunks(items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
-        """The step's prompt rows as (first row, rows, first position) chunks for the tiled kernel, and the row
-        ranges left to the row kernel (decodes, recomputed outputs): see attention.NativeAttention."""
-        chunks, ranges, row = [], [], 0
-        for s, n in items:
-            start = s.num_computed_tokens
-            prompt = max(0, min(n, s.num_prompt_tokens - start))
-            if prompt:
-                chunks.append([row, prompt, start])
-            if prompt < n:
-                if ranges and ranges[-1][1] == row + prompt:
-                    ranges[-1] = (ranges[-1][0], row + n)
-                else:
-                    ranges.append((row + prompt, row + n))
+    def _chunks(items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, int]:
+        """The step's multi-token chunks as (first row, rows, first position) for the tiled kernel, and how many
+        single-token rows (decodes, first in the step as `execute` orders them) go to the row kernel.
+
+        Which kernel a token gets then depends on its chunk's size, and so on how a step was batched; in
+        bfloat16 a token's arithmetic depends on that anyway (oneDNN picks its matmul kernels by the number of
+        rows), and the exact batch invariance jitney promises is float32's, where the tiled kernel never runs."""
+        decodes = sum(n == 1 for _, n in items)
+        chunks, row = [], decodes
+        for s, n in items[decodes:]:
+            chunks.append([row, n, s.num_computed_tokens])
             row += n
-        return (torch.tensor(chunks, dtype=torch.int32) if chunks else None), ranges
+        return (torch.tensor(chunks, dtype=torch.int32) if chunks else None), decodes
 
     def _torch_attention(self, items: list[tuple[Sequence, int]],
                          pos: list[int]) -> tuple[list[DecodeGroup], list[PrefillChunk]]:

@@ -1,5 +1,5 @@
-"""Prompt rows on the tiled kernel (csrc/prefill_attention.cpp), everything else on the row kernel: which rows
-go where, and a bfloat16 model that gives the same logits and greedy text either way (up to bfloat16)."""
+"""Multi-token chunks on the tiled kernel (csrc/prefill_attention.cpp), decodes on the row kernel: which rows go
+where, and a bfloat16 model that gives the same logits and greedy text either way (up to bfloat16)."""
 import pytest
 import torch
 
@@ -22,19 +22,18 @@ def seq(prompt: int, outputs: int, computed: int) -> Sequence:
     return s
 
 
-def test_prompt_rows_are_tiled_and_generated_rows_take_the_row_kernel():
-    """Decodes first; a fresh prompt, a later chunk of one, a one-token chunk, and a preempted sequence
-    recomputing its prompt and then its outputs (the outputs take the row kernel, as when they were decoded)."""
-    items = [(seq(5, 3, 7), 1), (seq(5, 1, 5), 1), (seq(40, 0, 0), 40), (seq(40, 0, 16), 24), (seq(9, 0, 8), 1),
-             (seq(10, 6, 0), 16), (seq(10, 6, 12), 4)]
-    chunks, ranges = ModelRunner._prompt_chunks(items)
-    assert chunks.tolist() == [[2, 40, 0], [42, 24, 16], [66, 1, 8], [67, 10, 0]]
-    assert ranges == [(0, 2), (77, 87)]
+def test_multi_token_chunks_are_tiled_and_decodes_take_the_row_kernel():
+    """Decodes first (as execute orders a step); then a fresh prompt, a later chunk of one, and a preempted
+    sequence recomputing its prompt and outputs: every multi-token chunk tiled, from its first position."""
+    items = [(seq(5, 3, 7), 1), (seq(5, 1, 5), 1), (seq(40, 0, 0), 40), (seq(40, 0, 16), 24),
+             (seq(10, 6, 0), 16)]
+    chunks, decodes = ModelRunner._chunks(items)
+    assert decodes == 2
+    assert chunks.tolist() == [[2, 40, 0], [42, 24, 16], [66, 16, 0]]
 
 
-def test_a_step_without_prompt_rows_has_no_chunks():
-    chunks, ranges = ModelRunner._prompt_chunks([(seq(5, 3, 7), 1), (seq(5, 1, 5), 1)])
-    assert chunks is None and ranges == [(0, 2)]
+def test_a_step_of_decodes_has_no_chunks():
+    assert ModelRunner._chunks([(seq(5, 3, 7), 1), (seq(5, 1, 5), 1)]) == (None, 2)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,8 @@ def test_logits_agree_with_the_row_kernel_to_bfloat16(runner):
 
 
 def test_batched_prompts_give_each_the_text_it_gets_alone(runner):
-    """Prompt rows are tiled whatever their companions: a prompt's greedy text alone and in a batch of four."""
+    """A prompt's greedy text alone and in a batch of four, its prompt tiled and its decodes on the row kernel
+    both times."""
     prompts = [list(range(5, 5 + n)) for n in (3, 70, 129, 17)]
     together = our_greedy(runner, prompts, 8)
     for p, t in zip(prompts, together):
