@@ -109,7 +109,7 @@ OUTLIER_FLOOR = 0.10     # ... and never one within 10 %
 OUTLIER_CEILING = 0.50   # ... and always one beyond 50 % (when most steps are disturbed, their spread is no guide)
 # The report warns (calibrate again, on a quiet machine) when more steps than BUSY_STEPS were left out, when other
 # processes used more than BUSY_CPU_PCT % of the CPUs meanwhile, or when the fit's median error exceeds POOR_FIT.
-BUSY_STEPS, BUSY_CPU_PCT, POOR_FIT = 0.10, 10.0, 0.20
+BUSY_STEPS, BUSY_CPU_PCT, POOR_FIT = 0.10, insitu.BUSY_PCT, 0.20
 MAD_SCALE = 1.4826       # a median absolute deviation x this estimates a normal distribution's sigma
 
 

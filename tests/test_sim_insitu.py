@@ -75,7 +75,7 @@ def test_the_samples_match_the_engines_plans_on_the_real_loop(tiny_runner):
     machine gives (only their signs are checked); the plans are exactly those the runner received."""
     async def main():
         runner = PlanRecorder(tiny_runner)
-        return runner, await insitu.collect(runner, insitu.QUICK_WORKLOAD[:2], warm_up=False)
+        return runner, await insitu.collect(runner, insitu.QUICK_WORKLOAD[:2], warm_up=False, retries=0)
     runner, samples = asyncio.run(main())
     assert [s.plan for s in samples] == runner.plans and len(samples) > 5
     assert all(s.step_s > 0 and s.host_s >= 0 and s.seconds == s.step_s + s.host_s for s in samples)
@@ -178,3 +178,25 @@ def test_a_busy_calibration_is_reported_as_such():
     assert len(busy_reasons(dict(quiet, outliers=40))) == 1
     assert len(busy_reasons(dict(quiet, others_cpu_pct=35.0))) == 1
     assert len(busy_reasons(dict(quiet, median_abs_error=0.4, others_cpu_pct=None))) == 1
+
+
+def test_a_phase_other_processes_disturbed_is_served_again(monkeypatch):
+    """On the real clock a phase during which other processes used over BUSY_PCT % of the CPUs is served again,
+    at most RETRIES times (the last attempt's steps are kept); on a virtual clock never."""
+    calls = []
+
+    async def serve(runner, phase, seed, clock):
+        calls.append(phase.name)
+        others = 50.0 if phase.name == "always busy" or (phase.name == "busy once" and calls.count("busy once") == 1) \
+            else 1.0
+        return [insitu.StepSample(phase.name, StepPlan((), (9,), 1), 0.0, 0.02, others_cpu=others)], others
+
+    monkeypatch.setattr(insitu, "serve", serve)
+    monkeypatch.setattr(insitu, "RETRY_PAUSE_S", 0.0)
+    phases = tuple(insitu.Phase(name, ()) for name in ("quiet", "busy once", "always busy"))
+    samples = asyncio.run(insitu.collect(None, phases, warm_up=False))
+    assert calls == ["quiet", "busy once", "busy once", *["always busy"] * (insitu.RETRIES + 1)]
+    assert [(s.phase, s.others_cpu) for s in samples] == [("quiet", 1.0), ("busy once", 1.0), ("always busy", 50.0)]
+    calls.clear()
+    run_virtual(insitu.collect(None, phases, warm_up=False))
+    assert calls == ["quiet", "busy once", "always busy"]
