@@ -8,7 +8,9 @@ Every part runs each --modes x --precisions combination (compute:KV-cache dtype,
 bfloat16 compute is what --dtype auto picks on an AVX512-BF16 CPU, float32 elsewhere).
 Quality: perplexity on a fixed text shipped in the repo (benchmarks/data/gpl-3.0.txt, first --ppl-tokens tokens,
 in windows of 512) and greedy agreement on 32 prompts: tokens generated before the first one that differs from
-the first combination's (none, float32), out of --agree-tokens.
+the first combination's (none, float32), out of --agree-tokens; and, for a KV-cache dtype such as int8, the same
+agreement with each run of the same mode and compute dtype over another KV-cache dtype (`vs_KV` columns:
+`--modes none --precisions bfloat16:bfloat16,bfloat16:int8` gives int8 KV against bfloat16 KV).
 Kernels: one matmul of the model's shapes per candidate (float packed for oneDNN, the native quantized kernel,
 torch's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu), per batch and compute dtype.
 Speed: decode step and static-batch generate tok/s per combination and batch, and batch 1's weight-read floor
@@ -109,7 +111,7 @@ def agreement(ref: list[list[int]], out: list[list[int]]) -> tuple[float, int]:
 
 
 def quality(a: argparse.Namespace) -> list[dict]:
-    rows, ref = [], None
+    rows, ref, outs = [], None, {}
     for mode, prec in combos(a):
         runner = runner_for(a.model, mode, prec, 256 << 20)  # 32 prompts x ~80 tokens in float32
         tok = runner.tokenizer
@@ -117,12 +119,19 @@ def quality(a: argparse.Namespace) -> list[dict]:
         prompts = [tok(f"Write a short paragraph about {t}.")["input_ids"] for t in TOPICS]
         out = greedy_tokens(runner, prompts, a.agree_tokens)
         ref = ref or out
+        outs[(mode, *prec)] = out
         mean_first, identical = agreement(ref, out)
         rows.append(dict(mode=mode, compute=prec[0], kv=prec[1], weights=quant.describe_bytes(runner.weight_bytes),
                          ppl_tokens=len(ids) - 1, perplexity=perplexity(runner, ids), agree_mean=mean_first,
                          identical=identical))
         print(f"  quality {mode} {prec[0]}:{prec[1]}: perplexity {rows[-1]['perplexity']:.3f}, agreement {mean_first:.1f}/"
               f"{a.agree_tokens}, {identical}/{len(prompts)} identical", flush=True)
+    kvs = list(dict.fromkeys(kv for _, kv in a.precisions))
+    for r in rows:  # agreement with the same mode and compute over each other KV-cache dtype run
+        for kv in kvs:
+            other = outs.get((r["mode"], r["compute"], kv))
+            mean, same = agreement(other, outs[(r["mode"], r["compute"], r["kv"])]) if other else (None, None)
+            r[f"vs_{kv}_kv"] = "-" if other is None or kv == r["kv"] else f"{mean:.1f} ({same}/{len(other)})"
     return rows
 
 
@@ -256,8 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "quality" not in a.skip:
         report["quality"] = quality(a)
         print("\n## quality (perplexity on benchmarks/data/gpl-3.0.txt; agreement with the first row)\n")
+        kv_cols = [f"vs_{kv}_kv" for kv in dict.fromkeys(kv for _, kv in a.precisions)]
         print(table(report["quality"], ["mode", "compute", "kv", "weights", "ppl_tokens", "perplexity", "agree_mean",
-                                        "identical"]))
+                                        "identical", *(kv_cols if len(kv_cols) > 1 else [])]))
     if "speed" not in a.skip:
         gbps = copy_gbps(2**28)
         report["copy_gbps"] = gbps

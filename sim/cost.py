@@ -29,9 +29,18 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Bytes per weight as stored, scales included: int8 per-row (one scale per thousands of weights: 1), int4 in
 # blocks of 32 with an fp16 scale (GGUF's Q4_0 and GPTQ/AWQ's group-32 layouts: 18 B per 32 weights).
 WEIGHT_BYTES = {**DTYPE_BYTES, "int8": 1.0, "int4": 18 / 32}
+# KV-cache dtypes: the stored ones, and jitney's int8 cache (--kv-cache-dtype int8), whose rows carry a float32
+# scale each: kv_element_bytes.
+KV_DTYPES = (*DTYPE_BYTES, "int8")
 # Compute dtypes: the stored ones, and tf32 (float32 tensors whose matmuls run on the tensor cores' TF32 path,
 # as PyTorch does only when asked: torch.backends.cuda.matmul.allow_tf32). Element size of the activations.
 COMPUTE_BYTES = {**DTYPE_BYTES, "tf32": 4}
+
+
+def kv_element_bytes(kv_dtype: str, head_dim: int) -> float:
+    """Bytes per cached K or V element, as the runner's block budget counts them (model_runner/kv_cache.py): the
+    dtype's size, or for int8 one byte plus each row's 4-byte scale spread over its head_dim elements."""
+    return 1 + 4 / head_dim if kv_dtype == "int8" else DTYPE_BYTES[kv_dtype]
 
 
 def storage_dtype(dtype: str) -> str:
@@ -88,7 +97,7 @@ class Work:
         default: the weights' own float dtype, else the KV cache's (int8 / int4 weights compute in a float)."""
         if weights not in WEIGHT_BYTES:
             raise ValueError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_BYTES)}")
-        dtype = dtype or (weights if weights in DTYPE_BYTES else kv_dtype)
+        dtype = dtype or next(d for d in (weights, kv_dtype, "bfloat16") if d in DTYPE_BYTES)
         if dtype not in COMPUTE_BYTES:
             raise ValueError(f"unknown compute dtype {dtype!r}: choose one of {', '.join(COMPUTE_BYTES)}")
         self.mc, self.tp, self.dtype = mc, tp, dtype
@@ -98,7 +107,7 @@ class Work:
         self.weight_bytes = matmul_params(mc) * WEIGHT_BYTES[weights] / tp
         # Tensor parallelism gives each device whole KV heads; past kv_heads devices, heads are replicated.
         kv_share = math.ceil(mc.num_key_value_heads / tp) / mc.num_key_value_heads
-        self.kv_bytes_per_token = mc.kv_bytes_per_token_per_element * DTYPE_BYTES[kv_dtype] * kv_share
+        self.kv_bytes_per_token = mc.kv_bytes_per_token_per_element * kv_element_bytes(kv_dtype, mc.head_dim) * kv_share
         self.attn_flops_per_pair = 4 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim
 
     def attention_flops(self, plan: StepPlan) -> float:

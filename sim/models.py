@@ -9,7 +9,7 @@ from pathlib import Path
 from benchmarks.memory_plan import Settings, kv_bytes_per_seq, kv_room, shape_from_config
 from model_runner.config import ModelConfig
 
-from .cost import DTYPE_BYTES, WEIGHT_BYTES, RooflineCost, RooflineParams, Work
+from .cost import WEIGHT_BYTES, RooflineCost, RooflineParams, Work, kv_element_bytes
 from .hardware import ALLREDUCE_LATENCY_S, COMPUTE_EFFICIENCY, LINK_EFFICIENCY, MEMORY_EFFICIENCY, device
 
 # The story's model (docs/README.md): GPT-J-6B's attention (28 layers, 16 heads x 256, no GQA, a 50,400-token
@@ -46,7 +46,7 @@ def sheet_model(mc: ModelConfig, model: str, device_name: str, dtype: str, weigh
     params = RooflineParams(peak * compute_eff, dev.bandwidth * memory_eff, step_s, seq_s, dev.link * LINK_EFFICIENCY,
                             ALLREDUCE_LATENCY_S)
     shape = shape_from_config(model, mc)
-    plan = Settings(device_gb=dev.memory_gb, dtype_bytes=WEIGHT_BYTES[weights], kv_dtype_bytes=DTYPE_BYTES[kv_dtype],
+    plan = Settings(device_gb=dev.memory_gb, dtype_bytes=WEIGHT_BYTES[weights], kv_dtype_bytes=kv_element_bytes(kv_dtype, mc.head_dim),
                     block_size=block_size, cards=tp)
     room = kv_cache_memory if kv_cache_memory is not None else kv_room(shape, plan)
     blocks = math.floor(room / kv_bytes_per_seq(shape, plan, block_size))
@@ -77,7 +77,7 @@ def calibrated_model(cal: dict, mc: ModelConfig, model: str, weights: str, kv_dt
     """The host's fitted rates and terms; the KV budget the CPU runner would get (kv_cache_memory or 2 GiB)."""
     from model_runner.kv_cache import DEFAULT_CPU_KV_BYTES
     params = RooflineParams(**cal["params"])
-    per_block = mc.kv_bytes_per_token_per_element * DTYPE_BYTES[kv_dtype] * block_size
+    per_block = round(mc.kv_bytes_per_token_per_element * kv_element_bytes(kv_dtype, mc.head_dim) * block_size)
     blocks = max(1, (kv_cache_memory or DEFAULT_CPU_KV_BYTES) // per_block)
     how = "in situ" if cal.get("method") == "in-situ" else "on isolated steps"  # files before in situ: the grid
     desc = (f"{model} on this host as calibrated {how} ({cal['host']}, {cal['model']} in {cal['dtype']}, "

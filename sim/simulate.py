@@ -30,7 +30,7 @@ from benchmarks.trace import save_trace
 from benchmarks.workloads import WORKLOADS, WorkloadError
 from model_runner.units import parse_bytes
 
-from .cost import COMPUTE_BYTES, DTYPE_BYTES, WEIGHT_BYTES, storage_dtype
+from .cost import COMPUTE_BYTES, KV_DTYPES, WEIGHT_BYTES, storage_dtype
 from .hardware import COMPUTE_EFFICIENCY, DEVICES, MEMORY_EFFICIENCY, STEP_OVERHEAD_S
 from .loop import run_virtual
 from .models import SHAPES, calibrated_model, load_calibration, model_config, sheet_model
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", choices=list(WEIGHT_BYTES),
                    help="weights as stored (int8, int4: weight-only quantization, matmuls in --dtype; default: "
                         "--dtype)")
-    m.add_argument("--kv-cache-dtype", choices=list(DTYPE_BYTES), help="default: --dtype")
+    m.add_argument("--kv-cache-dtype", choices=list(KV_DTYPES), help="default: --dtype (int8: jitney's 8-bit cache, "
+                   "rows of head_dim bytes and a 4-byte scale)")
     m.add_argument("--quantization", choices=["none", "int8", "q4"], default="none",
                    help="with --calibrate: the runner's --quantization to time (default: none)")
     m.add_argument("--kv-cache-memory", type=parse_bytes,

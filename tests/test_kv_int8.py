@@ -22,6 +22,7 @@ from model_runner.int8_kv import as_stored, dequantize_rows, quantize_rows, row_
 from model_runner.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, plan_num_blocks
 from model_runner.precision import resolve_precision
 from model_runner.runner import ModelRunner
+from sim.cost import Work
 
 from .reference import PROMPTS, our_greedy, our_logits, relative_error, runner_kv
 from .test_native import built, isa, random_case, reference  # noqa: F401 (fixtures: every loop, a built library)
@@ -197,6 +198,8 @@ def test_the_block_budget_counts_the_scales():
     assert plan_num_blocks(cfg, 16, torch.int8, "cpu", budget, 0.0) == budget // (rows * 68)
     cache = allocate_kv_cache(cfg, 3, 16, torch.int8, "cpu")
     assert cache.shape == (30, 2, 3, 3, 16, 68) and cache.nbytes == 3 * rows * 68
+    # The simulator's cost model counts the same bytes (jitney simulate --kv-cache-dtype int8).
+    assert Work(cfg, "bfloat16", "int8").kv_bytes_per_token * 16 == rows * 68
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])

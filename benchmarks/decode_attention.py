@@ -1,0 +1,121 @@
+"""The decode-attention kernel alone, by KV-cache dtype: the time of one decode step's attention (every
+layer's call) at batch 64 and 128 with contexts of 100..600 tokens, and the bandwidth it achieves on the bytes
+it reads, beside the machine's copy bandwidth.
+
+    python -m benchmarks.decode_attention [--precisions bfloat16:bfloat16,bfloat16:int8] [--batches 64,128]
+                                          [--reps 10] [--json out.json]
+
+The default model's shape (SmolLM2-135M: 30 layers, 9 query heads over 3 kv heads of 64; --layers etc. to
+change it), 16-token blocks scattered over the cache as a server's are, one call per layer as a step makes
+them: the layers' caches together (about 1 GB of bfloat16 at batch 128) are far larger than the CPU's caches,
+as in a real step, so the figure is not flattered by a layer that stays in L3. Bytes read: every K and V row
+each query attends to (head_dim values, and an int8 row's 4-byte scale); queries and outputs are under 0.1 %
+of that and not counted. Copy bandwidth is benchmarks.machine's (bytes read + bytes written by a large copy).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from model_runner import native
+from model_runner.int8_kv import quantize_rows
+from model_runner.kv_cache import kv_row_elements
+from model_runner.precision import KV_DTYPES, cpu_kind
+
+from .machine import NeighbourMeter, best_seconds, copy_gbps, cpu_model
+from .report import finish
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--precisions", default="bfloat16:bfloat16,bfloat16:int8",
+                   help="compute:KV-cache dtype pairs, comma-separated (e.g. float32:float32,float32:int8)")
+    p.add_argument("--batches", default="64,128")
+    p.add_argument("--context", default="100,600", help="lo,hi: each sequence's context drawn in this range")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--reps", type=int, default=10, help="timed steps per cell (the fastest is kept)")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    a.precisions = [tuple(x.split(":")) for x in a.precisions.split(",")]
+    a.batches = [int(b) for b in a.batches.split(",")]
+    a.context = tuple(int(c) for c in a.context.split(","))
+    return a
+
+
+def make_cache(a: argparse.Namespace, dtype: torch.dtype, num_blocks: int) -> torch.Tensor:
+    """[layers, 2, kv_heads, blocks, block_size, row] of random keys and values, as the runner allocates it."""
+    shape = (a.layers, 2, a.kv_heads, num_blocks, a.block_size)
+    cache = torch.empty(*shape, kv_row_elements(a.head_dim, dtype), dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(a.layers):  # a layer at a time: float32 randoms of every layer at once would not fit
+        x = torch.randn(*shape[1:], a.head_dim, generator=gen)
+        cache[layer] = quantize_rows(x) if dtype == torch.int8 else x.to(dtype)
+    return cache
+
+
+def step_case(a: argparse.Namespace, batch: int, num_blocks: int, seed: int = 0):
+    """Block tables (scattered blocks, none shared) and context lengths for `batch` decoding sequences."""
+    rng = random.Random(seed)
+    lens = [rng.randint(*a.context) for _ in range(batch)]
+    order = list(range(num_blocks))
+    rng.shuffle(order)
+    width = -(-max(lens) // a.block_size)
+    tables, used = torch.zeros(batch, width, dtype=torch.int32), 0
+    for i, n in enumerate(lens):
+        k = -(-n // a.block_size)
+        tables[i, :k] = torch.tensor(order[used: used + k], dtype=torch.int32)
+        used += k
+    return tables, torch.tensor(lens, dtype=torch.int32)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    started = time.perf_counter()
+    if native.library() is None:
+        print("the native kernels are not built here (no compiler, or JITNEY_NATIVE=0): nothing to time")
+        return finish({"rows": []}, a.json, started)
+    gbps = copy_gbps(2**28)
+    cpu = f"{cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, {native.isa()} loop"
+    print(f"# decode attention: {cpu}; copy bandwidth {gbps:.1f} GB/s\n")
+    blocks_needed = max(a.batches) * (-(-a.context[1] // a.block_size))
+    meter, rows = NeighbourMeter(), []
+    for compute, kv in a.precisions:
+        q_dtype, kv_dtype = KV_DTYPES[compute], KV_DTYPES[kv]
+        if not native.supported("cpu", q_dtype, a.heads, a.kv_heads, a.head_dim, a.block_size, kv_dtype):
+            print(f"{compute}:{kv}: not a pair the native kernel takes here; skipped")
+            continue
+        cache = make_cache(a, kv_dtype, blocks_needed)
+        row_bytes = kv_row_elements(a.head_dim, kv_dtype) * cache.element_size()
+        for batch in a.batches:
+            tables, lens = step_case(a, batch, blocks_needed)
+            q = torch.randn(a.layers, batch, a.heads, a.head_dim).to(q_dtype)
+            scale = a.head_dim ** -0.5
+            seconds = best_seconds(lambda: [native.paged_attention(q[layer], cache[layer], tables, lens, scale)
+                                            for layer in range(a.layers)], a.reps)
+            read = int(lens.sum()) * a.layers * 2 * a.kv_heads * row_bytes
+            rows.append(dict(compute=compute, kv=kv, batch=batch, ms=round(1e3 * seconds, 2),
+                             mb_read=round(read / 1e6, 1), gb_s=round(read / seconds / 1e9, 1),
+                             of_copy=round(read / seconds / 1e9 / gbps, 2)))
+            r = rows[-1]
+            print(f"  {compute}:{kv} batch {batch}: {r['ms']} ms a step, {r['mb_read']} MB read, {r['gb_s']} GB/s "
+                  f"({100 * r['of_copy']:.0f} % of copy)", flush=True)
+        del cache
+    print("\n| compute | KV cache | batch | ms a step (30 layers) | MB read | GB/s | of copy bandwidth |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['compute']} | {r['kv']} | {r['batch']} | {r['ms']:.1f} | {r['mb_read']:.0f} | {r['gb_s']:.1f} | "
+              f"{100 * r['of_copy']:.0f} % |")
+    print(f"\nother processes used {100 * meter.share():.0f}% of the CPUs meanwhile")
+    return finish(dict(cpu=cpu, copy_gbps=gbps, rows=rows), a.json, started)
+
+
+if __name__ == "__main__":
+    from model_runner.threads import torch_thread
+    torch_thread().run(main)  # on the thread every step runs on: one OpenMP pool
