@@ -117,7 +117,8 @@ class StepSampler:
 
 
 # A phase during which other processes used more than BUSY_PCT % of the machine's CPUs is served again (after a
-# pause), up to RETRIES times: on a shared machine another tenant's burst can slow a 22 ms decode to 1-2 s.
+# pause), up to RETRIES times, and the quietest attempt kept: on a shared machine another tenant's burst can slow
+# a 22 ms decode to 1-2 s.
 BUSY_PCT, RETRIES, RETRY_PAUSE_S = 10.0, 2, 5.0
 
 
@@ -155,9 +156,12 @@ async def collect(runner, phases=WORKLOAD, warm_up: bool = True, progress: bool 
         clock = getattr(asyncio.get_running_loop(), "clock", REAL_CLOCK)
     samples: list[StepSample] = []
     for i, phase in enumerate(([WARM_UP] if warm_up else []) + list(phases)):
+        best: tuple[list[StepSample], float | None] | None = None
         for attempt in range(retries + 1):
             wall = time.perf_counter()
             steps, others = await serve(runner, phase, i, clock)
+            if best is None or (others is not None and best[1] is not None and others < best[1]):
+                best = steps, others
             again = (others is not None and others > BUSY_PCT and attempt < retries and clock is REAL_CLOCK
                      and phase is not WARM_UP)
             if progress:
@@ -169,7 +173,7 @@ async def collect(runner, phases=WORKLOAD, warm_up: bool = True, progress: bool 
                 break
             await asyncio.sleep(RETRY_PAUSE_S)
         if phase is not WARM_UP:
-            samples += steps
+            samples += best[0]  # the quietest attempt's
     return samples
 
 
