@@ -11,10 +11,13 @@ them: the layers' caches together (about 1 GB of bfloat16 at batch 128) are far 
 as in a real step, so the figure is not flattered by a layer that stays in L3. Bytes read: every K and V row
 each query attends to (head_dim values, and an int8 row's 4-byte scale); queries and outputs are under 0.1 %
 of that and not counted. Copy bandwidth is benchmarks.machine's (bytes read + bytes written by a large copy).
+Every cell is timed once per round, the rounds going over all cells in turn, and keeps its fastest step (the
+copy bandwidth too): on a machine shared with bursts of other work each cell then finds a quiet moment.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 
@@ -40,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--reps", type=int, default=10, help="timed steps per cell (the fastest is kept)")
+    p.add_argument("--rounds", type=int, default=10, help="timed steps per cell, one per round (the fastest is kept)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     a.precisions = [tuple(x.split(":")) for x in a.precisions.split(",")]
@@ -81,34 +84,36 @@ def main(argv: list[str] | None = None) -> dict:
     if native.library() is None:
         print("the native kernels are not built here (no compiler, or JITNEY_NATIVE=0): nothing to time")
         return finish({"rows": []}, a.json, started)
-    gbps = copy_gbps(2**28)
     cpu = f"{cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, {native.isa()} loop"
-    print(f"# decode attention: {cpu}; copy bandwidth {gbps:.1f} GB/s\n")
+    print(f"# decode attention: {cpu}\n")
     blocks_needed = max(a.batches) * (-(-a.context[1] // a.block_size))
-    meter, rows = NeighbourMeter(), []
+    cells, caches = [], {}
     for compute, kv in a.precisions:
         q_dtype, kv_dtype = KV_DTYPES[compute], KV_DTYPES[kv]
         if not native.supported("cpu", q_dtype, a.heads, a.kv_heads, a.head_dim, a.block_size, kv_dtype):
             print(f"{compute}:{kv}: not a pair the native kernel takes here; skipped")
             continue
-        cache = make_cache(a, kv_dtype, blocks_needed)
-        row_bytes = kv_row_elements(a.head_dim, kv_dtype) * cache.element_size()
+        if kv not in caches:  # one cache per KV dtype, shared by the compute dtypes that read it
+            caches[kv] = make_cache(a, kv_dtype, blocks_needed)
         for batch in a.batches:
             tables, lens = step_case(a, batch, blocks_needed)
             q = torch.randn(a.layers, batch, a.heads, a.head_dim).to(q_dtype)
-            scale = a.head_dim ** -0.5
-            seconds = best_seconds(lambda: [native.paged_attention(q[layer], cache[layer], tables, lens, scale)
-                                            for layer in range(a.layers)], a.reps)
-            read = int(lens.sum()) * a.layers * 2 * a.kv_heads * row_bytes
-            rows.append(dict(compute=compute, kv=kv, batch=batch, ms=round(1e3 * seconds, 2),
-                             mb_read=round(read / 1e6, 1), gb_s=round(read / seconds / 1e9, 1),
-                             of_copy=round(read / seconds / 1e9 / gbps, 2)))
-            r = rows[-1]
-            print(f"  {compute}:{kv} batch {batch}: {r['ms']} ms a step, {r['mb_read']} MB read, {r['gb_s']} GB/s "
-                  f"({100 * r['of_copy']:.0f} % of copy)", flush=True)
-        del cache
-    print("\n| compute | KV cache | batch | ms a step (30 layers) | MB read | GB/s | of copy bandwidth |\n"
-          "|---|---|---|---|---|---|---|")
+            row_bytes = kv_row_elements(a.head_dim, kv_dtype) * caches[kv].element_size()
+            cells.append(dict(compute=compute, kv=kv, batch=batch, q=q, tables=tables, lens=lens, best=math.inf,
+                              read=int(lens.sum()) * a.layers * 2 * a.kv_heads * row_bytes))
+    meter, gbps = NeighbourMeter(), 0.0
+    for _ in range(a.rounds):
+        gbps = max(gbps, copy_gbps(2**28, reps=1))
+        for c in cells:
+            cache = caches[c["kv"]]
+            c["best"] = min(c["best"], best_seconds(
+                lambda: [native.paged_attention(c["q"][layer], cache[layer], c["tables"], c["lens"], a.head_dim ** -0.5)
+                         for layer in range(a.layers)], 1))
+    rows = [dict(compute=c["compute"], kv=c["kv"], batch=c["batch"], ms=round(1e3 * c["best"], 2),
+                 mb_read=round(c["read"] / 1e6, 1), gb_s=round(c["read"] / c["best"] / 1e9, 1),
+                 of_copy=round(c["read"] / c["best"] / 1e9 / gbps, 2)) for c in cells]
+    print(f"copy bandwidth {gbps:.1f} GB/s\n\n| compute | KV cache | batch | ms a step ({a.layers} layers) | MB read | GB/s "
+          "| of copy bandwidth |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['compute']} | {r['kv']} | {r['batch']} | {r['ms']:.1f} | {r['mb_read']:.0f} | {r['gb_s']:.1f} | "
               f"{100 * r['of_copy']:.0f} % |")

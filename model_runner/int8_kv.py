@@ -1,7 +1,7 @@
 """The int8 KV cache's rows in PyTorch (the layout is model_runner/kv_cache.py's): quantizing as written,
 widening as read. The native kernels (csrc/paged_attention.cpp) do the same in their own loops; a row written
 by either is bit for bit the same (the same float32 operations: an exact absmax, one division by 127, one
-division per element, rounding half to even)."""
+reciprocal, a multiplication per element, rounding half to even)."""
 from __future__ import annotations
 
 import torch
@@ -10,12 +10,13 @@ from .kv_cache import SCALE_BYTES
 
 
 def quantize_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., D] (float32 or bfloat16) -> int8 [..., D + 4]: each row's values round(x / scale), symmetric in
+    """x [..., D] (float32 or bfloat16) -> int8 [..., D + 4]: each row's values round(x * (1 / scale)), symmetric in
     [-127, 127], then its float32 scale absmax / 127 (0 for a row of zeros, whose values are then 0) as 4
     bytes. Non-finite input gives rows of no meaning (as it would in any cache)."""
     xf = x.float()
     scale = xf.abs().amax(-1, keepdim=True) / 127
-    q = (xf / torch.where(scale > 0, scale, torch.ones_like(scale))).round_().clamp_(-127, 127).to(torch.int8)
+    inv = torch.where(scale > 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
+    q = (xf * inv).round_().clamp_(-127, 127).to(torch.int8)
     return torch.cat([q, scale.view(torch.int8)], -1)
 
 

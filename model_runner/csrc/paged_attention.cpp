@@ -843,18 +843,18 @@ void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
 
 // One row into an int8 cache row: round(x / scale) in [-127, 127], then scale = absmax / 127 (0 for a row of
 // zeros, whose values are then 0) in the row's last four bytes. The float32 operations of int8_kv.py's
-// quantize_rows, in its order (an exact maximum, one division by 127, one per element, ties to even), so either
-// path writes the same bits.
+// quantize_rows, in its order (an exact maximum, one division by 127, one reciprocal, one multiplication per
+// element, ties to even), so either path writes the same bits.
 template <typename TS>
 void quantize_row(const TS* src, int8_t* dst, int head_dim) {
   float amax = 0.f;
 #pragma omp simd reduction(max : amax)
   for (int d = 0; d < head_dim; d++) amax = std::max(amax, std::fabs(to_float(src[d])));
   const float scale = amax / 127.f;
-  const float div = scale > 0.f ? scale : 1.f;
+  const float inv = scale > 0.f ? 1.f / scale : 0.f;
 #pragma omp simd
   for (int d = 0; d < head_dim; d++) {
-    const float r = std::nearbyint(to_float(src[d]) / div);
+    const float r = std::nearbyint(to_float(src[d]) * inv);
     dst[d] = int8_t(r > 127.f ? 127.f : r >= -127.f ? r : -127.f);  // NaN (from non-finite input): -127
   }
   std::memcpy(dst + head_dim, &scale, sizeof scale);
@@ -871,7 +871,8 @@ void write_kv(const TS* k, int64_t k_stride, const TS* v, int64_t v_stride, cons
               int64_t rows, int kv_heads, int head_dim, int64_t num_blocks, int block_size) {
   const int rs = head_dim + row_extra<TD>;                 // elements of one cached row
   const int64_t head_stride = num_blocks * block_size * rs;  // elements of one kv head's blocks
-#pragma omp parallel for if (rows > 256)
+  // Threads where a row's work pays for waking them: from 256 rows for a copy, from 16 for quantizing.
+#pragma omp parallel for if (rows > (is_q8<TD> ? 16 : 256))
   for (int64_t i = 0; i < rows; i++) {
     for (int h = 0; h < kv_heads; h++) {
       for (int j = 0; j < 2; j++) {  // K, then V
