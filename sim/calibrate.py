@@ -93,17 +93,17 @@ def in_situ_samples(steps: list[insitu.StepSample], work: Work) -> list[dict]:
 # --- the in-situ fit ----------------------------------------------------------------------------------------
 #
 # The model's form is the sheet devices' (cost.py: max(compute, bytes) + per step + per sequence) and one term
-# more, fitted only here: attention's FLOPs at a rate of their own. Candidate terms were tried on three in-situ
-# runs on the development machine (AMD EPYC Zen 4, 2 cores, SmolLM2-135M in bfloat16, ~300 steps each). A cost
-# per token fed, per prompt token, per prompt chunk, per sampled row or per decode came out at 0 in every run, or
-# changed the weighted squared error by under 1 % (the non-negative fit drops them: the FLOP term already grows
-# with tokens and the sequence term with rows). A cost per attention FLOP beyond the FLOP rate lowered it by 3,
-# 8 and 17 %, and the mixed steps' median error from 12 to 9-10 % (runs 1 and 2): jitney's attention kernel runs
-# at 85-150 GFLOP/s where the matmuls reach 260-280, so long contexts cost more than their FLOPs at the matmul
-# rate say (a 512-token chunk after a 512-token cached prefix: 558 ms modelled without the term, 650 ms with it,
-# 618-713 ms measured). It earns its parameter; the others do not. What is left (a median step error of ~8 %)
-# is the host's noise from step to step and minute to minute: the same 64-wide decode took 71-89 ms in one run
-# and 117-142 ms in another, on a machine otherwise idle.
+# more, fitted only here: attention's FLOPs at a rate of their own. Candidate terms were tried on four in-situ
+# runs on the development machine (AMD EPYC Zen 4, 2 cores, SmolLM2-135M in bfloat16, 300-320 steps each, the
+# last with the cores to itself). A cost per token fed, per prompt token, per prompt chunk, per sampled row or
+# per decode came out at 0 in every run, or changed the weighted squared error by under 1 % (the non-negative
+# fit drops them: the FLOP term already grows with tokens and the sequence term with rows). A cost per attention
+# FLOP beyond the FLOP rate lowered it by 3, 8, 17 and 28 % (the quiet run: prompt chunks' median error 5.3 ->
+# 4.1 %; in a noisier one the mixed steps' 12 -> 9 %): jitney's attention kernel runs at 85-140 GFLOP/s where the
+# matmuls reach 260-360, so long contexts cost more than their FLOPs at the matmul rate say (a 512-token chunk
+# after a 512-token cached prefix: 558 ms modelled without the term, 650 ms with it, 618-713 ms measured). It
+# earns its parameter; the others do not. What is left (a median step error of 4.6 % on the quiet machine,
+# 8 % on a shared one) is the host's noise from step to step and minute to minute.
 OUTLIER_MADS = 3.0       # a step further than this many scaled median errors off the fit is a disturbance ...
 OUTLIER_FLOOR = 0.10     # ... and never one within 10 %
 OUTLIER_CEILING = 0.50   # ... and always one beyond 50 % (when most steps are disturbed, their spread is no guide)

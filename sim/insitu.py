@@ -14,7 +14,7 @@ plan, exactly as the scheduler produced it and the runner received it, and its s
 
     step_s   the engine's own measure (StepRecord.seconds): from handing the step over to its result back
     host_s   from then until the engine's loop next yields (it has applied and emitted the step's tokens and
-             handed over the next step, or gone idle): 0.1-2.5 ms on the development machine, ~20 us per
+             handed over the next step, or gone idle): 0.2-1.2 ms on the development machine, ~16 us per
              sequence
 
 A sample's seconds are their sum: the time the engine was occupied by that step, which is what the simulator
@@ -52,7 +52,7 @@ def requests(n: int, prompt: int, output: int, every_s: float = 0.0, start_s: fl
 
 # Untimed first: oneDNN picks its kernels on the first sight of a shape (as the bench's warm_up_trace).
 WARM_UP = Phase("warm-up", requests(4, 256, 8))
-# ~40 s on the development machine (2-core AMD EPYC Zen 4, SmolLM2-135M in bfloat16), ~310 steps.
+# ~320 steps, about a minute on the development machine (2-core AMD EPYC Zen 4, SmolLM2-135M in bfloat16).
 # Decode batches are bursts: their prompts are prefilled together (several chunks a step, and the step where the
 # last chunk runs beside the first decodes), then every sequence decodes at once, the batch shrinking as none
 # ends early (all share one output length). Single requests give prompt chunks alone and batch-1 decodes.
