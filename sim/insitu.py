@@ -54,8 +54,9 @@ def requests(n: int, prompt: int, output: int, every_s: float = 0.0, start_s: fl
 WARM_UP = Phase("warm-up", requests(4, 256, 8))
 # ~320 steps, about a minute on the development machine (2-core AMD EPYC Zen 4, SmolLM2-135M in bfloat16).
 # Decode batches are bursts: their prompts are prefilled together (several chunks a step, and the step where the
-# last chunk runs beside the first decodes), then every sequence decodes at once, the batch shrinking as none
-# ends early (all share one output length). Single requests give prompt chunks alone and batch-1 decodes.
+# last chunk runs beside the first decodes), then every sequence decodes together, the batch shrinking at the end
+# (all share one output length, so those prefilled last end last). Single requests give prompt chunks alone and
+# batch-1 decodes.
 WORKLOAD = (
     *(Phase(f"decode x{n}, prompts of 32", requests(n, 32, 12)) for n in (1, 2, 4, 8, 16, 24, 32, 48, 64)),
     *(Phase(f"decode x{n}, prompts of 256", requests(n, 256, 12)) for n in (1, 4, 16)),
