@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [dict(compute=c["compute"], kv=c["kv"], batch=c["batch"], ms=round(1e3 * c["best"], 2),
                  mb_read=round(c["read"] / 1e6, 1), gb_s=round(c["read"] / c["best"] / 1e9, 1),
                  of_copy=round(c["read"] / c["best"] / 1e9 / gbps, 2)) for c in cells]
-    print(f"copy bandwidth {gbps:.1f} GB/s\n\n| compute | KV cache | batch | ms a step ({a.layers} layers) | MB read | GB/s "
-          "| of copy bandwidth |\n|---|---|---|---|---|---|---|")
+    print(f"copy bandwidth {gbps:.1f} GB/s\n\n| compute | KV cache | batch | ms a step ({a.layers} layers) | MB read "
+          "| GB/s | of copy bandwidth |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['compute']} | {r['kv']} | {r['batch']} | {r['ms']:.1f} | {r['mb_read']:.0f} | {r['gb_s']:.1f} | "
               f"{100 * r['of_copy']:.0f} % |")

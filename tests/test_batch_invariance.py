@@ -97,6 +97,8 @@ def smol_int8_runner():
 
 @pytest.fixture(scope="module")
 def int8_workload(smol_int8_runner):
+    if not smol_int8_runner.native_attention:  # see the test below
+        pytest.skip("an int8 cache is batch-invariant on the native kernel only")
     return make_workload(smol_int8_runner)
 
 
@@ -106,6 +108,11 @@ INT8_CASES = {"continuous": CASES["continuous"], "continuous-chunked": CASES["co
 
 @pytest.mark.parametrize("case", INT8_CASES)
 async def test_same_text_over_an_int8_kv_cache(smol_int8_runner, int8_workload, case):
+    """On the native kernel, which computes each query row alone, decode or prompt, the same way whatever the step
+    holds. Not on the PyTorch path (no compiler, JITNEY_NATIVE=0): its padded decode groups and per-chunk SDPA
+    change a row's last bits with its companions and its chunking, and where a key then lands near an int8
+    rounding boundary the two round a step apart (a float cache shrugs such bits off; docs/quantization.md):
+    skipped there, by the workload fixture."""
     prompts, lengths, offsets, alone = int8_workload
     results, stats = await run_requests(smol_int8_runner, INT8_CASES[case], prompts, [greedy(n) for n in lengths],
                                         offsets)
