@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from jitney.cli import build_parser
+from batcher.config import BatcherConfig
+from batcher.engine import Engine
 from benchmarks.steps import held
 from model_runner import attention, native
 from model_runner.attention import write_kv
@@ -224,7 +226,9 @@ def test_the_runner_allocates_and_describes_an_int8_cache(int8_runner):
     r = int8_runner
     assert r.kv_cache.dtype == torch.int8 and r.kv_cache.shape[-1] == r.model_config.head_dim + 4
     assert r.kv_cache.nbytes == r.kv_cache_bytes <= 8 << 20
-    assert ", int8 KV cache" in r.describe()
+    assert ", int8 KV cache" in r.describe()  # the start-up line, and /v1/models' description
+    cache_info = Engine(r, BatcherConfig()).config_info()["cache"]  # /metrics' jitney_cache_config_info
+    assert cache_info["cache_dtype"] == "int8" and cache_info["kv_cache_bytes"] == str(r.kv_cache.nbytes)
 
 
 def test_the_pytorch_path_matches_the_native_one(int8_runner):
