@@ -7,6 +7,7 @@ position's argmax agrees with float32's.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def mean_nll(lg: torch.Tensor, ids: list[int]) -> float:
     return -torch.log_softmax(lg[:-1], -1).gather(1, torch.tensor(ids[1:]).view(-1, 1)).mean().item()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m benchmarks.prefill_quality", description=__doc__.split("\n\n")[0]
+                            ).parse_args(argv)
     f32 = ModelRunner(RunnerConfig(dtype="float32", kv_cache_memory=256 << 20), progress=False)
     bf16 = ModelRunner(RunnerConfig(dtype="bfloat16", kv_cache_memory=256 << 20), progress=False)
     if not bf16.tiled_prefill:
