@@ -11,9 +11,11 @@ in windows of 512) and greedy agreement on 32 prompts: tokens generated before t
 the first combination's (none, float32), out of --agree-tokens; and, for a KV-cache dtype such as int8, the same
 agreement with each run of the same mode and compute dtype over another KV-cache dtype (`vs_KV` columns:
 `--modes none --precisions bfloat16:bfloat16,bfloat16:int8` gives int8 KV against bfloat16 KV).
-Kernels: one matmul of the model's shapes per candidate (float packed for oneDNN, the native quantized kernel,
-torch's _weight_int8pack_mm and _weight_int4pack_mm_for_cpu), per batch and compute dtype.
-Speed: decode step and static-batch generate tok/s per combination and batch, and batch 1's weight-read floor
+Kernels: one matmul of the model's shapes per candidate (float packed for oneDNN, the native quantized kernel's
+two paths: the integer loop and the dense path of dequantized slices through oneDNN, torch's _weight_int8pack_mm
+and _weight_int4pack_mm_for_cpu), per batch and compute dtype; q4_path names the path jitney takes there.
+Speed: decode step and static-batch generate tok/s per combination and batch (path: the quantized matmuls' path
+for the decode step's rows; a generate's prompt steps have more rows), and batch 1's weight-read floor
 (weight bytes / measured copy bandwidth) beside the step it is part of.
 --llama-bench runs llama.cpp's `llama-bench -p 0 -n 128` on the same GGUF (benchmarks/peers/llama_bench.sh
 builds it).
@@ -59,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="compute:KV-cache dtype pairs, comma-separated (auto:auto is --dtype auto's)")
     p.add_argument("--batch-sizes", default="1,8,64,128")
     p.add_argument("--gen-len", type=int, default=32, help="decode steps timed per batch")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each decode step and generate this many times, keep the fastest (a shared machine)")
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--agree-tokens", type=int, default=64)
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: quality,kernels,speed")
@@ -166,14 +170,18 @@ def kernels(a: argparse.Namespace, runner: ModelRunner) -> list[dict]:
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, generator=gen) * 0.05
         q4 = quant.QuantWeight.from_gguf("q4_1", quant_q4_1(w), k)
+        i8 = quant.QuantWeight.int8(w)
         cands = {"float (oneDNN)": Linear(w.to(runner.dtype)),
-                 f"native q4_1 ({quant.isa()})": q4.matmul,
-                 f"native int8 ({quant.isa()})": quant.QuantWeight.int8(w).matmul,
+                 f"native q4_1 ({quant.isa()})": lambda x: q4.matmul(x, path="integer"),
+                 "q4_1 dense (dequantized slices, oneDNN)": lambda x: q4.matmul(x, path="dense"),
+                 f"native int8 ({quant.isa()})": lambda x: i8.matmul(x, path="integer"),
+                 "int8 dense": lambda x: i8.matmul(x, path="dense"),
                  "torch _weight_int8pack_mm (bf16 x)": torch_int8(w),
                  "torch _weight_int4pack_mm_for_cpu (bf16 x)": torch_int4(w)}
         for m in a.batch_sizes:
             x = torch.randn(m, k, generator=gen).to(runner.dtype)
-            row = dict(shape=f"{name} {n}x{k}", dtype=str(runner.dtype).removeprefix("torch."), batch=m)
+            row = dict(shape=f"{name} {n}x{k}", dtype=str(runner.dtype).removeprefix("torch."), batch=m,
+                       q4_path=quant.choose_path(m, runner.dtype))
             for cname, f in cands.items():
                 row[cname] = 1e3 * best_seconds(lambda: f(x), 10)
             rows.append(row)
@@ -202,10 +210,11 @@ def speed(a: argparse.Namespace, gbps: float) -> list[dict]:
         weight_bytes = sum(runner.weight_bytes.values())
         for b in a.batch_sizes:
             prompts = make_prompts(runner.tokenizer, b, 32)
-            step_s = time_decode_step(runner, prompts, a.gen_len)
-            gen_s = time_generate(runner, prompts, a.gen_len)
+            step_s = min(time_decode_step(runner, prompts, a.gen_len) for _ in range(a.repeats))
+            gen_s = min(time_generate(runner, prompts, a.gen_len) for _ in range(a.repeats))
             rows.append(dict(mode=mode, dtype=str(runner.dtype).removeprefix("torch."),
                              kv=str(runner.kv_dtype).removeprefix("torch."), batch=b,
+                             path="-" if mode == "none" else quant.choose_path(b, runner.dtype),
                              step_ms=1e3 * step_s, decode_tok_s=b / step_s, generate_tok_s=b * a.gen_len / gen_s,
                              weight_mib=weight_bytes / 2**20, weight_read_ms=1e3 * weight_bytes / (gbps * 1e9)))
             r = rows[-1]
@@ -273,8 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["copy_gbps"] = gbps
         report["speed"] = speed(a, gbps)
         print(f"\n## speed (memory copy {gbps:.1f} GB/s)\n")
-        print(table(report["speed"], ["mode", "dtype", "kv", "batch", "step_ms", "decode_tok_s", "generate_tok_s",
-                                      "weight_mib", "weight_read_ms"], "{:.1f}"))
+        print(table(report["speed"], ["mode", "dtype", "kv", "batch", "path", "step_ms", "decode_tok_s",
+                                      "generate_tok_s", "weight_mib", "weight_read_ms"], "{:.1f}"))
         if a.plot:
             plot(report["speed"], a.plot, f"{a.model}: {cpu}")
     if a.kernel_rows:

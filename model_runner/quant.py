@@ -6,12 +6,24 @@
   int8  any model: each output row (channel) of a matmul weight as int8 q in -127..127 and a float32 scale
         s = max|w| / 127, quantized at load (symmetric, weight-only); w ~ s q.
 
-The matmul (csrc/qmatmul.cpp) quantizes the activations of each step to 16-bit integers per block of 32 (a
-float32 scale per block, two 8-bit digits) and computes each block's dot product in integers (AVX2 vpmaddubsw,
-AVX-512 VNNI vpdpbusd): the way llama.cpp computes with these formats, but with 16-bit activations instead of 8,
-so that the result is the float model's to the compute dtype's precision (the kernel's header says why). For that the rows are repacked at load into tiles of 8 rows interleaved
-by 4 bytes (the kernel's header says why); the values, scales and mins are untouched, and `to_gguf` gives the
-file's bytes back (tests check both round trips bit for bit).
+The matmul has two paths, chosen by the rows of x (the tokens of a step) and the compute dtype (choose_path):
+
+  integer  (small batches, and every float32 matmul) csrc/qmatmul.cpp quantizes the activations of each step to
+           16-bit integers per block of 32 (a float32 scale per block, two 8-bit digits) and computes each
+           block's dot product in integers (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd): the way llama.cpp computes
+           with these formats, but with 16-bit activations instead of 8, so that the result is the float model's
+           to the compute dtype's precision (the kernel's header says why). At batch 1 it reads a quarter of
+           bfloat16's bytes, which is what bounds the step.
+  dense    (bfloat16 from DENSE_MIN_ROWS rows, on CPUs with native bfloat16 dot products) the weights are
+           dequantized a slice at a time (csrc/qmatmul.cpp's jitney_dequantize: each value dequantize()'s,
+           rounded to bfloat16 as torch rounds) into a buffer that stays in cache, and each slice goes through
+           torch's matmul (oneDNN: AVX512-BF16, AMX), whose bfloat16 dot products outrun the integer loop once
+           the step is compute-bound. The weights it multiplies are the unquantized bfloat16 model's, bit for
+           bit; the full dequantized weight never exists at once.
+
+For the integer loop the rows are repacked at load into tiles of 8 rows interleaved by 4 bytes (the kernel's
+header says why); the values, scales and mins are untouched, and `to_gguf` gives the file's bytes back (tests
+check both round trips bit for bit). The dense path reads the same tiles.
 
 Where the native kernels cannot be built, the matmul dequantizes the weight to the compute dtype on every call
 (correct, slow; the start-up warning says so).
@@ -20,8 +32,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import threading
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import torch
@@ -168,22 +182,142 @@ class QuantWeight:
 
     # --- the matmul -------------------------------------------------------------------------------------------
 
-    def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None, path: str | None = None) -> torch.Tensor:
         """x [m, k] (float32 or bfloat16, last dimension contiguous) @ W^T -> [m, n] in x's dtype. `lib`: a
-        kernel build other than this process's (tests run every loop the CPU can)."""
-        lib = lib or library()
-        if lib is None:
-            return F.linear(x, self.dequantize().to(x.dtype))
-        if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.stride(1) != 1 \
-                or x.shape[1] != self.k or x.device.type != "cpu":
-            raise ValueError(f"quantized matmul input: expected [m, {self.k}] float32 or bfloat16 with a contiguous "
-                             f"last dimension on the CPU; got {tuple(x.shape)} {x.dtype} {x.device}")
-        out = torch.empty(x.shape[0], self.n, dtype=x.dtype)
+        kernel build other than this process's (tests run every loop the CPU can); `path`: "integer" or
+        "dense" to force one (default: `choose_path`)."""
+        return matmul([self], x, lib, path)
+
+    @cached_property
+    def kernel_args(self) -> tuple:
+        """What the native functions take for this weight: (format id, qs, d, m, row_scale) as pointers."""
         ptr = lambda t: None if t is None else t.data_ptr()
-        lib.jitney_qmatmul(FORMATS[self.fmt][0], int(x.dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
-                           self.qs.data_ptr(), ptr(self.d), ptr(self.m), ptr(self.row_scale), out.data_ptr(),
-                           out.stride(0), x.shape[0], self.n, self.k)
-        return out
+        return FORMATS[self.fmt][0], self.qs.data_ptr(), ptr(self.d), ptr(self.m), ptr(self.row_scale)
+
+    def dequantize_tiles(self, tile0: int, tiles: int, out: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
+        """Rows tile0 * 8 .. (tile0 + tiles) * 8 - 1 into out (float32 or bfloat16, [tiles * 8, k], row-contiguous):
+        each value dequantize()'s, rounded to out's dtype (padded rows: zeros). Native kernels only."""
+        lib = lib or library()
+        if out.dtype not in (torch.float32, torch.bfloat16) or out.shape[0] < tiles * TILE or out.shape[1] != self.k \
+                or out.stride(1) != 1 or not 0 <= tile0 <= tile0 + tiles <= self.qs.shape[0]:
+            raise ValueError(f"dequantize_tiles: {tiles} tiles from {tile0} of {self.qs.shape[0]} into "
+                             f"{tuple(out.shape)} {out.dtype}")
+        fmt, qs, d, m, row_scale = self.kernel_args
+        lib.jitney_dequantize(fmt, int(out.dtype == torch.bfloat16), qs, d, m, row_scale, tile0, tiles, self.k,
+                              out.data_ptr(), out.stride(0))
+
+
+# --- the matmul: the integer loop for small batches, the compute dtype's own matmul over dequantized slices for
+# large ones -------------------------------------------------------------------------------------------------
+
+# At and above this many rows (tokens in a step) a bfloat16 matmul on a CPU with native bfloat16 dot products
+# dequantizes the weights slice by slice and multiplies through torch (oneDNN), below it the integer loop runs:
+# measured on AMD Zen 4 (AVX512-BF16, no AMX; docs/quantization.md): the matmuls of a default-model step take
+# 37.3 ms integer / 41.9 ms dense at 24 rows, 48.3 / 47.2 at 32, and the dense path wins by more from there.
+# With AMX (Intel Xeon) oneDNN's bfloat16 matmul is several times faster again while the dequantization costs
+# the same, so the crossover falls: 16 there, estimated from the Zen 4 figures (not measured on an AMX CPU).
+# JITNEY_QUANT_DENSE_ROWS overrides both (0: the integer loop always). A fixed rule rather than a timing at
+# start-up: the path changes a token's arithmetic, which should not depend on how busy the machine was then.
+DENSE_MIN_ROWS = {"avx512_bf16": 32, "amx_bf16": 16}
+# Rows of dequantized weights per slice: at most this many bytes (they stay in cache between the dequantization
+# and the matmul that reads them); the default model's largest layer matmul (gate/up, 3.4 MiB in bfloat16) is
+# one slice, its output head 14.
+SLICE_BYTES = 4 << 20
+
+
+def dense_min_rows(dtype: torch.dtype) -> int | None:
+    """The batch (rows of x) from which a matmul in this compute dtype takes the dense path; None: never. Only
+    bfloat16 on a CPU with native bfloat16 dot products: under float32 the integer loop is faster than float32's
+    own matmul at every batch measured (Zen 4, Zen 3), and emulated bfloat16 matmuls are slower still."""
+    env = os.environ.get("JITNEY_QUANT_DENSE_ROWS", "").strip()
+    if env:
+        return int(env) or None
+    return _bf16_crossover() if dtype == torch.bfloat16 else None
+
+
+@cache
+def _bf16_crossover() -> int | None:
+    """DENSE_MIN_ROWS for this CPU's kind (the lowest its flags qualify for), None without native bfloat16."""
+    from .precision import cpu_flags
+    flags = cpu_flags()
+    return min((rows for flag, rows in DENSE_MIN_ROWS.items() if flag in flags), default=None)
+
+
+def choose_path(m: int, dtype: torch.dtype) -> str:
+    """"dense" (dequantized slices through torch's matmul) or "integer" (the native loop) for m rows."""
+    rows = dense_min_rows(dtype)
+    return "dense" if rows is not None and m >= rows else "integer"
+
+
+_scratch = threading.local()
+
+
+def _slice_buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reusable buffer for dequantized slices (grown as needed, never shared between threads)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() * buf.element_size() < rows * k * dtype.itemsize:
+        buf = _scratch.buf = torch.empty(rows * k * dtype.itemsize, dtype=torch.uint8)
+    return buf[: rows * k * dtype.itemsize].view(dtype).view(rows, k)
+
+
+def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = None,
+           path: str | None = None) -> torch.Tensor:
+    """x [m, k] @ [W_1; W_2; ...]^T -> [m, sum n_i] in x's dtype: quantized weights stacked by rows (a fused
+    q/k/v or gate/up, formats possibly mixed), on the path choose_path picks for x (or `path`)."""
+    lib = lib or library()
+    k, n = parts[0].k, sum(p.n for p in parts)
+    if lib is None:
+        return F.linear(x, torch.cat([p.dequantize() for p in parts]).to(x.dtype))
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.stride(1) != 1 \
+            or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"quantized matmul input: expected [m, {k}] float32 or bfloat16 with a contiguous "
+                         f"last dimension on the CPU; got {tuple(x.shape)} {x.dtype} {x.device}")
+    if (path or choose_path(x.shape[0], x.dtype)) == "dense":
+        return _dense(parts, x, lib)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    col, bf16 = 0, int(x.dtype == torch.bfloat16)
+    for p in parts:  # each into its own columns of out (row stride n)
+        fmt, qs, d, m, row_scale = p.kernel_args
+        lib.jitney_qmatmul(fmt, bf16, x.data_ptr(), x.stride(0), qs, d, m, row_scale,
+                           out.data_ptr() + col * out.element_size(), n, x.shape[0], p.n, k)
+        col += p.n
+    return out
+
+
+def _dense(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """The dense path: the weights dequantized to x's dtype a slice of rows at a time into a buffer that stays in
+    cache (SLICE_BYTES), each slice multiplied by torch's matmul into its columns of the output. The whole
+    dequantized weight never exists at once."""
+    m, k, dtype = x.shape[0], parts[0].k, x.dtype
+    n, bf16, row_bytes = sum(p.n for p in parts), int(dtype == torch.bfloat16), k * dtype.itemsize
+    cap = max(8 * TILE, SLICE_BYTES // row_bytes // TILE * TILE)  # rows per slice
+    buf = _slice_buffer(min(cap, n + TILE) + TILE, k, dtype)  # + a tile: the last tile of a part pads past it
+    base = buf.data_ptr()
+
+    def dequantize(p: QuantWeight, tile0: int, tiles: int, row: int) -> None:  # into buf's rows from `row`
+        fmt, qs, d, m, row_scale = p.kernel_args
+        lib.jitney_dequantize(fmt, bf16, qs, d, m, row_scale, tile0, tiles, k, base + row * row_bytes, k)
+
+    if n <= cap:  # one slice: the matmul's output is the result
+        row = 0
+        for p in parts:
+            dequantize(p, 0, p.qs.shape[0], row)
+            row += p.n
+        return F.linear(x, buf[:n])
+    out = torch.empty(m, n, dtype=dtype)
+    filled, col = 0, 0  # rows in buf, and the output column its row 0 goes to
+    for p in parts:
+        tiles, t = p.qs.shape[0], 0
+        while t < tiles:
+            if cap - filled < TILE:
+                torch.mm(x, buf[:filled].t(), out=out[:, col: col + filled])
+                col, filled = col + filled, 0
+            step = min(tiles - t, (cap - filled) // TILE)
+            dequantize(p, t, step, filled)
+            filled += min(p.n, (t + step) * TILE) - t * TILE
+            t += step
+    torch.mm(x, buf[:filled].t(), out=out[:, col:])
+    return out
 
 
 def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -224,6 +358,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.jitney_qmatmul.argtypes = [ctypes.c_int, ctypes.c_int, p, i64, p, p, p, p, p, i64, i64, i64, i64]
     lib.jitney_qmatmul.restype = None
     lib.jitney_qmatmul_isa.argtypes, lib.jitney_qmatmul_isa.restype = [], ctypes.c_char_p
+    lib.jitney_dequantize.argtypes = [ctypes.c_int, ctypes.c_int, p, p, p, p, i64, i64, i64, p, i64]
+    lib.jitney_dequantize.restype = None
 
 
 @cache
@@ -290,7 +426,8 @@ def describe_bytes(by_format: dict[str, int]) -> str:
 class QuantLinear:
     """y = x @ W.T (+ b) for quantized parts stacked by rows (fused q/k/v or gate/up). Parts of one format are
     merged into one weight; a fusion of different formats (a GGUF may store v in Q8_0 beside Q4 q and k) runs
-    one matmul per format and concatenates."""
+    the integer loop once per format, each into its own columns, or dequantizes all of them into one dense
+    matmul."""
 
     def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None):
         merged: list[QuantWeight] = []
@@ -304,9 +441,7 @@ class QuantLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = (self.parts[0].matmul(x2) if len(self.parts) == 1
-             else torch.cat([p.matmul(x2) for p in self.parts], dim=-1))
+        y = matmul(self.parts, x.reshape(-1, x.shape[-1]))
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features)

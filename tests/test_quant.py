@@ -147,6 +147,99 @@ def test_matmul_batch_invariant(lib, fmt):
     assert torch.equal(w.matmul(x[4:11], lib), together[4:11])
 
 
+# --- the dense path: dequantized slices through torch's matmul (large batches under bfloat16) ---------------------
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])
+def test_dequantize_tiles_is_dequantize_bit_for_bit(lib, fmt):
+    """The native dequantization gives dequantize()'s float32 values (gguf's, bit for bit), and for bfloat16
+    their rounding by torch's cast (an unquantized bfloat16 model's weights): any range of tiles, the padded
+    rows of a partial tile zero."""
+    w = weight(fmt, 37, 160, seed=9)  # 5 tiles, the last one 5 rows
+    ref = w.dequantize()
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((40, 160), float("nan"), dtype=dtype)
+        w.dequantize_tiles(0, 5, out, lib)
+        assert torch.equal(out[:37], ref.to(dtype)) and out[37:].eq(0).all()
+        part = torch.full((24 + 3, 168), float("nan"), dtype=dtype)[:, :160]  # a row stride of its own
+        w.dequantize_tiles(1, 3, part, lib)
+        assert torch.equal(part[:24], ref[8:32].to(dtype)) and part[24:].isnan().all()  # nothing past the tiles
+
+
+def dense_bound(w: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """What the dense path may differ from sum_k w x (float64) by, for weights w exactly as stored: the compute
+    dtype's own errors, those of an unquantized model of these weights in that dtype. bfloat16 keeps 8
+    significant bits, so rounding to it errs by up to half a unit in the last place, 2^-8 relative: once for each
+    weight (2^-8 of sum |w x|) and once for the output (2^-8 of it). Products of two bfloat16 values are exact in
+    float32 and their sum accumulates in float32 (oneDNN's bfloat16 matmul): at most k + 2 float32 roundings
+    (2^-24 each) of sum |w x|. float32: the weights are exact, the sum's roundings only."""
+    k = x.shape[1]
+    wx = x.double().abs() @ w.double().abs().T
+    y = x.double() @ w.double().T
+    if out_dtype == torch.float32:
+        return (k + 2) * EPS32 * wx
+    inner = wx * (2.0 ** -8 + (k + 2) * EPS32 * (1 + 2.0 ** -8))
+    return inner + (y.abs() + inner) * 2.0 ** -8
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_path_against_float64(lib, fmt, dtype):
+    """The dense path, on every loop's dequantization, within the compute dtype's own bound of the float64
+    product. (Under bfloat16 that is not inside the integer loop's bound: the integer loop multiplies the
+    weights as stored, the dense path their bfloat16 roundings, as an unquantized bfloat16 model does.)"""
+    w = weight(fmt, 37, 160, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(40, 160 + 8, generator=g) * torch.rand(40, 1, generator=g) * 4).to(dtype)[:, :160]
+    x[5, 7] = 300.0
+    y = w.matmul(x, lib, path="dense")
+    assert y.dtype == dtype and y.shape == (40, 37)
+    ref = x.double() @ w.dequantize().double().T
+    err, limit = (y.double() - ref).abs(), dense_bound(w.dequantize(), x, dtype)
+    assert (err <= limit).all(), f"worst: {(err - limit).max():.3g} over the bound"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_path_slices_across_fused_parts(lib, monkeypatch, dtype):
+    """A fused weight of mixed formats and partial tiles, cut into slices of 64 rows that straddle the parts:
+    every column where it belongs (the integer loop on the same parts, and the float64 product)."""
+    monkeypatch.setattr(quant, "SLICE_BYTES", 64 * 160 * dtype.itemsize)
+    parts = [weight("q4_1", 37, 160, 3), weight("q8_0", 21, 160, 4), weight("q4_0", 45, 160, 5),
+             weight("int8", 9, 160, 6)]
+    x = torch.randn(33, 160, generator=torch.Generator().manual_seed(10)).to(dtype)
+    w = torch.cat([p.dequantize() for p in parts])
+    y = quant.matmul(parts, x, lib, path="dense")
+    assert y.shape == (33, 112)
+    err = (y.double() - x.double() @ w.double().T).abs()
+    assert (err <= dense_bound(w, x, dtype)).all()
+    integer = quant.matmul(parts, x, lib, path="integer")
+    assert ((integer.double() - x.double() @ w.double().T).abs() <= bound(w, x, dtype)).all()
+
+
+def test_path_choice(monkeypatch):
+    """bfloat16 on a CPU with native bfloat16 dot products: the integer loop below its crossover, the dense path
+    from there (32 rows with AVX512-BF16, 16 with AMX); float32 (the integer loop is faster than float32's
+    matmul), or no native bfloat16: always the integer loop; JITNEY_QUANT_DENSE_ROWS overrides (0: never)."""
+    from model_runner import precision
+    monkeypatch.delenv("JITNEY_QUANT_DENSE_ROWS", raising=False)
+    for flags, rows in [({"avx512f", "avx512_bf16"}, 32), ({"avx512f", "avx512_bf16", "amx_bf16"}, 16)]:
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: set(flags))
+        quant._bf16_crossover.cache_clear()
+        assert quant.choose_path(rows - 1, torch.bfloat16) == "integer"
+        assert quant.choose_path(rows, torch.bfloat16) == "dense"
+        assert quant.choose_path(4096, torch.float32) == "integer"
+    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "8")
+    assert quant.choose_path(8, torch.bfloat16) == "dense" and quant.choose_path(8, torch.float32) == "dense"
+    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "0")
+    assert quant.choose_path(4096, torch.bfloat16) == "integer"
+    monkeypatch.delenv("JITNEY_QUANT_DENSE_ROWS")
+    for flags in ({"avx512f"}, {"avx2", "fma"}, set()):
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: set(flags))
+        quant._bf16_crossover.cache_clear()
+        assert quant.choose_path(4096, torch.bfloat16) == "integer"
+    monkeypatch.undo()
+    quant._bf16_crossover.cache_clear()  # this CPU's again
+
+
 def test_torch_fallback_is_the_dequantized_weight(monkeypatch):
     """Without native kernels the matmul multiplies by the dequantized weight (the same numbers)."""
     monkeypatch.setattr(quant, "library", lambda: None)

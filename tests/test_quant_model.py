@@ -19,7 +19,7 @@ from model_runner.model import LlamaModel
 from .engine_helpers import greedy, run_requests
 from .reference import our_logits, relative_error
 from .test_batch_invariance import SYSTEM, TOPICS
-from .test_quant import GGUF_TYPES, bound, kernel_isas
+from .test_quant import GGUF_TYPES, bound, dense_bound, kernel_isas
 
 
 @pytest.fixture(scope="module", params=["q4", "int8"])
@@ -145,14 +145,22 @@ def pair(request, tiny_weights):
     return {p: (tiny_with(dq, *p), tiny_with(q, *p)) for p in PRECISIONS}
 
 
+@pytest.fixture(params=["integer", "dense"])
+def path(request, monkeypatch):
+    """Each matmul path for every matmul of the model, whatever its rows (JITNEY_QUANT_DENSE_ROWS)."""
+    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "0" if request.param == "integer" else "1")
+    return request.param
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=PROMPTS)
-def test_float32_compute_logits_are_the_float_models_to_bfloat16_precision(monkeypatch, loop, pair, ids):
+def test_float32_compute_logits_are_the_float_models_to_bfloat16_precision(monkeypatch, loop, pair, path, ids):
     """Under float32 compute the quantized model's logits are the float model's to better than one bfloat16
     rounding of the logits themselves: the activations' 16-bit quantization (steps of 1/32258 of a block's
     largest value, csrc/qmatmul.cpp) is invisible at the precision the other compute dtype keeps. Measured on
     tiny-random: 1-3e-4 (float32 KV); the 8-bit activations this replaced gave 2-7e-2, several bfloat16
-    roundings, and turned greedy answers on the real model. (Over a bfloat16 KV cache the two models' keys and
+    roundings, and turned greedy answers on the real model. The dense path multiplies the float32 weights
+    themselves (float32 sums only). (Over a bfloat16 KV cache the two models' keys and
     values, 2^-15 apart, round to neighbouring bfloat16 values wherever they straddle a rounding boundary: one
     ulp here and there, up to 1e-2 of the logits measured, whatever the kernel; the matmul check below covers
     that precision instead.)"""
@@ -164,25 +172,29 @@ def test_float32_compute_logits_are_the_float_models_to_bfloat16_precision(monke
 @pytest.mark.parametrize("precision", PRECISIONS)
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=PROMPTS)
-def test_each_matmul_errs_by_no_more_than_its_formats_allow(monkeypatch, loop, pair, precision, ids):
-    """Under every compute and KV-cache dtype each quantized matmul, on the activations the model really feeds it, is within
-    tests/test_quant.bound of the float64 product with the dequantized weights: a bfloat16 output's own
-    rounding (2^-8 relative) plus the activations' 16-bit steps and float32 sums. Whole-model bfloat16 logits
+def test_each_matmul_errs_by_no_more_than_its_formats_allow(monkeypatch, loop, pair, precision, path, ids):
+    """Under every compute and KV-cache dtype, on each path, each quantized matmul, on the activations the
+    model really feeds it, is within its bound of the float64 product with the dequantized weights: the
+    integer loop's (tests/test_quant.bound: a bfloat16 output's own rounding, 2^-8 relative, plus the
+    activations' 16-bit steps and float32 sums) or the dense path's (tests/test_quant.dense_bound: the compute
+    dtype's own, weights rounded to it included). Whole-model bfloat16 logits
     wander from float32's by bfloat16's own rounding noise, quantized or not (2-6 % of the logits' range on
     tiny-random either way), which hides a kernel's error; each matmul's check does not."""
     calls = []
-    matmul = quant.QuantWeight.matmul
+    matmul = quant.matmul
 
-    def checked(self, x, lib=None):
-        y = matmul(self, x, loop)
-        w = self.dequantize()
-        calls.append((y.dtype, ((y.double() - x.double() @ w.double().T).abs() - bound(w, x, y.dtype)).max()))
+    def checked(parts, x, lib=None, path=None):
+        taken = path or quant.choose_path(x.shape[0], x.dtype)
+        y = matmul(parts, x, loop, taken)
+        w = torch.cat([p.dequantize() for p in parts])
+        limit = (bound if taken == "integer" else dense_bound)(w, x, y.dtype)
+        calls.append((y.dtype, taken, ((y.double() - x.double() @ w.double().T).abs() - limit).max()))
         return y
 
-    monkeypatch.setattr(quant.QuantWeight, "matmul", checked)
+    monkeypatch.setattr(quant, "matmul", checked)
     our_logits(pair[precision][1], ids)
-    assert calls and all(dtype == getattr(torch, precision[0]) for dtype, _ in calls)
-    assert max(excess for _, excess in calls) <= 0, "a quantized matmul erred past its bound"
+    assert calls and all(dtype == getattr(torch, precision[0]) and taken == path for dtype, taken, _ in calls)
+    assert max(excess for _, _, excess in calls) <= 0, "a quantized matmul erred past its bound"
 
 
 # --- the real model: the combinations --dtype auto picks (bfloat16 on AVX512-BF16 CPUs, float32 elsewhere) -----
@@ -206,3 +218,42 @@ def test_bfloat16_compute_answers_as_float32_does(mode):
         texts[dtype] = [tok.decode(s.output_token_ids) for s in generate(r, prompts, greedy(12))]
     assert texts["bfloat16"] == texts["float32"]
     assert "Paris" in texts["bfloat16"][0]
+
+
+# --- bfloat16 at large batches: the dense path (dequantized slices through oneDNN) ----------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_runners():
+    return {mode: ModelRunner(RunnerConfig(model="smollm2-135m", dtype="bfloat16", kv_cache_memory=64 << 20,
+                                           quantization=mode), progress=False) for mode in ("none", "q4")}
+
+
+def topic_prompts(runner: ModelRunner, count: int) -> list[list[int]]:
+    return [runner.tokenizer(f"Write a short paragraph about {t}." + " Be brief." * (i // len(TOPICS)))["input_ids"]
+            for i, t in enumerate((TOPICS * 3)[:count])]
+
+
+@pytest.mark.integration
+def test_bfloat16_dense_path_is_the_bfloat16_model(monkeypatch, bf16_runners):
+    """At and above the crossover every quantized matmul multiplies the unquantized bfloat16 model's own weights
+    (the dequantized values, rounded as torch rounds them): 40 sequences decoding together under q4 give the
+    unquantized bfloat16 model's text, prompt for prompt. (Measured bit-identical logits on AMD Zen 4: oneDNN
+    sums a packed and an unpacked bfloat16 weight in the same order. The crossover is forced to 32 rows so that
+    the test means the same on a CPU that would never take the dense path.)"""
+    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "32")
+    prompts = topic_prompts(bf16_runners["q4"], 40)
+    texts = {mode: [s.output_token_ids for s in generate(r, prompts, greedy(12))] for mode, r in bf16_runners.items()}
+    assert texts["q4"] == texts["none"]
+
+
+@pytest.mark.integration
+def test_bfloat16_integer_loop_alone_is_batch_invariant(monkeypatch, bf16_runners):
+    """JITNEY_QUANT_DENSE_ROWS=0 keeps every quantized matmul on the integer loop, whose outputs are the same bits
+    in any batch: 40 sequences decoding together give each the text it gets alone, under bfloat16 too. (With the
+    default crossover a token's matmuls depend on whether its step has 32 rows or more: docs/quantization.md
+    measures what that changes.)"""
+    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "0")
+    r = bf16_runners["q4"]
+    prompts = topic_prompts(r, 40)
+    together = [s.output_token_ids for s in generate(r, prompts, greedy(12))]
+    assert together == [generate(r, [p], greedy(12))[0].output_token_ids for p in prompts]
