@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from batcher.config import POLICIES, BatcherConfig
 from batcher.step_view import StepRecorder
+from model_runner import quant
 from model_runner.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
+from model_runner.precision import KV_DTYPES
 from model_runner.units import parse_bytes
 
 from . import plots
@@ -67,6 +69,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and knobs (unset knobs keep the server's defaults)")
     m.add_argument("--model", default=DEFAULT_MODEL, help=f"as for jitney serve (default: {DEFAULT_MODEL})")
     m.add_argument("--dtype", default="auto", help="as for jitney serve (default: auto)")
+    m.add_argument("--quantization", default="none", choices=quant.MODES, help="as for jitney serve (default: none)")
+    m.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_DTYPES],
+                   help="as for jitney serve (default: auto)")
     m.add_argument("--kv-cache-memory", type=parse_bytes, help="KV-cache bytes, e.g. 512MiB (default: server's)")
     m.add_argument("--no-prefix-caching", action="store_true", help="as for jitney serve: the prefix cache off")
     for k in KNOBS:

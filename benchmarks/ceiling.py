@@ -25,6 +25,7 @@ from .machine import NeighbourMeter, best_seconds, cpu_model
 from .replay import BATCHER_KNOBS, batcher_config
 from .report import finish
 from .steps import held
+from .targets import runner_config
 from .trace import TraceRequest, save_trace
 from .workloads import WORKLOADS
 
@@ -90,8 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_trace(trace, args.save_trace)
     cfg = batcher_config("continuous", {k: getattr(args, k) for k in BATCHER_KNOBS})
     kv = args.kv_cache_memory or 4 << 30
-    runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, kv_cache_memory=kv,
-                                      block_size=args.block_size or RunnerConfig.block_size), progress=True)
+    runner = ModelRunner(runner_config(args, kv_cache_memory=kv, block_size=args.block_size or RunnerConfig.block_size), progress=True)
     print(f"machine: {cpu_model()}\n{runner.describe()}")
     rng, meter = random.Random(args.seed), NeighbourMeter()
 

@@ -14,9 +14,9 @@ agreement with each run of the same mode and compute dtype over another KV-cache
 Kernels: one matmul of the model's shapes per candidate (float packed for oneDNN, the native quantized kernel's
 two paths: the integer loop and the dense path of dequantized slices through oneDNN, torch's _weight_int8pack_mm
 and _weight_int4pack_mm_for_cpu), per batch and compute dtype; q4_path names the path jitney takes there.
-Speed: decode step and static-batch generate tok/s per combination and batch (path: the quantized matmuls' path
-for the decode step's rows; a generate's prompt steps have more rows), and batch 1's weight-read floor
-(weight bytes / measured copy bandwidth) beside the step it is part of.
+Speed: decode step (mean and fastest of --gen-len steps) and static-batch generate tok/s per combination and batch
+(path: the quantized matmuls' path for the decode step's rows; a generate's prompt steps have more rows), and
+batch 1's weight-read floor (weight bytes / measured copy bandwidth) beside the step it is part of.
 --llama-bench runs llama.cpp's `llama-bench -p 0 -n 128` on the same GGUF (benchmarks/peers/llama_bench.sh
 builds it).
 """
@@ -42,7 +42,8 @@ from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
 
 from .machine import best_seconds, copy_gbps, cpu_model
-from .micro import make_prompts, time_decode_step, time_generate
+from .micro import make_prompts, time_generate
+from .steps import decode_step_times
 from .report import finish
 
 TEXT = Path(__file__).parent / "data" / "gpl-3.0.txt"
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,8,64,128")
     p.add_argument("--gen-len", type=int, default=32, help="decode steps timed per batch")
     p.add_argument("--repeats", type=int, default=1,
-                   help="time each decode step and generate this many times, keep the fastest (a shared machine)")
+                   help="time the decode steps and the generate this many times, keep the fastest (a shared machine)")
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--agree-tokens", type=int, default=64)
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: quality,kernels,speed")
@@ -210,15 +211,19 @@ def speed(a: argparse.Namespace, gbps: float) -> list[dict]:
         weight_bytes = sum(runner.weight_bytes.values())
         for b in a.batch_sizes:
             prompts = make_prompts(runner.tokenizer, b, 32)
-            step_s = min(time_decode_step(runner, prompts, a.gen_len) for _ in range(a.repeats))
+            runs = [decode_step_times(runner, prompts, a.gen_len) for _ in range(a.repeats)]
+            step_s = min(sum(r) / len(r) for r in runs)
+            fastest_s = min(min(r) for r in runs)
             gen_s = min(time_generate(runner, prompts, a.gen_len) for _ in range(a.repeats))
             rows.append(dict(mode=mode, dtype=str(runner.dtype).removeprefix("torch."),
                              kv=str(runner.kv_dtype).removeprefix("torch."), batch=b,
                              path="-" if mode == "none" else quant.choose_path(b, runner.dtype),
-                             step_ms=1e3 * step_s, decode_tok_s=b / step_s, generate_tok_s=b * a.gen_len / gen_s,
+                             step_ms=1e3 * step_s, fastest_step_ms=1e3 * fastest_s, decode_tok_s=b / step_s,
+                             generate_tok_s=b * a.gen_len / gen_s,
                              weight_mib=weight_bytes / 2**20, weight_read_ms=1e3 * weight_bytes / (gbps * 1e9)))
             r = rows[-1]
-            print(f"  speed {mode} {r['dtype']}:{r['kv']} batch {b}: step {r['step_ms']:.1f} ms ({r['decode_tok_s']:.1f} tok/s), generate "
+            print(f"  speed {mode} {r['dtype']}:{r['kv']} batch {b}: step {r['step_ms']:.1f} ms (fastest "
+                  f"{r['fastest_step_ms']:.1f}; {r['decode_tok_s']:.1f} tok/s), generate "
                   f"{r['generate_tok_s']:.1f} tok/s; weights {r['weight_mib']:.0f} MiB = {r['weight_read_ms']:.1f} "
                   f"ms to read", flush=True)
         if "kernels" not in a.skip and runner.dtype not in kernel_dtypes:
@@ -282,8 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["copy_gbps"] = gbps
         report["speed"] = speed(a, gbps)
         print(f"\n## speed (memory copy {gbps:.1f} GB/s)\n")
-        print(table(report["speed"], ["mode", "dtype", "kv", "batch", "path", "step_ms", "decode_tok_s",
-                                      "generate_tok_s", "weight_mib", "weight_read_ms"], "{:.1f}"))
+        print(table(report["speed"], ["mode", "dtype", "kv", "batch", "path", "step_ms", "fastest_step_ms",
+                                      "decode_tok_s", "generate_tok_s", "weight_mib", "weight_read_ms"], "{:.1f}"))
         if a.plot:
             plot(report["speed"], a.plot, f"{a.model}: {cpu}")
     if a.kernel_rows:

@@ -75,17 +75,25 @@ def mean_decode_context(prompt_len: int, gen_len: int) -> float:
     return prompt_len + WARMUP_STEPS + (gen_len + 1) / 2
 
 
-def time_decode_step(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
-    """Mean seconds of a step() that decodes one token for every sequence, after prefill and a warm-up."""
+def decode_step_times(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> list[float]:
+    """Seconds of each of gen_len step()s that decode one token for every sequence, after prefill and a warm-up
+    (each timed alone: the fastest is what the machine does when nothing else holds a core at that moment)."""
     params = SamplingParams(max_tokens=1 + WARMUP_STEPS + gen_len, ignore_eos=True)
     kv = kv_manager(runner)
+    times = []
     with holding(kv, [Sequence(p, params) for p in prompts]) as seqs:
         for _ in range(1 + WARMUP_STEPS):  # prefill (samples the first token), then warm-up decodes
             step(runner, seqs, kv)
-        t0 = time.perf_counter()
         for _ in range(gen_len):
+            t0 = time.perf_counter()
             step(runner, seqs, kv)
-        return (time.perf_counter() - t0) / gen_len
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_decode_step(runner: ModelRunner, prompts: list[list[int]], gen_len: int) -> float:
+    """Mean seconds of a step() that decodes one token for every sequence, after prefill and a warm-up."""
+    return sum(decode_step_times(runner, prompts, gen_len)) / gen_len
 
 
 def time_prefill(runner: ModelRunner, prompt: list[int], reps: int) -> float:

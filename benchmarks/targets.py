@@ -92,8 +92,7 @@ class InProcess:
     def get_runner(self, block_size: int | None) -> ModelRunner:
         block_size = block_size or RunnerConfig.block_size
         if self.runner is None or self.runner.block_size != block_size:
-            self.runner = ModelRunner(RunnerConfig(model=self.args.model, dtype=self.args.dtype, block_size=block_size,
-                                                   kv_cache_memory=self.args.kv_cache_memory), progress=False)
+            self.runner = ModelRunner(runner_config(self.args, block_size=block_size), progress=False)
             self.description = self.runner.describe()
             self.warm = False
         return self.runner
@@ -115,6 +114,13 @@ class InProcess:
         return RunResult(records, figures, timeline, cpu, t0)
 
 
+def runner_config(args: argparse.Namespace, **overrides) -> RunnerConfig:
+    """The model flags of bench.add_model_args as a RunnerConfig (keyword arguments win)."""
+    return RunnerConfig(**{**dict(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                                  kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory),
+                           **overrides})
+
+
 # --- over HTTP -----------------------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -128,6 +134,7 @@ async def jitney_serve(args: argparse.Namespace, spec: RunSpec, log_path: Path) 
     """A `jitney serve` for this run on a free port: yields (url, pid) once /health answers; SIGTERM after."""
     port = free_port()
     cmd = [sys.executable, "-m", "jitney.cli", "serve", "--model", args.model, "--dtype", args.dtype,
+           "--quantization", args.quantization, "--kv-cache-dtype", args.kv_cache_dtype,
            "--policy", spec.policy, "--host", "127.0.0.1", "--port", str(port), "--max-queue", str(10**6),
            "--grace-s", "1"]
     for k, v in spec.knobs.items():

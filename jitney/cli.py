@@ -10,7 +10,9 @@ import sys
 import time
 
 from model_runner.errors import InvalidRequestError, ModelLoadError
+from model_runner import quant
 from model_runner.loader import DEFAULT_MODEL, NAMED_MODELS
+from model_runner.precision import KV_DTYPES
 
 from api import config_file, flags
 from api.logs import FORMATS, log_line, setup as setup_logs
@@ -25,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = bfloat16 where the CPU/GPU computes it natively (AVX512-BF16, "
                         "AMX, a GPU), else float32 (AVX2, Arm) (default: auto)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_DTYPES],
                    help="what the KV cache stores; auto = the compute dtype. bfloat16 under float32 compute halves "
                         "the bytes a decode step reads at long contexts (CPUs without AVX512-BF16), at the cost of "
                         "rounding keys and values to 8 significant bits; int8 (CPU, float32 or bfloat16 compute) "
@@ -33,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "cache's bytes (docs/quantization.md) (default: auto)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     # --quantization (docs/quantization.md): one flag, RunnerConfig.quantization.
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "q4"],
+    p.add_argument("--quantization", default="none", choices=quant.MODES,
                    help="weights a matmul reads: none = the compute dtype (a GGUF is dequantized at load); "
                         "q4 = a GGUF's Q4_0/Q4_1/Q8_0 blocks as stored (the numbers llama.cpp computes with: "
                         "~5x fewer bytes than float32, faster at batch 1 where reading weights bounds a step); "

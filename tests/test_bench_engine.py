@@ -87,3 +87,11 @@ def test_ceiling_draws_the_traces_own_lengths_and_bounds_every_policy(tmp_path, 
                        "--no-progress", "--out", str(tmp_path / "bench")])
     continuous = next(r for r in bench["runs"] if r["policy"] == "continuous")
     assert continuous["summary"]["output_tok_s"] < 1.5 * report["ceiling_tok_s"]
+
+
+def test_bench_passes_quantization_and_kv_cache_dtype_to_the_engine(tmp_path, capsys):
+    # The header's model line is the runner's own describe(): the flags reached the engine that served the runs.
+    run_bench(["--model", "tiny-random", "--quick", "--dtype", "float32", "--policies", "continuous",
+               "--quantization", "int8", "--kv-cache-dtype", "int8", "--no-progress", "--out", str(tmp_path)])
+    model_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model tiny-random"))
+    assert "int8 KV cache" in model_line and "quantized matmul" in model_line
