@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from model_runner import quant
+from model_runner import qmatmul, quant
 from model_runner.config import RunnerConfig
 from batcher.generate import generate, kv_manager, score
 from model_runner.linear import Linear
@@ -173,16 +173,16 @@ def kernels(a: argparse.Namespace, runner: ModelRunner) -> list[dict]:
         q4 = quant.QuantWeight.from_gguf("q4_1", quant_q4_1(w), k)
         i8 = quant.QuantWeight.int8(w)
         cands = {"float (oneDNN)": Linear(w.to(runner.dtype)),
-                 f"native q4_1 ({quant.isa()})": lambda x: q4.matmul(x, path="integer"),
-                 "q4_1 dense (dequantized slices, oneDNN)": lambda x: q4.matmul(x, path="dense"),
-                 f"native int8 ({quant.isa()})": lambda x: i8.matmul(x, path="integer"),
-                 "int8 dense": lambda x: i8.matmul(x, path="dense"),
+                 f"native q4_1 ({quant.isa()})": lambda x: qmatmul.matmul([q4], x, path="integer"),
+                 "q4_1 dense (dequantized slices, oneDNN)": lambda x: qmatmul.matmul([q4], x, path="dense"),
+                 f"native int8 ({quant.isa()})": lambda x: qmatmul.matmul([i8], x, path="integer"),
+                 "int8 dense": lambda x: qmatmul.matmul([i8], x, path="dense"),
                  "torch _weight_int8pack_mm (bf16 x)": torch_int8(w),
                  "torch _weight_int4pack_mm_for_cpu (bf16 x)": torch_int4(w)}
         for m in a.batch_sizes:
             x = torch.randn(m, k, generator=gen).to(runner.dtype)
             row = dict(shape=f"{name} {n}x{k}", dtype=str(runner.dtype).removeprefix("torch."), batch=m,
-                       q4_path=quant.choose_path(m, runner.dtype))
+                       q4_path=qmatmul.choose_path(m, runner.dtype))
             for cname, f in cands.items():
                 row[cname] = 1e3 * best_seconds(lambda: f(x), 10)
             rows.append(row)
@@ -217,7 +217,7 @@ def speed(a: argparse.Namespace, gbps: float) -> list[dict]:
             gen_s = min(time_generate(runner, prompts, a.gen_len) for _ in range(a.repeats))
             rows.append(dict(mode=mode, dtype=str(runner.dtype).removeprefix("torch."),
                              kv=str(runner.kv_dtype).removeprefix("torch."), batch=b,
-                             path="-" if mode == "none" else quant.choose_path(b, runner.dtype),
+                             path="-" if mode == "none" else qmatmul.choose_path(b, runner.dtype),
                              step_ms=1e3 * step_s, fastest_step_ms=1e3 * fastest_s, decode_tok_s=b / step_s,
                              generate_tok_s=b * a.gen_len / gen_s,
                              weight_mib=weight_bytes / 2**20, weight_read_ms=1e3 * weight_bytes / (gbps * 1e9)))

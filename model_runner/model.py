@@ -13,7 +13,8 @@ from . import native
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .linear import Linear
-from .quant import QuantLinear, QuantWeight
+from .qmatmul import QuantLinear
+from .quant import QuantWeight
 from .rope import RotaryEmbedding, apply_rotary
 
 

@@ -6,7 +6,8 @@
   int8  any model: each output row (channel) of a matmul weight as int8 q in -127..127 and a float32 scale
         s = max|w| / 127, quantized at load (symmetric, weight-only); w ~ s q.
 
-The matmul has two paths, chosen by the rows of x (the tokens of a step) and the compute dtype (choose_path):
+The matmul (model_runner/qmatmul.py) has two paths, chosen by the rows of x (the tokens of a step) and the
+compute dtype (qmatmul.choose_path):
 
   integer  (small batches, and every float32 matmul) csrc/qmatmul.cpp quantizes the activations of each step to
            16-bit integers per block of 32 (a float32 scale per block, two 8-bit digits) and computes each
@@ -31,20 +32,14 @@ Where the native kernels cannot be built, the matmul dequantizes the weight to t
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import threading
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import native
 from .errors import ModelLoadError
-
-log = logging.getLogger("jitney")
 
 QK = 32     # values per block (GGUF's, and the activations')
 TILE = 8    # rows per tile: the kernel's 8 lanes
@@ -180,14 +175,6 @@ class QuantWeight:
     def dequantize(self) -> torch.Tensor:
         return self.dequantize_rows(torch.arange(self.n))
 
-    # --- the matmul -------------------------------------------------------------------------------------------
-
-    def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None, path: str | None = None) -> torch.Tensor:
-        """x [m, k] (float32 or bfloat16, last dimension contiguous) @ W^T -> [m, n] in x's dtype. `lib`: a
-        kernel build other than this process's (tests run every loop the CPU can); `path`: "integer" or
-        "dense" to force one (default: `choose_path`)."""
-        return matmul([self], x, lib, path)
-
     @cached_property
     def kernel_args(self) -> tuple:
         """What the native functions take for this weight: (format id, qs, d, m, row_scale) as pointers."""
@@ -205,119 +192,6 @@ class QuantWeight:
         fmt, qs, d, m, row_scale = self.kernel_args
         lib.jitney_dequantize(fmt, int(out.dtype == torch.bfloat16), qs, d, m, row_scale, tile0, tiles, self.k,
                               out.data_ptr(), out.stride(0))
-
-
-# --- the matmul: the integer loop for small batches, the compute dtype's own matmul over dequantized slices for
-# large ones -------------------------------------------------------------------------------------------------
-
-# At and above this many rows (tokens in a step) a bfloat16 matmul on a CPU with native bfloat16 dot products
-# dequantizes the weights slice by slice and multiplies through torch (oneDNN), below it the integer loop runs:
-# measured on AMD Zen 4 (AVX512-BF16, no AMX; docs/quantization.md): the matmuls of a default-model step take
-# 37.3 ms integer / 41.9 ms dense at 24 rows, 48.3 / 47.2 at 32, and the dense path wins by more from there.
-# With AMX (Intel Xeon) oneDNN's bfloat16 matmul is several times faster again while the dequantization costs
-# the same, so the crossover falls: 16 there, estimated from the Zen 4 figures (not measured on an AMX CPU).
-# JITNEY_QUANT_DENSE_ROWS overrides both (0: the integer loop always). A fixed rule rather than a timing at
-# start-up: the path changes a token's arithmetic, which should not depend on how busy the machine was then.
-DENSE_MIN_ROWS = {"avx512_bf16": 32, "amx_bf16": 16}
-# Rows of dequantized weights per slice: at most this many bytes (they stay in cache between the dequantization
-# and the matmul that reads them); the default model's largest layer matmul (gate/up, 3.4 MiB in bfloat16) is
-# one slice, its output head 14.
-SLICE_BYTES = 4 << 20
-
-
-def dense_min_rows(dtype: torch.dtype) -> int | None:
-    """The batch (rows of x) from which a matmul in this compute dtype takes the dense path; None: never. Only
-    bfloat16 on a CPU with native bfloat16 dot products: under float32 the integer loop is faster than float32's
-    own matmul at every batch measured (Zen 4, Zen 3), and emulated bfloat16 matmuls are slower still."""
-    env = os.environ.get("JITNEY_QUANT_DENSE_ROWS", "").strip()
-    if env:
-        return int(env) or None
-    return _bf16_crossover() if dtype == torch.bfloat16 else None
-
-
-@cache
-def _bf16_crossover() -> int | None:
-    """DENSE_MIN_ROWS for this CPU's kind (the lowest its flags qualify for), None without native bfloat16."""
-    from .precision import cpu_flags
-    flags = cpu_flags()
-    return min((rows for flag, rows in DENSE_MIN_ROWS.items() if flag in flags), default=None)
-
-
-def choose_path(m: int, dtype: torch.dtype) -> str:
-    """"dense" (dequantized slices through torch's matmul) or "integer" (the native loop) for m rows."""
-    rows = dense_min_rows(dtype)
-    return "dense" if rows is not None and m >= rows else "integer"
-
-
-_scratch = threading.local()
-
-
-def _slice_buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's reusable buffer for dequantized slices (grown as needed, never shared between threads)."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() * buf.element_size() < rows * k * dtype.itemsize:
-        buf = _scratch.buf = torch.empty(rows * k * dtype.itemsize, dtype=torch.uint8)
-    return buf[: rows * k * dtype.itemsize].view(dtype).view(rows, k)
-
-
-def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = None,
-           path: str | None = None) -> torch.Tensor:
-    """x [m, k] @ [W_1; W_2; ...]^T -> [m, sum n_i] in x's dtype: quantized weights stacked by rows (a fused
-    q/k/v or gate/up, formats possibly mixed), on the path choose_path picks for x (or `path`)."""
-    lib = lib or library()
-    k, n = parts[0].k, sum(p.n for p in parts)
-    if lib is None:
-        return F.linear(x, torch.cat([p.dequantize() for p in parts]).to(x.dtype))
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.stride(1) != 1 \
-            or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"quantized matmul input: expected [m, {k}] float32 or bfloat16 with a contiguous "
-                         f"last dimension on the CPU; got {tuple(x.shape)} {x.dtype} {x.device}")
-    if (path or choose_path(x.shape[0], x.dtype)) == "dense":
-        return _dense(parts, x, lib)
-    out = torch.empty(x.shape[0], n, dtype=x.dtype)
-    col, bf16 = 0, int(x.dtype == torch.bfloat16)
-    for p in parts:  # each into its own columns of out (row stride n)
-        fmt, qs, d, m, row_scale = p.kernel_args
-        lib.jitney_qmatmul(fmt, bf16, x.data_ptr(), x.stride(0), qs, d, m, row_scale,
-                           out.data_ptr() + col * out.element_size(), n, x.shape[0], p.n, k)
-        col += p.n
-    return out
-
-
-def _dense(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
-    """The dense path: the weights dequantized to x's dtype a slice of rows at a time into a buffer that stays in
-    cache (SLICE_BYTES), each slice multiplied by torch's matmul into its columns of the output. The whole
-    dequantized weight never exists at once."""
-    m, k, dtype = x.shape[0], parts[0].k, x.dtype
-    n, bf16, row_bytes = sum(p.n for p in parts), int(dtype == torch.bfloat16), k * dtype.itemsize
-    cap = max(8 * TILE, SLICE_BYTES // row_bytes // TILE * TILE)  # rows per slice
-    buf = _slice_buffer(min(cap, n + TILE) + TILE, k, dtype)  # + a tile: the last tile of a part pads past it
-    base = buf.data_ptr()
-
-    def dequantize(p: QuantWeight, tile0: int, tiles: int, row: int) -> None:  # into buf's rows from `row`
-        fmt, qs, d, m, row_scale = p.kernel_args
-        lib.jitney_dequantize(fmt, bf16, qs, d, m, row_scale, tile0, tiles, k, base + row * row_bytes, k)
-
-    if n <= cap:  # one slice: the matmul's output is the result
-        row = 0
-        for p in parts:
-            dequantize(p, 0, p.qs.shape[0], row)
-            row += p.n
-        return F.linear(x, buf[:n])
-    out = torch.empty(m, n, dtype=dtype)
-    filled, col = 0, 0  # rows in buf, and the output column its row 0 goes to
-    for p in parts:
-        tiles, t = p.qs.shape[0], 0
-        while t < tiles:
-            if cap - filled < TILE:
-                torch.mm(x, buf[:filled].t(), out=out[:, col: col + filled])
-                col, filled = col + filled, 0
-            step = min(tiles - t, (cap - filled) // TILE)
-            dequantize(p, t, step, filled)
-            filled += min(p.n, (t + step) * TILE) - t * TILE
-            t += step
-    torch.mm(x, buf[:filled].t(), out=out[:, col:])
-    return out
 
 
 def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -421,27 +295,3 @@ def describe_bytes(by_format: dict[str, int]) -> str:
     total = sum(by_format.values())
     parts = ", ".join(f"{fmt} {n / 2**20:.1f}" for fmt, n in sorted(by_format.items(), key=lambda kv: -kv[1]))
     return f"weights {total / 2**20:.1f} MiB ({parts})"
-
-
-class QuantLinear:
-    """y = x @ W.T (+ b) for quantized parts stacked by rows (fused q/k/v or gate/up). Parts of one format are
-    merged into one weight; a fusion of different formats (a GGUF may store v in Q8_0 beside Q4 q and k) runs
-    the integer loop once per format, each into its own columns, or dequantizes all of them into one dense
-    matmul."""
-
-    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None):
-        merged: list[QuantWeight] = []
-        for p in parts:
-            if merged and merged[-1].fmt == p.fmt:
-                merged[-1] = QuantWeight.cat([merged[-1], p])
-            else:
-                merged.append(p)
-        self.parts, self.bias = merged, bias
-        self.out_features, self.in_features = sum(p.n for p in merged), merged[0].k
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = matmul(self.parts, x.reshape(-1, x.shape[-1]))
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*lead, self.out_features)

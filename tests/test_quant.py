@@ -6,7 +6,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from model_runner import native, quant
+from model_runner import native, qmatmul, quant
 from model_runner.errors import ModelLoadError
 from model_runner.precision import cpuinfo_flags
 from model_runner.quant import QK, QuantWeight
@@ -129,7 +129,7 @@ def test_matmul_against_float64(lib, fmt, dtype):
     x = (torch.randn(11, k + 8, generator=g) * torch.rand(11, 1, generator=g) * 4).to(dtype)[:, :k]  # row stride
     x[2, 32:64] = 0       # an all-zero block: scale 0
     x[5, 7] = 300.0       # an outlier: its block's step is large, the others' are not
-    y = w.matmul(x, lib)
+    y = qmatmul.matmul([w], x, lib)
     assert y.dtype == dtype and y.shape == (11, n)
     ref = x.double() @ w.dequantize().double().T
     err, limit = (y.double() - ref).abs(), bound(w.dequantize(), x, dtype)
@@ -141,10 +141,10 @@ def test_matmul_batch_invariant(lib, fmt):
     """A row's output is the same bits alone or among 12 others (4-row groups and their remainders alike)."""
     w = weight(fmt, 24, 64, seed=5)
     x = torch.randn(13, 64, generator=torch.Generator().manual_seed(6))
-    together = w.matmul(x, lib)
+    together = qmatmul.matmul([w], x, lib)
     for i in (0, 3, 4, 12):
-        assert torch.equal(w.matmul(x[i: i + 1], lib), together[i: i + 1])
-    assert torch.equal(w.matmul(x[4:11], lib), together[4:11])
+        assert torch.equal(qmatmul.matmul([w], x[i: i + 1], lib), together[i: i + 1])
+    assert torch.equal(qmatmul.matmul([w], x[4:11], lib), together[4:11])
 
 
 # --- the dense path: dequantized slices through torch's matmul (large batches under bfloat16) ---------------------
@@ -191,7 +191,7 @@ def test_dense_path_against_float64(lib, fmt, dtype):
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(40, 160 + 8, generator=g) * torch.rand(40, 1, generator=g) * 4).to(dtype)[:, :160]
     x[5, 7] = 300.0
-    y = w.matmul(x, lib, path="dense")
+    y = qmatmul.matmul([w], x, lib, path="dense")
     assert y.dtype == dtype and y.shape == (40, 37)
     ref = x.double() @ w.dequantize().double().T
     err, limit = (y.double() - ref).abs(), dense_bound(w.dequantize(), x, dtype)
@@ -202,16 +202,16 @@ def test_dense_path_against_float64(lib, fmt, dtype):
 def test_dense_path_slices_across_fused_parts(lib, monkeypatch, dtype):
     """A fused weight of mixed formats and partial tiles, cut into slices of 64 rows that straddle the parts:
     every column where it belongs (the integer loop on the same parts, and the float64 product)."""
-    monkeypatch.setattr(quant, "SLICE_BYTES", 64 * 160 * dtype.itemsize)
+    monkeypatch.setattr(qmatmul, "SLICE_BYTES", 64 * 160 * dtype.itemsize)
     parts = [weight("q4_1", 37, 160, 3), weight("q8_0", 21, 160, 4), weight("q4_0", 45, 160, 5),
              weight("int8", 9, 160, 6)]
     x = torch.randn(33, 160, generator=torch.Generator().manual_seed(10)).to(dtype)
     w = torch.cat([p.dequantize() for p in parts])
-    y = quant.matmul(parts, x, lib, path="dense")
+    y = qmatmul.matmul(parts, x, lib, path="dense")
     assert y.shape == (33, 112)
     err = (y.double() - x.double() @ w.double().T).abs()
     assert (err <= dense_bound(w, x, dtype)).all()
-    integer = quant.matmul(parts, x, lib, path="integer")
+    integer = qmatmul.matmul(parts, x, lib, path="integer")
     assert ((integer.double() - x.double() @ w.double().T).abs() <= bound(w, x, dtype)).all()
 
 
@@ -223,21 +223,21 @@ def test_path_choice(monkeypatch):
     monkeypatch.delenv("JITNEY_QUANT_DENSE_ROWS", raising=False)
     for flags, rows in [({"avx512f", "avx512_bf16"}, 32), ({"avx512f", "avx512_bf16", "amx_bf16"}, 16)]:
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: set(flags))
-        quant._bf16_crossover.cache_clear()
-        assert quant.choose_path(rows - 1, torch.bfloat16) == "integer"
-        assert quant.choose_path(rows, torch.bfloat16) == "dense"
-        assert quant.choose_path(4096, torch.float32) == "integer"
+        qmatmul._bf16_crossover.cache_clear()
+        assert qmatmul.choose_path(rows - 1, torch.bfloat16) == "integer"
+        assert qmatmul.choose_path(rows, torch.bfloat16) == "dense"
+        assert qmatmul.choose_path(4096, torch.float32) == "integer"
     monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "8")
-    assert quant.choose_path(8, torch.bfloat16) == "dense" and quant.choose_path(8, torch.float32) == "dense"
+    assert qmatmul.choose_path(8, torch.bfloat16) == "dense" and qmatmul.choose_path(8, torch.float32) == "dense"
     monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "0")
-    assert quant.choose_path(4096, torch.bfloat16) == "integer"
+    assert qmatmul.choose_path(4096, torch.bfloat16) == "integer"
     monkeypatch.delenv("JITNEY_QUANT_DENSE_ROWS")
     for flags in ({"avx512f"}, {"avx2", "fma"}, set()):
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: set(flags))
-        quant._bf16_crossover.cache_clear()
-        assert quant.choose_path(4096, torch.bfloat16) == "integer"
+        qmatmul._bf16_crossover.cache_clear()
+        assert qmatmul.choose_path(4096, torch.bfloat16) == "integer"
     monkeypatch.undo()
-    quant._bf16_crossover.cache_clear()  # this CPU's again
+    qmatmul._bf16_crossover.cache_clear()  # this CPU's again
 
 
 def test_torch_fallback_is_the_dequantized_weight(monkeypatch):
@@ -245,7 +245,7 @@ def test_torch_fallback_is_the_dequantized_weight(monkeypatch):
     monkeypatch.setattr(quant, "library", lambda: None)
     w = weight("q4_1", 16, 64, seed=7)
     x = torch.randn(3, 64)
-    torch.testing.assert_close(w.matmul(x), x @ w.dequantize().T, rtol=0, atol=0)
+    torch.testing.assert_close(qmatmul.matmul([w], x), x @ w.dequantize().T, rtol=0, atol=0)
 
 
 def test_memory_plan_uses_the_formats_real_sizes():

@@ -12,7 +12,7 @@ from model_runner.errors import ModelLoadError
 from batcher.generate import generate
 from model_runner.runner import ModelRunner
 
-from model_runner import quant
+from model_runner import qmatmul, quant
 from model_runner.loader import load_model_dir
 from model_runner.model import LlamaModel
 
@@ -181,17 +181,17 @@ def test_each_matmul_errs_by_no_more_than_its_formats_allow(monkeypatch, loop, p
     wander from float32's by bfloat16's own rounding noise, quantized or not (2-6 % of the logits' range on
     tiny-random either way), which hides a kernel's error; each matmul's check does not."""
     calls = []
-    matmul = quant.matmul
+    matmul = qmatmul.matmul
 
     def checked(parts, x, lib=None, path=None):
-        taken = path or quant.choose_path(x.shape[0], x.dtype)
+        taken = path or qmatmul.choose_path(x.shape[0], x.dtype)
         y = matmul(parts, x, loop, taken)
         w = torch.cat([p.dequantize() for p in parts])
         limit = (bound if taken == "integer" else dense_bound)(w, x, y.dtype)
         calls.append((y.dtype, taken, ((y.double() - x.double() @ w.double().T).abs() - limit).max()))
         return y
 
-    monkeypatch.setattr(quant, "matmul", checked)
+    monkeypatch.setattr(qmatmul, "matmul", checked)
     our_logits(pair[precision][1], ids)
     assert calls and all(dtype == getattr(torch, precision[0]) and taken == path for dtype, taken, _ in calls)
     assert max(excess for _, _, excess in calls) <= 0, "a quantized matmul erred past its bound"

@@ -1,0 +1,156 @@
+"""The quantized matmul's two paths (model_runner/quant.py holds the formats and their weights):
+
+  integer  csrc/qmatmul.cpp's loop over the tiles as stored, activations as 16-bit integers per block of 32;
+  dense    the weights dequantized a slice at a time into a cached buffer, each slice through torch's matmul.
+
+choose_path picks one by the rows of x (a step's tokens) and the compute dtype; QuantLinear is the layer the
+model calls.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from . import quant
+from .quant import TILE, QuantWeight
+
+# --- the matmul: the integer loop for small batches, the compute dtype's own matmul over dequantized slices for
+# large ones -------------------------------------------------------------------------------------------------
+
+# At and above this many rows (tokens in a step) a bfloat16 matmul on a CPU with native bfloat16 dot products
+# dequantizes the weights slice by slice and multiplies through torch (oneDNN), below it the integer loop runs:
+# measured on AMD Zen 4 (AVX512-BF16, no AMX; docs/quantization.md): the matmuls of a default-model step take
+# 37.3 ms integer / 41.9 ms dense at 24 rows, 48.3 / 47.2 at 32, and the dense path wins by more from there.
+# With AMX (Intel Xeon) oneDNN's bfloat16 matmul is several times faster again while the dequantization costs
+# the same, so the crossover falls: 16 there, estimated from the Zen 4 figures (not measured on an AMX CPU).
+# JITNEY_QUANT_DENSE_ROWS overrides both (0: the integer loop always). A fixed rule rather than a timing at
+# start-up: the path changes a token's arithmetic, which should not depend on how busy the machine was then.
+DENSE_MIN_ROWS = {"avx512_bf16": 32, "amx_bf16": 16}
+# Rows of dequantized weights per slice: at most this many bytes (they stay in cache between the dequantization
+# and the matmul that reads them); the default model's largest layer matmul (gate/up, 3.4 MiB in bfloat16) is
+# one slice, its output head 14.
+SLICE_BYTES = 4 << 20
+
+
+def dense_min_rows(dtype: torch.dtype) -> int | None:
+    """The batch (rows of x) from which a matmul in this compute dtype takes the dense path; None: never. Only
+    bfloat16 on a CPU with native bfloat16 dot products: under float32 the integer loop is faster than float32's
+    own matmul at every batch measured (Zen 4, Zen 3), and emulated bfloat16 matmuls are slower still."""
+    env = os.environ.get("JITNEY_QUANT_DENSE_ROWS", "").strip()
+    if env:
+        return int(env) or None
+    return _bf16_crossover() if dtype == torch.bfloat16 else None
+
+
+@cache
+def _bf16_crossover() -> int | None:
+    """DENSE_MIN_ROWS for this CPU's kind (the lowest its flags qualify for), None without native bfloat16."""
+    from .precision import cpu_flags
+    flags = cpu_flags()
+    return min((rows for flag, rows in DENSE_MIN_ROWS.items() if flag in flags), default=None)
+
+
+def choose_path(m: int, dtype: torch.dtype) -> str:
+    """"dense" (dequantized slices through torch's matmul) or "integer" (the native loop) for m rows."""
+    rows = dense_min_rows(dtype)
+    return "dense" if rows is not None and m >= rows else "integer"
+
+
+_scratch = threading.local()
+
+
+def _slice_buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reusable buffer for dequantized slices (grown as needed, never shared between threads)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() * buf.element_size() < rows * k * dtype.itemsize:
+        buf = _scratch.buf = torch.empty(rows * k * dtype.itemsize, dtype=torch.uint8)
+    return buf[: rows * k * dtype.itemsize].view(dtype).view(rows, k)
+
+
+def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = None,
+           path: str | None = None) -> torch.Tensor:
+    """x [m, k] @ [W_1; W_2; ...]^T -> [m, sum n_i] in x's dtype: quantized weights stacked by rows (a fused
+    q/k/v or gate/up, formats possibly mixed), on the path choose_path picks for x (or `path`)."""
+    lib = lib or quant.library()  # looked up on the module: tests swap it
+    k, n = parts[0].k, sum(p.n for p in parts)
+    if lib is None:
+        return F.linear(x, torch.cat([p.dequantize() for p in parts]).to(x.dtype))
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.stride(1) != 1 \
+            or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"quantized matmul input: expected [m, {k}] float32 or bfloat16 with a contiguous "
+                         f"last dimension on the CPU; got {tuple(x.shape)} {x.dtype} {x.device}")
+    if (path or choose_path(x.shape[0], x.dtype)) == "dense":
+        return _dense(parts, x, lib)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    col, bf16 = 0, int(x.dtype == torch.bfloat16)
+    for p in parts:  # each into its own columns of out (row stride n)
+        fmt, qs, d, m, row_scale = p.kernel_args
+        lib.jitney_qmatmul(fmt, bf16, x.data_ptr(), x.stride(0), qs, d, m, row_scale,
+                           out.data_ptr() + col * out.element_size(), n, x.shape[0], p.n, k)
+        col += p.n
+    return out
+
+
+def _dense(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """The dense path: the weights dequantized to x's dtype a slice of rows at a time into a buffer that stays in
+    cache (SLICE_BYTES), each slice multiplied by torch's matmul into its columns of the output. The whole
+    dequantized weight never exists at once."""
+    m, k, dtype = x.shape[0], parts[0].k, x.dtype
+    n, bf16, row_bytes = sum(p.n for p in parts), int(dtype == torch.bfloat16), k * dtype.itemsize
+    cap = max(8 * TILE, SLICE_BYTES // row_bytes // TILE * TILE)  # rows per slice
+    buf = _slice_buffer(min(cap, n + TILE) + TILE, k, dtype)  # + a tile: the last tile of a part pads past it
+    base = buf.data_ptr()
+
+    def dequantize(p: QuantWeight, tile0: int, tiles: int, row: int) -> None:  # into buf's rows from `row`
+        fmt, qs, d, m, row_scale = p.kernel_args
+        lib.jitney_dequantize(fmt, bf16, qs, d, m, row_scale, tile0, tiles, k, base + row * row_bytes, k)
+
+    if n <= cap:  # one slice: the matmul's output is the result
+        row = 0
+        for p in parts:
+            dequantize(p, 0, p.qs.shape[0], row)
+            row += p.n
+        return F.linear(x, buf[:n])
+    out = torch.empty(m, n, dtype=dtype)
+    filled, col = 0, 0  # rows in buf, and the output column its row 0 goes to
+    for p in parts:
+        tiles, t = p.qs.shape[0], 0
+        while t < tiles:
+            if cap - filled < TILE:
+                torch.mm(x, buf[:filled].t(), out=out[:, col: col + filled])
+                col, filled = col + filled, 0
+            step = min(tiles - t, (cap - filled) // TILE)
+            dequantize(p, t, step, filled)
+            filled += min(p.n, (t + step) * TILE) - t * TILE
+            t += step
+    torch.mm(x, buf[:filled].t(), out=out[:, col:])
+    return out
+
+
+class QuantLinear:
+    """y = x @ W.T (+ b) for quantized parts stacked by rows (fused q/k/v or gate/up). Parts of one format are
+    merged into one weight; a fusion of different formats (a GGUF may store v in Q8_0 beside Q4 q and k) runs
+    the integer loop once per format, each into its own columns, or dequantizes all of them into one dense
+    matmul."""
+
+    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None):
+        merged: list[QuantWeight] = []
+        for p in parts:
+            if merged and merged[-1].fmt == p.fmt:
+                merged[-1] = QuantWeight.cat([merged[-1], p])
+            else:
+                merged.append(p)
+        self.parts, self.bias = merged, bias
+        self.out_features, self.in_features = sum(p.n for p in merged), merged[0].k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = matmul(self.parts, x.reshape(-1, x.shape[-1]))
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self.out_features)
