@@ -32,6 +32,11 @@ def integer(minimum: int, maximum: int = 2**63 - 1, off: str = ""):
     return parse
 
 
+def dense_rows(text: str) -> str:
+    """--quant-dense-rows: off, auto, or a whole number of rows (0: off); model_runner.qmatmul reads it."""
+    return text if text in ("off", "auto") else str(integer(0)(text))
+
+
 def real(minimum: float, above: bool = False, maximum: float | None = None, off: str = ""):
     """A finite number >= minimum (> minimum when `above`), <= maximum: never nan or inf, which would make
     every comparison against it false (a deadline that never passes, a rate nobody reaches)."""

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from batcher.config import POLICIES, BatcherConfig
 from batcher.step_view import StepRecorder
+from api import flags
 from model_runner import quant
 from model_runner.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
 from model_runner.precision import KV_DTYPES
@@ -70,6 +71,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model", default=DEFAULT_MODEL, help=f"as for jitney serve (default: {DEFAULT_MODEL})")
     m.add_argument("--dtype", default="auto", help="as for jitney serve (default: auto)")
     m.add_argument("--quantization", default="none", choices=quant.MODES, help="as for jitney serve (default: none)")
+    m.add_argument("--quant-dense-rows", default="off", metavar="off|auto|N", type=flags.dense_rows,
+                   help="as for jitney serve (default: off)")
     m.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_DTYPES],
                    help="as for jitney serve (default: auto)")
     m.add_argument("--kv-cache-memory", type=parse_bytes, help="KV-cache bytes, e.g. 512MiB (default: server's)")

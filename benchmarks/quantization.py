@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from api import flags
 from model_runner import qmatmul, quant
 from model_runner.config import RunnerConfig
 from batcher.generate import generate, kv_manager, score
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-len", type=int, default=32, help="decode steps timed per batch")
     p.add_argument("--repeats", type=int, default=1,
                    help="time the decode steps and the generate this many times, keep the fastest (a shared machine)")
+    p.add_argument("--quant-dense-rows", default="auto", metavar="off|auto|N", type=flags.dense_rows,
+                   help="as for jitney serve; the speed table's runners and the kernel table's q4_path (default: auto, "
+                        "this CPU's crossover; jitney serve's default is off)")
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--agree-tokens", type=int, default=64)
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: quality,kernels,speed")
@@ -82,9 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def runner_for(model: str, mode: str, precision: tuple[str, str], kv_bytes: int) -> ModelRunner:
+def runner_for(model: str, mode: str, precision: tuple[str, str], kv_bytes: int,
+               dense: str = "off") -> ModelRunner:
     return ModelRunner(RunnerConfig(model=model, dtype=precision[0], kv_cache_dtype=precision[1], quantization=mode,
-                                    kv_cache_memory=kv_bytes), progress=False)
+                                    kv_cache_memory=kv_bytes, quant_dense_rows=dense), progress=False)
 
 
 def combos(a: argparse.Namespace) -> list[tuple[str, tuple[str, str]]]:
@@ -182,7 +187,7 @@ def kernels(a: argparse.Namespace, runner: ModelRunner) -> list[dict]:
         for m in a.batch_sizes:
             x = torch.randn(m, k, generator=gen).to(runner.dtype)
             row = dict(shape=f"{name} {n}x{k}", dtype=str(runner.dtype).removeprefix("torch."), batch=m,
-                       q4_path=qmatmul.choose_path(m, runner.dtype))
+                       q4_path=qmatmul.choose_path(m, qmatmul.dense_min_rows(runner.dtype, a.quant_dense_rows)))
             for cname, f in cands.items():
                 row[cname] = 1e3 * best_seconds(lambda: f(x), 10)
             rows.append(row)
@@ -206,7 +211,8 @@ def speed(a: argparse.Namespace, gbps: float) -> list[dict]:
     for mode, prec in combos(a):
         probe = runner_for(a.model, mode, prec, 8 << 20)
         per_token = probe.kv_cache_bytes / (probe.num_blocks * probe.block_size)
-        runner = runner_for(a.model, mode, prec, int(per_token * (longest + 32) * max(a.batch_sizes) * 1.2))
+        runner = runner_for(a.model, mode, prec, int(per_token * (longest + 32) * max(a.batch_sizes) * 1.2),
+                            a.quant_dense_rows)
         del probe
         weight_bytes = sum(runner.weight_bytes.values())
         for b in a.batch_sizes:
@@ -217,7 +223,7 @@ def speed(a: argparse.Namespace, gbps: float) -> list[dict]:
             gen_s = min(time_generate(runner, prompts, a.gen_len) for _ in range(a.repeats))
             rows.append(dict(mode=mode, dtype=str(runner.dtype).removeprefix("torch."),
                              kv=str(runner.kv_dtype).removeprefix("torch."), batch=b,
-                             path="-" if mode == "none" else qmatmul.choose_path(b, runner.dtype),
+                             path="-" if mode == "none" else qmatmul.choose_path(b, runner.quant_dense_rows),
                              step_ms=1e3 * step_s, fastest_step_ms=1e3 * fastest_s, decode_tok_s=b / step_s,
                              generate_tok_s=b * a.gen_len / gen_s,
                              weight_mib=weight_bytes / 2**20, weight_read_ms=1e3 * weight_bytes / (gbps * 1e9)))

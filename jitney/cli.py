@@ -42,6 +42,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "int8 = any model, per-row int8 at load (4x fewer bytes, small extra rounding). Both "
                         "quantize activations to 8 bits per block of 32 (a little more rounding than none); "
                         "CPU only (default: none)")
+    p.add_argument("--quant-dense-rows", default="off", metavar="off|auto|N", type=flags.dense_rows,
+                   help="with --quantization under bfloat16: from this many tokens in a step, a quantized matmul "
+                        "dequantizes its weights slice by slice into torch's bfloat16 matmul instead of the integer "
+                        "loop (faster at large batches: docs/quantization.md). auto = this CPU's crossover (32 rows "
+                        "with AVX512-BF16, 16 with AMX, never without native bfloat16). The two paths round "
+                        "differently, so with it on, batching can change a sequence's greedy text; off keeps every "
+                        "token's arithmetic the same in any batch (default: off)")
     p.add_argument("--block-size", type=flags.integer(1), default=16,
                    help="tokens per KV-cache block (default: 16)")
     p.add_argument("--threads", type=flags.integer(1), default=None,
@@ -75,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
                                       kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                                       kv_cache_memory=256 << 20, quantization=args.quantization,
-                                      threads=args.threads))
+                                      quant_dense_rows=args.quant_dense_rows, threads=args.threads))
     print(f"loaded in {time.perf_counter() - t0:.1f}s: {runner.describe()}", file=sys.stderr)
     tok = runner.tokenizer
     if args.chat_template is not None:  # --chat-template: checked as the flag was parsed
@@ -132,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory, memory_utilization=args.memory_utilization,
                               max_model_len=args.max_model_len, quantization=args.quantization,
-                              threads=args.threads)
+                              quant_dense_rows=args.quant_dense_rows, threads=args.threads)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,
                               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
                               allowed_origins=tuple(args.allowed_origins or ()),

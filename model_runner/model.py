@@ -18,10 +18,12 @@ from .quant import QuantWeight
 from .rope import RotaryEmbedding, apply_rotary
 
 
-def linear(parts: list, bias: torch.Tensor | None, pack: bool) -> Linear | QuantLinear:
-    """One matmul over weights stacked by rows: float (packed for oneDNN) or quantized (model_runner.quant)."""
+def linear(parts: list, bias: torch.Tensor | None, pack: bool,
+           dense_rows: int | None = None) -> Linear | QuantLinear:
+    """One matmul over weights stacked by rows: float (packed for oneDNN) or quantized (model_runner.qmatmul,
+    taking the dense path from dense_rows rows; None: never)."""
     if all(isinstance(p, QuantWeight) for p in parts):
-        return QuantLinear(parts, bias)
+        return QuantLinear(parts, bias, dense_rows)
     if any(isinstance(p, QuantWeight) for p in parts):  # a fused matmul held partly in a GGUF float format
         dtype = next(p.dtype for p in parts if not isinstance(p, QuantWeight))
         parts = [p.dequantize().to(dtype) if isinstance(p, QuantWeight) else p for p in parts]
@@ -29,14 +31,15 @@ def linear(parts: list, bias: torch.Tensor | None, pack: bool) -> Linear | Quant
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, w: dict, prefix: str, pack: bool):
+    def __init__(self, cfg: ModelConfig, w: dict, prefix: str, pack: bool, dense_rows: int | None):
         a, m = prefix + "self_attn.", prefix + "mlp."
         qkv_b = (torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
                  if cfg.attention_bias else None)
-        self.qkv = linear([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]], qkv_b, pack)
-        self.o = linear([w[a + "o_proj.weight"]], None, pack)
-        self.gate_up = linear([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]], None, pack)
-        self.down = linear([w[m + "down_proj.weight"]], None, pack)
+        self.qkv = linear([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]], qkv_b, pack,
+                          dense_rows)
+        self.o = linear([w[a + "o_proj.weight"]], None, pack, dense_rows)
+        self.gate_up = linear([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]], None, pack, dense_rows)
+        self.down = linear([w[m + "down_proj.weight"]], None, pack, dense_rows)
         self.input_norm = w[prefix + "input_layernorm.weight"]
         self.post_attn_norm = w[prefix + "post_attention_layernorm.weight"]
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -82,15 +85,19 @@ class ElementwiseOps:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict, dtype: torch.dtype, device: str, max_positions: int):
-        """weights: tensors by HF name, the matmul ones possibly quantized (QuantWeight: CPU only)."""
+    def __init__(self, cfg: ModelConfig, weights: dict, dtype: torch.dtype, device: str, max_positions: int,
+                 dense_rows: int | None = None):
+        """weights: tensors by HF name, the matmul ones possibly quantized (QuantWeight: CPU only; their matmuls
+        take the dense path from dense_rows rows, qmatmul.dense_min_rows)."""
         pack = device == "cpu"
         w = {k: v if isinstance(v, QuantWeight) else v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.embed = w["model.embed_tokens.weight"]
-        self.layers = [DecoderLayer(cfg, w, f"model.layers.{i}.", pack) for i in range(cfg.num_hidden_layers)]
+        self.layers = [DecoderLayer(cfg, w, f"model.layers.{i}.", pack, dense_rows)
+                       for i in range(cfg.num_hidden_layers)]
         self.norm = w["model.norm.weight"]
-        self.lm_head = linear([self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]], None, pack)
+        self.lm_head = linear([self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]], None, pack,
+                              dense_rows)
         self.ops = ElementwiseOps(native.elementwise_supported(device, dtype))
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
 

@@ -9,7 +9,6 @@ model calls.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from functools import cache
 
@@ -17,34 +16,42 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
+from .errors import ModelLoadError
 from .quant import TILE, QuantWeight
 
 # --- the matmul: the integer loop for small batches, the compute dtype's own matmul over dequantized slices for
 # large ones -------------------------------------------------------------------------------------------------
 
-# At and above this many rows (tokens in a step) a bfloat16 matmul on a CPU with native bfloat16 dot products
-# dequantizes the weights slice by slice and multiplies through torch (oneDNN), below it the integer loop runs:
-# measured on AMD Zen 4 (AVX512-BF16, no AMX; docs/quantization.md): the matmuls of a default-model step take
-# 37.3 ms integer / 41.9 ms dense at 24 rows, 48.3 / 47.2 at 32, and the dense path wins by more from there.
-# With AMX (Intel Xeon) oneDNN's bfloat16 matmul is several times faster again while the dequantization costs
-# the same, so the crossover falls: 16 there, estimated from the Zen 4 figures (not measured on an AMX CPU).
-# JITNEY_QUANT_DENSE_ROWS overrides both (0: the integer loop always). A fixed rule rather than a timing at
-# start-up: the path changes a token's arithmetic, which should not depend on how busy the machine was then.
+# `--quant-dense-rows auto` (RunnerConfig.quant_dense_rows): from this many rows (tokens in a step) a bfloat16
+# matmul on a CPU with native bfloat16 dot products dequantizes the weights slice by slice and multiplies through
+# torch (oneDNN), below it the integer loop runs. Measured on AMD Zen 4 (AVX512-BF16, no AMX; docs/quantization.md):
+# the matmuls of a default-model step take 37.3 ms integer / 41.9 ms dense at 24 rows, 48.3 / 47.2 at 32, and the
+# dense path wins by more from there. With AMX (Intel Xeon) oneDNN's bfloat16 matmul is several times faster again
+# while the dequantization costs the same, so the crossover falls: 16 there, estimated from the Zen 4 figures
+# (not measured on an AMX CPU). A fixed rule rather than a timing at start-up: the path changes a token's
+# arithmetic, which should not depend on how busy the machine was then. Off by default: the two paths round
+# differently, so with it a sequence's tokens depend on how many rows its step has (batching can change text).
 DENSE_MIN_ROWS = {"avx512_bf16": 32, "amx_bf16": 16}
+DENSE_SETTINGS = "off | auto | N"
 # Rows of dequantized weights per slice: at most this many bytes (they stay in cache between the dequantization
 # and the matmul that reads them); the default model's largest layer matmul (gate/up, 3.4 MiB in bfloat16) is
 # one slice, its output head 14.
 SLICE_BYTES = 4 << 20
 
 
-def dense_min_rows(dtype: torch.dtype) -> int | None:
-    """The batch (rows of x) from which a matmul in this compute dtype takes the dense path; None: never. Only
-    bfloat16 on a CPU with native bfloat16 dot products: under float32 the integer loop is faster than float32's
-    own matmul at every batch measured (Zen 4, Zen 3), and emulated bfloat16 matmuls are slower still."""
-    env = os.environ.get("JITNEY_QUANT_DENSE_ROWS", "").strip()
-    if env:
-        return int(env) or None
-    return _bf16_crossover() if dtype == torch.bfloat16 else None
+def dense_min_rows(dtype: torch.dtype, setting: str = "off") -> int | None:
+    """The batch (rows of x) from which a quantized matmul in this compute dtype takes the dense path; None:
+    never. off: never (the integer loop's outputs are the same bits in any batch). auto: this CPU's crossover,
+    only for bfloat16 on a CPU with native bfloat16 dot products (under float32 the integer loop is faster than
+    float32's own matmul at every batch measured, Zen 4 and Zen 3; emulated bfloat16 matmuls are slower still).
+    N: from N rows, any dtype (0: never)."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return _bf16_crossover() if dtype == torch.bfloat16 else None
+    if not setting.isdigit():
+        raise ModelLoadError(f"--quant-dense-rows: want {DENSE_SETTINGS}, got {setting!r}")
+    return int(setting) or None
 
 
 @cache
@@ -55,10 +62,9 @@ def _bf16_crossover() -> int | None:
     return min((rows for flag, rows in DENSE_MIN_ROWS.items() if flag in flags), default=None)
 
 
-def choose_path(m: int, dtype: torch.dtype) -> str:
+def choose_path(m: int, dense_rows: int | None) -> str:
     """"dense" (dequantized slices through torch's matmul) or "integer" (the native loop) for m rows."""
-    rows = dense_min_rows(dtype)
-    return "dense" if rows is not None and m >= rows else "integer"
+    return "dense" if dense_rows is not None and m >= dense_rows else "integer"
 
 
 _scratch = threading.local()
@@ -73,9 +79,9 @@ def _slice_buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = None,
-           path: str | None = None) -> torch.Tensor:
+           path: str = "integer") -> torch.Tensor:
     """x [m, k] @ [W_1; W_2; ...]^T -> [m, sum n_i] in x's dtype: quantized weights stacked by rows (a fused
-    q/k/v or gate/up, formats possibly mixed), on the path choose_path picks for x (or `path`)."""
+    q/k/v or gate/up, formats possibly mixed), on `path` ("integer", the default, or "dense")."""
     lib = lib or quant.library()  # looked up on the module: tests swap it
     k, n = parts[0].k, sum(p.n for p in parts)
     if lib is None:
@@ -84,7 +90,7 @@ def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = 
             or x.shape[1] != k or x.device.type != "cpu":
         raise ValueError(f"quantized matmul input: expected [m, {k}] float32 or bfloat16 with a contiguous "
                          f"last dimension on the CPU; got {tuple(x.shape)} {x.dtype} {x.device}")
-    if (path or choose_path(x.shape[0], x.dtype)) == "dense":
+    if path == "dense":
         return _dense(parts, x, lib)
     out = torch.empty(x.shape[0], n, dtype=x.dtype)
     col, bf16 = 0, int(x.dtype == torch.bfloat16)
@@ -138,19 +144,20 @@ class QuantLinear:
     the integer loop once per format, each into its own columns, or dequantizes all of them into one dense
     matmul."""
 
-    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None):
+    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None, dense_rows: int | None = None):
         merged: list[QuantWeight] = []
         for p in parts:
             if merged and merged[-1].fmt == p.fmt:
                 merged[-1] = QuantWeight.cat([merged[-1], p])
             else:
                 merged.append(p)
-        self.parts, self.bias = merged, bias
+        self.parts, self.bias, self.dense_rows = merged, bias, dense_rows
         self.out_features, self.in_features = sum(p.n for p in merged), merged[0].k
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = matmul(self.parts, x.reshape(-1, x.shape[-1]))
+        x = x.reshape(-1, x.shape[-1])
+        y = matmul(self.parts, x, path=choose_path(x.shape[0], self.dense_rows))
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import native, quant, threads
+from . import native, qmatmul, quant, threads
 from .attention import AttentionMetadata, DecodeGroup, NativeAttention, PrefillChunk
 from .config import ModelConfig, RunnerConfig
 from .context_window import check_prompt_fits
@@ -70,8 +70,9 @@ class ModelRunner:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.weight_bytes = quant.bytes_by_format(weights, self.dtype)
+        self.quant_dense_rows = qmatmul.dense_min_rows(self.dtype, cfg.quant_dense_rows)
         with torch.inference_mode():
-            self.model = LlamaModel(mc, weights, self.dtype, self.device, self.max_model_len)
+            self.model = LlamaModel(mc, weights, self.dtype, self.device, self.max_model_len, self.quant_dense_rows)
         del weights
         self.block_size = cfg.block_size
         self.num_blocks = plan_num_blocks(mc, cfg.block_size, self.kv_dtype, cfg.device, cfg.kv_cache_memory,
@@ -106,7 +107,9 @@ class ModelRunner:
         return (f"model {self.cfg.model} ({mc.num_hidden_layers} layers, {mc.num_attention_heads}/"
                 f"{mc.num_key_value_heads} heads, vocab {mc.vocab_size}) on {self.device}; "
                 f"{self.precision.describe()}; {quant.describe_bytes(self.weight_bytes)}"
-                + (f", quantized matmul by the {quant.isa()} loop" if self.cfg.quantization != "none" else "")
+                + (f", quantized matmul by the {quant.isa()} loop" + (f" (dequantized into torch's matmul "
+                   f"from {self.quant_dense_rows} rows)" if self.quant_dense_rows else "")
+                   if self.cfg.quantization != "none" else "")
                 + f"; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} "
                 f"blocks x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens; attention by "
                 + (f"the native kernel ({native.isa()} loop{', prompts tiled' if self.tiled_prefill else ''})"

@@ -216,26 +216,30 @@ def test_dense_path_slices_across_fused_parts(lib, monkeypatch, dtype):
 
 
 def test_path_choice(monkeypatch):
-    """bfloat16 on a CPU with native bfloat16 dot products: the integer loop below its crossover, the dense path
-    from there (32 rows with AVX512-BF16, 16 with AMX); float32 (the integer loop is faster than float32's
-    matmul), or no native bfloat16: always the integer loop; JITNEY_QUANT_DENSE_ROWS overrides (0: never)."""
+    """--quant-dense-rows: off (the default) never takes the dense path; auto takes it for bfloat16 on a CPU with
+    native bfloat16 dot products from its crossover (32 rows with AVX512-BF16, 16 with AMX), never for float32
+    (the integer loop is faster than float32's matmul) or without native bfloat16; N from N rows in any dtype
+    (0: never); anything else is refused."""
     from model_runner import precision
-    monkeypatch.delenv("JITNEY_QUANT_DENSE_ROWS", raising=False)
+    from model_runner.errors import ModelLoadError
     for flags, rows in [({"avx512f", "avx512_bf16"}, 32), ({"avx512f", "avx512_bf16", "amx_bf16"}, 16)]:
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: set(flags))
         qmatmul._bf16_crossover.cache_clear()
-        assert qmatmul.choose_path(rows - 1, torch.bfloat16) == "integer"
-        assert qmatmul.choose_path(rows, torch.bfloat16) == "dense"
-        assert qmatmul.choose_path(4096, torch.float32) == "integer"
-    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "8")
-    assert qmatmul.choose_path(8, torch.bfloat16) == "dense" and qmatmul.choose_path(8, torch.float32) == "dense"
-    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "0")
-    assert qmatmul.choose_path(4096, torch.bfloat16) == "integer"
-    monkeypatch.delenv("JITNEY_QUANT_DENSE_ROWS")
+        auto = qmatmul.dense_min_rows(torch.bfloat16, "auto")
+        assert qmatmul.choose_path(rows - 1, auto) == "integer" and qmatmul.choose_path(rows, auto) == "dense"
+        assert qmatmul.dense_min_rows(torch.float32, "auto") is None
+        assert qmatmul.dense_min_rows(torch.bfloat16, "off") is None
+        assert qmatmul.dense_min_rows(torch.bfloat16) is None
+    for dtype in (torch.bfloat16, torch.float32):
+        assert qmatmul.dense_min_rows(dtype, "8") == 8 and qmatmul.dense_min_rows(dtype, "0") is None
+    assert qmatmul.choose_path(4096, None) == "integer" and qmatmul.choose_path(8, 8) == "dense"
+    for bad in ("", "-1", "1.5", "on", "32 "):
+        with pytest.raises(ModelLoadError, match="quant-dense-rows"):
+            qmatmul.dense_min_rows(torch.bfloat16, bad)
     for flags in ({"avx512f"}, {"avx2", "fma"}, set()):
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: set(flags))
         qmatmul._bf16_crossover.cache_clear()
-        assert qmatmul.choose_path(4096, torch.bfloat16) == "integer"
+        assert qmatmul.dense_min_rows(torch.bfloat16, "auto") is None
     monkeypatch.undo()
     qmatmul._bf16_crossover.cache_clear()  # this CPU's again
 

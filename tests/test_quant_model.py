@@ -147,8 +147,8 @@ def pair(request, tiny_weights):
 
 @pytest.fixture(params=["integer", "dense"])
 def path(request, monkeypatch):
-    """Each matmul path for every matmul of the model, whatever its rows (JITNEY_QUANT_DENSE_ROWS)."""
-    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "0" if request.param == "integer" else "1")
+    """Each matmul path for every matmul of the model, whatever its rows (the models are built once)."""
+    monkeypatch.setattr(qmatmul, "choose_path", lambda m, dense_rows: request.param)
     return request.param
 
 
@@ -183,8 +183,8 @@ def test_each_matmul_errs_by_no_more_than_its_formats_allow(monkeypatch, loop, p
     calls = []
     matmul = qmatmul.matmul
 
-    def checked(parts, x, lib=None, path=None):
-        taken = path or qmatmul.choose_path(x.shape[0], x.dtype)
+    def checked(parts, x, lib=None, path="integer"):
+        taken = path  # what QuantLinear asked for
         y = matmul(parts, x, loop, taken)
         w = torch.cat([p.dequantize() for p in parts])
         limit = (bound if taken == "integer" else dense_bound)(w, x, y.dtype)
@@ -240,7 +240,7 @@ def test_bfloat16_dense_path_is_the_bfloat16_model(monkeypatch, bf16_runners):
     unquantized bfloat16 model's text, prompt for prompt. (Measured bit-identical logits on AMD Zen 4: oneDNN
     sums a packed and an unpacked bfloat16 weight in the same order. The crossover is forced to 32 rows so that
     the test means the same on a CPU that would never take the dense path.)"""
-    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "32")
+    monkeypatch.setattr(qmatmul, "choose_path", lambda m, dense_rows: "dense" if m >= 32 else "integer")
     prompts = topic_prompts(bf16_runners["q4"], 40)
     texts = {mode: [s.output_token_ids for s in generate(r, prompts, greedy(12))] for mode, r in bf16_runners.items()}
     assert texts["q4"] == texts["none"]
@@ -248,12 +248,30 @@ def test_bfloat16_dense_path_is_the_bfloat16_model(monkeypatch, bf16_runners):
 
 @pytest.mark.integration
 def test_bfloat16_integer_loop_alone_is_batch_invariant(monkeypatch, bf16_runners):
-    """JITNEY_QUANT_DENSE_ROWS=0 keeps every quantized matmul on the integer loop, whose outputs are the same bits
-    in any batch: 40 sequences decoding together give each the text it gets alone, under bfloat16 too. (With the
-    default crossover a token's matmuls depend on whether its step has 32 rows or more: docs/quantization.md
+    """By default (--quant-dense-rows off) every quantized matmul runs the integer loop, whose outputs are the same
+    bits in any batch: 40 sequences decoding together give each the text it gets alone, under bfloat16 too. (With
+    the dense path on, a token's matmuls depend on whether its step has 32 rows or more: docs/quantization.md
     measures what that changes.)"""
-    monkeypatch.setenv("JITNEY_QUANT_DENSE_ROWS", "0")
+    assert bf16_runners["q4"].quant_dense_rows is None
     r = bf16_runners["q4"]
     prompts = topic_prompts(r, 40)
     together = [s.output_token_ids for s in generate(r, prompts, greedy(12))]
     assert together == [generate(r, [p], greedy(12))[0].output_token_ids for p in prompts]
+
+
+def test_quant_dense_rows_reaches_every_quantized_matmul():
+    """RunnerConfig.quant_dense_rows (jitney serve --quant-dense-rows) is what each quantized layer decides by, and
+    the start-up line says so; off, the default, says nothing of a dense path."""
+    from model_runner.qmatmul import QuantLinear
+
+    def layers(r):
+        m = r.model
+        return [m.lm_head] + [getattr(layer, n) for layer in m.layers for n in ("qkv", "o", "gate_up", "down")]
+
+    on = ModelRunner(RunnerConfig(model="tiny-random", dtype="float32", quantization="int8", kv_cache_memory=1 << 20,
+                                  quant_dense_rows="7"), progress=False)
+    assert all(isinstance(x, QuantLinear) and x.dense_rows == 7 for x in layers(on))
+    assert "from 7 rows" in on.describe()
+    off = ModelRunner(RunnerConfig(model="tiny-random", dtype="float32", quantization="int8", kv_cache_memory=1 << 20),
+                      progress=False)
+    assert all(x.dense_rows is None for x in layers(off)) and "rows)" not in off.describe()
