@@ -321,6 +321,7 @@ def test_model_gives_the_same_logits_with_and_without_native_elementwise_ops(tin
     torch.testing.assert_close(with_native, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.first_pass_only  # the cache's rebuild rule does not depend on the loop; a build costs ~12 s
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
     name = native._build(native._compiler(), native.requested_isa()).name  # this build's cache key (built already)
     monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path))

@@ -234,6 +234,7 @@ def topic_prompts(runner: ModelRunner, count: int) -> list[list[int]]:
 
 
 @pytest.mark.integration
+@pytest.mark.first_pass_only  # the lower loop's dense path: test_each_matmul_errs_by_no_more_than_its_formats_allow
 def test_bfloat16_dense_path_is_the_bfloat16_model(monkeypatch, bf16_runners):
     """At and above the crossover every quantized matmul multiplies the unquantized bfloat16 model's own weights
     (the dequantized values, rounded as torch rounds them): 40 sequences decoding together under q4 give the
