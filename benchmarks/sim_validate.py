@@ -126,14 +126,21 @@ def main(argv: list[str] | None = None) -> dict:
                         "isolated: a grid of hand-built steps, each timed alone)")
     p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))),
                    help="which cases to run, by index: " + "; ".join(f"{i} {c[0]}" for i, c in enumerate(CASES)))
+    p.add_argument("--reuse-real", action="store_true",
+                   help="--out holds a previous run: keep its real runs and traces, simulate again (after a change "
+                        "to the cost model; with --cost-model, or the calibration in --out)")
+    p.add_argument("--no-step-spread", action="store_true",
+                   help="simulate every step at exactly its modelled time (jitney simulate --no-step-spread)")
     p.add_argument("--plot", help="write the error chart to this PNG")
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="jitney-sim-validate-"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if args.reuse_real and not args.out:
+        p.error("--reuse-real reads a previous run's --out")
     cal = args.cost_model or str(out / "calibration.json")
-    if not args.cost_model:
+    if not args.cost_model and not args.reuse_real:
         print(f"calibrating ({args.calibration}) ...", flush=True)
         jitney("simulate", "--calibrate", f"--{args.calibration}", "--cost-model", cal)
     calibration = calibration_summary(cal)
@@ -142,16 +149,19 @@ def main(argv: list[str] | None = None) -> dict:
     for i in (int(c) for c in args.cases.split(",")):
         name, flags = CASES[i]
         real, sim, trace = out / f"real-{i}", out / f"sim-{i}", out / f"trace-{i}.jsonl"
-        print(f"{name}: real ...", flush=True)
         t = time.perf_counter()
-        jitney("bench", "--in-process", *flags, "--policies", POLICIES, "--save-trace", str(trace),
-               "--out", str(real))
+        if not args.reuse_real:
+            print(f"{name}: real ...", flush=True)
+            jitney("bench", "--in-process", *flags, "--policies", POLICIES, "--save-trace", str(trace),
+                   "--out", str(real))
         real_s = time.perf_counter() - t
         print(f"{name}: simulated ...", flush=True)
         t = time.perf_counter()
-        jitney("simulate", "--cost-model", cal, "--trace", str(trace), "--policies", POLICIES, "--out", str(sim))
+        jitney("simulate", "--cost-model", cal, "--trace", str(trace), "--policies", POLICIES, "--out", str(sim),
+               *(["--no-step-spread"] if args.no_step_spread else []))
         results[name] = compare(summaries(real), summaries(sim))
-        parts.append(table(name, results[name]) + f"\n\nreal {real_s:.0f} s, simulated {time.perf_counter() - t:.0f} s")
+        real_took = "real reused" if args.reuse_real else f"real {real_s:.0f} s"
+        parts.append(table(name, results[name]) + f"\n\n{real_took}, simulated {time.perf_counter() - t:.0f} s")
         print(parts[-1], flush=True)
     print(f"\nreal / simulated (error), {cpu_model()}, calibration {cal}; ✗ = outside the target "
           f"(throughput 5 %, latency 10 %)\n{calibration}\n\n" + "\n\n".join(parts)

@@ -53,14 +53,6 @@ def _step(runner: ModelRunner, prefills: tuple[int, ...], batch: int, context: i
     return scheduled, seqs
 
 
-def plan_dict(plan: StepPlan) -> dict:
-    return dict(prefill=[list(c) for c in plan.prefill], decode=list(plan.decode), sampled=plan.sampled)
-
-
-def plan_of(d: dict) -> StepPlan:
-    return StepPlan(tuple((n, c) for n, c in d["prefill"]), tuple(d["decode"]), d["sampled"])
-
-
 def grid_samples(runner: ModelRunner, work: Work, repeats: int, quick: bool, progress: bool) -> list[dict]:
     """The isolated grid: each step built by hand and timed alone through runner.execute."""
     samples = []
@@ -73,7 +65,7 @@ def grid_samples(runner: ModelRunner, work: Work, repeats: int, quick: bool, pro
             t0 = time.perf_counter()
             runner.execute(scheduled)
             times.append(time.perf_counter() - t0)
-        samples.append(dict(prefill=list(prefills), decode_batch=batch, decode_context=context, plan=plan_dict(plan),
+        samples.append(dict(prefill=list(prefills), decode_batch=batch, decode_context=context, plan=plan.to_dict(),
                             flops=work.flops(plan), bytes=work.bytes(plan), seqs=plan.num_seqs,
                             seconds=statistics.median(times)))
         if progress:
@@ -84,7 +76,7 @@ def grid_samples(runner: ModelRunner, work: Work, repeats: int, quick: bool, pro
 
 def in_situ_samples(steps: list[insitu.StepSample], work: Work) -> list[dict]:
     """The engine's steps (insitu.collect) as the fit and the JSON take them."""
-    return [dict(phase=s.phase, plan=plan_dict(s.plan), flops=work.flops(s.plan), bytes=work.bytes(s.plan),
+    return [dict(phase=s.phase, plan=s.plan.to_dict(), flops=work.flops(s.plan), bytes=work.bytes(s.plan),
                  seqs=s.plan.num_seqs, attention_flops=work.attention_flops(s.plan), seconds=s.seconds,
                  step_seconds=s.step_s, host_seconds=s.host_s, idle_after=s.idle_after, others_cpu=s.others_cpu)
             for s in steps]
@@ -135,7 +127,7 @@ def fit_in_situ(samples: list[dict]) -> tuple[RooflineParams, np.ndarray, np.nda
     left out is counted and saved."""
     f, b, s, a, t = (np.array([x[k] for x in samples], dtype=float)
                      for k in ("flops", "bytes", "seqs", "attention_flops", "seconds"))
-    cells = [shape_cell(plan_of(x["plan"])) for x in samples]
+    cells = [shape_cell(StepPlan.from_dict(x["plan"])) for x in samples]
 
     def weighted_fit(keep: np.ndarray) -> tuple[RooflineParams, np.ndarray]:
         count = Counter(c for c, k in zip(cells, keep) if k)
@@ -159,10 +151,6 @@ def _modelled(p: RooflineParams, f: np.ndarray, b: np.ndarray, s: np.ndarray, a:
     return np.maximum(f / p.flops_per_s, b / p.bytes_per_s) + p.step_s + p.seq_s * s + p.attention_s_per_flop * a
 
 
-def _kind(plan: StepPlan) -> str:
-    return "mixed" if plan.prefill and plan.decode else "prompt" if plan.prefill else "decode"
-
-
 SHAPE_BATCHES, SHAPE_CHUNKS = (1, 2, 4, 8, 16, 32, 48, 64), (16, 32, 64, 128, 256, 512)
 
 
@@ -171,7 +159,7 @@ def shapes(samples: list[dict]) -> list[dict]:
     alone (from position 0) by length."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for x in samples:
-        plan = plan_of(x["plan"])
+        plan = StepPlan.from_dict(x["plan"])
         if x.get("outlier"):
             continue
         if not plan.prefill and len(plan.decode) in SHAPE_BATCHES:
@@ -204,7 +192,7 @@ def calibrate(model: str, dtype: str, quantization: str, repeats: int = 3, quick
         w, keep = np.ones(len(samples)), np.ones(len(samples), dtype=bool)
     model_cost = RooflineCost(work, params, params.flops_per_s, params.bytes_per_s, "")
     for s, weight, kept in zip(samples, w, keep):
-        s["modelled_seconds"] = model_cost.cost(plan_of(s["plan"])).seconds
+        s["modelled_seconds"] = model_cost.cost(StepPlan.from_dict(s["plan"])).seconds
         if in_situ:
             s["weight"], s["outlier"] = float(weight), not bool(kept)
     errors = np.array([abs(s["modelled_seconds"] / s["seconds"] - 1) for s in samples])[keep]
@@ -222,7 +210,8 @@ def calibrate(model: str, dtype: str, quantization: str, repeats: int = 3, quick
     if in_situ:
         by_kind = {}
         for kind in ("decode", "prompt", "mixed"):
-            e = [abs(s["modelled_seconds"] / s["seconds"] - 1) for s in kept if _kind(plan_of(s["plan"])) == kind]
+            e = [abs(s["modelled_seconds"] / s["seconds"] - 1) for s in kept
+                 if StepPlan.from_dict(s["plan"]).kind == kind]
             if e:
                 by_kind[kind] = dict(steps=len(e), median=float(np.median(e)), p90=float(np.quantile(e, 0.9)))
         timed = [(s["others_cpu"], s["seconds"]) for s in samples if s["others_cpu"] is not None]

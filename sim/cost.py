@@ -74,6 +74,18 @@ class StepPlan:
     def num_seqs(self) -> int:
         return len(self.prefill) + len(self.decode)
 
+    def to_dict(self) -> dict:
+        return dict(prefill=[list(c) for c in self.prefill], decode=list(self.decode), sampled=self.sampled)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepPlan:
+        return cls(tuple((n, c) for n, c in d["prefill"]), tuple(d["decode"]), d["sampled"])
+
+    @property
+    def kind(self) -> str:
+        """decode (decodes alone), prompt (prompt chunks alone) or mixed."""
+        return "mixed" if self.prefill and self.decode else "prompt" if self.prefill else "decode"
+
 
 @dataclass(frozen=True)
 class StepCost:
@@ -166,6 +178,42 @@ class RooflineCost:
         seconds = (max(flops / p.flops_per_s, nbytes / p.bytes_per_s) + p.step_s + p.seq_s * plan.num_seqs
                    + p.attention_s_per_flop * self.work.attention_flops(plan) + self.allreduce_s(plan.num_tokens))
         return StepCost(seconds, flops, nbytes)
+
+
+def spread_cell(plan: StepPlan) -> tuple[str, int, int]:
+    """Steps whose times spread alike: the kind, decodes and prompt tokens in powers of 2."""
+    return plan.kind, len(plan.decode).bit_length(), sum(n for n, _ in plan.prefill).bit_length()
+
+
+class SpreadCost:
+    """A host's steps as they spread: the base model's time for a step times a ratio drawn (seeded) from the
+    calibration's own measured / modelled ratios for steps like it (its spread_cell when that holds MIN_CELL
+    measured steps, else its kind's, else any). The roofline gives each step shape one time; the engine's steps
+    of one shape do not take one time (the event loop, the allocator, the OS on a shared host), and a latency
+    tail is made of the slow ones. Drawing from the measured ratios keeps their spread, and a cell's ratios also
+    carry what the fit gets wrong about that shape."""
+
+    MIN_CELL = 5
+
+    def __init__(self, base: RooflineCost, ratios: dict[tuple[str, int, int], list[float]], seed: int | str):
+        import random
+        self.base, self.rng = base, random.Random(seed)
+        self.cells = {k: sorted(v) for k, v in ratios.items() if len(v) >= self.MIN_CELL}
+        self.kinds: dict[str, list[float]] = {}
+        for (kind, _, _), v in sorted(ratios.items()):
+            self.kinds.setdefault(kind, []).extend(v)
+        self.every = sorted(r for v in ratios.values() for r in v)
+        if not self.every:
+            raise ValueError("a step-time spread needs measured / modelled ratios")
+        self.description = base.description + f"; step times spread as measured ({len(self.every)} steps' ratios)"
+
+    def __getattr__(self, name: str):  # work, params, peaks: the base model's
+        return getattr(self.base, name)
+
+    def cost(self, plan: StepPlan) -> StepCost:
+        c = self.base.cost(plan)
+        pool = self.cells.get(spread_cell(plan)) or self.kinds.get(plan.kind) or self.every
+        return StepCost(c.seconds * self.rng.choice(pool), c.flops, c.bytes)
 
 
 # --- fitting the parameters to timed steps ------------------------------------------------------------------

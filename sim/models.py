@@ -9,7 +9,8 @@ from pathlib import Path
 from benchmarks.memory_plan import Settings, kv_bytes_per_seq, kv_room, shape_from_config
 from model_runner.config import ModelConfig
 
-from .cost import WEIGHT_BYTES, RooflineCost, RooflineParams, Work, kv_element_bytes
+from .cost import (WEIGHT_BYTES, RooflineCost, RooflineParams, SpreadCost, StepPlan, Work, kv_element_bytes,
+                   spread_cell)
 from .hardware import ALLREDUCE_LATENCY_S, COMPUTE_EFFICIENCY, LINK_EFFICIENCY, MEMORY_EFFICIENCY, device
 
 # The story's model (docs/README.md): GPT-J-6B's attention (28 layers, 16 heads x 256, no GQA, a 50,400-token
@@ -73,8 +74,9 @@ def load_calibration(path: str) -> dict:
 
 
 def calibrated_model(cal: dict, mc: ModelConfig, model: str, weights: str, kv_dtype: str, block_size: int,
-                     kv_cache_memory: int | None) -> tuple[RooflineCost, int]:
-    """The host's fitted rates and terms; the KV budget the CPU runner would get (kv_cache_memory or 2 GiB)."""
+                     kv_cache_memory: int | None, spread_seed: int | str | None = None) -> tuple[RooflineCost, int]:
+    """The host's fitted rates and terms; the KV budget the CPU runner would get (kv_cache_memory or 2 GiB).
+    With spread_seed, an in-situ calibration's steps spread as measured (SpreadCost, seeded)."""
     from model_runner.kv_cache import DEFAULT_CPU_KV_BYTES
     params = RooflineParams(**cal["params"])
     per_block = round(mc.kv_bytes_per_token_per_element * kv_element_bytes(kv_dtype, mc.head_dim) * block_size)
@@ -86,4 +88,19 @@ def calibrated_model(cal: dict, mc: ModelConfig, model: str, weights: str, kv_dt
             f"{params.seq_s * 1e6:.1f} us per sequence"
             + (f", attention at {1 / (1 / params.flops_per_s + params.attention_s_per_flop) / 1e9:,.1f} GFLOP/s"
                if params.attention_s_per_flop else "") + f"; {blocks:,} KV blocks x {block_size} tokens")
-    return RooflineCost(Work(mc, weights, kv_dtype), params, params.flops_per_s, params.bytes_per_s, desc), blocks
+    cost = RooflineCost(Work(mc, weights, kv_dtype), params, params.flops_per_s, params.bytes_per_s, desc)
+    if spread_seed is not None and (ratios := step_ratios(cal)):
+        cost = SpreadCost(cost, ratios, spread_seed)
+    return cost, blocks
+
+
+def step_ratios(cal: dict) -> dict[tuple[str, int, int], list[float]]:
+    """An in-situ calibration's measured / modelled step times by spread_cell, its outliers left out; {} for a
+    grid calibration (each of its steps is the best of repeats, not a step as served)."""
+    if cal.get("method") != "in-situ":
+        return {}
+    out: dict[tuple[str, int, int], list[float]] = {}
+    for s in cal.get("samples", []):
+        if not s.get("outlier") and s.get("modelled_seconds"):
+            out.setdefault(spread_cell(StepPlan.from_dict(s["plan"])), []).append(s["seconds"] / s["modelled_seconds"])
+    return out

@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache bytes per device (default: what the memory planner leaves on the device; 2GiB "
                         "on a calibrated host)")
     m.add_argument("--no-prefix-caching", action="store_true", help="as for jitney serve: the prefix cache off")
+    m.add_argument("--no-step-spread", action="store_true",
+                   help="with --cost-model from an in-situ calibration: every step takes exactly its modelled time "
+                        "(default: its modelled time times a ratio drawn, seeded by --seed, from the calibration's "
+                        "own measured / modelled ratios for steps of its kind, so the engine's spread of step times "
+                        "and its latency tail carry over; docs/simulation.md)")
     for k in bench.KNOBS:
         m.add_argument(f"--{k.replace('_', '-')}", type=int if k in bench.INT_KNOBS else float,
                        help="as for jitney serve (unset: its default)")
@@ -172,7 +177,7 @@ def build_model(args: argparse.Namespace, block_size: int):
         mc = model_config(name)
         weights = args.weights or storage_dtype(dtype)
         cost, blocks = calibrated_model(cal, mc, name, weights, args.kv_cache_dtype or storage_dtype(dtype), block_size,
-                                        args.kv_cache_memory)
+                                        args.kv_cache_memory, None if args.no_step_spread else args.seed)
     else:
         name, dtype = args.model or "story-6b", args.dtype or "bfloat16"
         mc = model_config(name)

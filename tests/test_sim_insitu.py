@@ -7,8 +7,8 @@ import pytest
 
 from model_runner.runner import ModelRunner
 from sim import insitu
-from sim.calibrate import fit_in_situ, in_situ_samples, plan_of, shape_cell
-from sim.cost import RooflineCost, RooflineParams, StepPlan, Work
+from sim.calibrate import fit_in_situ, in_situ_samples, shape_cell
+from sim.cost import RooflineCost, RooflineParams, SpreadCost, StepPlan, Work
 from sim.loop import run_virtual
 from sim.runner import ChargedRunner, SimRunner
 
@@ -99,7 +99,7 @@ def test_an_in_situ_fit_recovers_the_parameters(tiny_runner, params):
         runner = SimRunner(mc, cost, asyncio.get_running_loop().clock, num_blocks=4096, block_size=16)
         return await insitu.collect(runner, insitu.WORKLOAD)
     samples = in_situ_samples(run_virtual(main()), work)
-    plans = [plan_of(s["plan"]) for s in samples]
+    plans = [StepPlan.from_dict(s["plan"]) for s in samples]
     assert len({shape_cell(p) for p in plans}) > 20
     ridge = params.flops_per_s / params.bytes_per_s
     intensity = [work.flops(p) / work.bytes(p) for p in plans]
@@ -133,7 +133,7 @@ def test_the_fit_weighs_each_shape_alike_and_leaves_out_disturbed_steps(tiny_run
     assert {i for i, k in enumerate(keep) if not k} == disturbed
     assert got.flops_per_s == pytest.approx(params.flops_per_s, rel=1e-5)
     assert got.step_s == pytest.approx(params.step_s, abs=1e-8)
-    cells = [shape_cell(plan_of(s["plan"])) for s in samples]
+    cells = [shape_cell(StepPlan.from_dict(s["plan"])) for s in samples]
     for cell in {c for c, k in zip(cells, keep) if k}:
         members = [i for i, c in enumerate(cells) if c == cell and keep[i]]
         assert sum(weights[i] * samples[i]["seconds"] ** 2 for i in members) == pytest.approx(1.0)
@@ -165,7 +165,11 @@ def test_in_situ_calibration_round_trips_into_a_simulation(tmp_path, monkeypatch
     assert data["max_abs_error"] < 0.05
     assert main(["--cost-model", str(cal), "--policies", "continuous", "--num-requests", "5", "--prompt-len", "8,32",
                  "--output-len", "2,6", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
-    assert "calibrated in situ" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "calibrated in situ" in report and "step times spread as measured" in report
+    assert main(["--cost-model", str(cal), "--policies", "continuous", "--num-requests", "5", "--no-step-spread",
+                 "--out", str(tmp_path / "exact"), "--no-progress"]) == 0
+    assert "spread" not in (tmp_path / "exact" / "report.md").read_text()
     with pytest.raises(SystemExit):  # --isolated and --in-situ say how to calibrate: nothing without --calibrate
         main(["--isolated", "--cost-model", str(cal)])
 
@@ -201,3 +205,38 @@ def test_a_phase_other_processes_disturbed_is_served_again(monkeypatch):
     calls.clear()
     run_virtual(insitu.collect(None, phases, warm_up=False))
     assert calls == ["quiet", "busy once", "always busy"]
+
+
+def test_spread_steps_take_a_measured_ratio_of_steps_like_them_seeded(tiny_runner):
+    """SpreadCost: each step's time is the base model's times one of the calibration's measured / modelled ratios
+    for its cell (kind, decodes, prompt tokens) when that holds MIN_CELL steps, else its kind's, else any; the
+    same sequence for the same seed; flops and bytes untouched. A grid calibration and outliers give no ratios."""
+    from sim.cost import spread_cell
+    from sim.models import step_ratios
+
+    base = roofline(tiny_runner.model_config, RooflineParams(1e12, 1e11, 1e-3, 1e-5))
+    decode, decode8, prompt, mixed = (StepPlan((), (10, 20), 2), StepPlan((), tuple(range(8)), 8),
+                                      StepPlan(((16, 16),), (), 1), StepPlan(((16, 16),), (5,), 2))
+    sample = lambda plan, r, outlier=False: dict(plan=plan.to_dict(), seconds=r, modelled_seconds=1.0,  # noqa
+                                                 outlier=outlier)
+    samples = [sample(decode, r) for r in (0.9, 1.0, 1.1, 1.2, 1.5)] + [sample(decode8, 2.0)]
+    samples += [sample(prompt, r) for r in (0.8, 1.3)] + [sample(decode, 50.0, outlier=True)]
+    ratios = step_ratios(dict(method="in-situ", samples=samples))
+    assert ratios == {spread_cell(decode): [0.9, 1.0, 1.1, 1.2, 1.5], spread_cell(decode8): [2.0],
+                      spread_cell(prompt): [0.8, 1.3]}
+    assert step_ratios(dict(method="isolated", samples=samples)) == {}
+    pools = {decode: {0.9, 1.0, 1.1, 1.2, 1.5},  # its own cell: 5 steps
+             decode8: {0.9, 1.0, 1.1, 1.2, 1.5, 2.0},  # a cell of 1: the decodes'
+             prompt: {0.8, 1.3},  # a cell of 2: the prompts'
+             mixed: {0.9, 1.0, 1.1, 1.2, 1.5, 2.0, 0.8, 1.3}}  # no mixed step measured: any
+    a, b = SpreadCost(base, ratios, 7), SpreadCost(base, ratios, 7)
+    for plan, pool in pools.items():
+        seen = set()
+        for _ in range(200):
+            c, plain = a.cost(plan), base.cost(plan)
+            assert c == b.cost(plan) and (c.flops, c.bytes) == (plain.flops, plain.bytes)
+            seen.add(round(c.seconds / plain.seconds, 9))
+        assert seen == pool, plan
+    assert a.peak_flops == base.peak_flops
+    with pytest.raises(ValueError):
+        SpreadCost(base, {}, 0)
