@@ -32,17 +32,22 @@ from .machine import NeighbourMeter, best_seconds, copy_gbps, cpu_model
 from .report import finish
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The attention shape both attention benchmarks time (the default model's, SmolLM2-135M)."""
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=16)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode_attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--precisions", default="bfloat16:bfloat16,bfloat16:int8",
                    help="compute:KV-cache dtype pairs, comma-separated (e.g. float32:float32,float32:int8)")
     p.add_argument("--batches", default="64,128")
     p.add_argument("--context", default="100,600", help="lo,hi: each sequence's context drawn in this range")
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=16)
+    add_shape_args(p)
     p.add_argument("--rounds", type=int, default=10, help="timed steps per cell, one per round (the fastest is kept)")
     p.add_argument("--json")
     a = p.parse_args(argv)

@@ -21,7 +21,7 @@ import torch
 from model_runner import native
 from model_runner.precision import cpu_kind
 
-from .decode_attention import make_cache
+from .decode_attention import add_shape_args, make_cache
 from .machine import NeighbourMeter, best_seconds, cpu_model, matmul_gflops
 from .report import finish
 
@@ -30,11 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.prefill_attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", default="0:128,0:512,0:2048,1024:512",
                    help="first:rows chunks, comma-separated (first = tokens already cached)")
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=16)
+    add_shape_args(p)
     p.add_argument("--reps", type=int, default=5, help="timed steps per cell (the fastest is kept)")
     p.add_argument("--json")
     a = p.parse_args(argv)
