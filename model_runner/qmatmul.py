@@ -3,8 +3,8 @@
   integer  csrc/qmatmul.cpp's loop over the tiles as stored, activations as 16-bit integers per block of 32;
   dense    the weights dequantized a slice at a time into a cached buffer, each slice through torch's matmul.
 
-choose_path picks one by the rows of x (a step's tokens) and the compute dtype; QuantLinear is the layer the
-model calls.
+QuantLinear is the layer the model calls: choose_path picks the path by the rows of x (a step's tokens) against
+the model's dense_min_rows (--quant-dense-rows; off by default, so the integer loop always).
 """
 from __future__ import annotations
 
@@ -107,19 +107,13 @@ def _dense(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL) -> torch
     cache (SLICE_BYTES), each slice multiplied by torch's matmul into its columns of the output. The whole
     dequantized weight never exists at once."""
     m, k, dtype = x.shape[0], parts[0].k, x.dtype
-    n, bf16, row_bytes = sum(p.n for p in parts), int(dtype == torch.bfloat16), k * dtype.itemsize
-    cap = max(8 * TILE, SLICE_BYTES // row_bytes // TILE * TILE)  # rows per slice
+    n = sum(p.n for p in parts)
+    cap = max(8 * TILE, SLICE_BYTES // (k * dtype.itemsize) // TILE * TILE)  # rows per slice
     buf = _slice_buffer(min(cap, n + TILE) + TILE, k, dtype)  # + a tile: the last tile of a part pads past it
-    base = buf.data_ptr()
-
-    def dequantize(p: QuantWeight, tile0: int, tiles: int, row: int) -> None:  # into buf's rows from `row`
-        fmt, qs, d, m, row_scale = p.kernel_args
-        lib.jitney_dequantize(fmt, bf16, qs, d, m, row_scale, tile0, tiles, k, base + row * row_bytes, k)
-
     if n <= cap:  # one slice: the matmul's output is the result
         row = 0
         for p in parts:
-            dequantize(p, 0, p.qs.shape[0], row)
+            p.dequantize_tiles(0, p.qs.shape[0], buf[row:], lib)
             row += p.n
         return F.linear(x, buf[:n])
     out = torch.empty(m, n, dtype=dtype)
@@ -131,7 +125,7 @@ def _dense(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL) -> torch
                 torch.mm(x, buf[:filled].t(), out=out[:, col: col + filled])
                 col, filled = col + filled, 0
             step = min(tiles - t, (cap - filled) // TILE)
-            dequantize(p, t, step, filled)
+            p.dequantize_tiles(t, step, buf[filled:], lib)
             filled += min(p.n, (t + step) * TILE) - t * TILE
             t += step
     torch.mm(x, buf[:filled].t(), out=out[:, col:])

@@ -6,21 +6,21 @@
   int8  any model: each output row (channel) of a matmul weight as int8 q in -127..127 and a float32 scale
         s = max|w| / 127, quantized at load (symmetric, weight-only); w ~ s q.
 
-The matmul (model_runner/qmatmul.py) has two paths, chosen by the rows of x (the tokens of a step) and the
-compute dtype (qmatmul.choose_path):
+The matmul (model_runner/qmatmul.py) has two paths, chosen by the rows of x (the tokens of a step) against
+--quant-dense-rows (qmatmul.choose_path; off by default: the integer loop always):
 
-  integer  (small batches, and every float32 matmul) csrc/qmatmul.cpp quantizes the activations of each step to
-           16-bit integers per block of 32 (a float32 scale per block, two 8-bit digits) and computes each
-           block's dot product in integers (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd): the way llama.cpp computes
-           with these formats, but with 16-bit activations instead of 8, so that the result is the float model's
-           to the compute dtype's precision (the kernel's header says why). At batch 1 it reads a quarter of
-           bfloat16's bytes, which is what bounds the step.
-  dense    (bfloat16 from DENSE_MIN_ROWS rows, on CPUs with native bfloat16 dot products) the weights are
-           dequantized a slice at a time (csrc/qmatmul.cpp's jitney_dequantize: each value dequantize()'s,
-           rounded to bfloat16 as torch rounds) into a buffer that stays in cache, and each slice goes through
-           torch's matmul (oneDNN: AVX512-BF16, AMX), whose bfloat16 dot products outrun the integer loop once
-           the step is compute-bound. The weights it multiplies are the unquantized bfloat16 model's, bit for
-           bit; the full dequantized weight never exists at once.
+  integer  (the default; with --quant-dense-rows, small batches) csrc/qmatmul.cpp quantizes the activations
+           of each step to 16-bit integers per block of 32 (a float32 scale per block, two 8-bit digits) and
+           computes each block's dot product in integers (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd): the way
+           llama.cpp computes with these formats, but with 16-bit activations instead of 8, so that the result is
+           the float model's to the compute dtype's precision (the kernel's header says why). At batch 1 it reads
+           a quarter of bfloat16's bytes, which is what bounds the step.
+  dense    (--quant-dense-rows auto: bfloat16 from DENSE_MIN_ROWS rows, on CPUs with native bfloat16 dot
+           products; N: from N rows) the weights are dequantized a slice at a time (csrc/qmatmul.cpp's
+           jitney_dequantize: each value dequantize()'s, rounded to bfloat16 as torch rounds) into a buffer that
+           stays in cache, and each slice goes through torch's matmul (oneDNN: AVX512-BF16, AMX), whose bfloat16
+           dot products outrun the integer loop once the step is compute-bound. The weights it multiplies are the
+           unquantized bfloat16 model's, bit for bit; the full dequantized weight never exists at once.
 
 For the integer loop the rows are repacked at load into tiles of 8 rows interleaved by 4 bytes (the kernel's
 header says why); the values, scales and mins are untouched, and `to_gguf` gives the file's bytes back (tests
