@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_trace(trace, args.save_trace)
     cfg = batcher_config("continuous", {k: getattr(args, k) for k in BATCHER_KNOBS})
     kv = args.kv_cache_memory or 4 << 30
-    runner = ModelRunner(runner_config(args, kv_cache_memory=kv, block_size=args.block_size or RunnerConfig.block_size), progress=True)
+    runner = ModelRunner(runner_config(args, kv_cache_memory=kv, block_size=args.block_size or RunnerConfig.block_size),
+                         progress=True)
     print(f"machine: {cpu_model()}\n{runner.describe()}")
     rng, meter = random.Random(args.seed), NeighbourMeter()
 

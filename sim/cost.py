@@ -17,6 +17,7 @@ split), priced from the interconnect.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -196,7 +197,6 @@ class SpreadCost:
     MIN_CELL = 5
 
     def __init__(self, base: RooflineCost, ratios: dict[tuple[str, int, int], list[float]], seed: int | str):
-        import random
         self.base, self.rng = base, random.Random(seed)
         self.cells = {k: sorted(v) for k, v in ratios.items() if len(v) >= self.MIN_CELL}
         self.kinds: dict[str, list[float]] = {}

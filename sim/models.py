@@ -47,7 +47,8 @@ def sheet_model(mc: ModelConfig, model: str, device_name: str, dtype: str, weigh
     params = RooflineParams(peak * compute_eff, dev.bandwidth * memory_eff, step_s, seq_s, dev.link * LINK_EFFICIENCY,
                             ALLREDUCE_LATENCY_S)
     shape = shape_from_config(model, mc)
-    plan = Settings(device_gb=dev.memory_gb, dtype_bytes=WEIGHT_BYTES[weights], kv_dtype_bytes=kv_element_bytes(kv_dtype, mc.head_dim),
+    plan = Settings(device_gb=dev.memory_gb, dtype_bytes=WEIGHT_BYTES[weights],
+                    kv_dtype_bytes=kv_element_bytes(kv_dtype, mc.head_dim),
                     block_size=block_size, cards=tp)
     room = kv_cache_memory if kv_cache_memory is not None else kv_room(shape, plan)
     blocks = math.floor(room / kv_bytes_per_seq(shape, plan, block_size))

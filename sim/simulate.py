@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-step-spread", action="store_true",
                    help="with --cost-model from an in-situ calibration: every step takes exactly its modelled time "
                         "(default: its modelled time times a ratio drawn, seeded by --seed, from the calibration's "
-                        "own measured / modelled ratios for steps of its kind, so the engine's spread of step times "
-                        "and its latency tail carry over; docs/simulation.md)")
+                        "own measured / modelled ratios for steps like it, so the engine's spread of step times and "
+                        "its latency tail carry over; docs/simulation.md)")
     for k in bench.KNOBS:
         m.add_argument(f"--{k.replace('_', '-')}", type=int if k in bench.INT_KNOBS else float,
                        help="as for jitney serve (unset: its default)")
