@@ -20,8 +20,10 @@ pytestmark = pytest.mark.integration
 # A shared prefix for the cache: over two full blocks, so requests of one run find it cached (each engine's KV
 # manager is its scheduler's own: nothing carries over between the cases).
 SYSTEM = "You are a helpful assistant who answers briefly and precisely, in plain words, for a curious reader. " * 2
+# Twelve requests of 4..19 tokens: enough companions that every step mixes prompts of different lengths, cached
+# prefixes and decodes at different positions (the suite runs this module twice, once per kernel loop).
 TOPICS = ["the moon", "bread", "rivers", "prime numbers", "the violin", "volcanoes", "owls", "chess",
-          "glass", "the Roman empire", "tea", "magnets", "coral reefs", "compilers", "autumn", "bicycles"]
+          "glass", "the Roman empire", "tea", "magnets"]
 
 
 def make_workload(runner):
@@ -32,7 +34,7 @@ def make_workload(runner):
     for i, topic in enumerate(TOPICS):
         body = f"Tell me about {topic}." + " Please be detailed." * rng.randrange(0, 12)
         prompts.append(tok((SYSTEM if i % 2 else "") + body)["input_ids"])
-        lengths.append(rng.randrange(4, 28))
+        lengths.append(rng.randrange(4, 20))
     offsets = [rng.uniform(0, 0.3) for _ in prompts]
     alone = [generate(runner, [p], greedy(n))[0].output_token_ids for p, n in zip(prompts, lengths)]
     return prompts, lengths, offsets, alone
@@ -53,7 +55,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+# On make test's second kernel loop only the continuous cases run again: the other policies' steps (one sequence;
+# prompt-only and decode-only batches; no cached prefix) are kinds of step the continuous cases already hold, so
+# the kernels see nothing new, and the policies' own logic runs no kernel of its own.
+SECOND_LOOP = ("continuous", "continuous-chunked")
+
+
+@pytest.mark.parametrize("case", [c if c in SECOND_LOOP else pytest.param(c, marks=pytest.mark.first_pass_only)
+                                  for c in CASES])
 async def test_same_text_under_every_policy(smol_runner, workload, case):
     prompts, lengths, offsets, alone = workload
     results, stats = await run_requests(smol_runner, CASES[case], prompts, [greedy(n) for n in lengths], offsets)
@@ -66,7 +75,7 @@ async def test_same_text_under_every_policy(smol_runner, workload, case):
 
 async def test_same_text_through_preemption(smol_runner, workload):
     prompts, lengths, offsets, alone = workload
-    # 14 KV blocks: far fewer than 16 concurrent requests need.
+    # 14 KV blocks: far fewer than 12 concurrent requests need.
     results, stats = await run_requests(smol_runner, BatcherConfig(policy="continuous", num_kv_blocks=14), prompts,
                                         [greedy(n) for n in lengths], offsets)
     assert stats.kv_blocks_used == 0

@@ -1,6 +1,8 @@
 """The native paged-attention kernel against a plain softmax(q k^T) v over each sequence's own blocks."""
 import os
 import random
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -323,14 +325,29 @@ def test_model_gives_the_same_logits_with_and_without_native_elementwise_ops(tin
 
 @pytest.mark.first_pass_only  # the cache's rebuild rule does not depend on the loop; a build costs ~12 s
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
-    name = native._build(native._compiler(), native.requested_isa()).name  # this build's cache key (built already)
+    """A cached library that does not load is deleted and built again. The compiler's run is replaced by a copy of
+    the library this process built already (the same bytes a compile gives; a real compile takes ~15 s and every
+    fresh cache, CI's included, runs one)."""
+    good = native._build(native._compiler(), native.requested_isa())  # this build's cache key (built already)
+    compiles = []
+
+    def compile_by_copy(cmd, **kw):
+        compiles.append(cmd)
+        shutil.copyfile(good, cmd[-1])                # the command ends with -o OUTPUT
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
     monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path))
     native.reload()
     try:
-        built = tmp_path / "kernels" / name
+        built = tmp_path / "kernels" / good.name
         built.parent.mkdir()
         built.write_bytes(b"")                     # as a crash mid-write could leave it
-        assert native.library() is not None and built.stat().st_size > 0
+        run = subprocess.run
+        monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: compile_by_copy(cmd, **kw)
+                            if "-o" in cmd else run(cmd, **kw))
+        assert native.library() is not None and built.stat().st_size == good.stat().st_size
+        assert len(compiles) == 1                  # rebuilt once, not on every call
+        assert native.library() is not None and len(compiles) == 1
     finally:
         monkeypatch.undo()
         native.reload()
