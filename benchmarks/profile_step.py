@@ -34,7 +34,7 @@ STEPS = [("decode, batch 1, context ~256", 1, 256, 256, 1),
          ("decode, batch 32, context 100..600", 32, 100, 600, 1),
          ("decode, batch 128, context 100..600", 128, 100, 600, 1),
          ("prefill, one 512-token prompt", 1, 512, 512, 512)]
-KERNELS = ("paged_attention", "prefill_attention", "write_kv", "add_rms_norm", "silu_mul", "argmax")
+KERNELS = ("paged_attention", "prefill_attention", "rope_write_kv", "add_rms_norm", "silu_mul", "argmax")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

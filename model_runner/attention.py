@@ -1,5 +1,5 @@
-"""Paged attention: write this step's K/V into cache slots, read each sequence's K/V back through its block
-table.
+"""Paged attention: write this step's K/V into cache slots (rotate_and_store), read each sequence's K/V back
+through its block table (paged_attention).
 
 One layer's cache is [2 (K, V), kv_heads, num_blocks, block_size, head_dim]. A token at position p of a
 sequence lives in block block_table[p // block_size] at offset p % block_size; its "slot" is
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import native
 from .int8_kv import as_stored, dequantize_rows, quantize_rows
+from .rope import apply_rotary
 
 
 @dataclass
@@ -83,13 +84,28 @@ def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor) -
     cache.view(kvh, -1, width).index_copy_(1, slot_mapping, rows.transpose(0, 1))
 
 
+def rotate_and_store(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: torch.Tensor,
+                     kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+    """A layer's step before attention: the fused projection qkv [T, H + 2 KVH, D] has its query and key heads
+    rotated (rope.apply_rotary) and its keys and values written into the layer's cache at the step's slots.
+    Returns q [T, H, D], k, v [T, KVH, D]. On the native path in one pass, in place (native.rope_write_kv)."""
+    kvh = kv_cache.shape[1]
+    if meta.native is not None:
+        native.rope_write_kv(qkv, heads, cos, signed_sin, kv_cache, meta.slot_mapping)
+        return qkv[:, :heads], qkv[:, heads: heads + kvh], qkv[:, heads + kvh:]
+    qk = apply_rotary(qkv[:, : heads + kvh], cos, signed_sin)  # q and k share positions: one rotation for both
+    q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kvh:]
+    write_kv(kv_cache[0], meta.slot_mapping, k)
+    write_kv(kv_cache[1], meta.slot_mapping, v)
+    return q, k, v
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] for this step's tokens; kv_cache [2, KVH, blocks, block_size, D] is the
-    layer's. Returns the attention output [T, H, D]."""
+    """q [T, H, D], k/v [T, KVH, D] for this step's tokens, already in kv_cache [2, KVH, blocks, block_size, D]
+    (the layer's; rotate_and_store). Returns the attention output [T, H, D]."""
     if meta.native is not None:
         rows = meta.native
-        native.write_kv(kv_cache, meta.slot_mapping, k, v)
         if rows.chunks is None:  # decodes only, or no tiled kernel here
             return native.paged_attention(q, kv_cache, rows.block_tables, rows.context_lens, scale)
         out = torch.empty(q.shape, dtype=q.dtype)
@@ -98,8 +114,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             native.paged_attention(q[:d], kv_cache, rows.block_tables[:d], rows.context_lens[:d], scale, out[:d])
         native.prefill_attention(q, kv_cache, rows.block_tables, rows.chunks, scale, out)
         return out
-    write_kv(kv_cache[0], meta.slot_mapping, k)
-    write_kv(kv_cache[1], meta.slot_mapping, v)
     if len(meta.decodes) == 1 and not meta.prefills:  # a pure decode step: no output to assemble
         return decode_attention(q, kv_cache, meta.decodes[0], scale)
     out = torch.empty_like(q)

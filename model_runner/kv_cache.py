@@ -6,7 +6,7 @@ block holds what is decided by the batcher's KVCacheManager; the runner only rea
 An 8-bit cache (`--kv-cache-dtype int8`) stores each cached row (one token's key or value for one kv head) as
 head_dim int8 values followed by the row's float32 scale, in the same tensor: int8 [..., head_dim + 4], whose
 last four elements are the scale's bytes (absmax / 127, symmetric: value = q * scale; the quantizing is
-model_runner/int8_kv.py's and csrc/paged_attention.cpp's write_kv, to the same bits). Why the scale sits beside
+model_runner/int8_kv.py's and csrc/paged_attention.cpp's write_row, to the same bits). Why the scale sits beside
 its row rather than in a tensor of its own:
 - one owner, as before: a block is one contiguous run of bytes whatever the dtype, so anything that moves,
   copies, gathers or forks blocks (the PyTorch path's row gathers, a future swap) carries the scales with the

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .attention import AttentionMetadata, paged_attention
+from .attention import AttentionMetadata, paged_attention, rotate_and_store
 from .config import ModelConfig
 from .linear import Linear
 from .qmatmul import QuantLinear
 from .quant import QuantWeight
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding
 
 
 def linear(parts: list, bias: torch.Tensor | None, pack: bool,
@@ -52,9 +52,7 @@ class DecoderLayer:
         norm by next_norm (the next layer's input norm, or the final norm), so each add fuses with a norm."""
         t = x.shape[0]
         qkv = self.qkv(h).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
-        # q and k share positions, so one rotation covers both.
-        qk = apply_rotary(qkv[:, : self.heads + self.kv_heads], cos, sin)
-        q, k, v = qk[:, : self.heads], qk[:, self.heads:], qkv[:, self.heads + self.kv_heads:]
+        q, k, v = rotate_and_store(qkv, self.heads, cos, sin, kv_cache, meta)
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
         h = ops.add_rms_norm(x, self.o(attn.reshape(t, -1)), self.post_attn_norm, self.eps)
         h = ops.add_rms_norm(x, self.down(ops.silu_mul(self.gate_up(h))), next_norm, self.eps)

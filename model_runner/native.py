@@ -162,6 +162,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.jitney_paged_attention.restype = None
     lib.jitney_write_kv.argtypes = [_i32, _i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32, _i64, _i32]
     lib.jitney_write_kv.restype = None
+    lib.jitney_rope_write_kv.argtypes = [_i32, _i32, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32,
+                                         _i64, _i32]
+    lib.jitney_rope_write_kv.restype = None
     lib.jitney_add_rms_norm.argtypes = [_i32, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
     lib.jitney_add_rms_norm.restype = None
     lib.jitney_silu_mul.argtypes = [_i32, _ptr, _ptr, _i64, _i64]
@@ -263,7 +266,9 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
 def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Stores k, v [T, KVH, D] (heads contiguous, any stride between rows) at slots [T] (int64) of a layer's
     cache [2, KVH, blocks, block_size, D]: one pass, where two index_copy_ calls on the strided views took
-    7 ms of a 100 ms decode step. Float32 k, v going into a bfloat16 cache are rounded to nearest even (as
+    7 ms of a 100 ms decode step. (The model's step writes through rope_write_kv, which rotates first and then
+    writes each row by the same C function as this; this write alone is what the tests compare bit for bit with
+    the PyTorch path, special values included.) Float32 k, v going into a bfloat16 cache are rounded to nearest even (as
     torch's cast); into an int8 cache each row is quantized, bit for bit as int8_kv.quantize_rows does it."""
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
     d = cache_head_dim(kv_cache)
@@ -277,6 +282,28 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: to
     library().jitney_write_kv(int(k.dtype == torch.bfloat16), KV_KINDS[kv_cache.dtype], k.data_ptr(),
                               k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), kv_cache.data_ptr(),
                               k.shape[0], kv_heads, d, num_blocks, block_size)
+
+
+def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: torch.Tensor,
+                  kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """The step's rotary embedding and cache write in one pass: qkv [T, heads + 2 KVH, D] (the fused projection,
+    heads contiguous, any stride between rows) has its query and key heads rotated in place by cos and signed_sin
+    ([T, 1, D] or [T, D], rope.RotaryEmbedding.cos_sin, qkv's dtype), as rope.apply_rotary does; the rotated keys
+    and the values then go to their slots [T] (int64) of the layer's cache as write_kv puts them."""
+    t, width, d = qkv.shape
+    _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    _check(qkv.dtype in KERNEL_DTYPES and qkv.stride(2) == 1 and qkv.stride(1) == d and width == heads + 2 * kv_heads
+           and cache_head_dim(kv_cache) == d and kv_cache.is_contiguous() and kv_cache.dtype in KV_KINDS
+           and (qkv.dtype == kv_cache.dtype or qkv.dtype == torch.float32 or kv_cache.dtype == torch.int8)
+           and cos.dtype == signed_sin.dtype == qkv.dtype and cos.is_contiguous() and signed_sin.is_contiguous()
+           and cos.numel() == signed_sin.numel() == t * d,
+           "qkv [T, heads + 2 kv_heads, head_dim] with contiguous heads, cos and sine [T, head_dim] of its dtype, "
+           "a contiguous cache of its dtype, float32 under it, or int8", qkv, cos, signed_sin, kv_cache)
+    _check(slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (t,), "one int64 slot per row",
+           slots)
+    library().jitney_rope_write_kv(int(qkv.dtype == torch.bfloat16), KV_KINDS[kv_cache.dtype], qkv.data_ptr(),
+                                   qkv.stride(0), cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(),
+                                   kv_cache.data_ptr(), t, heads, kv_heads, d, num_blocks, block_size)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -260,7 +260,12 @@ def test_the_pytorch_path_matches_the_native_one(int8_runner):
     q = torch.randn(rows, mc.num_attention_heads, mc.head_dim, generator=gen).to(r.dtype)
     k, v = (torch.randn(rows, mc.num_key_value_heads, mc.head_dim, generator=gen).to(r.dtype) for _ in range(2))
     caches = [layer.clone(), layer.clone()]
-    outs = [attention.paged_attention(q, k, v, c, m, mc.head_dim ** -0.5) for c, m in zip(caches, metas)]
+    qkv = torch.cat([q, k, v], dim=1)
+    one, zero = (torch.full((rows, 1, mc.head_dim), x, dtype=r.dtype) for x in (1.0, 0.0))
+    outs = []
+    for c, m in zip(caches, metas):  # each path writes k and v its way (rotated by angle 0: unchanged), then reads
+        qs, ks, vs = attention.rotate_and_store(qkv.clone(), mc.num_attention_heads, one, zero, c, m)
+        outs.append(attention.paged_attention(qs, ks, vs, c, m, mc.head_dim ** -0.5))
     assert torch.equal(caches[0], caches[1])
     tol = 1e-5 if r.dtype == torch.float32 else 2.0 ** -6
     torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=tol, rtol=tol)

@@ -146,6 +146,52 @@ def test_write_kv_matches_index_copy(dtype):
     assert torch.equal(cache, want)
 
 
+# The rope_write_kv cases: compute dtype and cache dtype, as the runner pairs them (--dtype x --kv-cache-dtype).
+ROPE_TYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.int8),
+              (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.int8)]
+
+
+def widened(cache: torch.Tensor) -> torch.Tensor:
+    """A cache's values as float32 (int8 rows dequantized)."""
+    from model_runner.int8_kv import dequantize_rows
+    return dequantize_rows(cache) if cache.dtype == torch.int8 else cache.float()
+
+
+@pytest.mark.parametrize("dtype,kv_dtype", ROPE_TYPES, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("rows,head_dim", [(5, 64), (100, 64), (7, 48)])  # from 65 rows: the threaded loop
+def test_each_instruction_set_rope_write_kv_is_the_pytorch_path(isa, dtype, kv_dtype, rows, head_dim):
+    """The fused rotary embedding and cache write against the PyTorch path (rope.apply_rotary, then the two
+    index copies), on random positions and values, strided qkv rows as the projection leaves them.
+    Bfloat16: the same bits (both products are exact in float32, so the kernel's roundings are the PyTorch
+    path's). Float32: the sum x cos + roll(x) sin may be fused (one rounding fewer), so rotated values agree to
+    within two float32 roundings of the row's largest value; a bfloat16 or int8 cache then holds them rounded,
+    and a value within that of a rounding boundary may land one step of the cache's format away."""
+    from model_runner.attention import AttentionMetadata, rotate_and_store
+    from model_runner.kv_cache import kv_row_elements
+    from model_runner.rope import RotaryEmbedding
+    heads, kvh, blocks, bs = 9, 3, 40, 16
+    gen = torch.Generator().manual_seed(rows + head_dim)
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0, None, "cpu")
+    cos, sin = rope.cos_sin(torch.randint(0, 4096, (rows,), generator=gen), dtype)
+    wide = torch.randn(rows, heads + 2 * kvh + 1, head_dim, generator=gen).to(dtype)  # a spare head: strided rows
+    qkv = wide[:, : heads + 2 * kvh]
+    slots = torch.randperm(blocks * bs, generator=gen)[:rows]
+    row = kv_row_elements(head_dim, kv_dtype)
+    cache = torch.zeros(2, kvh, blocks, bs, row, dtype=kv_dtype)
+    ours, ours_cache, theirs_cache = wide.clone()[:, : heads + 2 * kvh], cache.clone(), cache.clone()
+    native.rope_write_kv(ours, heads, cos, sin, ours_cache, slots)
+    q, k, v = rotate_and_store(qkv, heads, cos, sin, theirs_cache, AttentionMetadata(slots, [], []))
+    theirs = torch.cat([q, k, v], dim=1)
+    if dtype == torch.bfloat16:
+        assert torch.equal(ours, theirs) and torch.equal(ours_cache, theirs_cache)
+        return
+    xmax = qkv.abs().amax().item()
+    torch.testing.assert_close(ours[:, : heads + kvh], theirs[:, : heads + kvh], rtol=0, atol=2.0 ** -22 * xmax)
+    assert torch.equal(ours[:, heads + kvh:], qkv[:, heads + kvh:])  # the values untouched
+    step = {torch.float32: 2.0 ** -22 * xmax, torch.bfloat16: 2.0 ** -8 * 2 * xmax, torch.int8: 1.01 * 2 * xmax / 127}
+    torch.testing.assert_close(widened(ours_cache), widened(theirs_cache), rtol=0, atol=step[kv_dtype])
+
+
 # Every instruction set this CPU runs, in one process: each test below builds (or finds cached) the kernels for
 # one JITNEY_ISA, so the AVX-512, AVX2 and portable loops are all checked on an AVX-512 machine.
 def runnable_isas():

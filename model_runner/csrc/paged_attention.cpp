@@ -860,12 +860,28 @@ void quantize_row(const TS* src, int8_t* dst, int head_dim) {
   std::memcpy(dst + head_dim, &scale, sizeof scale);
 }
 
+// One key or value row (head_dim values of type TS) into its cache row of type TD. Same types: a plain copy.
+// Float32 into bfloat16: rounded to nearest even, by integer arithmetic (bf16_round8) also where AVX512-BF16 has
+// a conversion instruction, which flushes denormals to zero and keeps a NaN's sign and payload: not the bits
+// torch's cast gives. Into an int8 cache: quantize_row.
+template <typename TS, typename TD>
+inline void write_row(const TS* src, TD* dst, int head_dim) {
+  if constexpr (is_q8<TD>) {
+    quantize_row(src, dst, head_dim);
+  } else if constexpr (std::is_same_v<TS, TD>) {
+    std::memcpy(dst, src, sizeof(TD) * head_dim);
+  } else {
+    int d = 0;
+#ifdef JITNEY_AVX2
+    for (; d + 8 <= head_dim; d += 8) store8(dst + d, load8(src + d));  // the same bits, 8 at a time
+#endif
+    for (; d < head_dim; d++) store(to_float(src[d]), &dst[d]);
+  }
+}
+
 // Writes this step's keys and values into their cache slots: k, v [rows, kv_heads, head_dim] (heads
 // contiguous, k_stride / v_stride elements between rows), slots [rows] (block * block_size + offset), cache as
-// below. Same types: a plain copy of each row. Float32 rows into a bfloat16 cache: rounded to nearest even, by
-// integer arithmetic (bf16_round8) also where AVX512-BF16 has a conversion instruction, which flushes
-// denormals to zero and keeps a NaN's sign and payload: not the bits torch's cast gives. Into an int8 cache:
-// quantize_row.
+// below, each row by write_row.
 template <typename TS, typename TD>
 void write_kv(const TS* k, int64_t k_stride, const TS* v, int64_t v_stride, const int64_t* slots, TD* cache,
               int64_t rows, int kv_heads, int head_dim, int64_t num_blocks, int block_size) {
@@ -873,24 +889,50 @@ void write_kv(const TS* k, int64_t k_stride, const TS* v, int64_t v_stride, cons
   const int64_t head_stride = num_blocks * block_size * rs;  // elements of one kv head's blocks
   // Threads where a row's work pays for waking them: from 256 rows for a copy, from 16 for quantizing.
 #pragma omp parallel for if (rows > (is_q8<TD> ? 16 : 256))
-  for (int64_t i = 0; i < rows; i++) {
-    for (int h = 0; h < kv_heads; h++) {
-      for (int j = 0; j < 2; j++) {  // K, then V
-        const TS* src = (j ? v + i * v_stride : k + i * k_stride) + int64_t(h) * head_dim;
-        TD* dst = cache + (int64_t(j) * kv_heads + h) * head_stride + slots[i] * rs;
-        if constexpr (is_q8<TD>) {
-          quantize_row(src, dst, head_dim);
-        } else if constexpr (std::is_same_v<TS, TD>) {
-          std::memcpy(dst, src, sizeof(TD) * head_dim);
-        } else {
-          int d = 0;
-#ifdef JITNEY_AVX2
-          for (; d + 8 <= head_dim; d += 8) store8(dst + d, load8(src + d));  // the same bits, 8 at a time
-#endif
-          for (; d < head_dim; d++) store(to_float(src[d]), &dst[d]);
-        }
-      }
+  for (int64_t i = 0; i < rows; i++)
+    for (int h = 0; h < kv_heads; h++)
+      for (int j = 0; j < 2; j++)  // K, then V
+        write_row((j ? v + i * v_stride : k + i * k_stride) + int64_t(h) * head_dim,
+                  cache + (int64_t(j) * kv_heads + h) * head_stride + slots[i] * rs, head_dim);
+}
+
+// Rotary position embedding in place on n heads of one token x [n, head_dim] (heads contiguous), HF's
+// rotate-half layout: x_i cos_i + x_{(i + half) mod head_dim} ssin_i, where ssin is the sine with the first
+// half's sign flipped (rope.py's table). The operations and roundings of rope.apply_rotary (x cos rounded to T,
+// then the product of the rolled x and the sine added and rounded once): under bfloat16 both products are exact in
+// float32, so the bits are the PyTorch path's; under float32 the sum may be fused (one rounding fewer).
+template <typename T>
+inline void rotate_heads(T* x, int n, int head_dim, const T* cos, const T* ssin) {
+  const int half = head_dim / 2;
+  float row[MAX_HEAD_DIM];
+  for (int h = 0; h < n; h++, x += head_dim) {
+    for (int d = 0; d < head_dim; d++) row[d] = to_float(x[d]);
+#pragma omp simd
+    for (int d = 0; d < head_dim; d++) {
+      const float a = rounded<T>(row[d] * to_float(cos[d]));
+      store(a + row[d < half ? d + half : d - half] * to_float(ssin[d]), &x[d]);
     }
+  }
+}
+
+// A layer's step before attention, in one pass over its tokens: qkv [rows, heads + 2 kv_heads, head_dim] (the
+// fused projection's output, heads contiguous, qkv_stride elements between rows) has its query and key heads
+// rotated in place by each token's cos and signed sine ([rows, head_dim] each, contiguous), and its (rotated)
+// keys and values written into their cache slots as write_kv does. Where PyTorch took six operations (a roll,
+// two multiplications and an add, over fresh tensors) and write_kv a seventh.
+template <typename T, typename TD>
+void rope_write_kv(T* qkv, int64_t qkv_stride, const T* cos, const T* ssin, const int64_t* slots, TD* cache,
+                   int64_t rows, int heads, int kv_heads, int head_dim, int64_t num_blocks, int block_size) {
+  const int rs = head_dim + row_extra<TD>;
+  const int64_t head_stride = num_blocks * block_size * rs;
+#pragma omp parallel for if (rows > 64)
+  for (int64_t i = 0; i < rows; i++) {
+    T* x = qkv + i * qkv_stride;
+    rotate_heads(x, heads + kv_heads, head_dim, cos + i * head_dim, ssin + i * head_dim);
+    for (int h = 0; h < kv_heads; h++)
+      for (int j = 0; j < 2; j++)  // K, then V
+        write_row(x + int64_t(heads + j * kv_heads + h) * head_dim,
+                  cache + (int64_t(j) * kv_heads + h) * head_stride + slots[i] * rs, head_dim);
   }
 }
 
@@ -957,6 +999,33 @@ void jitney_write_kv(int src_bf16, int dst_kind, const void* k, int64_t k_stride
   else
     write_kv(static_cast<const float*>(k), k_stride, static_cast<const float*>(v), v_stride, slots,
              static_cast<float*>(cache), rows, kv_heads, head_dim, num_blocks, block_size);
+}
+
+// qkv, cos, ssin of type T (is_bf16: bfloat16, else float32); dst_kind as jitney_write_kv's. A bfloat16 qkv
+// needs a bfloat16 or int8 cache.
+void jitney_rope_write_kv(int is_bf16, int dst_kind, void* qkv, int64_t qkv_stride, const void* cos,
+                          const void* ssin, const int64_t* slots, void* cache, int64_t rows, int heads, int kv_heads,
+                          int head_dim, int64_t num_blocks, int block_size) {
+  if (is_bf16 && dst_kind == 2)
+    rope_write_kv(static_cast<uint16_t*>(qkv), qkv_stride, static_cast<const uint16_t*>(cos),
+                  static_cast<const uint16_t*>(ssin), slots, static_cast<int8_t*>(cache), rows, heads, kv_heads,
+                  head_dim, num_blocks, block_size);
+  else if (is_bf16)
+    rope_write_kv(static_cast<uint16_t*>(qkv), qkv_stride, static_cast<const uint16_t*>(cos),
+                  static_cast<const uint16_t*>(ssin), slots, static_cast<uint16_t*>(cache), rows, heads, kv_heads,
+                  head_dim, num_blocks, block_size);
+  else if (dst_kind == 2)
+    rope_write_kv(static_cast<float*>(qkv), qkv_stride, static_cast<const float*>(cos),
+                  static_cast<const float*>(ssin), slots, static_cast<int8_t*>(cache), rows, heads, kv_heads,
+                  head_dim, num_blocks, block_size);
+  else if (dst_kind == 1)
+    rope_write_kv(static_cast<float*>(qkv), qkv_stride, static_cast<const float*>(cos),
+                  static_cast<const float*>(ssin), slots, static_cast<uint16_t*>(cache), rows, heads, kv_heads,
+                  head_dim, num_blocks, block_size);
+  else
+    rope_write_kv(static_cast<float*>(qkv), qkv_stride, static_cast<const float*>(cos),
+                  static_cast<const float*>(ssin), slots, static_cast<float*>(cache), rows, heads, kv_heads,
+                  head_dim, num_blocks, block_size);
 }
 
 // The loop this build runs: what native.py reports at start-up.
