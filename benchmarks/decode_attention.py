@@ -3,7 +3,7 @@ layer's call) at batch 64 and 128 with contexts of 100..600 tokens, and the band
 it reads, beside the machine's copy bandwidth.
 
     python -m benchmarks.decode_attention [--precisions bfloat16:bfloat16,bfloat16:int8] [--batches 64,128]
-                                          [--reps 10] [--json out.json]
+                                          [--rounds 10] [--resident] [--json out.json]
 
 The default model's shape (SmolLM2-135M: 30 layers, 9 query heads over 3 kv heads of 64; --layers etc. to
 change it), 16-token blocks scattered over the cache as a server's are, one call per layer as a step makes
@@ -11,7 +11,9 @@ them: the layers' caches together (about 1 GB of bfloat16 at batch 128) are far 
 as in a real step, so the figure is not flattered by a layer that stays in L3. Bytes read: every K and V row
 each query attends to (head_dim values, and an int8 row's 4-byte scale); queries and outputs are under 0.1 %
 of that and not counted. Copy bandwidth is benchmarks.machine's (bytes read + bytes written by a large copy).
-Every cell is timed once per round, the rounds going over all cells in turn, and keeps its fastest step (the
+With --resident every sequence and layer reads the same few blocks instead, which stay in the core's L2: the
+same instructions with memory out of the way, so the two runs together say whether the kernel waits on memory
+or on its own arithmetic. Every cell is timed once per round, the rounds going over all cells in turn, and keeps its fastest step (the
 copy bandwidth too): on a machine shared with bursts of other work each cell then finds a quiet moment.
 """
 from __future__ import annotations
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--context", default="100,600", help="lo,hi: each sequence's context drawn in this range")
     add_shape_args(p)
     p.add_argument("--rounds", type=int, default=10, help="timed steps per cell, one per round (the fastest is kept)")
+    p.add_argument("--resident", action="store_true",
+                   help="every sequence reads the same blocks of one layer's cache, which then stay in the core's "
+                        "L2: the same arithmetic with memory out of the way, the kernel's own ceiling")
     p.add_argument("--json")
     a = p.parse_args(argv)
     a.precisions = [tuple(x.split(":")) for x in a.precisions.split(",")]
@@ -69,7 +74,8 @@ def make_cache(a: argparse.Namespace, dtype: torch.dtype, num_blocks: int) -> to
 
 
 def step_case(a: argparse.Namespace, batch: int, num_blocks: int, seed: int = 0):
-    """Block tables (scattered blocks, none shared) and context lengths for `batch` decoding sequences."""
+    """Block tables (scattered blocks, none shared; with --resident, every sequence the cache's first blocks) and
+    context lengths for `batch` decoding sequences."""
     rng = random.Random(seed)
     lens = [rng.randint(*a.context) for _ in range(batch)]
     order = list(range(num_blocks))
@@ -78,7 +84,7 @@ def step_case(a: argparse.Namespace, batch: int, num_blocks: int, seed: int = 0)
     tables, used = torch.zeros(batch, width, dtype=torch.int32), 0
     for i, n in enumerate(lens):
         k = -(-n // a.block_size)
-        tables[i, :k] = torch.tensor(order[used: used + k], dtype=torch.int32)
+        tables[i, :k] = torch.arange(k) if a.resident else torch.tensor(order[used: used + k], dtype=torch.int32)
         used += k
     return tables, torch.tensor(lens, dtype=torch.int32)
 
@@ -112,18 +118,21 @@ def main(argv: list[str] | None = None) -> dict:
         for c in cells:
             cache = caches[c["kv"]]
             c["best"] = min(c["best"], best_seconds(
-                lambda: [native.paged_attention(c["q"][layer], cache[layer], c["tables"], c["lens"], a.head_dim ** -0.5)
-                         for layer in range(a.layers)], 1))
+                lambda: [native.paged_attention(c["q"][layer], cache[0 if a.resident else layer], c["tables"],
+                                                c["lens"], a.head_dim ** -0.5) for layer in range(a.layers)], 1))
     rows = [dict(compute=c["compute"], kv=c["kv"], batch=c["batch"], ms=round(1e3 * c["best"], 2),
                  mb_read=round(c["read"] / 1e6, 1), gb_s=round(c["read"] / c["best"] / 1e9, 1),
                  of_copy=round(c["read"] / c["best"] / 1e9 / gbps, 2)) for c in cells]
+    if a.resident:
+        print("--resident: every sequence and layer reads the same blocks, from L2: GB/s here is the rate of the "
+              "kernel's arithmetic on those bytes, not a bandwidth")
     print(f"copy bandwidth {gbps:.1f} GB/s\n\n| compute | KV cache | batch | ms a step ({a.layers} layers) | MB read "
           "| GB/s | of copy bandwidth |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['compute']} | {r['kv']} | {r['batch']} | {r['ms']:.1f} | {r['mb_read']:.0f} | {r['gb_s']:.1f} | "
               f"{100 * r['of_copy']:.0f} % |")
     print(f"\nother processes used {100 * meter.share():.0f}% of the CPUs meanwhile")
-    return finish(dict(cpu=cpu, copy_gbps=gbps, rows=rows), a.json, started)
+    return finish(dict(cpu=cpu, copy_gbps=gbps, resident=a.resident, rows=rows), a.json, started)
 
 
 if __name__ == "__main__":

@@ -213,12 +213,15 @@ def loopback(ip: str) -> bool:
     return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None and a.ipv4_mapped.is_loopback)
 
 
-def test_a_local_ray_listens_on_loopback_only_and_says_what_each_replica_got():
+def test_a_local_ray_listens_on_loopback_only_and_a_second_sigterm_ends_every_stream():
     """`jitney serve --replicas 2` on a loopback server: every socket of its process tree (front end, GCS,
     raylet, Serve controller, dashboard and runtime-env agents, metrics servers, the replicas) is on loopback.
-    Runs before the module's own Ray (below) starts, so it is the only Ray this test process knows."""
+    Runs before the module's own Ray (below) starts, so it is the only Ray this test process knows.
+    Then (on the same server: a deployment costs ~12 s) the first SIGTERM starts the drain (grace 30 s) and the
+    second cuts it: every stream in flight on the replicas still ends with a final error event (shutting_down)
+    and [DONE], and the front end exits 0 at once. (A clean drain: test_sigterm_drains_every_replica_and_exits_0.)"""
     pytest.importorskip("ray", reason="the 'scale' extra (ray[serve]) is not installed")
-    server = ServerProcess(*TINY, "--replicas", "2", "--cpus-per-replica", "1", grace_s=10)
+    server = ServerProcess(*TINY, "--replicas", "2", "--cpus-per-replica", "1", grace_s=30)
     try:
         server.start()
         server.wait_ready(240)
@@ -237,12 +240,27 @@ def test_a_local_ray_listens_on_loopback_only_and_says_what_each_replica_got():
         assert "jitney: 2 replicas x 1 CPU, --kv-cache-memory 0.03 GiB each" in out, out[-3000:]
         assert "every process of it listening on loopback only (127.0.0.1)" in out, out[-3000:]
         assert f"serving on http://127.0.0.1:{server.port} (loopback only)" in out
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                opened = [await open_stream(client, server.url, f"cut {i}", 900, n=8) for i in range(4)]
+                firsts = [await anext(lines) for _, _, lines in opened]  # every stream has started
+                server.signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                server.signal(signal.SIGTERM)
+                return firsts, await asyncio.gather(*(read_all(lines) for _, _, lines in opened))
+
+        firsts, bodies = asyncio.run(main())
+        code = server.proc.wait(60)
     finally:
-        code, out = server.stop(timeout=60), server.output()
+        server.stop(timeout=60)
+        out = server.output()
         server.close()
+    assert all(f.startswith("data: ") for f in firsts), (firsts, [b[-3:] for b in bodies])
+    for body in bodies:
+        assert body[-1] == "[DONE]" and body[-2]["error"]["code"] == "shutting_down", body[-3:]
     assert code == 0, out[-3000:]
-    # A clean stop reads clean: no colour codes from Ray's prefixes, no failed-task or dead-actor reports.
-    assert "\x1b[" not in out and "actor is dead" not in out and "Traceback" not in out, out[-3000:]
+    assert "\x1b[" not in out and "Traceback" not in out and "TypeError" not in out, out[-3000:]
 
 
 # --- over HTTP, on Ray -----------------------------------------------------------------------------------------
@@ -421,6 +439,9 @@ def test_sigterm_drains_every_replica_and_exits_0(servers):
     bodies = asyncio.run(main())
     assert all(b[-2]["choices"][0]["finish_reason"] == "length" for b in bodies)  # all finished within the grace
     assert server.proc.wait(120) == 0, server.output()[-3000:]
+    # A clean stop reads clean: no colour codes from Ray's prefixes, no failed-task or dead-actor reports.
+    out = server.output()
+    assert "\x1b[" not in out and "actor is dead" not in out and "Traceback" not in out, out[-3000:]
 
     def gone(pid: int) -> bool:
         try:
@@ -430,38 +451,6 @@ def test_sigterm_drains_every_replica_and_exits_0(servers):
         return False
 
     assert wait_until(lambda: all(gone(p) for p in pids.values()), timeout=60), "replica processes outlived the drain"
-
-
-def test_a_second_sigterm_with_requests_in_flight_ends_every_stream_with_an_error_and_exits_0(cluster):
-    """The first signal starts the drain (grace 30 s), the second cuts it: every stream in flight on the replicas
-    still ends with a final error event (shutting_down) and [DONE], and the front end exits 0 at once. (The fixture's
-    server has exited by now: this one deploys the same Serve application on the module's cluster.)"""
-    server = ServerProcess(*TINY, "--replicas", "2", "--cpus-per-replica", "1", "--ray-address", cluster,
-                           grace_s=30)
-    try:
-        server.start()
-        server.wait_ready(240)
-
-        async def main():
-            async with httpx.AsyncClient(timeout=120) as client:
-                opened = [await open_stream(client, server.url, f"cut {i}", 900, n=8) for i in range(4)]
-                firsts = [await anext(lines) for _, _, lines in opened]  # every stream has started
-                server.signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
-                server.signal(signal.SIGTERM)
-                return firsts, await asyncio.gather(*(read_all(lines) for _, _, lines in opened))
-
-        firsts, bodies = asyncio.run(main())
-        code = server.proc.wait(60)
-    finally:
-        server.stop(timeout=60)
-        out = server.output()
-        server.close()
-    assert all(f.startswith("data: ") for f in firsts), (firsts, [b[-3:] for b in bodies])
-    for body in bodies:
-        assert body[-1] == "[DONE]" and body[-2]["error"]["code"] == "shutting_down", body[-3:]
-    assert code == 0, out[-3000:]
-    assert "Traceback" not in out and "TypeError" not in out, out[-3000:]
 
 
 def test_a_context_above_the_default_budget_is_served_when_the_host_holds_it():
