@@ -10,7 +10,8 @@ change it), 16-token blocks scattered over the cache as a server's are, one call
 them: the layers' caches together (about 1 GB of bfloat16 at batch 128) are far larger than the CPU's caches,
 as in a real step, so the figure is not flattered by a layer that stays in L3. Bytes read: every K and V row
 each query attends to (head_dim values, and an int8 row's 4-byte scale); queries and outputs are under 0.1 %
-of that and not counted. Copy bandwidth is benchmarks.machine's (bytes read + bytes written by a large copy).
+of that and not counted. Copy bandwidth is benchmarks.machine's (bytes read + bytes written by a large copy),
+read bandwidth its large sum's (bytes read).
 With --resident every sequence and layer reads the same few blocks instead, which stay in the core's L2: the
 same instructions with memory out of the way, so the two runs together say whether the kernel waits on memory
 or on its own arithmetic. Every cell is timed once per round, the rounds going over all cells in turn, and keeps its fastest step (the
@@ -30,7 +31,7 @@ from model_runner.int8_kv import quantize_rows
 from model_runner.kv_cache import kv_row_elements
 from model_runner.precision import KV_DTYPES, cpu_kind
 
-from .machine import NeighbourMeter, best_seconds, copy_gbps, cpu_model
+from .machine import NeighbourMeter, best_seconds, copy_gbps, cpu_model, read_gbps
 from .report import finish
 
 
@@ -112,9 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
             row_bytes = kv_row_elements(a.head_dim, kv_dtype) * caches[kv].element_size()
             cells.append(dict(compute=compute, kv=kv, batch=batch, q=q, tables=tables, lens=lens, best=math.inf,
                               read=int(lens.sum()) * a.layers * 2 * a.kv_heads * row_bytes))
-    meter, gbps = NeighbourMeter(), 0.0
+    meter, gbps, read = NeighbourMeter(), 0.0, 0.0
     for _ in range(a.rounds):
         gbps = max(gbps, copy_gbps(2**28, reps=1))
+        read = max(read, read_gbps(2**28, reps=1))
         for c in cells:
             cache = caches[c["kv"]]
             c["best"] = min(c["best"], best_seconds(
@@ -122,17 +124,19 @@ def main(argv: list[str] | None = None) -> dict:
                                                 c["lens"], a.head_dim ** -0.5) for layer in range(a.layers)], 1))
     rows = [dict(compute=c["compute"], kv=c["kv"], batch=c["batch"], ms=round(1e3 * c["best"], 2),
                  mb_read=round(c["read"] / 1e6, 1), gb_s=round(c["read"] / c["best"] / 1e9, 1),
-                 of_copy=round(c["read"] / c["best"] / 1e9 / gbps, 2)) for c in cells]
+                 of_copy=round(c["read"] / c["best"] / 1e9 / gbps, 2),
+                 of_read=round(c["read"] / c["best"] / 1e9 / read, 2)) for c in cells]
     if a.resident:
         print("--resident: every sequence and layer reads the same blocks, from L2: GB/s here is the rate of the "
               "kernel's arithmetic on those bytes, not a bandwidth")
-    print(f"copy bandwidth {gbps:.1f} GB/s\n\n| compute | KV cache | batch | ms a step ({a.layers} layers) | MB read "
-          "| GB/s | of copy bandwidth |\n|---|---|---|---|---|---|---|")
+    print(f"copy bandwidth {gbps:.1f} GB/s (read + written), read bandwidth {read:.1f} GB/s (a sum)\n\n"
+          f"| compute | KV cache | batch | ms a step ({a.layers} layers) | MB read | GB/s | of copy bandwidth "
+          "| of read bandwidth |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['compute']} | {r['kv']} | {r['batch']} | {r['ms']:.1f} | {r['mb_read']:.0f} | {r['gb_s']:.1f} | "
-              f"{100 * r['of_copy']:.0f} % |")
+              f"{100 * r['of_copy']:.0f} % | {100 * r['of_read']:.0f} % |")
     print(f"\nother processes used {100 * meter.share():.0f}% of the CPUs meanwhile")
-    return finish(dict(cpu=cpu, copy_gbps=gbps, resident=a.resident, rows=rows), a.json, started)
+    return finish(dict(cpu=cpu, copy_gbps=gbps, read_gbps=read, resident=a.resident, rows=rows), a.json, started)
 
 
 if __name__ == "__main__":

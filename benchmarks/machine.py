@@ -67,6 +67,13 @@ def copy_gbps(nbytes: int = 2**30, reps: int = 5) -> float:
     return 2 * nbytes / best_seconds(lambda: dst.copy_(src), reps) / 1e9
 
 
+def read_gbps(nbytes: int = 2**29, reps: int = 5) -> float:
+    """Memory bandwidth of a large sum: bytes read only (what a kernel that reads and barely writes can hope
+    for; a copy also writes, and its write-allocate traffic is not counted by copy_gbps)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / best_seconds(lambda: src.sum(), reps) / 1e9
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds all processes have kept the machine's CPUs busy since boot (the first line of /proc/stat)."""
     with open("/proc/stat") as f:

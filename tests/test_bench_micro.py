@@ -34,3 +34,22 @@ def test_kernels_command_times_every_path_on_the_tiny_model(capsys):
     for row in report["rows"]:
         assert all(row[label] > 0 for label, _, _ in PATHS) and row["speed-up"] > 0
     assert "| decode, batch 64" in capsys.readouterr().out
+
+
+def test_decode_attention_times_each_pair_scattered_and_resident(capsys):
+    """benchmarks.decode_attention on a small shape: a row per (compute, KV cache) pair and batch, GB/s on the
+    bytes read beside both bandwidths; --resident reads the same bytes (the same MB column) from L2."""
+    from benchmarks import decode_attention
+    from model_runner import native
+    if native.library() is None:
+        return  # nothing to time where the kernels do not build: the command says so itself
+    args = ["--layers", "2", "--batches", "2,3", "--context", "20,40", "--rounds", "1",
+            "--precisions", "float32:float32,float32:int8"]
+    scattered = decode_attention.main(args)
+    resident = decode_attention.main(args + ["--resident"])
+    assert [(r["compute"], r["kv"], r["batch"]) for r in scattered["rows"]] == [
+        ("float32", kv, b) for kv in ("float32", "int8") for b in (2, 3)]
+    assert [r["mb_read"] for r in resident["rows"]] == [r["mb_read"] for r in scattered["rows"]]
+    assert resident["resident"] and scattered["read_gbps"] > 0
+    assert all(r["gb_s"] > 0 and r["of_read"] > 0 for r in scattered["rows"] + resident["rows"])
+    assert "of read bandwidth" in capsys.readouterr().out
