@@ -44,7 +44,7 @@ SECOND_PASS_SKIPS := --ignore-glob='tests/test_api*' --ignore-glob='tests/test_b
 	--ignore=tests/test_metrics.py --ignore=tests/test_model_dir.py --ignore=tests/test_chat_template.py \
 	--ignore=tests/test_threads.py --ignore=tests/test_sim.py --ignore=tests/test_prefill_progress.py \
 	--ignore=tests/test_dashboard_stream.py --ignore=tests/test_dashboard_browser.py --ignore=tests/test_plan.py \
-	--ignore=tests/test_engine_client.py --ignore=tests/test_native.py \
+	--ignore=tests/test_engine_client.py --ignore=tests/test_native.py --ignore=tests/test_sim_insitu.py \
 	-m 'not first_pass_only'
 # The dashboard's browser tests (tests/test_dashboard_browser.py) drive Debian's headless Chromium: installed here
 # when missing (as root, or with passwordless sudo); where that fails they are skipped, and say why.
