@@ -14,8 +14,9 @@ of that and not counted. Copy bandwidth is benchmarks.machine's (bytes read + by
 read bandwidth its large sum's (bytes read).
 With --resident every sequence and layer reads the same few blocks instead, which stay in the core's L2: the
 same instructions with memory out of the way, so the two runs together say whether the kernel waits on memory
-or on its own arithmetic. Every cell is timed once per round, the rounds going over all cells in turn, and keeps its fastest step (the
-copy bandwidth too): on a machine shared with bursts of other work each cell then finds a quiet moment.
+or on its own arithmetic. Every cell is timed once per round, the rounds going over all cells in turn, and
+keeps its fastest step (the bandwidths too): on a machine shared with bursts of other work each cell then finds
+a quiet moment.
 """
 from __future__ import annotations
 
