@@ -216,8 +216,8 @@ def test_stalled_viewers_leave_memory_flat_and_the_limit_answers_429():
                     for s in sockets:
                         s.close()
 
-                for _ in range(3):  # the traffic's own memory first (allocator arenas, shapes seen once)
-                    burst()
+                burst()  # the traffic's own memory first (allocator arenas, shapes seen once); the first round
+                # below is the rest of the warm-up: the baseline is taken after it
                 stall_until_dropped()
                 before = rss_kib(server.pid)
                 stall_until_dropped()

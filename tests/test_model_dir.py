@@ -338,13 +338,17 @@ def test_cli_says_jitney_error_in_one_line(tmp_path):
     """Through `python -m jitney.cli` (a subprocess each): exit status 2 and one `jitney: error:` line."""
     heads0 = model_dir(tmp_path)
     (heads0 / "config.json").write_text(json.dumps(TINY_CONFIG | {"num_attention_heads": 0}))
-    for command, model, says in (("generate", tmp_path / "no" / "such" / "dir", "does not exist"),
-                                 ("generate", heads0, "num_attention_heads is 0"),
-                                 ("serve", heads0, "num_attention_heads is 0")):
+    cases = (("generate", tmp_path / "no" / "such" / "dir", "does not exist"),
+             ("generate", heads0, "num_attention_heads is 0"),
+             ("serve", heads0, "num_attention_heads is 0"))
+    procs = []  # started together: each spends its time importing, one core's worth
+    for command, model, _ in cases:
         args = ["--prompt", "x"] if command == "generate" else ["--host", "127.0.0.1", "--port", "0"]
-        out = subprocess.run([sys.executable, "-m", "jitney.cli", command, "--model", str(model), *args], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2, out.stderr[-2000:]
-        assert "Traceback" not in out.stderr
-        last = out.stderr.strip().splitlines()[-1]
-        assert last.startswith("jitney: error: ") and says in last, out.stderr[-2000:]
+        procs.append(subprocess.Popen([sys.executable, "-m", "jitney.cli", command, "--model", str(model), *args],
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc, (_, _, says) in zip(procs, cases):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr[-2000:]
+        assert "Traceback" not in stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("jitney: error: ") and says in last, stderr[-2000:]

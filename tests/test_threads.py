@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from model_runner import threads
 
 PROBE = r"""
@@ -36,20 +38,28 @@ print(json.dumps({"runner": runner.threads, "omp": omp_n, "torch": torch_n, "des
 """
 
 
-def probe(n: int | None) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(n) if n else "none"], capture_output=True, text=True,
-                         check=True, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def probes() -> dict:
+    """PROBE's answer for --threads 1 and for the default, both subprocesses started at once (each spends its
+    time importing, one core's worth)."""
+    procs = {n: subprocess.Popen([sys.executable, "-c", PROBE, str(n) if n else "none"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for n in (1, None)}
+    answers = {}
+    for n, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+        answers[n] = json.loads(stdout.strip().splitlines()[-1])
+    return answers
 
 
-def test_one_thread_everywhere_in_the_step_thread():
-    r = probe(1)
+def test_one_thread_everywhere_in_the_step_thread(probes):
+    r = probes[1]
     assert (r["runner"], r["omp"], r["torch"]) == (1, 1, 1)
     assert "1 thread per step" in r["describe"]
 
 
-def test_default_is_the_affinity_mask():
-    r = probe(None)
+def test_default_is_the_affinity_mask(probes):
+    r = probes[None]
     n = threads.available()
     assert (r["runner"], r["omp"], r["torch"]) == (n, n, n)
 
@@ -61,7 +71,6 @@ def test_the_torch_thread_keeps_step_buffers_for_reuse():
     import platform
     import resource
 
-    import pytest
     import torch
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
