@@ -1,8 +1,8 @@
 """Where a model step's time goes, operation by operation: decodes at batch 1, 32 and 128 and one 512-token
 prefill of the default model, under torch.profiler, with each native kernel call named as an operation.
 
-    python -m benchmarks.profile_step [--model M] [--dtype auto] [--kv-cache-dtype auto] [--steps 5]
-                                      [--json out.json]
+    python -m benchmarks.profile_step [--model M] [--dtype auto] [--kv-cache-dtype auto] [--quantization none]
+                                      [--steps 5] [--json out.json]
 
 Each row is one kind of operation: its share of the step, milliseconds per step and calls per step. "python
 and glue" is the step's wall time that no operation accounts for (the runner's Python, building the step's
@@ -19,7 +19,8 @@ from functools import wraps
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from model_runner import native
+from api import flags
+from model_runner import native, qmatmul, quant
 from model_runner.config import RunnerConfig
 from model_runner.loader import DEFAULT_MODEL
 from model_runner.precision import cpu_kind
@@ -42,22 +43,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--quantization", default="none", choices=quant.MODES, help="as for jitney serve (default: none)")
+    p.add_argument("--quant-dense-rows", default="off", metavar="off|auto|N", type=flags.dense_rows,
+                   help="as for jitney serve (default: off)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps per workload (after one warm-up)")
     p.add_argument("--json", help="write every figure to this file")
     return p.parse_args(argv)
 
 
 def name_native_calls() -> None:
-    """Wraps each native kernel so the profiler shows it as an operation of its own (ctypes calls are
-    otherwise invisible to it). Only here: record_function costs a little on every call."""
-    for name in KERNELS:
-        fn = getattr(native, name)
+    """Wraps each native kernel, and the quantized matmul (--quantization), so the profiler shows it as an
+    operation of its own (ctypes calls are otherwise invisible to it). Only here: record_function costs a little
+    on every call."""
+    for module, name, label in [(native, k, k) for k in KERNELS] + [(qmatmul, "matmul", "qmatmul")]:
+        fn = getattr(module, name)
 
         @wraps(fn)
-        def named(*args, _fn=fn, _name=name, **kwargs):
-            with record_function(f"native::{_name}"):
+        def named(*args, _fn=fn, _label=label, **kwargs):
+            with record_function(f"native::{_label}"):
                 return _fn(*args, **kwargs)
-        setattr(native, name, named)
+        setattr(module, name, named)
 
 
 def breakdown(runner: ModelRunner, plan, steps: int) -> tuple[float, dict[str, tuple[float, float]]]:
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     name_native_calls()
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                                      quantization=args.quantization, quant_dense_rows=args.quant_dense_rows,
                                       kv_cache_memory=4 << 30))  # float32 at batch 128 x 600 tokens
     print(f"machine: {cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(runner.describe())
