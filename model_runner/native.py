@@ -292,6 +292,8 @@ def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: 
     and the values then go to their slots [T] (int64) of the layer's cache as write_kv puts them."""
     t, width, d = qkv.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    lib = library()
+    _check(d % 2 == 0 and d <= lib.jitney_limits(1), "an even head_dim within the kernels' limit", qkv)
     _check(qkv.dtype in KERNEL_DTYPES and qkv.stride(2) == 1 and qkv.stride(1) == d and width == heads + 2 * kv_heads
            and cache_head_dim(kv_cache) == d and kv_cache.is_contiguous() and kv_cache.dtype in KV_KINDS
            and (qkv.dtype == kv_cache.dtype or qkv.dtype == torch.float32 or kv_cache.dtype == torch.int8)
@@ -301,7 +303,7 @@ def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: 
            "a contiguous cache of its dtype, float32 under it, or int8", qkv, cos, signed_sin, kv_cache)
     _check(slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (t,), "one int64 slot per row",
            slots)
-    library().jitney_rope_write_kv(int(qkv.dtype == torch.bfloat16), KV_KINDS[kv_cache.dtype], qkv.data_ptr(),
+    lib.jitney_rope_write_kv(int(qkv.dtype == torch.bfloat16), KV_KINDS[kv_cache.dtype], qkv.data_ptr(),
                                    qkv.stride(0), cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(),
                                    kv_cache.data_ptr(), t, heads, kv_heads, d, num_blocks, block_size)
 

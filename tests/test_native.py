@@ -409,6 +409,12 @@ def test_inputs_the_kernels_cannot_read_are_refused():
         native.paged_attention(q, cache, tables[:1], ctx, 0.125)
     with pytest.raises(ValueError, match="weight of its last dimension"):
         native.add_rms_norm(torch.randn(4, 8), None, torch.ones(7), 1e-5)
+    slots, cs = torch.arange(2), torch.ones(2, 1, 512)
+    with pytest.raises(ValueError, match="even head_dim within the kernels' limit"):  # the kernel's row buffer
+        native.rope_write_kv(torch.zeros(2, 15, 512), 9, cs, cs, torch.zeros(2, 3, 4, 16, 512), slots)
+    with pytest.raises(ValueError, match="cos and sine"):
+        native.rope_write_kv(torch.zeros(2, 15, 64), 9, cs[..., :64].bfloat16(), cs[..., :64].bfloat16(),
+                             torch.zeros(2, 3, 4, 16, 64), slots)
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 1), (1, 49152), (7, 33), (128, 1000)])
