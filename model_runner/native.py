@@ -170,6 +170,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.jitney_silu_mul.argtypes = [_i32, _ptr, _ptr, _i64, _i64]
     lib.jitney_silu_mul.restype = None
     lib.jitney_argmax.argtypes, lib.jitney_argmax.restype = [_ptr, _i64, _i64, _i64, _ptr], None
+    # (largest query heads per kv head, head_dim, block_size) the build takes: read once, not on every call.
+    lib.limits = tuple(lib.jitney_limits(i) for i in range(3))
 
 
 def _check(ok: bool, what: str, *tensors: torch.Tensor) -> None:
@@ -199,8 +201,8 @@ def supported(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_d
     lib = library() if ok else None
     if lib is None or heads % kv_heads:
         return False
-    return (heads // kv_heads <= lib.jitney_limits(0) and head_dim <= lib.jitney_limits(1)
-            and block_size <= lib.jitney_limits(2))
+    max_group, max_head_dim, max_block = lib.limits
+    return heads // kv_heads <= max_group and head_dim <= max_head_dim and block_size <= max_block
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -293,7 +295,7 @@ def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: 
     t, width, d = qkv.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
     lib = library()
-    _check(d % 2 == 0 and d <= lib.jitney_limits(1), "an even head_dim within the kernels' limit", qkv)
+    _check(d % 2 == 0 and d <= lib.limits[1], "an even head_dim within the kernels' limit", qkv)
     _check(qkv.dtype in KERNEL_DTYPES and qkv.stride(2) == 1 and qkv.stride(1) == d and width == heads + 2 * kv_heads
            and cache_head_dim(kv_cache) == d and kv_cache.is_contiguous() and kv_cache.dtype in KV_KINDS
            and (qkv.dtype == kv_cache.dtype or qkv.dtype == torch.float32 or kv_cache.dtype == torch.int8)
