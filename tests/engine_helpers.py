@@ -17,15 +17,27 @@ async def collect(stream):
     return tokens, text, final
 
 
-async def run_requests(runner, cfg: BatcherConfig, prompts, params, offsets=None):
+async def run_requests(runner, cfg: BatcherConfig, prompts, params, offsets=None, lead: int | None = None):
     """Submits prompts[i] with params[i] at offsets[i] seconds; returns ([(tokens, text, final)], stats), the stats
-    taken once every request has ended."""
+    taken once every request has ended. With `lead`, that request goes first and the others' offsets count from
+    its first output: its prompt is then in the prefix cache however fast the machine runs the prefill."""
     engine = Engine(runner, cfg)
     await engine.start()
+    led = asyncio.Event()
+    if lead is None:
+        led.set()
+
+    async def first_marked(stream):
+        async for out in stream:
+            led.set()
+            yield out
 
     async def one(i):
-        await asyncio.sleep(offsets[i] if offsets else 0)
-        return await collect(await engine.add_request(prompts[i], params[i]))
+        if i != lead:
+            await led.wait()
+            await asyncio.sleep(offsets[i] if offsets else 0)
+            return await collect(await engine.add_request(prompts[i], params[i]))
+        return await collect(first_marked(await engine.add_request(prompts[i], params[i])))
 
     try:
         results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
