@@ -44,7 +44,10 @@ async def test_replay_is_open_loop_while_the_engine_is_busy(tiny_runner):
     lags = [r.submitted_s - r.arrival_s for r in records]
     assert all(0 <= lag < 0.2 for lag in lags), lags  # closed loop would lag by whole requests (>= 0.15 s)
     # It was sent on time although the engine had a backlog: it queued behind most of the nine before it.
-    assert records[-1].queue_ms > 5 * (records[0].total_ms - records[0].queue_ms)
+    # (Its admission came after the request two before it had finished: a bound in the schedule's own order, not
+    # in a ratio of step times, which contention on a busy machine moves.)
+    admitted = records[-1].submitted_s + records[-1].queue_ms / 1e3
+    assert admitted > records[-3].finished_s, (admitted, [r.finished_s for r in records])
     s = summarize(records, wall_seconds(records), steps)
     assert s["completed"] == 10 and s["output_tokens"] == 1500 and s["mean_batch"] == 1.0
     assert s["e2e_ms"]["p99"] >= s["e2e_ms"]["p50"] >= s["ttft_ms"]["p50"] > 0

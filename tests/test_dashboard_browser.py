@@ -84,7 +84,8 @@ def test_live_page_follows_the_engine_and_agrees_with_metrics(browser, server):
     browser.get(f"{server.url}/dashboard?api_key={KEY}")
     assert wait_until(lambda: status(browser) == "live", 15), status(browser)
     assert "api_key" not in browser.current_url  # the key left the address bar
-    assert number(browser, 0, "kv-total") > 0
+    # "live" comes with the stream's opening; the first snapshot paints a moment later.
+    assert wait_until(lambda: number(browser, 0, "kv-total") > 0, 15), number(browser, 0, "kv-total")
     before = number(browser, 0, "steps")
     seen_running = []
 
