@@ -306,8 +306,8 @@ def rope_write_kv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: 
     _check(slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (t,), "one int64 slot per row",
            slots)
     lib.jitney_rope_write_kv(int(qkv.dtype == torch.bfloat16), KV_KINDS[kv_cache.dtype], qkv.data_ptr(),
-                                   qkv.stride(0), cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(),
-                                   kv_cache.data_ptr(), t, heads, kv_heads, d, num_blocks, block_size)
+                             qkv.stride(0), cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(),
+                             kv_cache.data_ptr(), t, heads, kv_heads, d, num_blocks, block_size)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:

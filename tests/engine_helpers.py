@@ -36,8 +36,8 @@ async def run_requests(runner, cfg: BatcherConfig, prompts, params, offsets=None
         if i != lead:
             await led.wait()
             await asyncio.sleep(offsets[i] if offsets else 0)
-            return await collect(await engine.add_request(prompts[i], params[i]))
-        return await collect(first_marked(await engine.add_request(prompts[i], params[i])))
+        stream = await engine.add_request(prompts[i], params[i])
+        return await collect(first_marked(stream) if i == lead else stream)
 
     try:
         results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
