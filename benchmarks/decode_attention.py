@@ -11,7 +11,13 @@ them: the layers' caches together (about 1 GB of bfloat16 at batch 128) are far 
 as in a real step, so the figure is not flattered by a layer that stays in L3. Bytes read: every K and V row
 each query attends to (head_dim values, and an int8 row's 4-byte scale); queries and outputs are under 0.1 %
 of that and not counted. Copy bandwidth is benchmarks.machine's (bytes read + bytes written by a large copy),
-read bandwidth its large sum's (bytes read).
+read bandwidth its large sum's (bytes read): both stream long runs of memory, which the hardware prefetchers
+follow. Decode attention reads short runs scattered over the cache (a block of one kv head: 2 KB of bfloat16 at
+16 tokens of head_dim 64). The "bare read" column is what this machine gives that pattern: the same bytes in
+the same order and the same task split, folded into a checksum and nothing else (benchmarks/csrc/read_blocks.cpp),
+with no prefetching, with the kernel's (the next 3 blocks into L2) and with twice that; the fastest is kept. The
+kernel cannot read faster than that, so "of bare read" is its share of the bound its access pattern sets, and
+the gap from there to the copy bandwidth belongs to the memory system and the layout, not to the kernel.
 With --resident every sequence and layer reads the same few blocks instead, which stay in the core's L2: the
 same instructions with memory out of the way, so the two runs together say whether the kernel waits on memory
 or on its own arithmetic. Every cell is timed once per round, the rounds going over all cells in turn, and
@@ -22,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import ctypes
 import random
 import time
+from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -91,6 +100,31 @@ def step_case(a: argparse.Namespace, batch: int, num_blocks: int, seed: int = 0)
     return tables, torch.tensor(lens, dtype=torch.int32)
 
 
+@cache
+def bare_read_library() -> ctypes.CDLL | None:
+    """benchmarks/csrc/read_blocks.cpp, built as the kernels are (None where they cannot be)."""
+    def declare(lib: ctypes.CDLL) -> None:
+        i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+        lib.jitney_read_blocks.argtypes = [ptr, ptr, i64, ptr, i64, i32, i64, i32, i64, i32]
+        lib.jitney_read_blocks.restype = ctypes.c_uint64
+    return native.load_source(Path(__file__).parent / "csrc" / "read_blocks.cpp", declare, "no bare-read column")
+
+
+# Blocks the bare read asks for ahead: none, the kernel's 3 (csrc/paged_attention.cpp, prefetch_ahead) and twice
+# that; the fastest is the bound.
+BARE_AHEAD = (0, 3, 6)
+
+
+def bare_read(layer_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, ahead: int = 3) -> int:
+    """Reads what paged_attention reads of this layer's cache [2, kv_heads, blocks, block_size, row], and only
+    that, asking for the next `ahead` blocks into L2 as it goes; returns a checksum of it."""
+    _, kv_heads, num_blocks, block_size, row = layer_cache.shape
+    assert layer_cache.is_contiguous() and tables.stride(1) == 1 and lens.is_contiguous()
+    return bare_read_library().jitney_read_blocks(layer_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
+                                                  lens.data_ptr(), lens.shape[0], kv_heads, num_blocks, block_size,
+                                                  row * layer_cache.element_size(), ahead)
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     started = time.perf_counter()
@@ -113,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
             q = torch.randn(a.layers, batch, a.heads, a.head_dim).to(q_dtype)
             row_bytes = kv_row_elements(a.head_dim, kv_dtype) * caches[kv].element_size()
             cells.append(dict(compute=compute, kv=kv, batch=batch, q=q, tables=tables, lens=lens, best=math.inf,
-                              read=int(lens.sum()) * a.layers * 2 * a.kv_heads * row_bytes))
-    meter, gbps, read = NeighbourMeter(), 0.0, 0.0
+                              bare=math.inf, read=int(lens.sum()) * a.layers * 2 * a.kv_heads * row_bytes))
+    meter, gbps, read, has_bare = NeighbourMeter(), 0.0, 0.0, bare_read_library() is not None
     for _ in range(a.rounds):
         gbps = max(gbps, copy_gbps(2**28, reps=1))
         read = max(read, read_gbps(2**28, reps=1))
@@ -123,21 +157,28 @@ def main(argv: list[str] | None = None) -> dict:
             c["best"] = min(c["best"], best_seconds(
                 lambda: [native.paged_attention(c["q"][layer], cache[0 if a.resident else layer], c["tables"],
                                                 c["lens"], a.head_dim ** -0.5) for layer in range(a.layers)], 1))
+            for ahead in BARE_AHEAD if has_bare else ():  # the same blocks read bare, right after
+                c["bare"] = min(c["bare"], best_seconds(
+                    lambda: [bare_read(cache[0 if a.resident else layer], c["tables"], c["lens"], ahead)
+                             for layer in range(a.layers)], 1))
     # Rates stay unrounded (the table rounds when it prints): a tiny shape's share of bandwidth is well under 1 %,
     # and rounded it would read as a zero rate.
     rows = [dict(compute=c["compute"], kv=c["kv"], batch=c["batch"], ms=1e3 * c["best"],
                  mb_read=round(c["read"] / 1e6, 1), gb_s=c["read"] / c["best"] / 1e9,
-                 of_copy=c["read"] / c["best"] / 1e9 / gbps, of_read=c["read"] / c["best"] / 1e9 / read)
+                 of_copy=c["read"] / c["best"] / 1e9 / gbps, of_read=c["read"] / c["best"] / 1e9 / read,
+                 bare_gb_s=c["read"] / c["bare"] / 1e9 if has_bare else None,
+                 of_bare=c["bare"] / c["best"] if has_bare else None)
             for c in cells]
     if a.resident:
         print("--resident: every sequence and layer reads the same blocks, from L2: GB/s here is the rate of the "
               "kernel's arithmetic on those bytes, not a bandwidth")
     print(f"copy bandwidth {gbps:.1f} GB/s (read + written), read bandwidth {read:.1f} GB/s (a sum)\n\n"
           f"| compute | KV cache | batch | ms a step ({a.layers} layers) | MB read | GB/s | of copy bandwidth "
-          "| of read bandwidth |\n|---|---|---|---|---|---|---|---|")
+          "| of read bandwidth | bare read GB/s | of bare read |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        bare = f"{r['bare_gb_s']:.1f} | {100 * r['of_bare']:.0f} %" if has_bare else "- | -"
         print(f"| {r['compute']} | {r['kv']} | {r['batch']} | {r['ms']:.1f} | {r['mb_read']:.0f} | {r['gb_s']:.1f} | "
-              f"{100 * r['of_copy']:.0f} % | {100 * r['of_read']:.0f} % |")
+              f"{100 * r['of_copy']:.0f} % | {100 * r['of_read']:.0f} % | {bare} |")
     print(f"\nother processes used {100 * meter.share():.0f}% of the CPUs meanwhile")
     return finish(dict(cpu=cpu, copy_gbps=gbps, read_gbps=read, resident=a.resident, rows=rows), a.json, started)
 

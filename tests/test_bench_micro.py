@@ -2,7 +2,12 @@
 fills every row of its table."""
 import json
 
+import numpy as np
+import pytest
+import torch
+
 from benchmarks.micro import COLUMNS, main
+from model_runner.kv_cache import kv_row_elements
 
 
 def test_micro_quick_fills_a_row_per_dtype_and_batch(tmp_path, capsys, monkeypatch):
@@ -52,4 +57,31 @@ def test_decode_attention_times_each_pair_scattered_and_resident(capsys):
     assert [r["mb_read"] for r in resident["rows"]] == [r["mb_read"] for r in scattered["rows"]]
     assert resident["resident"] and scattered["read_gbps"] > 0
     assert all(r["gb_s"] > 0 and r["of_read"] > 0 for r in scattered["rows"] + resident["rows"])
-    assert "of read bandwidth" in capsys.readouterr().out
+    assert all(r["bare_gb_s"] > 0 and r["of_bare"] > 0 for r in scattered["rows"] + resident["rows"])
+    assert "of bare read" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])  # rows of 16 bytes, and of 12 (int8 values and scale): a run can end mid-word
+def test_bare_read_reads_exactly_the_rows_attention_attends(dtype):
+    """The decode benchmark's bound reads every K and V row the kernel reads and no other: its checksum (64-bit
+    words of each block's attended rows, then their last bytes, all XORed) against the same fold done here."""
+    from benchmarks.decode_attention import bare_read, bare_read_library
+    if bare_read_library() is None:
+        return
+    kv_heads, blocks, block_size = 2, 9, 4
+    row = kv_row_elements(8, dtype) * dtype.itemsize  # bytes
+    cache = torch.randint(-128, 128, (2, kv_heads, blocks, block_size, row), dtype=torch.int8).view(dtype)
+    tables = torch.tensor([[3, 0, 7], [5, 1, 0], [8, 2, 6]], dtype=torch.int32)
+    lens = torch.tensor([9, 3, 12], dtype=torch.int32)
+    raw = cache.view(torch.uint8).numpy().reshape(2, kv_heads, blocks, -1)
+    want = 0
+    for table, n in zip(tables.tolist(), lens.tolist()):
+        for b in range(-(-n // block_size)):
+            for half in range(2):
+                for h in range(kv_heads):
+                    run = raw[half, h, table[b], :min(block_size, n - b * block_size) * row]
+                    words = len(run) // 8 * 8
+                    want ^= int(np.bitwise_xor.reduce(run[:words].view(np.uint64), initial=0))
+                    for byte in run[words:]:
+                        want ^= int(byte)
+    assert bare_read(cache, tables, lens) == want
