@@ -27,8 +27,8 @@ a quiet moment.
 from __future__ import annotations
 
 import argparse
-import math
 import ctypes
+import math
 import random
 import time
 from functools import cache
