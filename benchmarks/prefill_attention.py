@@ -2,11 +2,12 @@
 (csrc/prefill_attention.cpp) and by the row kernel (csrc/paged_attention.cpp), with the GFLOP/s each achieves
 on causal attention's multiply-adds beside the machine's matmul ceiling in the same dtype.
 
-    python -m benchmarks.prefill_attention [--prompts 0:128,0:512,0:2048,1024:512] [--reps 5] [--json out.json]
+    python -m benchmarks.prefill_attention [--prompts 0:128,0:512,0:2048,1024:512] [--kv-cache-dtype int8]
+                                           [--reps 5] [--json out.json]
 
 Each prompt is `first:rows`: a chunk of `rows` tokens after `first` cached ones (0: a fresh prompt). The
-default model's shape (SmolLM2-135M: 30 layers, 9 query heads over 3 kv heads of 64), bfloat16 queries and
-cache, 16-token blocks scattered over the cache as a server's are. FLOPs counted: 4 x heads x head_dim per
+default model's shape (SmolLM2-135M: 30 layers, 9 query heads over 3 kv heads of 64), bfloat16 queries over a
+bfloat16 cache (or an int8 one: --kv-cache-dtype int8), 16-token blocks scattered over the cache as a server's are. FLOPs counted: 4 x heads x head_dim per
 (query, visible key) pair, the two products of causal attention (what the row kernel computes; the tiled one
 also multiplies the masked part of each 64-key diagonal tile, not counted). The ceiling is benchmarks.machine's
 bfloat16 matmul (torch.mm or oneDNN's packed linear, 2048^3, best of ten).
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", default="0:128,0:512,0:2048,1024:512",
                    help="first:rows chunks, comma-separated (first = tokens already cached)")
     add_shape_args(p)
+    p.add_argument("--kv-cache-dtype", choices=["bfloat16", "int8"], default="bfloat16")
     p.add_argument("--reps", type=int, default=5, help="timed steps per cell (the fastest is kept)")
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -47,15 +49,17 @@ def causal_flops(a: argparse.Namespace, first: int, rows: int) -> int:
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     started = time.perf_counter()
-    if not native.prefill_supported(torch.bfloat16, torch.bfloat16, a.heads, a.kv_heads, a.head_dim):
+    kv_dtype = getattr(torch, a.kv_cache_dtype)
+    if not native.prefill_supported(torch.bfloat16, kv_dtype, a.heads, a.kv_heads, a.head_dim):
         print("the tiled prompt kernel does not run here (it needs AVX512-BF16 and the native kernels): nothing "
               "to compare")
         return finish({"rows": []}, a.json, started)
     ceiling = matmul_gflops(torch.bfloat16)
     cpu = f"{cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, {native.isa()} loop"
-    print(f"# prompt attention: {cpu}; bfloat16 matmul ceiling {ceiling:,.0f} GFLOP/s\n")
+    print(f"# prompt attention, {a.kv_cache_dtype} KV cache: {cpu}; bfloat16 matmul ceiling {ceiling:,.0f} "
+          "GFLOP/s\n")
     blocks = max(-(-(f + r) // a.block_size) for f, r in a.prompts)
-    cache = make_cache(a, torch.bfloat16, blocks + 1)
+    cache = make_cache(a, kv_dtype, blocks + 1)
     table = torch.randperm(blocks + 1)[:blocks].to(torch.int32)  # scattered blocks
     meter, rows = NeighbourMeter(), []
     for first, n in a.prompts:
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{100 * r['tiled_of_ceiling']:.0f} % | {r['row_ms']:.1f} | {r['row_gflops']:.0f} | "
               f"{r['row_ms'] / r['tiled_ms']:.2f}x |")
     print(f"\nother processes used {100 * meter.share():.0f}% of the CPUs meanwhile")
-    return finish(dict(cpu=cpu, matmul_ceiling_gflops=ceiling, rows=rows), a.json, started)
+    return finish(dict(cpu=cpu, kv_cache_dtype=a.kv_cache_dtype, matmul_ceiling_gflops=ceiling, rows=rows), a.json,
+                  started)
 
 
 if __name__ == "__main__":

@@ -148,8 +148,8 @@ def reload() -> None:
 
 def _declare_prefill(lib: ctypes.CDLL) -> None:
     lib.jitney_prefill_supported.argtypes, lib.jitney_prefill_supported.restype = [_i32, _i32, _i32], _i32
-    lib.jitney_prefill_attention.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i32, _ptr, _i32, _i32, _i32, _i64,
-                                             _i32, ctypes.c_float]
+    lib.jitney_prefill_attention.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i32, _ptr, _i32, _i32, _i32,
+                                             _i64, _i32, ctypes.c_float]
     lib.jitney_prefill_attention.restype = None
 
 
@@ -235,32 +235,32 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
 
 
 def prefill_supported(dtype: torch.dtype, kv_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether prompt chunks of this layer shape and these dtypes run on the tiled kernel: bfloat16 queries and
-    cache, on a CPU with AVX512-BF16 (elsewhere the row kernel runs them)."""
+    """Whether prompt chunks of this layer shape and these dtypes run on the tiled kernel: bfloat16 queries over
+    a bfloat16 or int8 cache, on a CPU with AVX512-BF16 (elsewhere the row kernel runs them)."""
     lib = prefill_library()
-    return (lib is not None and dtype == kv_dtype == torch.bfloat16
+    return (lib is not None and dtype == torch.bfloat16 and kv_dtype in (torch.bfloat16, torch.int8)
             and bool(lib.jitney_prefill_supported(heads, kv_heads, head_dim)))
 
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, chunks: torch.Tensor,
                       scale: float, out: torch.Tensor) -> None:
-    """Attention of prompt chunks, tiled (csrc/prefill_attention.cpp), into out [n, H, D] (contiguous,
-    bfloat16): chunks [C, 3] int32 holds each chunk's (first row, rows, position of its first row); a chunk's rows
+    """Attention of prompt chunks, tiled (csrc/prefill_attention.cpp), over a bfloat16 or int8 cache, into out
+    [n, H, D] (contiguous, bfloat16): chunks [C, 3] int32 holds each chunk's (first row, rows, position of its first row); a chunk's rows
     are consecutive rows of q [n, H, D] and its sequence's table is block_tables[first row]. Rows outside the
     chunks are left as they are. Callers check `prefill_supported`."""
     n, heads, d = q.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
-    _check(q.dtype == kv_cache.dtype == out.dtype == torch.bfloat16 and q.stride(2) == 1 and q.stride(1) == d
-           and kv_cache.is_contiguous() and kv_cache.shape[-1] == d and out.is_contiguous()
-           and out.shape == q.shape, "bfloat16 q [n, H, D] with heads contiguous, out like q, a contiguous cache",
-           q, kv_cache, out)
+    _check(q.dtype == out.dtype == torch.bfloat16 and kv_cache.dtype in (torch.bfloat16, torch.int8)
+           and q.stride(2) == 1 and q.stride(1) == d and kv_cache.is_contiguous() and cache_head_dim(kv_cache) == d
+           and out.is_contiguous() and out.shape == q.shape, "bfloat16 q [n, H, D] with heads contiguous, out like "
+           "q, a contiguous bfloat16 or int8 cache", q, kv_cache, out)
     _check(block_tables.dtype == chunks.dtype == torch.int32 and block_tables.stride(1) == 1
            and chunks.is_contiguous() and chunks.dim() == 2 and chunks.shape[1] == 3 and block_tables.shape[0] == n
            and all(first >= 0 and rows >= 1 and first + rows <= n and pos >= 0  # a few chunks: plain Python
                    for first, rows, pos in chunks.tolist()),
            "int32 chunks (first row, rows, first position) within the rows, one table per row", chunks)
     prefill_library().jitney_prefill_attention(
-        q.data_ptr(), q.stride(0),
+        int(kv_cache.dtype == torch.int8), q.data_ptr(), q.stride(0),
         kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), chunks.data_ptr(), chunks.shape[0],
         out.data_ptr(), heads, kv_heads, d, num_blocks, block_size, scale)
 

@@ -136,3 +136,36 @@ async def test_same_text_over_an_int8_kv_cache(smol_int8_runner, int8_workload, 
         assert stats.prefix_cache_hit_rate > 0
     if case == "preemption":
         assert stats.preemptions > 0
+
+
+@pytest.fixture(scope="module")
+def smol_int8_bf16_runner():
+    """The real model in bfloat16 over an int8 KV cache: on AVX512-BF16 its prompt chunks take the tiled kernel
+    (csrc/prefill_attention.cpp), its decodes the row kernel."""
+    return ModelRunner(RunnerConfig(model="smollm2-135m", dtype="bfloat16", kv_cache_dtype="int8",
+                                    kv_cache_memory=64 << 20), progress=False)
+
+
+@pytest.fixture(scope="module")
+def int8_bf16_workload(smol_int8_bf16_runner):
+    if not smol_int8_bf16_runner.native_attention:
+        pytest.skip("an int8 cache is batch-invariant on the native kernel only")
+    return make_workload(smol_int8_bf16_runner)
+
+
+# first_pass_only: the next loop down has no tiled kernel, and its row kernel over an int8 cache is the one
+# test_same_text_over_an_int8_kv_cache runs there.
+@pytest.mark.first_pass_only
+@pytest.mark.parametrize("case", ["continuous", "continuous-chunked"])
+async def test_same_text_over_an_int8_kv_cache_under_bfloat16(smol_int8_bf16_runner, int8_bf16_workload, case):
+    """As above under bfloat16 compute, where prompts (cut into chunks of 7 tokens, or continuing a cached
+    prefix) run on the tiled kernel where the CPU has AVX512-BF16: each row's keys are tiled from position 0
+    whatever its chunk, so its output does not depend on how the prompt was cut or on its companions. The
+    other policies' steps are kinds of step these two already hold."""
+    prompts, lengths, offsets, alone = int8_bf16_workload
+    results, stats = await run_requests(smol_int8_bf16_runner, CASES[case], prompts, [greedy(n) for n in lengths],
+                                        offsets, lead=1 if case == "continuous" else None)
+    assert [r[0] for r in results] == alone
+    assert stats.kv_blocks_used == 0
+    if case == "continuous":
+        assert stats.prefix_cache_hit_rate > 0

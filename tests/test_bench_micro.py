@@ -85,3 +85,17 @@ def test_bare_read_reads_exactly_the_rows_attention_attends(dtype):
                     for byte in run[words:]:
                         want ^= int(byte)
     assert bare_read(cache, tables, lens) == want
+
+
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
+def test_prefill_attention_times_both_kernels_over_either_cache(kv, capsys):
+    """benchmarks.prefill_attention on a small shape: a row per chunk, both kernels timed, over either cache."""
+    from benchmarks import prefill_attention
+    from model_runner import native
+    if not native.prefill_supported(torch.bfloat16, getattr(torch, kv), 9, 3, 64):
+        pytest.skip("the tiled prompt kernel runs on AVX512-BF16 only")
+    result = prefill_attention.main(["--layers", "1", "--prompts", "0:20,16:8", "--reps", "1",
+                                     "--kv-cache-dtype", kv])
+    assert result["kv_cache_dtype"] == kv and [(r["first"], r["rows"]) for r in result["rows"]] == [(0, 20), (16, 8)]
+    assert all(r["tiled_ms"] > 0 and r["row_ms"] > 0 for r in result["rows"])
+    assert f"{kv} KV cache" in capsys.readouterr().out

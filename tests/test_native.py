@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model_runner import native
+from model_runner.int8_kv import quantize_rows
 from model_runner.precision import cpuinfo_flags
 
 from .reference import our_logits
@@ -450,7 +451,9 @@ def test_argmax_refuses_what_it_cannot_read():
 # --- the tiled prompt kernel (csrc/prefill_attention.cpp): bfloat16 on AVX512-BF16 ---------------------------
 
 def tiled_here(heads=9, kv_heads=3, head_dim=64) -> bool:
-    return native.prefill_supported(torch.bfloat16, torch.bfloat16, heads, kv_heads, head_dim)
+    here = native.prefill_supported(torch.bfloat16, torch.bfloat16, heads, kv_heads, head_dim)
+    assert native.prefill_supported(torch.bfloat16, torch.int8, heads, kv_heads, head_dim) == here
+    return here
 
 
 def test_tiled_kernel_builds_where_the_cpu_has_avx512_bf16(isa):
@@ -459,13 +462,15 @@ def test_tiled_kernel_builds_where_the_cpu_has_avx512_bf16(isa):
     assert tiled_here() == (native.isa() == "avx512-bf16")
     assert not native.prefill_supported(torch.float32, torch.float32, 9, 3, 64)
     assert not native.prefill_supported(torch.float32, torch.bfloat16, 9, 3, 64)
+    assert not native.prefill_supported(torch.float32, torch.int8, 9, 3, 64)
 
 
-def chunk_case(heads, kv_heads, head_dim, block_size, chunks, seed):
+def chunk_case(heads, kv_heads, head_dim, block_size, chunks, seed, kv_dtype=torch.bfloat16):
     """Prompt chunks (first position, rows) of separate sequences, their rows stacked as a step has them, with
-    one table and context length per row."""
+    one table and context length per row; the cache in kv_dtype (int8: rows quantized)."""
     q, cache, tables, _ = random_case(heads, kv_heads, head_dim, block_size, [p + n for p, n in chunks],
-                                      torch.bfloat16, seed)
+                                      torch.float32, seed)
+    cache = quantize_rows(cache) if kv_dtype == torch.int8 else cache.to(kv_dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     rows = sum(n for _, n in chunks)
     q = torch.randn(rows, heads + kv_heads, head_dim, generator=gen).bfloat16()[:, :heads]
@@ -482,30 +487,36 @@ def tiled(q, cache, tables, spec, scale):
     return out
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16-cache", "int8-cache"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
     (9, 3, 64, 16), (9, 3, 64, 1), (8, 2, 128, 8), (4, 4, 64, 32), (16, 1, 64, 16), (32, 2, 128, 16)])
-def test_tiled_kernel_matches_reference(heads, kv_heads, head_dim, block_size):
+def test_tiled_kernel_matches_reference(heads, kv_heads, head_dim, block_size, kv_dtype):
     """Fresh prompts of lengths around the 64-key tile and the row tiles, and chunks after a cached prefix,
-    several sequences in one call, against float64. The bound is bfloat16's: the output's own rounding (2^-9 of
-    its magnitude) plus the softmax weights' rounding to bfloat16 for the second product (2^-9 relative each;
-    the weights are normalised by their rounded sum, so the output moves by at most 2^-8 of the values'
-    largest magnitude)."""
+    several sequences in one call, against float64 over the cache as stored (an int8 one dequantized). The
+    bound is bfloat16's: the output's own rounding (2^-9 of its magnitude) plus the softmax weights' rounding to
+    bfloat16 for the second product (2^-9 relative each; the output moves by at most 2^-8 of the values'
+    largest magnitude). An int8 cache adds no term: its scores are exact integer sums but for the query's int16
+    form (2^-14 of its largest element, far under the rest), its values exact in bfloat16, and each value
+    row's scale rides in its weight before the weight's one rounding."""
     if not tiled_here(heads, kv_heads, head_dim):
         pytest.skip("the tiled kernel runs on AVX512-BF16 only")
     chunks = [(0, 1), (0, 2), (0, 63), (0, 65), (0, 130), (37, 50), (100, 1), (64, 64), (5, 200)]
-    q, cache, tables, lens, spec = chunk_case(heads, kv_heads, head_dim, block_size, chunks, seed=head_dim)
+    q, cache, tables, lens, spec = chunk_case(heads, kv_heads, head_dim, block_size, chunks, seed=head_dim,
+                                              kv_dtype=kv_dtype)
     out = tiled(q, cache, tables, spec, head_dim ** -0.5)
-    want = reference(q, cache, tables, lens.tolist(), head_dim ** -0.5)
-    v_max = cache[1].double().abs().max()
+    stored = widened(cache)
+    want = reference(q, stored, tables, lens.tolist(), head_dim ** -0.5)
+    v_max = stored[1].double().abs().max()
     assert ((out.double() - want).abs() <= want.abs() * 2.0 ** -8 + v_max * 2.0 ** -8).all()
 
 
-def test_tiled_rows_do_not_depend_on_chunking_or_companions():
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16-cache", "int8-cache"])
+def test_tiled_rows_do_not_depend_on_chunking_or_companions(kv_dtype):
     """A row's output is bit-identical however its prompt is cut into chunks and whatever else the call holds:
     key tiles start at position 0 of the sequence, whatever the chunk, and tasks never mix sequences."""
     if not tiled_here():
         pytest.skip("the tiled kernel runs on AVX512-BF16 only")
-    q, cache, tables, lens, spec = chunk_case(9, 3, 64, 16, [(0, 300), (0, 90)], seed=11)
+    q, cache, tables, lens, spec = chunk_case(9, 3, 64, 16, [(0, 300), (0, 90)], seed=11, kv_dtype=kv_dtype)
     whole = tiled(q, cache, tables, spec, 0.125)
     for cuts in ([(0, 100), (100, 200)], [(0, 1), (1, 298), (299, 1)], [(0, 64), (64, 64), (128, 172)]):
         for p, n in cuts:

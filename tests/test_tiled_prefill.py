@@ -1,5 +1,6 @@
 """Multi-token chunks on the tiled kernel (csrc/prefill_attention.cpp), decodes on the row kernel: which rows go
-where, and a bfloat16 model that gives the same logits and greedy text either way (up to bfloat16)."""
+where, and a bfloat16 model, over a bfloat16 or an int8 KV cache, that gives the same logits and greedy text
+either way (up to bfloat16)."""
 import pytest
 import torch
 
@@ -36,12 +37,14 @@ def test_a_step_of_decodes_has_no_chunks():
     assert ModelRunner._chunks([(seq(5, 3, 7), 1), (seq(5, 1, 5), 1)]) == (None, 2)
 
 
-@pytest.fixture(scope="module")
-def runner():
-    """A tiny random model with SmolLM2's head shape (9/3 heads of 64), in bfloat16."""
+@pytest.fixture(scope="module", params=["bfloat16", "int8"], ids=["bf16-cache", "int8-cache"])
+def runner(request):
+    """A tiny random model with SmolLM2's head shape (9/3 heads of 64), in bfloat16, over a bfloat16 or an int8
+    KV cache (both tiled)."""
     path = tiny_random_dir(cache_dir(), seed=3, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                            head_dim=64, intermediate_size=256)
-    r = ModelRunner(RunnerConfig(model=str(path), dtype="bfloat16", kv_cache_memory=16 << 20), progress=False)
+    r = ModelRunner(RunnerConfig(model=str(path), dtype="bfloat16", kv_cache_dtype=request.param,
+                                 kv_cache_memory=16 << 20), progress=False)
     if not r.tiled_prefill:
         pytest.skip("the tiled kernel runs on AVX512-BF16 only (bfloat16 compute)")
     return r

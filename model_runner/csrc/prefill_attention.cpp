@@ -15,6 +15,14 @@
 // a weighted mean of the values: its error is bounded by the weights' rounding (2^-9 relative) times the
 // values' magnitude, on top of the output's own bfloat16 rounding.
 //
+// An int8 cache (rows of head_dim int8 values and a float32 scale, kv_cache.py) runs the same loop with two
+// changes, both exact where the bfloat16 one rounds: keys are packed as int16 pairs and each query is held as
+// int16 on a power-of-two scale (to 2^-14 of its largest element, finer than its bfloat16 bits: what the
+// decode kernel does for bfloat16 queries), so the score products are integer dot products (VPDPWSSD) and only
+// the key's and query's scales multiply in float32; values are packed as bfloat16, which holds every int8
+// value exactly, and each value row's scale goes into its softmax weight before that is rounded (the
+// normaliser sums the weights without it), so the error bound is the bfloat16 cache's.
+//
 // Only built with AVX512-BF16 (Zen 4, Xeons since Cooper Lake): elsewhere jitney_prefill_supported says no
 // and prompt rows run on the row kernel. Built and loaded by model_runner/native.py (plain C ABI).
 #include <algorithm>
@@ -70,13 +78,56 @@ void pack_tile(const uint16_t* k, const uint16_t* v, const int32_t* table, int b
   }
 }
 
-// One task: `rows` query rows (first at position first_pos) x `group` heads from head0, against keys
-// 0 .. first_pos + rows - 1 of one kv head, packed (pack_tile). q and out rows are q_stride / out_stride
-// elements apart, heads contiguous. Both products on VDPBF16PS, TK keys and B query vectors at a time
-// (B x (TK + HD) / 16 accumulators in registers).
+// pack_tile for an int8 cache (rows of HD values, then the float32 scale): keys as int16 pairs along the head
+// dimension (kp[d / 2][t]: elements d and d + 1 of key t), values as bfloat16 pairs along the keys (exact: an
+// int8 value has at most 8 significant bits), and each key's and value's row scale (ks[t], vs[t]; 0 past `n`).
 template <int HD>
-void tile_bf16(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, int first_pos,
-               const uint32_t* kpack, const uint32_t* vpack, uint16_t* out, int64_t out_stride, float scale) {
+void pack_tile_q8(const int8_t* k, const int8_t* v, const int32_t* table, int block_size, int k0, int n,
+                  uint32_t (*kp)[TK], uint32_t (*vp)[HD], float* ks, float* vs) {
+  constexpr int RS = HD + 4;  // bytes from one cached row to the next
+  for (int t = 0; t < TK; t += 2) {
+    int8_t kr[2][HD] = {}, vr[2][HD] = {};
+    for (int u = 0; u < 2; u++) {
+      ks[t + u] = vs[t + u] = 0.f;
+      if (k0 + t + u < n) {
+        const int8_t* krow = token_row(k, table, k0 + t + u, block_size, RS);
+        const int8_t* vrow = token_row(v, table, k0 + t + u, block_size, RS);
+        std::memcpy(kr[u], krow, HD);
+        std::memcpy(vr[u], vrow, HD);
+        std::memcpy(&ks[t + u], krow + HD, sizeof(float));
+        std::memcpy(&vs[t + u], vrow + HD, sizeof(float));
+      }
+    }
+    for (int d = 0; d < HD / 2; d++)
+      for (int u = 0; u < 2; u++)
+        kp[d][t + u] = uint32_t(uint16_t(int16_t(kr[u][2 * d]))) | uint32_t(uint16_t(int16_t(kr[u][2 * d + 1]))) << 16;
+    for (int d = 0; d < HD; d++) {
+      uint16_t b0, b1;
+      store(float(vr[0][d]), &b0);  // exact
+      store(float(vr[1][d]), &b1);
+      vp[t / 2][d] = uint32_t(b0) | uint32_t(b1) << 16;
+    }
+  }
+}
+
+// Sums of int16 pairs' products into int32 lanes (VPDPWSSD where the CPU has AVX512-VNNI).
+inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+// One task: `rows` query rows (first at position first_pos) x `group` heads from head0, against keys
+// 0 .. first_pos + rows - 1 of one kv head, packed (pack_tile, or pack_tile_q8 when Q8, with the rows' scales
+// in kscale and vscale, TK a tile). q and out rows are q_stride / out_stride elements apart, heads contiguous.
+// Both products on VDPBF16PS (the scores on VPDPWSSD when Q8), TK keys and B query vectors at a time
+// (B x (TK + HD) / 16 accumulators in registers).
+template <int HD, bool Q8>
+void tile(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, int first_pos,
+          const uint32_t* kpack, const uint32_t* vpack, const float* kscale, const float* vscale, uint16_t* out,
+          int64_t out_stride, float scale) {
   static_assert(HD % 32 == 0, "whole 512-bit vectors of bfloat16 pairs");
   constexpr int64_t TILE_WORDS = int64_t(TK) * HD / 2;  // one packed tile: TK keys x HD elements in pairs
   constexpr int NV = HD / 16;  // float32 vectors per output row
@@ -84,10 +135,27 @@ void tile_bf16(const uint16_t* q, int64_t q_stride, int head0, int group, int ro
   const int m_total = rows * group;
   alignas(64) uint32_t qp[MAX_M + B][HD / 2] = {};  // each query's elements in pairs (scale goes on scores)
   alignas(64) __m512 acc[MAX_M + B][NV];
-  float running_max[MAX_M + B], denom[MAX_M + B];
+  float running_max[MAX_M + B], denom[MAX_M + B], q_scale[MAX_M + B];  // q_scale: Q8's, times `scale`
   for (int m = 0; m < MAX_M + B; m++) {
-    if (m < m_total)
-      std::memcpy(qp[m], q + int64_t(m / group) * q_stride + int64_t(head0 + m % group) * HD, sizeof qp[m]);
+    q_scale[m] = 0.f;
+    if (m < m_total) {
+      const uint16_t* qrow = q + int64_t(m / group) * q_stride + int64_t(head0 + m % group) * HD;
+      if constexpr (Q8) {  // q = s qi, qi int16 with |qi| < 2^14, s a power of two: to within s / 2
+        float amax = 0.f;
+        for (int d = 0; d < HD; d++) amax = std::max(amax, std::fabs(to_float(qrow[d])));
+        int e = 0;
+        std::frexp(amax, &e);  // amax = f 2^e, f in [0.5, 1)
+        const float sq = amax > 0.f ? std::ldexp(1.f, e - 14) : 1.f;
+        for (int d = 0; d < HD; d += 2) {
+          const int16_t lo = int16_t(std::nearbyint(to_float(qrow[d]) / sq));
+          const int16_t hi = int16_t(std::nearbyint(to_float(qrow[d + 1]) / sq));
+          qp[m][d / 2] = uint32_t(uint16_t(lo)) | uint32_t(uint16_t(hi)) << 16;
+        }
+        q_scale[m] = sq * scale;
+      } else {
+        std::memcpy(qp[m], qrow, sizeof qp[m]);
+      }
+    }
     for (int j = 0; j < NV; j++) acc[m][j] = _mm512_setzero_ps();
     running_max[m] = -INFINITY;
     denom[m] = 0.f;
@@ -101,15 +169,34 @@ void tile_bf16(const uint16_t* q, int64_t q_stride, int head0, int group, int ro
     // Every loop below runs a fixed count (the tile's keys past n are zeros, their weights 0), so the
     // compiler unrolls them and keeps scores and accumulators in registers.
     for (int m0 = std::max(0, k0 - first_pos) * group / B * B; m0 < m_total; m0 += B) {
-      __m512 s[B][NS];
-      for (int i = 0; i < B; i++)
-        for (int c = 0; c < NS; c++) s[i][c] = _mm512_setzero_ps();
-      for (int d = 0; d < HD / 2; d++) {
-        __m512bh qd[B];
-        for (int i = 0; i < B; i++) qd[i] = (__m512bh)_mm512_set1_epi32(qp[m0 + i][d]);
-        for (int c = 0; c < NS; c++) {
-          const __m512bh kd = (__m512bh)_mm512_load_si512(kp[d] + 16 * c);
-          for (int i = 0; i < B; i++) s[i][c] = _mm512_dpbf16_ps(s[i][c], kd, qd[i]);
+      __m512 s[B][NS];  // unscaled scores
+      if constexpr (Q8) {
+        __m512i si[B][NS];
+        for (int i = 0; i < B; i++)
+          for (int c = 0; c < NS; c++) si[i][c] = _mm512_setzero_si512();
+        for (int d = 0; d < HD / 2; d++) {
+          __m512i qd[B];
+          for (int i = 0; i < B; i++) qd[i] = _mm512_set1_epi32(int32_t(qp[m0 + i][d]));
+          for (int c = 0; c < NS; c++) {
+            const __m512i kd = _mm512_load_si512(kp[d] + 16 * c);
+            for (int i = 0; i < B; i++) si[i][c] = dot_pairs(si[i][c], kd, qd[i]);
+          }
+        }
+        const float* ks = kscale + int64_t(k0 / TK) * TK;
+        for (int i = 0; i < B; i++)
+          for (int c = 0; c < NS; c++)  // integer sums exact (|qi k| < 2^21, HD of them), then the scales
+            s[i][c] = _mm512_mul_ps(_mm512_cvtepi32_ps(si[i][c]), _mm512_mul_ps(_mm512_loadu_ps(ks + 16 * c),
+                                                                                _mm512_set1_ps(q_scale[m0 + i])));
+      } else {
+        for (int i = 0; i < B; i++)
+          for (int c = 0; c < NS; c++) s[i][c] = _mm512_setzero_ps();
+        for (int d = 0; d < HD / 2; d++) {
+          __m512bh qd[B];
+          for (int i = 0; i < B; i++) qd[i] = (__m512bh)_mm512_set1_epi32(qp[m0 + i][d]);
+          for (int c = 0; c < NS; c++) {
+            const __m512bh kd = (__m512bh)_mm512_load_si512(kp[d] + 16 * c);
+            for (int i = 0; i < B; i++) s[i][c] = _mm512_dpbf16_ps(s[i][c], kd, qd[i]);
+          }
         }
       }
       alignas(64) uint32_t wp[B][TK / 2];  // each vector's weights, rounded to bfloat16, in pairs of keys
@@ -121,7 +208,7 @@ void tile_bf16(const uint16_t* q, int64_t q_stride, int head0, int group, int ro
         for (int c = 0; c < NS; c++) {  // scaled scores, -inf where masked
           const int in = std::min(std::max(seen - 16 * c, 0), 16);
           s[i][c] = _mm512_mask_blend_ps(__mmask16((1u << in) - 1), _mm512_set1_ps(-INFINITY),
-                                         _mm512_mul_ps(s[i][c], scale16));
+                                         Q8 ? s[i][c] : _mm512_mul_ps(s[i][c], scale16));
           mx = _mm512_max_ps(mx, s[i][c]);
         }
         const float m_new = std::max(running_max[m], _mm512_reduce_max_ps(mx));
@@ -129,10 +216,19 @@ void tile_bf16(const uint16_t* q, int64_t q_stride, int head0, int group, int ro
         __m512 sum = _mm512_setzero_ps();
         for (int c = 0; c < NS; c++) {
           // Rounded to bfloat16 for the product; the row sum is of the rounded weights, so the output stays
-          // a weighted mean of the values.
-          const __m256bh w = _mm512_cvtneps_pbh(exp512_nonpositive(_mm512_sub_ps(s[i][c], _mm512_set1_ps(m_new))));
-          sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16)));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(wp[i] + 8 * c), (__m256i)w);
+          // a weighted mean of the values. Q8: the weights carry their value rows' scales (the values are the
+          // raw int8 ones), and the row sum is of the weights alone, unrounded.
+          const __m512 p = exp512_nonpositive(_mm512_sub_ps(s[i][c], _mm512_set1_ps(m_new)));
+          if constexpr (Q8) {
+            const float* vsc = vscale + int64_t(k0 / TK) * TK + 16 * c;
+            const __m256bh w = _mm512_cvtneps_pbh(_mm512_mul_ps(p, _mm512_loadu_ps(vsc)));
+            sum = _mm512_add_ps(sum, p);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(wp[i] + 8 * c), (__m256i)w);
+          } else {
+            const __m256bh w = _mm512_cvtneps_pbh(p);
+            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16)));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(wp[i] + 8 * c), (__m256i)w);
+          }
         }
         running_max[m] = m_new;
         denom[m] = denom[m] * correction + _mm512_reduce_add_ps(sum);
@@ -164,14 +260,15 @@ struct Task {
   int chunk, row0, rows, head;
 };
 
-template <int HD>
-void prefill_attention(const uint16_t* q, int64_t q_stride, const uint16_t* cache, const int32_t* block_tables,
+// cache: bfloat16 (uint16_t) rows of HD, or with Q8 int8 rows of HD + 4 bytes.
+template <int HD, bool Q8>
+void prefill_attention(const uint16_t* q, int64_t q_stride, const void* cache, const int32_t* block_tables,
                        int64_t table_stride, const int32_t* chunks, int num_chunks, uint16_t* out, int heads,
                        int kv_heads, int64_t num_blocks, int block_size, float scale) {
   constexpr int64_t TILE_WORDS = int64_t(TK) * HD / 2;
   const int group = heads / kv_heads;
   const int tile_rows = std::max(1, MAX_M / group);
-  const int64_t head_stride = num_blocks * block_size * HD;  // elements of one kv head's blocks
+  const int64_t head_stride = num_blocks * block_size * (Q8 ? HD + 4 : HD);  // elements of one kv head's blocks
   // Packed keys and values: for each chunk and kv head, its context's tiles (pack_tile).
   std::vector<int64_t> first_tile(num_chunks + 1, 0);
   for (int c = 0; c < num_chunks; c++)
@@ -184,6 +281,8 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, const uint16_t* cach
   std::unique_ptr<uint32_t, Free> vp(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)));
   uint32_t* kpack = kp.get();
   uint32_t* vpack = vp.get();
+  // Q8: each packed key's and value's row scale, TK a tile, in the packs' order.
+  std::vector<float> kscale(Q8 ? std::max<int64_t>(tiles, 1) * kv_heads * TK : 0), vscale(kscale.size());
   std::vector<Task> tasks;
   for (int c = 0; c < num_chunks; c++)
     for (int r = 0; r < chunks[3 * c + 1]; r += tile_rows)
@@ -203,10 +302,17 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, const uint16_t* cach
       const int32_t* table = block_tables + int64_t(chunks[3 * c]) * table_stride;
       const int64_t at = (first_tile[c] * kv_heads + int64_t(h) * (first_tile[c + 1] - first_tile[c])
                           + tile - first_tile[c]) * TILE_WORDS;
-      pack_tile<HD>(cache + h * head_stride, cache + (kv_heads + h) * head_stride, table, block_size,
-                    int(tile - first_tile[c]) * TK, chunks[3 * c + 2] + chunks[3 * c + 1],
-                    reinterpret_cast<uint32_t (*)[TK]>(kpack + at),
-                    reinterpret_cast<uint32_t (*)[HD]>(vpack + at));
+      const int k0 = int(tile - first_tile[c]) * TK, n = chunks[3 * c + 2] + chunks[3 * c + 1];
+      if constexpr (Q8) {
+        const int8_t* base = static_cast<const int8_t*>(cache);
+        pack_tile_q8<HD>(base + h * head_stride, base + (kv_heads + h) * head_stride, table, block_size, k0, n,
+                         reinterpret_cast<uint32_t (*)[TK]>(kpack + at), reinterpret_cast<uint32_t (*)[HD]>(vpack + at),
+                         kscale.data() + at / TILE_WORDS * TK, vscale.data() + at / TILE_WORDS * TK);
+      } else {
+        const uint16_t* base = static_cast<const uint16_t*>(cache);
+        pack_tile<HD>(base + h * head_stride, base + (kv_heads + h) * head_stride, table, block_size, k0, n,
+                      reinterpret_cast<uint32_t (*)[TK]>(kpack + at), reinterpret_cast<uint32_t (*)[HD]>(vpack + at));
+      }
     }
 #pragma omp for schedule(dynamic, 1)
     for (size_t i = 0; i < tasks.size(); i++) {
@@ -214,8 +320,10 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, const uint16_t* cach
       const int64_t row = chunks[3 * t.chunk] + t.row0;  // the task's first row of the step
       const int64_t at = (first_tile[t.chunk] * kv_heads
                           + int64_t(t.head) * (first_tile[t.chunk + 1] - first_tile[t.chunk])) * TILE_WORDS;
-      tile_bf16<HD>(q + row * q_stride, q_stride, t.head * group, group, t.rows, chunks[3 * t.chunk + 2] + t.row0,
-                    kpack + at, vpack + at, out + row * out_stride, out_stride, scale);
+      const float* ks = Q8 ? kscale.data() + at / TILE_WORDS * TK : nullptr;
+      const float* vs = Q8 ? vscale.data() + at / TILE_WORDS * TK : nullptr;
+      tile<HD, Q8>(q + row * q_stride, q_stride, t.head * group, group, t.rows, chunks[3 * t.chunk + 2] + t.row0,
+                   kpack + at, vpack + at, ks, vs, out + row * out_stride, out_stride, scale);
     }
   }
 }
@@ -239,17 +347,19 @@ int jitney_prefill_supported(int heads, int kv_heads, int head_dim) {
 }
 
 // q [rows, heads, head_dim] bfloat16 (q_stride elements between rows, heads contiguous); cache: one layer's
-// [2, kv_heads, num_blocks, block_size, head_dim] bfloat16; block_tables [rows, table_stride] int32, the table
+// [2, kv_heads, num_blocks, block_size, head_dim] bfloat16, or with kv_int8 rows of head_dim int8 values and
+// their float32 scale (head_dim + 4 bytes); block_tables [rows, table_stride] int32, the table
 // of a chunk's sequence at the chunk's first row; chunks [num_chunks, 3] int32: (first row, rows, position of
 // the first row); out [rows, heads, head_dim] contiguous: only the chunks' rows are written. Callers check
 // jitney_prefill_supported.
-void jitney_prefill_attention(const uint16_t* q, int64_t q_stride, const uint16_t* cache,
+void jitney_prefill_attention(int kv_int8, const uint16_t* q, int64_t q_stride, const void* cache,
                               const int32_t* block_tables, int64_t table_stride, const int32_t* chunks,
                               int num_chunks, uint16_t* out, int heads, int kv_heads, int head_dim,
                               int64_t num_blocks, int block_size, float scale) {
 #ifdef JITNEY_DPBF16
-  (head_dim == 64 ? prefill_attention<64> : prefill_attention<128>)(
-      q, q_stride, cache, block_tables, table_stride, chunks, num_chunks, out, heads, kv_heads, num_blocks,
+  const auto run = kv_int8 ? (head_dim == 64 ? prefill_attention<64, true> : prefill_attention<128, true>)
+                           : (head_dim == 64 ? prefill_attention<64, false> : prefill_attention<128, false>);
+  run(q, q_stride, cache, block_tables, table_stride, chunks, num_chunks, out, heads, kv_heads, num_blocks,
       block_size, scale);
 #endif
 }
