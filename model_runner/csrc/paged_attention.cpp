@@ -340,6 +340,7 @@ AttendFn<T> pick_avx512(int head_dim, int group) {
 
 #ifdef __AVX512BW__  // the int8 kernel's int16 arithmetic (every AVX-512 CPU jitney meets has it)
 #define JITNEY_AVX512_Q8 1
+#include "int16_query.h"  // int16_step, dot_pairs
 // Sixteen horizontal sums of int32 lanes at once: sum16's transposing reduction on integers (exact).
 inline __m512i sum16i(const __m512i v[16]) {
   __m512i s2[8], s4[4], s8[2];
@@ -354,14 +355,6 @@ inline __m512i sum16i(const __m512i v[16]) {
                           _mm512_shuffle_i32x4(s8[0], s8[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// acc + a[0] b[0] + a[1] b[1] per 32-bit lane of int16 pairs (VPDPWSSD where the CPU has AVX512-VNNI).
-inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
-#ifdef __AVX512VNNI__
-  return _mm512_dpwssd_epi32(acc, a, b);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
-#endif
-}
 
 // An int8 cache under float32 or bfloat16 queries: attend_avx512's design, everything summed in float32 but the
 // key dot products, which are exact integer sums.
@@ -404,9 +397,7 @@ void attend_avx512_q8(const TQ* q, const int8_t* k, const int8_t* v, const int32
     // s: the power of two with amax / s in [2^13, 2^14), so that qh = round(q / s) fits an int16 with room, and
     // q - qh s (exact) leaves at most s / 2 for ql = round((q - qh s) 2^15 / s), at most 2^14: q is then
     // s (qh + ql 2^-15) to within s 2^-16, 2^-29 of amax, far below float32's own rounding of q.
-    int e = 0;
-    std::frexp(amax, &e);  // amax = f 2^e, f in [0.5, 1)
-    const float sq = amax > 0.f ? std::ldexp(1.f, e - 14) : 1.f;
+    const float sq = int16_step(amax);
     const __m512 inv = _mm512_set1_ps(1.f / sq), step = _mm512_set1_ps(sq), inv_lo = _mm512_set1_ps(32768.f / sq);
     for (int c = 0; c < NK; c++) {
       __m512i h[2], l[2];

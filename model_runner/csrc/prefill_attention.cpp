@@ -44,6 +44,8 @@ namespace {
 #include "softmax.h"  // exp_nonpositive, exp512_nonpositive
 
 #ifdef JITNEY_DPBF16
+#include "int16_query.h"  // int16_step, dot_pairs (the int8 cache's scores)
+
 constexpr int MAX_M = 128;  // query vectors per task (rows x the group's heads)
 constexpr int MAX_GROUP = 16;
 constexpr int TK = 64;       // keys per tile: the softmax's horizontal max and sum, once per vector and tile,
@@ -110,15 +112,6 @@ void pack_tile_q8(const int8_t* k, const int8_t* v, const int32_t* table, int bl
   }
 }
 
-// Sums of int16 pairs' products into int32 lanes (VPDPWSSD where the CPU has AVX512-VNNI).
-inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
-#ifdef __AVX512VNNI__
-  return _mm512_dpwssd_epi32(acc, a, b);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
-#endif
-}
-
 // One task: `rows` query rows (first at position first_pos) x `group` heads from head0, against keys
 // 0 .. first_pos + rows - 1 of one kv head, packed (pack_tile, or pack_tile_q8 when Q8, with the rows' scales
 // in kscale and vscale, TK a tile). q and out rows are q_stride / out_stride elements apart, heads contiguous.
@@ -140,12 +133,10 @@ void tile(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, i
     q_scale[m] = 0.f;
     if (m < m_total) {
       const uint16_t* qrow = q + int64_t(m / group) * q_stride + int64_t(head0 + m % group) * HD;
-      if constexpr (Q8) {  // q = s qi, qi int16 with |qi| < 2^14, s a power of two: to within s / 2
+      if constexpr (Q8) {  // q = s qi, qi int16 with |qi| <= 2^14, s a power of two: to within s / 2
         float amax = 0.f;
         for (int d = 0; d < HD; d++) amax = std::max(amax, std::fabs(to_float(qrow[d])));
-        int e = 0;
-        std::frexp(amax, &e);  // amax = f 2^e, f in [0.5, 1)
-        const float sq = amax > 0.f ? std::ldexp(1.f, e - 14) : 1.f;
+        const float sq = int16_step(amax);
         for (int d = 0; d < HD; d += 2) {
           const int16_t lo = int16_t(std::nearbyint(to_float(qrow[d]) / sq));
           const int16_t hi = int16_t(std::nearbyint(to_float(qrow[d + 1]) / sq));
