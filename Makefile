@@ -61,7 +61,7 @@ TEST_JOBS ?= 0
 XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 test: $(STAMP) $(SCALE_STAMP) browser
-	$(PY) -m pytest -q $(XDIST) $(ARGS)
+	$(PY) -m pytest -q --durations=25 $(XDIST) $(ARGS)
 	env $$($(PY) -m model_runner.native --second-path) $(PY) -m pytest -q $(XDIST) $(SECOND_PASS_SKIPS) $(ARGS)
 
 test-fast: $(STAMP)

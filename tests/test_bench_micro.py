@@ -87,15 +87,23 @@ def test_bare_read_reads_exactly_the_rows_attention_attends(dtype):
     assert bare_read(cache, tables, lens) == want
 
 
-@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
-def test_prefill_attention_times_both_kernels_over_either_cache(kv, capsys):
-    """benchmarks.prefill_attention on a small shape: a row per chunk, both kernels timed, over either cache."""
+@pytest.mark.parametrize("precision", ["bfloat16:bfloat16", "bfloat16:int8", "float32:float32", "float32:bfloat16",
+                                       "float32:int8"])
+def test_prefill_attention_times_each_kernel_that_runs_here(precision, capsys):
+    """benchmarks.prefill_attention on a small shape: a row per chunk, the row kernel always and the tiled one
+    exactly where it runs (bfloat16 on AVX512-BF16), over each cache a dtype allows."""
     from benchmarks import prefill_attention
     from model_runner import native
-    if not native.prefill_supported(torch.bfloat16, getattr(torch, kv), 9, 3, 64):
-        pytest.skip("the tiled prompt kernel runs on AVX512-BF16 only")
-    result = prefill_attention.main(["--layers", "1", "--prompts", "0:20,16:8", "--reps", "1",
+    from model_runner.precision import cpu_has_native_bf16
+    dtype, kv = precision.split(":")
+    if native.library() is None:
+        pytest.skip("the native kernels do not build here")
+    if dtype == "bfloat16" and not cpu_has_native_bf16():
+        pytest.skip("bfloat16 is emulated on this CPU: its matmul ceiling alone runs for minutes on one core")
+    result = prefill_attention.main(["--layers", "1", "--prompts", "0:20,16:8", "--reps", "1", "--dtype", dtype,
                                      "--kv-cache-dtype", kv])
-    assert result["kv_cache_dtype"] == kv and [(r["first"], r["rows"]) for r in result["rows"]] == [(0, 20), (16, 8)]
-    assert all(r["tiled_ms"] > 0 and r["row_ms"] > 0 for r in result["rows"])
-    assert f"{kv} KV cache" in capsys.readouterr().out
+    tiled = native.prefill_supported(getattr(torch, dtype), getattr(torch, kv), 9, 3, 64)
+    assert (result["dtype"], result["kv_cache_dtype"], result["tiled"]) == (dtype, kv, tiled)
+    assert [(r["first"], r["rows"]) for r in result["rows"]] == [(0, 20), (16, 8)]
+    assert all(r["row_ms"] > 0 and ("tiled_ms" in r) == tiled and 0 < r["best_of_ceiling"] for r in result["rows"])
+    assert f"{dtype} queries over a {kv} KV cache" in capsys.readouterr().out
