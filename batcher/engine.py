@@ -17,6 +17,7 @@ from functools import cached_property
 
 from model_runner import threads
 from model_runner.errors import InvalidRequestError
+from model_runner.precision import dtype_name
 from model_runner.runner import ModelRunner, StepLogprobs, StepOutput
 from model_runner.sampler import TokenLogprob
 from model_runner.sampling_params import SamplingParams
@@ -373,12 +374,11 @@ class Engine:
     def config_info(self) -> dict[str, dict[str, str]]:
         """The cache's and the engine's configuration as label values (/metrics' *_config_info series)."""
         r, c = self.runner, self.cfg
-        name = lambda d: str(d).removeprefix("torch.")
         return {"cache": {"block_size": str(self.scheduler.block_size), "num_blocks": str(self.scheduler.num_blocks),
-                          "cache_dtype": name(r.kv_dtype), "kv_cache_bytes": str(r.kv_cache_bytes),
+                          "cache_dtype": dtype_name(r.kv_dtype), "kv_cache_bytes": str(r.kv_cache_bytes),
                           "enable_prefix_caching": str(c.enable_prefix_caching).lower()},
                 "engine": {"policy": c.policy, "max_num_seqs": str(c.max_num_seqs),
                            "max_num_batched_tokens": str(c.max_num_batched_tokens),
                            "max_batch_size": str(c.max_batch_size), "max_wait_ms": f"{c.max_wait_ms:g}",
-                           "max_model_len": str(r.max_model_len), "dtype": name(r.dtype),
+                           "max_model_len": str(r.max_model_len), "dtype": dtype_name(r.dtype),
                            "quantization": r.cfg.quantization, "device": r.device, "threads": str(r.threads)}}

@@ -23,7 +23,7 @@ import torch
 
 from model_runner import native
 from model_runner.errors import ModelLoadError
-from model_runner.precision import cpu_has_native_bf16, cpu_kind, resolve_precision
+from model_runner.precision import cpu_has_native_bf16, cpu_kind, dtype_name, resolve_precision
 
 from .decode_attention import add_shape_args, make_cache
 from .machine import NeighbourMeter, best_seconds, cpu_model, matmul_gflops
@@ -61,14 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
     except ModelLoadError as e:
         raise SystemExit(f"python -m benchmarks.prefill_attention: {e}") from None
     dtype, kv_dtype = precision.compute, precision.kv_cache
-    name = lambda d: str(d).removeprefix("torch.")
     if dtype == torch.bfloat16 and not cpu_has_native_bf16():
         print(f"note: this CPU ({cpu_kind()}) has no bfloat16 arithmetic: the bfloat16 matmul ceiling and kernels "
               "are emulated and take minutes; --dtype auto measures what jitney serves in here", flush=True)
     tiled = native.prefill_supported(dtype, kv_dtype, a.heads, a.kv_heads, a.head_dim)
     ceiling = matmul_gflops(dtype)
     cpu = f"{cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, {native.isa()} loop"
-    print(f"# prompt attention, {name(dtype)} queries over a {name(kv_dtype)} KV cache: {cpu}; {name(dtype)} matmul "
+    print(f"# prompt attention, {dtype_name(dtype)} queries over a {dtype_name(kv_dtype)} KV cache: {cpu}; {dtype_name(dtype)} matmul "
           f"ceiling {ceiling:,.0f} GFLOP/s" + ("" if tiled else "\n# the tiled kernel does not run here (bfloat16 on "
                                                "AVX512-BF16 only): the row kernel alone"), "\n")
     blocks = max(-(-(f + r) // a.block_size) for f, r in a.prompts)
@@ -98,13 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
               + f"row kernel {r['row_ms']} ms ({r['row_gflops']} GFLOP/s); the faster at "
               f"{100 * r['best_of_ceiling']:.0f} % of the ceiling", flush=True)
     print(f"\n| chunk (cached + new) | GFLOP | tiled ms | tiled GFLOP/s | row kernel ms | row kernel GFLOP/s | speed-up "
-          f"| the faster, of the {name(dtype)} matmul ceiling |\n|---|---|---|---|---|---|---|---|")
+          f"| the faster, of the {dtype_name(dtype)} matmul ceiling |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = (f"{r['tiled_ms']:.1f} | {r['tiled_gflops']:.0f}", f"{r['row_ms'] / r['tiled_ms']:.2f}x") if tiled else ("- | -", "-")
         print(f"| {r['first']} + {r['rows']} | {r['gflop']:.1f} | {t[0]} | {r['row_ms']:.1f} | {r['row_gflops']:.0f} | "
               f"{t[1]} | {100 * r['best_of_ceiling']:.0f} % |")
     print(f"\nother processes used {100 * meter.share():.0f}% of the CPUs meanwhile")
-    return finish(dict(cpu=cpu, dtype=name(dtype), kv_cache_dtype=name(kv_dtype), tiled=tiled,
+    return finish(dict(cpu=cpu, dtype=dtype_name(dtype), kv_cache_dtype=dtype_name(kv_dtype), tiled=tiled,
                        matmul_ceiling_gflops=ceiling, rows=rows), a.json, started)
 
 

@@ -38,7 +38,7 @@ from model_runner.config import RunnerConfig
 from batcher.generate import generate, kv_manager, score
 from model_runner.linear import Linear
 from model_runner.loader import DEFAULT_MODEL, gguf_source
-from model_runner.precision import cpu_kind
+from model_runner.precision import cpu_kind, dtype_name
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
 
@@ -186,7 +186,7 @@ def kernels(a: argparse.Namespace, runner: ModelRunner) -> list[dict]:
                  "torch _weight_int4pack_mm_for_cpu (bf16 x)": torch_int4(w)}
         for m in a.batch_sizes:
             x = torch.randn(m, k, generator=gen).to(runner.dtype)
-            row = dict(shape=f"{name} {n}x{k}", dtype=str(runner.dtype).removeprefix("torch."), batch=m,
+            row = dict(shape=f"{name} {n}x{k}", dtype=dtype_name(runner.dtype), batch=m,
                        q4_path=qmatmul.choose_path(m, qmatmul.dense_min_rows(runner.dtype, a.quant_dense_rows)))
             for cname, f in cands.items():
                 row[cname] = 1e3 * best_seconds(lambda: f(x), 10)
@@ -221,8 +221,8 @@ def speed(a: argparse.Namespace, gbps: float) -> list[dict]:
             step_s = min(sum(r) / len(r) for r in runs)
             fastest_s = min(min(r) for r in runs)
             gen_s = min(time_generate(runner, prompts, a.gen_len) for _ in range(a.repeats))
-            rows.append(dict(mode=mode, dtype=str(runner.dtype).removeprefix("torch."),
-                             kv=str(runner.kv_dtype).removeprefix("torch."), batch=b,
+            rows.append(dict(mode=mode, dtype=dtype_name(runner.dtype),
+                             kv=dtype_name(runner.kv_dtype), batch=b,
                              path="-" if mode == "none" else qmatmul.choose_path(b, runner.quant_dense_rows),
                              step_ms=1e3 * step_s, fastest_step_ms=1e3 * fastest_s, decode_tok_s=b / step_s,
                              generate_tok_s=b * a.gen_len / gen_s,

@@ -77,6 +77,11 @@ def cpu_kind() -> str:
     return "no AVX2"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as users spell it (--dtype, --kv-cache-dtype, start-up lines, metrics labels): "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class Precision:
     compute: torch.dtype   # weights, activations, matmuls
@@ -84,9 +89,8 @@ class Precision:
     reason: str            # why, in words, for the start-up line
 
     def describe(self) -> str:
-        name = lambda d: str(d).removeprefix("torch.")
-        what = (f"{name(self.compute)} compute and KV cache" if self.compute == self.kv_cache
-                else f"{name(self.compute)} compute, {name(self.kv_cache)} KV cache")
+        what = (f"{dtype_name(self.compute)} compute and KV cache" if self.compute == self.kv_cache
+                else f"{dtype_name(self.compute)} compute, {dtype_name(self.kv_cache)} KV cache")
         return f"{what}: {self.reason}"
 
 
@@ -119,9 +123,9 @@ def resolve_precision(dtype: str, kv_cache_dtype: str, device: str) -> Precision
         raise ModelLoadError(f"an int8 KV cache runs on the CPU (its kernels and tests are the CPU's); on {device} "
                              "use --kv-cache-dtype auto")
     if kv == torch.int8 and compute not in (torch.float32, torch.bfloat16):
-        raise ModelLoadError(f"an int8 KV cache under {str(compute).removeprefix('torch.')} compute is not "
+        raise ModelLoadError(f"an int8 KV cache under {dtype_name(compute)} compute is not "
                              "supported: use --dtype bfloat16 or float32 with --kv-cache-dtype int8")
     if kv != compute and kv != torch.int8 and not (compute == torch.float32 and kv == torch.bfloat16):
-        raise ModelLoadError(f"a {kv_cache_dtype} KV cache under {str(compute).removeprefix('torch.')} compute "
+        raise ModelLoadError(f"a {kv_cache_dtype} KV cache under {dtype_name(compute)} compute "
                              "is not supported: the KV cache is the compute dtype, bfloat16 under float32, or int8")
     return Precision(compute, kv, f"{why}, --kv-cache-dtype {kv_cache_dtype}")

@@ -23,6 +23,7 @@ import numpy as np
 from batcher.generate import kv_manager
 from benchmarks.machine import cpu_model
 from model_runner.config import RunnerConfig
+from model_runner.precision import dtype_name
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import Sequence
@@ -179,9 +180,8 @@ def calibrate(model: str, dtype: str, quantization: str, repeats: int = 3, quick
     started = time.perf_counter()
     runner = ModelRunner(RunnerConfig(model=model, dtype=dtype, quantization=quantization,
                                       kv_cache_memory=None if in_situ else 512 << 20), progress=False)
-    name = lambda d: str(d).removeprefix("torch.")
-    weights = QUANT_WEIGHTS.get(quantization, name(runner.dtype))
-    work = Work(runner.model_config, weights, name(runner.kv_dtype))
+    weights = QUANT_WEIGHTS.get(quantization, dtype_name(runner.dtype))
+    work = Work(runner.model_config, weights, dtype_name(runner.kv_dtype))
     if in_situ:
         workload = insitu.QUICK_WORKLOAD if quick else insitu.WORKLOAD
         samples = in_situ_samples(insitu.run_loop(insitu.collect(runner, workload, progress=progress)), work)
@@ -200,7 +200,7 @@ def calibrate(model: str, dtype: str, quantization: str, repeats: int = 3, quick
     intensities = [s["flops"] / s["bytes"] for s in kept]
     ridge = params.flops_per_s / params.bytes_per_s
     cal = dict(kind=CALIBRATION_KIND, method="in-situ" if in_situ else "isolated", host=cpu_model(),
-               threads=runner.threads, model=model, dtype=name(runner.dtype), quantization=quantization,
+               threads=runner.threads, model=model, dtype=dtype_name(runner.dtype), quantization=quantization,
                created=time.strftime("%Y-%m-%d %H:%M"), params=params.to_dict(),
                max_abs_error=float(errors.max()), mean_abs_error=float(errors.mean()),
                median_abs_error=float(np.median(errors)), p90_abs_error=float(np.quantile(errors, 0.9)),
