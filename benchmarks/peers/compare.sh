@@ -47,7 +47,7 @@ served() {  # $1: label, $2: port, the rest: the server's command line; replays 
   echo "== $label ($*) =="
   "$@" > "$OUT/$label.log" 2>&1 &
   PID=$!
-  wait_up "http://127.0.0.1:$port/health"
+  wait_up "http://127.0.0.1:$port/health"; head -1 "$OUT/$label.log"  # jitney's first line: its configuration
   replay "$label" "http://127.0.0.1:$port"
   kill -TERM $PID; wait $PID || true
 }
