@@ -5,7 +5,9 @@
 //
 // One task is one (row, kv head): the query heads that share that kv head (grouped-query attention) are
 // attended together, so each cached key and value row is read once per task. Rows of one prompt chunk share
-// their sequence's blocks, which then stay in cache from one row to the next. Tasks run on the
+// their sequence's blocks, which then stay in cache from one row to the next; the 8-lane loop (AVX2) takes up
+// to eight of them in one task (row_tiles), sharing each key and value load, with each row's arithmetic
+// exactly that of the row alone (a 512-token float32 prompt's attention 1.4x faster on AMD Zen 3). Tasks run on the
 // OpenMP threads of the process (built with g++: the same libgomp as PyTorch's, one shared thread pool).
 //
 // The cache holds float32, bfloat16 or int8 rows (--kv-cache-dtype int8: model_runner/kv_cache.py's layout, each
@@ -20,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 // Which loops a build holds follows from the instruction set it is compiled for (native.py's JITNEY_ISA):
 // JITNEY_AVX512 where the CPU has AVX-512 (-march=native on such a CPU), JITNEY_AVX2 where it has AVX2 and FMA
@@ -41,6 +44,11 @@ namespace {
 constexpr int MAX_GROUP = 16;   // query heads per kv head
 constexpr int MAX_HEAD_DIM = 256;
 constexpr int MAX_BLOCK = 256;  // tokens per KV block
+
+// Rows of a prompt chunk attended together by the 8-lane kernel: 8 (measured on AMD Zen 3, SmolLM2's shape,
+// a 512-token prompt over 30 layers, float32: 130, 122 and 119 ms for 2, 4 and 8 rows), fewer where the rows'
+// float32 queries and accumulators would outgrow a 32 KB L1 (G x HD x rows <= 2048: 4 rows for Llama's 4 x 128).
+constexpr int tile_rows(int group, int head_dim) { return std::clamp(2048 / (group * head_dim), 2, 8); }
 
 #include "bf16.h"     // to_float, store
 #include "softmax.h"  // exp_any, exp_nonpositive, softmax_block, exp512_nonpositive
@@ -126,6 +134,10 @@ void attend(const TQ* q, const TC* k, const TC* v, const int32_t* table, int con
 // A specialised kernel: one sequence, one kv head, as `attend` with the group and head size fixed.
 template <typename TQ, typename TC = TQ>
 using AttendFn = void (*)(const TQ*, const TC*, const TC*, const int32_t*, int, TQ*, int, float);
+// A kernel for `rows` consecutive query rows of one sequence (q and out rows q_stride / out_stride elements
+// apart; row r attends to the first context_len + r tokens), each row's arithmetic that of the row alone.
+template <typename TQ, typename TC = TQ>
+using RowsFn = void (*)(const TQ*, int64_t, const TC*, const TC*, const int32_t*, int, int, TQ*, int64_t, int, float);
 
 #if defined(JITNEY_AVX512) || defined(JITNEY_AVX2)
 // Asks for block b's key and value rows ahead of their use (nothing when b is past the context). Always
@@ -624,102 +636,176 @@ const float* keys_f32(const TC* rows, int m, float (*kf)[HD]) {
 //   value vector loaded (and widened) once and weighted by G FMAs.
 // The next blocks are prefetched as in attend_avx512; here that matters even more (measured on one thread,
 // SmolLM2's shape, 64 rows of 100..600 tokens, float32 cache: 6.3 ms without, 3.2 ms with).
-template <typename TQ, typename TC, int HD, int G>
-void attend_avx2(const TQ* q, const TC* k, const TC* v, const int32_t* table, int context_len, TQ* out,
-                 int block_size, float scale) {
+// The score products of NQ query vectors (qs[i], float32 [HD]) with eight keys [8, HD]: part[i][t] holds
+// query i times key t as eight partial sums (lane l: elements l, l + 8, ... added in that order), for sum8.
+// Four keys at a time, so that NQ = 2 queries share each key load within the sixteen registers; each partial
+// sum's additions are in the same order whatever NQ is.
+template <int HD, int NQ>
+__attribute__((always_inline)) inline void score_parts(const float* const* qs, const float* keys, __m256 (*part)[8]) {
+  for (int t0 = 0; t0 < 8; t0 += 4) {
+    __m256 a[NQ][4];
+    for (int i = 0; i < NQ; i++)
+      for (int t = 0; t < 4; t++) a[i][t] = _mm256_setzero_ps();
+    for (int j = 0; j < HD / 8; j++) {
+      __m256 qj[NQ];
+      for (int i = 0; i < NQ; i++) qj[i] = _mm256_load_ps(qs[i] + 8 * j);
+      for (int t = 0; t < 4; t++) {
+        const __m256 key = _mm256_loadu_ps(keys + (t0 + t) * HD + 8 * j);
+        for (int i = 0; i < NQ; i++) a[i][t] = _mm256_fmadd_ps(qj[i], key, a[i][t]);
+      }
+    }
+    for (int i = 0; i < NQ; i++)
+      for (int t = 0; t < 4; t++) part[i][t0 + t] = a[i][t];
+  }
+}
+
+// acc[p] [HD] += sum over t < m of w[p][t] * row t of vt, for NQ accumulator rows p (each query head of one or
+// two query rows), t in order: the same additions, in the same order, as one row at a time. VT vectors of each
+// accumulator row in registers at a time (NQ * VT <= 12), each value vector loaded (and widened) once for them.
+template <typename TC, int HD, int NQ>
+__attribute__((always_inline)) inline void weigh_values(const TC* vt, int m, float* const* w, float* const* acc) {
+  constexpr int NV = HD / 8;
+  constexpr int RS = HD + row_extra<TC>;
+  constexpr int VT = std::min(NV, NQ == 1 ? 8 : NQ == 2 ? 4 : NQ <= 4 ? 2 : NQ <= 12 ? 1 : 0);
+  static_assert(VT > 0, "at most 12 accumulator rows at once");
+  for (int j0 = 0; j0 < NV; j0 += VT) {
+    __m256 a[NQ][VT];
+    for (int p = 0; p < NQ; p++)
+      for (int j = 0; j < VT; j++) a[p][j] = _mm256_load_ps(acc[p] + 8 * (j0 + j));
+    for (int t = 0; t < m; t++)
+      for (int j = 0; j < VT; j++) {
+        const __m256 row = load8(vt + t * RS + 8 * (j0 + j));
+        for (int p = 0; p < NQ; p++) a[p][j] = _mm256_fmadd_ps(_mm256_broadcast_ss(&w[p][t]), row, a[p][j]);
+      }
+    for (int p = 0; p < NQ; p++)
+      for (int j = 0; j < VT; j++) _mm256_store_ps(acc[p] + 8 * (j0 + j), a[p][j]);
+  }
+}
+
+// The 8-lane kernel: attend_avx512's design with 256-bit vectors, the float32 computation under any mix of
+// query and cache types (widened as read, the output rounded to TQ once), for R rows of one sequence at most
+// (RowsFn): a decode row alone (R = 1), or up to R consecutive rows of a prompt chunk, which share each key
+// and value load and each widened key, while every row's arithmetic stays exactly that of the row alone (the
+// same products added in the same order), so how a prompt was chunked and batched never changes a bit.
+// Sixteen ymm registers do not hold the G x HD float32 accumulators of a row (24 vectors for SmolLM2's 3 x 64),
+// so they live in an L1 array, and each group of eight keys works on register tiles of them:
+// - scores: per query head, a vector of partial products per key (score_parts, two query vectors sharing each
+//   key load), then one transposing reduction (sum8); bfloat16 keys are widened once into a float32 scratch
+//   that every head and row then reads;
+// - online softmax on eight scores at once, rescaling only when the running maximum grows;
+// - values: weigh_values, each value vector loaded (and widened) once for the G heads of one row, or of two
+//   rows whose group ends at the same key.
+// A decode row prefetches the next blocks as in attend_avx512 (measured on one thread, SmolLM2's shape, 64
+// rows of 100..600 tokens, float32 cache: 6.3 ms without, 3.2 ms with); a prompt chunk's rows do not (its
+// blocks are in cache from the rows before; prefetching them again measured 1.3x slower).
+template <typename TQ, typename TC, int HD, int G, int R = 1>
+void attend_avx2(const TQ* q, int64_t q_stride, const TC* k, const TC* v, const int32_t* table, int context_len,
+                 int rows, TQ* out, int64_t out_stride, int block_size, float scale) {
   constexpr int NV = HD / 8;                                          // vectors per row
-  constexpr int VT = std::min(NV, G == 1 ? 8 : G == 2 ? 4 : G <= 4 ? 2 : 1);  // G * VT <= 8 accumulators
   constexpr int RS = HD + row_extra<TC>;                              // elements from one cached row to the next
+  constexpr int PAIR_VALUES = 2 * G <= 12;                            // two rows' accumulators in registers at once
   const int64_t block_stride = int64_t(block_size) * RS;
   const __m256 scale_v = _mm256_set1_ps(scale);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  alignas(32) float qf[G][HD];
-  alignas(32) float acc[G][HD];
+  alignas(32) float qf[R * G][HD];   // query vector p = r * G + g: row r's head g
+  alignas(32) float acc[R * G][HD];
   alignas(32) float kf[8][HD];  // bfloat16 keys widened, or a short group's keys padded
-  alignas(32) float weight[G][8];                                  // this group of keys' softmax numerators
-  __m256 denom[G];
-  float running_max[G];
-  for (int g = 0; g < G; g++) {
+  alignas(32) float weight[R * G][8];                               // this group of keys' softmax numerators
+  float* qp[R * G];
+  float* ap[R * G];
+  float* wp[R * G];
+  __m256 denom[R * G];
+  float running_max[R * G];
+  if (R == 1) rows = 1;  // a constant for the decode kernel's loops below
+  const int nq = rows * G;
+  for (int p = 0; p < nq; p++) {
     for (int j = 0; j < NV; j++) {
-      _mm256_store_ps(qf[g] + 8 * j, load8(q + g * HD + 8 * j));
-      _mm256_store_ps(acc[g] + 8 * j, _mm256_setzero_ps());
+      _mm256_store_ps(qf[p] + 8 * j, load8(q + (p / G) * q_stride + (p % G) * HD + 8 * j));
+      _mm256_store_ps(acc[p] + 8 * j, _mm256_setzero_ps());
     }
-    running_max[g] = -INFINITY;
-    denom[g] = _mm256_setzero_ps();
+    qp[p] = qf[p], ap[p] = acc[p], wp[p] = weight[p];
+    running_max[p] = -INFINITY;
+    denom[p] = _mm256_setzero_ps();
   }
-  const int num_blocks = (context_len + block_size - 1) / block_size;
+  const int last_len = context_len + rows - 1;  // the last row's context
+  const int num_blocks = (last_len + block_size - 1) / block_size;
   for (int b = 0; b < num_blocks; b++) {
     const TC* kb = k + table[b] * block_stride;
     const TC* vb = v + table[b] * block_stride;
-    const int n = std::min(block_size, context_len - b * block_size);
-    prefetch_ahead(k, v, table, b, num_blocks, block_stride);
+    const int n = std::min(block_size, last_len - b * block_size);
+    if (R == 1) prefetch_ahead(k, v, table, b, num_blocks, block_stride);
     for (int t0 = 0; t0 < n; t0 += 8) {
-      const int m = std::min(8, n - t0);
-      const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane));
       const TC* vt = vb + t0 * RS;
-      const float* keys = keys_f32(kb + t0 * RS, m, kf);
+      const float* keys = keys_f32(kb + t0 * RS, std::min(8, n - t0), kf);
+      // Keys of this group in each row's context: more for later rows, none for rows [0, first) (rows whose
+      // context ends before this group).
+      int m[R], first = 0;
+      for (int r = 0; r < rows; r++) {
+        m[r] = std::min(8, std::min(block_size, context_len + r - b * block_size) - t0);
+        first += m[r] <= 0;
+      }
       __m256 value_scale = _mm256_set1_ps(1.f);  // int8 rows: their scales, collected by one gather
-      if constexpr (is_q8<TC>)
+      if constexpr (is_q8<TC>) {
+        const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m[rows - 1]), lane));
         value_scale = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), reinterpret_cast<const float*>(vt + HD),
                                                _mm256_mullo_epi32(lane, _mm256_set1_epi32(RS / 4)), real, 4);
-      for (int g = 0; g < G; g++) {
-        __m256 part[8];  // query head g times each key, eight partial sums per key
-        for (int t = 0; t < 8; t++) part[t] = _mm256_setzero_ps();
-        for (int j = 0; j < NV; j++) {  // each query vector loaded once for the eight keys
-          const __m256 qj = _mm256_load_ps(qf[g] + 8 * j);
-          for (int t = 0; t < 8; t++) part[t] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(keys + t * HD + 8 * j), part[t]);
-        }
-        const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(sum8(part), scale_v), real);
-        const float top = reduce_max8(s);
-        if (top > running_max[g]) {  // a new maximum: rescale what was summed under the old one
-          const __m256 c = _mm256_set1_ps(exp_nonpositive(running_max[g] - top));
-          for (int j = 0; j < NV; j++) _mm256_store_ps(acc[g] + 8 * j, _mm256_mul_ps(_mm256_load_ps(acc[g] + 8 * j), c));
-          denom[g] = _mm256_mul_ps(denom[g], c);
-          running_max[g] = top;
-        }
-        const __m256 p = exp256_nonpositive(_mm256_sub_ps(s, _mm256_set1_ps(running_max[g])));
-        denom[g] = _mm256_add_ps(denom[g], p);
-        _mm256_store_ps(weight[g], is_q8<TC> ? _mm256_mul_ps(p, value_scale) : p);
       }
-      for (int j0 = 0; j0 < NV; j0 += VT) {
-        __m256 a[G][VT];
-        for (int g = 0; g < G; g++)
-          for (int j = 0; j < VT; j++) a[g][j] = _mm256_load_ps(acc[g] + 8 * (j0 + j));
-        for (int t = 0; t < m; t++)
-          for (int j = 0; j < VT; j++) {
-            const __m256 row = load8(vt + t * RS + 8 * (j0 + j));
-            for (int g = 0; g < G; g++) a[g][j] = _mm256_fmadd_ps(_mm256_broadcast_ss(&weight[g][t]), row, a[g][j]);
+      __m256 part[2][8];
+      for (int p = first * G, np; p < nq; p += np) {
+        np = std::min(2, nq - p);
+        if (np == 2) score_parts<HD, 2>(qp + p, keys, part);
+        else score_parts<HD, 1>(qp + p, keys, part);
+        for (int i = 0; i < np; i++) {
+          const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m[(p + i) / G]), lane));
+          const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(sum8(part[i]), scale_v), real);
+          const float top = reduce_max8(s);
+          float& mx = running_max[p + i];
+          if (top > mx) {  // a new maximum: rescale what was summed under the old one
+            const __m256 c = _mm256_set1_ps(exp_nonpositive(mx - top));
+            for (int j = 0; j < NV; j++)
+              _mm256_store_ps(acc[p + i] + 8 * j, _mm256_mul_ps(_mm256_load_ps(acc[p + i] + 8 * j), c));
+            denom[p + i] = _mm256_mul_ps(denom[p + i], c);
+            mx = top;
           }
-        for (int g = 0; g < G; g++)
-          for (int j = 0; j < VT; j++) _mm256_store_ps(acc[g] + 8 * (j0 + j), a[g][j]);
+          const __m256 w = exp256_nonpositive(_mm256_sub_ps(s, _mm256_set1_ps(mx)));
+          denom[p + i] = _mm256_add_ps(denom[p + i], w);
+          // Lanes past a row's context hold 0 (or 0 times a later row's scale) and are never read.
+          _mm256_store_ps(weight[p + i], is_q8<TC> ? _mm256_mul_ps(w, value_scale) : w);
+        }
+      }
+      for (int r = first; r < rows;) {
+        if (PAIR_VALUES && r + 1 < rows && m[r + 1] == m[r]) {
+          if constexpr (PAIR_VALUES) weigh_values<TC, HD, 2 * G>(vt, m[r], wp + r * G, ap + r * G);
+          r += 2;
+        } else {
+          weigh_values<TC, HD, G>(vt, m[r], wp + r * G, ap + r * G);
+          r += 1;
+        }
       }
     }
   }
-  for (int g = 0; g < G; g++) {
-    const __m256 inv = _mm256_set1_ps(1.f / reduce_add8(denom[g]));
-    for (int j = 0; j < NV; j++) store8(out + g * HD + 8 * j, _mm256_mul_ps(_mm256_load_ps(acc[g] + 8 * j), inv));
+  for (int p = 0; p < nq; p++) {
+    const __m256 inv = _mm256_set1_ps(1.f / reduce_add8(denom[p]));
+    for (int j = 0; j < NV; j++)
+      store8(out + (p / G) * out_stride + (p % G) * HD + 8 * j, _mm256_mul_ps(_mm256_load_ps(acc[p] + 8 * j), inv));
   }
 }
 
-template <typename TQ, typename TC, int HD>
-AttendFn<TQ, TC> pick_group_avx2(int group) {
+// attend_avx2 for this group and head size: for decode rows (one at a time), or TILED, for prompt chunks'
+// rows tile_rows at a time.
+template <typename TQ, typename TC, bool TILED>
+RowsFn<TQ, TC> pick_avx2(int head_dim, int group) {
+  if (head_dim != 64 && head_dim != 128) return nullptr;
   switch (group) {
-    case 1: return attend_avx2<TQ, TC, HD, 1>;
-    case 2: return attend_avx2<TQ, TC, HD, 2>;
-    case 3: return attend_avx2<TQ, TC, HD, 3>;
-    case 4: return attend_avx2<TQ, TC, HD, 4>;
-    case 5: return attend_avx2<TQ, TC, HD, 5>;
-    case 6: return attend_avx2<TQ, TC, HD, 6>;
-    case 7: return attend_avx2<TQ, TC, HD, 7>;
-    case 8: return attend_avx2<TQ, TC, HD, 8>;
+#define JITNEY_CASE(G)                                                  \
+  case G:                                                               \
+    return head_dim == 64 ? attend_avx2<TQ, TC, 64, G, TILED ? tile_rows(G, 64) : 1> \
+                          : attend_avx2<TQ, TC, 128, G, TILED ? tile_rows(G, 128) : 1>;
+    JITNEY_CASE(1) JITNEY_CASE(2) JITNEY_CASE(3) JITNEY_CASE(4) JITNEY_CASE(5) JITNEY_CASE(6) JITNEY_CASE(7)
+    JITNEY_CASE(8)
+#undef JITNEY_CASE
     default: return nullptr;
   }
-}
-
-template <typename TQ, typename TC>
-AttendFn<TQ, TC> pick_avx2(int head_dim, int group) {
-  return head_dim == 64 ? pick_group_avx2<TQ, TC, 64>(group)
-         : head_dim == 128 ? pick_group_avx2<TQ, TC, 128>(group) : nullptr;
 }
 #endif
 
@@ -735,6 +821,26 @@ constexpr bool avx512_takes() {
   return false;
 }
 
+// The step's rows cut into tiles of consecutive positions of one sequence, at most `most` rows each: row i + 1
+// joins row i's tile when it attends to one token more through the same blocks (the next token of the same
+// prompt chunk; which sequence owns the blocks does not change what is read). Returns each tile's first row,
+// then num_rows.
+std::vector<int64_t> row_tiles(const int32_t* block_tables, int64_t table_stride, const int32_t* context_lens,
+                               int64_t num_rows, int block_size, int most) {
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < num_rows;) {
+    starts.push_back(i);
+    int64_t c = 1;
+    while (c < most && i + c < num_rows && context_lens[i + c] == context_lens[i] + c &&
+           std::memcmp(block_tables + i * table_stride, block_tables + (i + c) * table_stride,
+                       sizeof(int32_t) * ((context_lens[i + c] + block_size - 1) / block_size)) == 0)
+      c++;
+    i += c;
+  }
+  starts.push_back(num_rows);
+  return starts;
+}
+
 template <typename TQ, typename TC>
 void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const int32_t* block_tables,
                      int64_t table_stride, const int32_t* context_lens, TQ* out, int64_t num_rows, int heads,
@@ -743,8 +849,10 @@ void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const
   const int64_t head_stride = num_blocks * block_size * (head_dim + row_extra<TC>);  // one kv head's blocks
   // The widest specialised kernel this build holds for these types and this shape, else the portable loop.
   // The 8-lane kernel is only compiled for the types the AVX-512 one does not take (the build takes twice as
-  // long otherwise); both take the same shapes.
+  // long otherwise); both take the same shapes. The 8-lane kernel also takes a prompt chunk's rows
+  // tile_rows at a time (`tiled`); the others one at a time.
   AttendFn<TQ, TC> specialised = nullptr;
+  RowsFn<TQ, TC> single = nullptr, tiled = nullptr;
 #ifdef JITNEY_AVX512_Q8
   if constexpr (is_q8<TC>) specialised = pick_avx512_q8<TQ>(head_dim, group);
 #endif
@@ -752,26 +860,43 @@ void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const
   if constexpr (!is_q8<TC> && avx512_takes<TQ, TC>()) specialised = pick_avx512<TQ>(head_dim, group);
 #endif
 #ifdef JITNEY_AVX2
-  if constexpr (!avx512_takes<TQ, TC>()) specialised = pick_avx2<TQ, TC>(head_dim, group);
+  if constexpr (!avx512_takes<TQ, TC>()) {
+    single = pick_avx2<TQ, TC, false>(head_dim, group);
+    // Float32 queries only: what an AVX2 machine serves (bfloat16 arithmetic is emulated there), and the
+    // build takes half as long again for each query type.
+    if constexpr (std::is_same_v<TQ, float>) tiled = pick_avx2<TQ, TC, true>(head_dim, group);
+  }
 #endif
+  const int most = tiled ? tile_rows(group, head_dim) : 1;
+  const std::vector<int64_t> tiles = row_tiles(block_tables, table_stride, context_lens, num_rows, block_size, most);
+  const int64_t num_tiles = int64_t(tiles.size()) - 1;
+  const int64_t out_stride = int64_t(heads) * head_dim;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t i = 0; i < num_rows; i++) {
+  for (int64_t tile = 0; tile < num_tiles; tile++) {
     for (int h = 0; h < kv_heads; h++) {
-      const TQ* qi = q + i * q_token_stride + int64_t(h) * group * head_dim;
+      const int64_t first = tiles[tile];
+      const int rows = int(tiles[tile + 1] - first);
       const TC* k = cache + int64_t(h) * head_stride;
       const TC* v = cache + int64_t(kv_heads + h) * head_stride;
-      const int32_t* table = block_tables + i * table_stride;
-      TQ* o = out + (i * heads + int64_t(h) * group) * head_dim;
-      if (specialised) {
-        specialised(qi, k, v, table, context_lens[i], o, block_size, scale);
+      const int32_t* table = block_tables + first * table_stride;
+      const TQ* q0 = q + first * q_token_stride + int64_t(h) * group * head_dim;
+      TQ* o0 = out + first * out_stride + int64_t(h) * group * head_dim;
+      if (single) {
+        (rows > 1 ? tiled : single)(q0, q_token_stride, k, v, table, context_lens[first], rows, o0, out_stride,
+                                    block_size, scale);
         continue;
       }
-      if (head_dim == 64)
-        attend<TQ, TC, 64>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+      const TQ* qi = q0;  // one row at a time
+      TQ* o = o0;
+      const int n = context_lens[first];
+      if (specialised)
+        specialised(qi, k, v, table, n, o, block_size, scale);
+      else if (head_dim == 64)
+        attend<TQ, TC, 64>(qi, k, v, table, n, o, group, block_size, head_dim, scale);
       else if (head_dim == 128)
-        attend<TQ, TC, 128>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+        attend<TQ, TC, 128>(qi, k, v, table, n, o, group, block_size, head_dim, scale);
       else
-        attend<TQ, TC, 0>(qi, k, v, table, context_lens[i], o, group, block_size, head_dim, scale);
+        attend<TQ, TC, 0>(qi, k, v, table, n, o, group, block_size, head_dim, scale);
     }
   }
 }
