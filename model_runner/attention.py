@@ -7,7 +7,8 @@ block * block_size + offset.
 
 On the CPU every query row of a step, decode or prompt chunk, goes to the native kernel (native.py,
 csrc/paged_attention.cpp) where it builds: a row at position p attends to its sequence's first p + 1 cached
-tokens, read in place through the block table, once. Where the CPU has AVX512-BF16 and the step is bfloat16,
+tokens, read in place through the block table, once (its AVX2 loop takes a prompt chunk's rows up to eight at a
+time, each row's arithmetic that of the row alone, so float32 stays exactly batch-invariant). Where the CPU has AVX512-BF16 and the step is bfloat16,
 prompt chunks go instead to the tiled kernel (csrc/prefill_attention.cpp: row tiles against packed key and
 value tiles, as matrix products), which attends a 512-token prompt about twice as fast. What that buys per model step is measured by
 `python -m benchmarks.kernels` (the kernels table in docs/README.md: a batch-96 decode step at contexts of

