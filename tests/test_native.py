@@ -2,7 +2,6 @@
 import os
 import random
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -403,16 +402,15 @@ def test_model_gives_the_same_logits_with_and_without_native_elementwise_ops(tin
 
 @pytest.mark.first_pass_only  # the cache's rebuild rule does not depend on the loop; a build costs ~12 s
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
-    """A cached library that does not load is deleted and built again. The compiler's run is replaced by a copy of
-    the library this process built already (the same bytes a compile gives; a real compile takes ~15 s and every
+    """A cached library that does not load is deleted and built again. The compile is replaced by a copy of the
+    library this process built already (the same bytes a compile gives; a real compile takes ~20 s and every
     fresh cache, CI's included, runs one)."""
     good = native._build(native._compiler(), native.requested_isa())  # this build's cache key (built already)
     compiles = []
 
-    def compile_by_copy(cmd, **kw):
-        compiles.append(cmd)
-        shutil.copyfile(good, cmd[-1])                # the command ends with -o OUTPUT
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+    def compile_by_copy(cxx, flags, source, out):
+        compiles.append(out)
+        shutil.copyfile(good, out)
 
     monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path))
     native.reload()
@@ -420,9 +418,7 @@ def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
         built = tmp_path / "kernels" / good.name
         built.parent.mkdir()
         built.write_bytes(b"")                     # as a crash mid-write could leave it
-        run = subprocess.run
-        monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: compile_by_copy(cmd, **kw)
-                            if "-o" in cmd else run(cmd, **kw))
+        monkeypatch.setattr(native, "_compile", compile_by_copy)
         assert native.library() is not None and built.stat().st_size == good.stat().st_size
         assert len(compiles) == 1                  # rebuilt once, not on every call
         assert native.library() is not None and len(compiles) == 1

@@ -39,6 +39,11 @@
 #include <immintrin.h>
 #endif
 
+// The build is two translation units of this file compiled side by side (model_runner/native.py), since the
+// prompt-row tiles take as long to compile as everything else: with JITNEY_TILED_PART defined, only
+// jitney_tiled_kernel (the float32 tiles of attend_avx2); without, the rest, which calls it.
+extern "C" void* jitney_tiled_kernel(int kv_kind, int head_dim, int group);
+
 namespace {
 
 constexpr int MAX_GROUP = 16;   // query heads per kv head
@@ -59,6 +64,8 @@ template <typename TC>
 constexpr bool is_q8 = std::is_same_v<TC, int8_t>;
 template <typename TC>
 constexpr int row_extra = is_q8<TC> ? 4 : 0;  // elements of a row past its values
+template <typename TC>  // the cache's type as the C entry points' kv_kind says it: 0 float32, 1 bfloat16, 2 int8
+constexpr int kv_kind_of = std::is_same_v<TC, float> ? 0 : std::is_same_v<TC, uint16_t> ? 1 : 2;
 inline float to_float(int8_t x) { return float(x); }
 inline float row_scale(const int8_t* row, int head_dim) {
   float s;
@@ -864,7 +871,8 @@ void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const
     single = pick_avx2<TQ, TC, false>(head_dim, group);
     // Float32 queries only: what an AVX2 machine serves (bfloat16 arithmetic is emulated there), and the
     // build takes half as long again for each query type.
-    if constexpr (std::is_same_v<TQ, float>) tiled = pick_avx2<TQ, TC, true>(head_dim, group);
+    if constexpr (std::is_same_v<TQ, float>)
+      tiled = reinterpret_cast<RowsFn<TQ, TC>>(jitney_tiled_kernel(kv_kind_of<TC>, head_dim, group));
   }
 #endif
   const int most = tiled ? tile_rows(group, head_dim) : 1;
@@ -1087,6 +1095,19 @@ int64_t argmax_row(const float* x, int64_t n) {
 
 }  // namespace
 
+#ifdef JITNEY_TILED_PART
+extern "C" void* jitney_tiled_kernel(int kv_kind, int head_dim, int group) {
+#ifdef JITNEY_AVX2
+  switch (kv_kind) {
+    case 0: return reinterpret_cast<void*>(pick_avx2<float, float, true>(head_dim, group));
+    case 1: return reinterpret_cast<void*>(pick_avx2<float, uint16_t, true>(head_dim, group));
+    default: return reinterpret_cast<void*>(pick_avx2<float, int8_t, true>(head_dim, group));
+  }
+#else
+  return nullptr;
+#endif
+}
+#else
 extern "C" {
 
 void jitney_argmax(const float* x, int64_t rows, int64_t n, int64_t row_stride, int64_t* out) {
@@ -1211,3 +1232,4 @@ void jitney_paged_attention(int q_bf16, int kv_kind, const void* q, int64_t q_to
 }
 
 }  // extern "C"
+#endif  // JITNEY_TILED_PART
