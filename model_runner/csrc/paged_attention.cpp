@@ -632,17 +632,6 @@ const float* keys_f32(const TC* rows, int m, float (*kf)[HD]) {
   return kf[0];
 }
 
-// The 8-lane kernel: attend_avx512's design with 256-bit vectors, the float32 computation under any mix of
-// query and cache types (widened as read, the output rounded to TQ once). Sixteen ymm registers do not hold a
-// group's G x HD float32 accumulators (24 vectors for SmolLM2's 3 x 64), so they live in an L1 array and each
-// pass over a group of eight keys works on a tile of them that fits:
-// - scores: per query head, a vector of partial products per key, then one transposing reduction (sum8);
-//   bfloat16 keys are widened once into a float32 scratch that all G heads then read;
-// - online softmax on eight scores at once, rescaling only when the running maximum grows;
-// - values: per tile of VT vectors of a row, the G x VT accumulators in registers across the eight keys, each
-//   value vector loaded (and widened) once and weighted by G FMAs.
-// The next blocks are prefetched as in attend_avx512; here that matters even more (measured on one thread,
-// SmolLM2's shape, 64 rows of 100..600 tokens, float32 cache: 6.3 ms without, 3.2 ms with).
 // The score products of NQ query vectors (qs[i], float32 [HD]) with eight keys [8, HD]: part[i][t] holds
 // query i times key t as eight partial sums (lane l: elements l, l + 8, ... added in that order), for sum8.
 // Four keys at a time, so that NQ = 2 queries share each key load within the sixteen registers; each partial
