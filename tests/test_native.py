@@ -400,7 +400,7 @@ def test_model_gives_the_same_logits_with_and_without_native_elementwise_ops(tin
     torch.testing.assert_close(with_native, plain, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.first_pass_only  # the cache's rebuild rule does not depend on the loop; a build costs ~12 s
+@pytest.mark.first_pass_only  # the cache's rebuild rule does not depend on the loop; a build costs ~24 s
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
     """A cached library that does not load is deleted and built again. The compile is replaced by a copy of the
     library this process built already (the same bytes a compile gives; a real compile takes ~20 s and every

@@ -632,12 +632,17 @@ const float* keys_f32(const TC* rows, int m, float (*kf)[HD]) {
   return kf[0];
 }
 
-// The score products of NQ query vectors (qs[i], float32 [HD]) with eight keys [8, HD]: part[i][t] holds
+// A mask of the lanes below m (all bits set in lanes 0 .. m - 1): a group's keys inside a row's context.
+inline __m256 lanes_below(int m) {
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+// The score products of NQ query vectors (qs[i], float32) with eight keys [8, HD]: part[i][t] holds
 // query i times key t as eight partial sums (lane l: elements l, l + 8, ... added in that order), for sum8.
 // Four keys at a time, so that NQ = 2 queries share each key load within the sixteen registers; each partial
 // sum's additions are in the same order whatever NQ is.
 template <int HD, int NQ>
-__attribute__((always_inline)) inline void score_parts(const float* const* qs, const float* keys, __m256 (*part)[8]) {
+__attribute__((always_inline)) inline void score_parts(const float (*qs)[HD], const float* keys, __m256 (*part)[8]) {
   for (int t0 = 0; t0 < 8; t0 += 4) {
     __m256 a[NQ][4];
     for (int i = 0; i < NQ; i++)
@@ -659,7 +664,7 @@ __attribute__((always_inline)) inline void score_parts(const float* const* qs, c
 // two query rows), t in order: the same additions, in the same order, as one row at a time. VT vectors of each
 // accumulator row in registers at a time (NQ * VT <= 12), each value vector loaded (and widened) once for them.
 template <typename TC, int HD, int NQ>
-__attribute__((always_inline)) inline void weigh_values(const TC* vt, int m, float* const* w, float* const* acc) {
+__attribute__((always_inline)) inline void weigh_values(const TC* vt, int m, const float (*w)[8], float (*acc)[HD]) {
   constexpr int NV = HD / 8;
   constexpr int RS = HD + row_extra<TC>;
   constexpr int VT = std::min(NV, NQ == 1 ? 8 : NQ == 2 ? 4 : NQ <= 4 ? 2 : NQ <= 12 ? 1 : 0);
@@ -707,9 +712,6 @@ void attend_avx2(const TQ* q, int64_t q_stride, const TC* k, const TC* v, const 
   alignas(32) float acc[R * G][HD];
   alignas(32) float kf[8][HD];  // bfloat16 keys widened, or a short group's keys padded
   alignas(32) float weight[R * G][8];                               // this group of keys' softmax numerators
-  float* qp[R * G];
-  float* ap[R * G];
-  float* wp[R * G];
   __m256 denom[R * G];
   float running_max[R * G];
   if (R == 1) rows = 1;  // a constant for the decode kernel's loops below
@@ -719,7 +721,6 @@ void attend_avx2(const TQ* q, int64_t q_stride, const TC* k, const TC* v, const 
       _mm256_store_ps(qf[p] + 8 * j, load8(q + (p / G) * q_stride + (p % G) * HD + 8 * j));
       _mm256_store_ps(acc[p] + 8 * j, _mm256_setzero_ps());
     }
-    qp[p] = qf[p], ap[p] = acc[p], wp[p] = weight[p];
     running_max[p] = -INFINITY;
     denom[p] = _mm256_setzero_ps();
   }
@@ -742,17 +743,17 @@ void attend_avx2(const TQ* q, int64_t q_stride, const TC* k, const TC* v, const 
       }
       __m256 value_scale = _mm256_set1_ps(1.f);  // int8 rows: their scales, collected by one gather
       if constexpr (is_q8<TC>) {
-        const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m[rows - 1]), lane));
+        const __m256 real = lanes_below(m[rows - 1]);
         value_scale = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), reinterpret_cast<const float*>(vt + HD),
                                                _mm256_mullo_epi32(lane, _mm256_set1_epi32(RS / 4)), real, 4);
       }
       __m256 part[2][8];
       for (int p = first * G, np; p < nq; p += np) {
         np = std::min(2, nq - p);
-        if (np == 2) score_parts<HD, 2>(qp + p, keys, part);
-        else score_parts<HD, 1>(qp + p, keys, part);
+        if (np == 2) score_parts<HD, 2>(qf + p, keys, part);
+        else score_parts<HD, 1>(qf + p, keys, part);
         for (int i = 0; i < np; i++) {
-          const __m256 real = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m[(p + i) / G]), lane));
+          const __m256 real = lanes_below(m[(p + i) / G]);
           const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(sum8(part[i]), scale_v), real);
           const float top = reduce_max8(s);
           float& mx = running_max[p + i];
@@ -771,10 +772,10 @@ void attend_avx2(const TQ* q, int64_t q_stride, const TC* k, const TC* v, const 
       }
       for (int r = first; r < rows;) {
         if (PAIR_VALUES && r + 1 < rows && m[r + 1] == m[r]) {
-          if constexpr (PAIR_VALUES) weigh_values<TC, HD, 2 * G>(vt, m[r], wp + r * G, ap + r * G);
+          if constexpr (PAIR_VALUES) weigh_values<TC, HD, 2 * G>(vt, m[r], weight + r * G, acc + r * G);
           r += 2;
         } else {
-          weigh_values<TC, HD, G>(vt, m[r], wp + r * G, ap + r * G);
+          weigh_values<TC, HD, G>(vt, m[r], weight + r * G, acc + r * G);
           r += 1;
         }
       }
@@ -883,17 +884,15 @@ void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const
                                     block_size, scale);
         continue;
       }
-      const TQ* qi = q0;  // one row at a time
-      TQ* o = o0;
-      const int n = context_lens[first];
+      const int n = context_lens[first];  // one row at a time
       if (specialised)
-        specialised(qi, k, v, table, n, o, block_size, scale);
+        specialised(q0, k, v, table, n, o0, block_size, scale);
       else if (head_dim == 64)
-        attend<TQ, TC, 64>(qi, k, v, table, n, o, group, block_size, head_dim, scale);
+        attend<TQ, TC, 64>(q0, k, v, table, n, o0, group, block_size, head_dim, scale);
       else if (head_dim == 128)
-        attend<TQ, TC, 128>(qi, k, v, table, n, o, group, block_size, head_dim, scale);
+        attend<TQ, TC, 128>(q0, k, v, table, n, o0, group, block_size, head_dim, scale);
       else
-        attend<TQ, TC, 0>(qi, k, v, table, n, o, group, block_size, head_dim, scale);
+        attend<TQ, TC, 0>(q0, k, v, table, n, o0, group, block_size, head_dim, scale);
     }
   }
 }
