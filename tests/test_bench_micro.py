@@ -107,3 +107,19 @@ def test_prefill_attention_times_each_kernel_that_runs_here(precision, capsys):
     assert [(r["first"], r["rows"]) for r in result["rows"]] == [(0, 20), (16, 8)]
     assert all(r["row_ms"] > 0 and ("tiled_ms" in r) == tiled and 0 < r["best_of_ceiling"] for r in result["rows"])
     assert f"{dtype} queries over a {kv} KV cache" in capsys.readouterr().out
+
+
+def test_profile_step_breaks_each_workload_down_with_and_without_the_profiler(capsys):
+    """Every workload gets its profiled table and the unprofiled line: matmuls, attention and what is outside
+    them add up to the step's wall time, each part measured (none negative, matmuls and attention nonzero)."""
+    from benchmarks.profile_step import STEPS, main as profile_main
+
+    report = profile_main(["--model", "tiny-random", "--steps", "1"])
+    assert [r["step"] for r in report["results"]] == [s[0] for s in STEPS]
+    for row in report["results"]:
+        plain = row["unprofiled"]
+        assert plain["matmuls_ms"] > 0 and plain["attention_ms"] > 0 and plain["wall_ms"] > 0, row["step"]
+        parts = plain["matmuls_ms"] + plain["attention_ms"] + plain["outside_ms"]
+        assert abs(parts - plain["wall_ms"]) < 0.05, plain  # the printed figures are rounded to 0.01 ms
+        assert row["ops"] and row["wall_ms"] > 0
+    assert capsys.readouterr().out.count("without the profiler:") == len(STEPS)
