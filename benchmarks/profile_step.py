@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
                                       kv_cache_memory=4 << 30))  # float32 at batch 128 x 600 tokens
     print(f"machine: {cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(runner.describe())
+    if runner.model.fused is not None:  # one C call would hide every kernel in it from both timings
+        runner.model.fused = None
+        print("profiled kernel by kernel from Python: the quantized decoder stack's one-call path (fused.py, the same "
+              "kernels) is off here; benchmarks.quantization times steps with it")
     results = []
     for name, batch, lo, hi, chunk in STEPS:
         with random_step(runner, batch, lo, hi, chunk) as plan:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from . import native
 from .attention import AttentionMetadata, paged_attention, rotate_and_store
 from .config import ModelConfig
+from .fused import FusedDecoder
 from .linear import Linear
 from .qmatmul import QuantLinear
 from .quant import QuantWeight
@@ -84,9 +85,11 @@ class ElementwiseOps:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict, dtype: torch.dtype, device: str, max_positions: int,
-                 dense_rows: int | None = None):
+                 dense_rows: int | None = None, fused: bool = True):
         """weights: tensors by HF name, the matmul ones possibly quantized (QuantWeight: CPU only; their matmuls
-        take the dense path from dense_rows rows, qmatmul.dense_min_rows)."""
+        take the dense path from dense_rows rows, qmatmul.dense_min_rows). fused: where every layer matmul is
+        quantized, steps whose kernels allow it run the whole stack in one native call (fused.py); False keeps
+        every step on the Python loop (to compare, or to watch each matmul)."""
         pack = device == "cpu"
         w = {k: v if isinstance(v, QuantWeight) else v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.cfg, self.dtype, self.device = cfg, dtype, device
@@ -98,6 +101,7 @@ class LlamaModel:
                               dense_rows)
         self.ops = ElementwiseOps(native.elementwise_supported(device, dtype))
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.fused = FusedDecoder.build(self) if fused else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -105,6 +109,8 @@ class LlamaModel:
         x = (self.embed.dequantize_rows(input_ids).to(self.dtype) if isinstance(self.embed, QuantWeight)
              else self.embed[input_ids])
         cos, sin = self.rope.cos_sin(positions, self.dtype)
+        if self.fused is not None and self.fused.runs(meta, x.shape[0]):
+            return self.fused(x, cos, sin, kv_cache, meta)
         h = self.ops.add_rms_norm(x, None, self.layers[0].input_norm, self.cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm

@@ -87,7 +87,7 @@ def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = 
     if lib is None:
         return F.linear(x, torch.cat([p.dequantize() for p in parts]).to(x.dtype))
     if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.stride(1) != 1 \
-            or x.shape[1] != k or x.device.type != "cpu":
+            or x.shape[1] != k or not x.is_cpu:
         raise ValueError(f"quantized matmul input: expected [m, {k}] float32 or bfloat16 with a contiguous "
                          f"last dimension on the CPU; got {tuple(x.shape)} {x.dtype} {x.device}")
     if path == "dense":

@@ -196,6 +196,9 @@ def test_each_matmul_errs_by_no_more_than_its_formats_allow(monkeypatch, loop, p
         return y
 
     monkeypatch.setattr(qmatmul, "matmul", checked)
+    # Each layer matmul through qmatmul.matmul, to be checked: the Python loop, not the fused call (fused.py),
+    # which runs the same kernels and is tested against this loop bit for bit (tests/test_fused.py).
+    monkeypatch.setattr(pair[precision][1].model, "fused", None)
     our_logits(pair[precision][1], ids)
     assert calls and all(dtype == getattr(torch, precision[0]) and taken == path for dtype, taken, _ in calls)
     assert max(excess for _, _, excess in calls) <= 0, "a quantized matmul erred past its bound"
