@@ -11,7 +11,7 @@
 // (model_runner/fused.py), so this file holds only the loop, builds in a second, and runs whichever of their
 // instruction-set loops those libraries were built for.
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 namespace {
 
@@ -79,27 +79,30 @@ void jitney_decoder_forward(const int64_t* kernels, const int64_t* shape, const 
   const int block_size = int(shape[6]), kv_kind = int(shape[7]), bf16 = int(shape[8]), layers = int(shape[9]);
   const int64_t elem = bf16 ? 2 : 4;
   const int64_t width = int64_t(heads + 2 * kv_heads) * head_dim;  // the fused projection's row
-  // Scratch, as the Python loop allocates it per call: qkv, attention output, a matmul's output before its
-  // residual add, gate/up, and SiLU(gate) * up.
-  std::vector<char> qkv(rows * width * elem), attn(rows * heads * head_dim * elem), delta(rows * hidden * elem),
-      gate_up(rows * 2 * inter * elem), act(rows * inter * elem);
+  // Scratch, as the Python loop allocates it per call (uninitialized: every byte is written before it is read):
+  // qkv, attention output, a matmul's output before its residual add, gate/up, and SiLU(gate) * up.
+  const int64_t sizes[] = {rows * width, rows * heads * head_dim, rows * hidden, rows * 2 * inter, rows * inter};
+  std::unique_ptr<char[]> scratch[5];
+  for (int i = 0; i < 5; i++) scratch[i].reset(new char[sizes[i] * elem]);
+  char *qkv = scratch[0].get(), *attn = scratch[1].get(), *delta = scratch[2].get(), *gate_up = scratch[3].get(),
+       *act = scratch[4].get();
   add_rms_norm(bf16, x, nullptr, as<const void*>(layer_tables[0]), h, rows, hidden, eps);
   for (int i = 0; i < layers; i++) {
     const int64_t* t = layer_tables + int64_t(i) * LAYER_SLOTS;
     const int64_t* lin = t + 2;
     void* cache = as<void*>(caches[i]);
     const void* next_norm = i + 1 < layers ? as<const void*>(t[LAYER_SLOTS]) : final_norm;
-    linear(qmatmul, lin, bf16, h, hidden, qkv.data(), rows, elem);
-    rope_write_kv(bf16, kv_kind, qkv.data(), width, cos, ssin, slots, cache, rows, heads, kv_heads, head_dim,
+    linear(qmatmul, lin, bf16, h, hidden, qkv, rows, elem);
+    rope_write_kv(bf16, kv_kind, qkv, width, cos, ssin, slots, cache, rows, heads, kv_heads, head_dim,
                   num_blocks, block_size);
-    paged_attention(bf16, kv_kind, qkv.data(), width, cache, block_tables, table_stride, context_lens, attn.data(),
+    paged_attention(bf16, kv_kind, qkv, width, cache, block_tables, table_stride, context_lens, attn,
                     rows, heads, kv_heads, head_dim, num_blocks, block_size, scale);
-    linear(qmatmul, lin + LINEAR_SLOTS, bf16, attn.data(), int64_t(heads) * head_dim, delta.data(), rows, elem);
-    add_rms_norm(bf16, x, delta.data(), as<const void*>(t[1]), h, rows, hidden, eps);
-    linear(qmatmul, lin + 2 * LINEAR_SLOTS, bf16, h, hidden, gate_up.data(), rows, elem);
-    silu_mul(bf16, gate_up.data(), act.data(), rows, inter);
-    linear(qmatmul, lin + 3 * LINEAR_SLOTS, bf16, act.data(), inter, delta.data(), rows, elem);
-    add_rms_norm(bf16, x, delta.data(), next_norm, h, rows, hidden, eps);
+    linear(qmatmul, lin + LINEAR_SLOTS, bf16, attn, int64_t(heads) * head_dim, delta, rows, elem);
+    add_rms_norm(bf16, x, delta, as<const void*>(t[1]), h, rows, hidden, eps);
+    linear(qmatmul, lin + 2 * LINEAR_SLOTS, bf16, h, hidden, gate_up, rows, elem);
+    silu_mul(bf16, gate_up, act, rows, inter);
+    linear(qmatmul, lin + 3 * LINEAR_SLOTS, bf16, act, inter, delta, rows, elem);
+    add_rms_norm(bf16, x, delta, next_norm, h, rows, hidden, eps);
   }
 }
 
