@@ -109,7 +109,7 @@ class ModelRunner:
                 f"{self.precision.describe()}; {quant.describe_bytes(self.weight_bytes)}"
                 + (f", quantized matmul by the {quant.isa()} loop" + (f" (dequantized into torch's matmul "
                    f"from {self.quant_dense_rows} rows)" if self.quant_dense_rows else "")
-                   + (", the decoder stack in one native call (steps on that loop)" if self.model.fused is not None else "")
+                   + (", the decoder stack in one native call (steps on that loop)" if self.model.fused else "")
                    if self.cfg.quantization != "none" else "")
                 + f"; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} "
                 f"blocks x {self.block_size} tokens = {self.num_blocks * self.block_size:,} tokens; attention by "
