@@ -35,7 +35,7 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 def _declare(lib: ctypes.CDLL) -> None:
     lib.jitney_decoder_forward.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_float, _ptr, _ptr,
                                            _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr]
-    lib.jitney_decoder_forward.restype = None
+    lib.jitney_decoder_forward.restype = ctypes.c_int
     lib.jitney_decoder_layer_slots.argtypes, lib.jitney_decoder_layer_slots.restype = [], ctypes.c_int
 
 
@@ -130,9 +130,10 @@ class FusedDecoder:
                               num_blocks, block_size, native.KV_KINDS[kv_cache.dtype], int(x.dtype == torch.bfloat16),
                               len(self.model.layers)], dtype=torch.int64)
         h = torch.empty_like(x)
-        self.lib.jitney_decoder_forward(kernels.data_ptr(), shape.data_ptr(), self.tables.data_ptr(),
-                                        self._layer_caches(kv_cache).data_ptr(), self.model.norm.data_ptr(),
-                                        self.eps, self.scale, x.data_ptr(), h.data_ptr(), t, cos.data_ptr(),
-                                        signed_sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.stride(0),
-                                        lens.data_ptr())
+        failed = self.lib.jitney_decoder_forward(
+            kernels.data_ptr(), shape.data_ptr(), self.tables.data_ptr(), self._layer_caches(kv_cache).data_ptr(),
+            self.model.norm.data_ptr(), self.eps, self.scale, x.data_ptr(), h.data_ptr(), t, cos.data_ptr(),
+            signed_sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr())
+        if failed:
+            raise MemoryError(f"the decoder stack's scratch buffers for {t} rows could not be allocated")
         return h

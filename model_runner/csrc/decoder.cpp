@@ -12,6 +12,7 @@
 // instruction-set loops those libraries were built for.
 #include <cstdint>
 #include <memory>
+#include <new>
 
 namespace {
 
@@ -63,8 +64,8 @@ extern "C" {
 // kv_kind (0 float32, 1 bfloat16, 2 int8), is_bf16 (the compute dtype), layers. x [rows, hidden]: the residual
 // stream after the embedding, updated in place; h [rows, hidden]: receives the last layer's output normed by
 // final_norm. cos, ssin [rows, head_dim]; slots [rows]; block_tables [rows, table_stride]; context_lens [rows];
-// caches: each layer's cache address.
-void jitney_decoder_forward(const int64_t* kernels, const int64_t* shape, const int64_t* layer_tables,
+// caches: each layer's cache address. Returns 0, or 1 where the scratch buffers could not be allocated.
+int jitney_decoder_forward(const int64_t* kernels, const int64_t* shape, const int64_t* layer_tables,
                             const int64_t* caches, const void* final_norm, float eps, float scale, void* x, void* h,
                             int64_t rows, const void* cos, const void* ssin, const int64_t* slots,
                             const int32_t* block_tables, int64_t table_stride, const int32_t* context_lens) {
@@ -83,7 +84,10 @@ void jitney_decoder_forward(const int64_t* kernels, const int64_t* shape, const 
   // qkv, attention output, a matmul's output before its residual add, gate/up, and SiLU(gate) * up.
   const int64_t sizes[] = {rows * width, rows * heads * head_dim, rows * hidden, rows * 2 * inter, rows * inter};
   std::unique_ptr<char[]> scratch[5];
-  for (int i = 0; i < 5; i++) scratch[i].reset(new char[sizes[i] * elem]);
+  for (int i = 0; i < 5; i++) {
+    scratch[i].reset(new (std::nothrow) char[sizes[i] * elem]);
+    if (!scratch[i]) return 1;  // out of memory: the caller raises, where an exception here would end the process
+  }
   char *qkv = scratch[0].get(), *attn = scratch[1].get(), *delta = scratch[2].get(), *gate_up = scratch[3].get(),
        *act = scratch[4].get();
   add_rms_norm(bf16, x, nullptr, as<const void*>(layer_tables[0]), h, rows, hidden, eps);
@@ -104,6 +108,7 @@ void jitney_decoder_forward(const int64_t* kernels, const int64_t* shape, const 
     linear(qmatmul, lin + 3 * LINEAR_SLOTS, bf16, act, inter, delta, rows, elem);
     add_rms_norm(bf16, x, delta, next_norm, h, rows, hidden, eps);
   }
+  return 0;
 }
 
 int jitney_decoder_layer_slots() { return LAYER_SLOTS; }
