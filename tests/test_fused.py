@@ -4,6 +4,8 @@ cached prefix) and mixes of both, under every compute and KV-cache dtype, every 
 one fused matmul included) and every kernel loop this CPU runs. Exact equality, not a tolerance: the same
 kernels run on the same arguments in the same order, so any difference is a wiring mistake (a wrong stride,
 buffer or norm), which equality catches and a bound might not."""
+import os
+
 import pytest
 import torch
 from gguf.quants import quantize
@@ -16,6 +18,11 @@ from model_runner.loader import load_model_dir
 from .test_native import runnable_isas
 from .test_quant import GGUF_TYPES
 from .test_quant_model import tiny_with
+
+# The fused call needs the native kernels: without a compiler, or with them turned off, every step takes the
+# Python loop (test_quant_model and test_native cover what runs then).
+pytestmark = pytest.mark.skipif(native._compiler() is None or os.environ.get("JITNEY_NATIVE", "1") == "0",
+                                reason="no native kernels here: the fused call is never built")
 
 # Each matmul weight's format, by the end of its name: one format everywhere, or several, so that the fused
 # q/k/v and gate/up matmuls hold parts of different formats (each its own integer loop call, its own columns);
