@@ -1,10 +1,10 @@
 """A quantized model's decoder stack in one native call (csrc/decoder.cpp): the per-layer kernels model.py calls
 one at a time from Python, called in the same order with the same arguments from a loop in C.
 
-At batch 1 a quantized step is mostly the cost of starting kernels: SmolLM2's 30 layers make ~270 calls (four
-matmuls, two residual-add norms, SiLU-and-multiply, rotary + K/V write and attention per layer), each with its
-argument checks, its ctypes conversion and a tensor allocation, in caches the weights streaming past have just
-flushed. Measured on AMD Zen 3 (2 cores), q4: the matmuls' C code took 4.5 ms of a 9.7 ms step; with one
+At batch 1 nearly half a quantized step was the cost of starting kernels: SmolLM2's 30 layers make ~270 calls
+(four matmuls, two residual-add norms, SiLU-and-multiply, rotary + K/V write and attention per layer), each with
+its argument checks, its ctypes conversion and a tensor allocation, in caches the weights streaming past have
+just flushed. Measured on AMD Zen 3 (2 cores), q4: the matmuls' C code took 4.5 ms of a 9.7 ms step; with one
 call per step the step takes 4.9-5.5 ms (docs/quantization.md).
 
 It takes a step only where the Python loop would call exactly these kernels: every layer matmul quantized
