@@ -59,24 +59,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def named_native_calls() -> Iterator[None]:
-    """Wraps each native kernel, and the quantized matmul (--quantization), so the profiler shows it as an
-    operation of its own (ctypes calls are otherwise invisible to it), while the block runs: record_function
-    costs a little on every call, which the unprofiled timing should not pay."""
-    wrapped = [(native, k, k) for k in KERNELS] + [(qmatmul, "matmul", "qmatmul")]
-    for module, name, label in wrapped:
-        fn = getattr(module, name)
-
-        @wraps(fn)
-        def named(*args, _fn=fn, _label=label, **kwargs):
-            with record_function(f"native::{_label}"):
-                return _fn(*args, **kwargs)
-        setattr(module, name, named)
+def replaced(targets: list[tuple[object, str, str]], wrap) -> Iterator[None]:
+    """Each owner.name (targets: (owner, name, label)) replaced by wrap(original, label) while the block runs, put
+    back after it."""
+    for owner, name, label in targets:
+        fn = getattr(owner, name)
+        setattr(owner, name, wraps(fn)(wrap(fn, label)))
     try:
         yield
     finally:
-        for module, name, _ in wrapped:
-            setattr(module, name, getattr(module, name).__wrapped__)
+        for owner, name, _ in targets:
+            setattr(owner, name, getattr(owner, name).__wrapped__)
+
+
+def named_native_calls():
+    """Each native kernel, and the quantized matmul (--quantization), shown by the profiler as an operation of its
+    own (ctypes calls are otherwise invisible to it), while the block runs: record_function costs a little on
+    every call, which the unprofiled timing should not pay."""
+    def wrap(fn, label):
+        def named(*args, **kwargs):
+            with record_function(f"native::{label}"):
+                return fn(*args, **kwargs)
+        return named
+    return replaced([(native, k, k) for k in KERNELS] + [(qmatmul, "matmul", "qmatmul")], wrap)
 
 
 def breakdown(runner: ModelRunner, plan, steps: int) -> tuple[float, dict[str, tuple[float, float]]]:
@@ -105,24 +110,18 @@ def clocked() -> Iterator[dict[str, float]]:
     """Seconds spent in the model's matmuls (float and quantized, the output head included) and in its attention
     (metadata and kernel), summed while the block runs: one clock read on each side of each call."""
     spent = {"matmuls": 0.0, "attention": 0.0}
-    originals = [(linear.Linear, "__call__", "matmuls"), (qmatmul.QuantLinear, "__call__", "matmuls"),
-                 (model, "paged_attention", "attention")]
-    for owner, name, kind in originals:
-        fn = getattr(owner, name)
 
-        @wraps(fn)
-        def timed(*args, _fn=fn, _kind=kind, **kwargs):
+    def wrap(fn, kind):
+        def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return _fn(*args, **kwargs)
+                return fn(*args, **kwargs)
             finally:
-                spent[_kind] += time.perf_counter() - t0
-        setattr(owner, name, timed)
-    try:
+                spent[kind] += time.perf_counter() - t0
+        return timed
+    with replaced([(linear.Linear, "__call__", "matmuls"), (qmatmul.QuantLinear, "__call__", "matmuls"),
+                   (model, "paged_attention", "attention")], wrap):
         yield spent
-    finally:
-        for owner, name, _ in originals:
-            setattr(owner, name, getattr(owner, name).__wrapped__)
 
 
 def unprofiled(runner: ModelRunner, plan, steps: int) -> dict[str, float]:

@@ -74,7 +74,6 @@ class FusedDecoder:
         self.tables = torch.tensor(rows, dtype=torch.int64)
         self.dense_rows = model.layers[0].qkv.dense_rows
         self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
-        self.width = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
         self._caches: tuple[int, torch.Tensor] | None = None  # (the cache's address, each layer's address)
 
     @classmethod
