@@ -9,7 +9,8 @@ Each prompt is `first:rows`: a chunk of `rows` tokens after `first` cached ones 
 default model's shape (SmolLM2-135M: 30 layers, 9 query heads over 3 kv heads of 64), queries in the dtype
 jitney serves in here (--dtype, as `jitney serve`'s) over a cache of --kv-cache-dtype, 16-token blocks scattered
 over the cache as a server's are. Where the tiled kernel does not run (it is bfloat16 on AVX512-BF16), the
-row kernel is timed alone. FLOPs counted: 4 x heads x head_dim per
+row kernel is timed alone; where it has two loops (AMX tiles and VDPBF16PS dot products, on an Intel Xeon with
+AMX, over a bfloat16 cache), "tiled" is the one jitney runs (AMX) and the other is printed beside it. FLOPs counted: 4 x heads x head_dim per
 (query, visible key) pair, the two products of causal attention (what the row kernel computes; the tiled one
 also multiplies the masked part of each 64-key diagonal tile, not counted). The ceiling is benchmarks.machine's
 matmul in the queries' dtype (torch.mm or oneDNN's packed linear, 2048^3, best of ten).
@@ -65,8 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: this CPU ({cpu_kind()}) has no bfloat16 arithmetic: the bfloat16 matmul ceiling and kernels "
               "are emulated and take minutes; --dtype auto measures what jitney serves in here", flush=True)
     tiled = native.prefill_supported(dtype, kv_dtype, a.heads, a.kv_heads, a.head_dim)
+    loops = (native.prefill_loops() if kv_dtype == torch.bfloat16 else ["avx512-bf16"]) if tiled else []
     ceiling = matmul_gflops(dtype)
-    cpu = f"{cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, {native.isa()} loop"
+    cpu = (f"{cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, {native.isa()} loop"
+           + (f", tiled prompts on {loops[0]}" if loops else ""))
     print(f"# prompt attention, {dtype_name(dtype)} queries over a {dtype_name(kv_dtype)} KV cache: {cpu}; {dtype_name(dtype)} matmul "
           f"ceiling {ceiling:,.0f} GFLOP/s" + ("" if tiled else "\n# the tiled kernel does not run here (bfloat16 on "
                                                "AVX512-BF16 only): the row kernel alone"), "\n")
@@ -82,9 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
         out = torch.empty(n, a.heads, a.head_dim, dtype=dtype)
         scale = a.head_dim ** -0.5
         kernels = {"row": lambda: [native.paged_attention(q[i], cache[i], tables, lens, scale) for i in range(a.layers)]}
-        if tiled:
-            kernels["tiled"] = lambda: [native.prefill_attention(q[i], cache[i], tables, chunks, scale, out)
-                                        for i in range(a.layers)]
+        for loop in loops:  # "tiled": the loop jitney runs (AMX where the CPU has it); the others beside it
+            kernels["tiled" if loop == loops[0] else f"tiled_{loop}"] = (
+                lambda loop=loop: [native.prefill_attention(q[i], cache[i], tables, chunks, scale, out, loop)
+                                   for i in range(a.layers)])
         flops = causal_flops(a, first, n)
         ms = {k: 1e3 * best_seconds(fn, a.reps) for k, fn in kernels.items()}
         best = min(ms.values())
@@ -94,10 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
                          best_of_ceiling=round(flops / best / 1e6 / ceiling, 3)))
         r = rows[-1]
         print(f"  {first} cached + {n}: " + (f"tiled {r['tiled_ms']} ms ({r['tiled_gflops']} GFLOP/s), " if tiled else "")
-              + f"row kernel {r['row_ms']} ms ({r['row_gflops']} GFLOP/s); the faster at "
+              + "".join(f"{k[6:]} loop {r[f'{k}_ms']} ms ({r[f'{k}_gflops']} GFLOP/s), " for k in kernels
+                        if k.startswith("tiled_"))
+              + f"row kernel {r['row_ms']} ms ({r['row_gflops']} GFLOP/s); the fastest at "
               f"{100 * r['best_of_ceiling']:.0f} % of the ceiling", flush=True)
     print(f"\n| chunk (cached + new) | GFLOP | tiled ms | tiled GFLOP/s | row kernel ms | row kernel GFLOP/s | speed-up "
-          f"| the faster, of the {dtype_name(dtype)} matmul ceiling |\n|---|---|---|---|---|---|---|---|")
+          f"| the fastest, of the {dtype_name(dtype)} matmul ceiling |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = (f"{r['tiled_ms']:.1f} | {r['tiled_gflops']:.0f}", f"{r['row_ms'] / r['tiled_ms']:.2f}x") if tiled else ("- | -", "-")
         print(f"| {r['first']} + {r['rows']} | {r['gflop']:.1f} | {t[0]} | {r['row_ms']:.1f} | {r['row_gflops']:.0f} | "

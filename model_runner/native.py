@@ -174,7 +174,8 @@ def reload() -> None:
 
 def _declare_prefill(lib: ctypes.CDLL) -> None:
     lib.jitney_prefill_supported.argtypes, lib.jitney_prefill_supported.restype = [_i32, _i32, _i32], _i32
-    lib.jitney_prefill_attention.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i32, _ptr, _i32, _i32, _i32,
+    lib.jitney_prefill_amx.argtypes, lib.jitney_prefill_amx.restype = [], _i32
+    lib.jitney_prefill_attention.argtypes = [_i32, _i32, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i32, _ptr, _i32, _i32, _i32,
                                              _i64, _i32, ctypes.c_float]
     lib.jitney_prefill_attention.restype = None
 
@@ -262,18 +263,31 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
 
 def prefill_supported(dtype: torch.dtype, kv_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether prompt chunks of this layer shape and these dtypes run on the tiled kernel: bfloat16 queries over
-    a bfloat16 or int8 cache, on a CPU with AVX512-BF16 (elsewhere the row kernel runs them)."""
+    a bfloat16 or int8 cache, on a CPU with AVX512-BF16 (elsewhere the row kernel runs them); prefill_loops()
+    says which of its loops."""
     lib = prefill_library()
     return (lib is not None and dtype == torch.bfloat16 and kv_dtype in (torch.bfloat16, torch.int8)
             and bool(lib.jitney_prefill_supported(heads, kv_heads, head_dim)))
 
 
+def prefill_loops() -> list[str]:
+    """The tiled kernel's loops for a bfloat16 cache this build and CPU can run, the fastest first: "amx" (both
+    products on the AMX tile units: Intel Xeons since Sapphire Rapids, where Linux grants this process the
+    tiles) and "avx512-bf16" (VDPBF16PS dot products; an int8 cache always runs this one). Empty without the
+    tiled kernel."""
+    lib = prefill_library()
+    if lib is None or not lib.jitney_prefill_supported(2, 1, 64):
+        return []
+    return (["amx"] if lib.jitney_prefill_amx() else []) + ["avx512-bf16"]
+
+
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, chunks: torch.Tensor,
-                      scale: float, out: torch.Tensor) -> None:
+                      scale: float, out: torch.Tensor, loop: str | None = None) -> None:
     """Attention of prompt chunks, tiled (csrc/prefill_attention.cpp), over a bfloat16 or int8 cache, into out
     [n, H, D] (contiguous, bfloat16): chunks [C, 3] int32 holds each chunk's (first row, rows, position of its first row); a chunk's rows
     are consecutive rows of q [n, H, D] and its sequence's table is block_tables[first row]. Rows outside the
-    chunks are left as they are. Callers check `prefill_supported`."""
+    chunks are left as they are. Callers check `prefill_supported`. loop: one of prefill_loops() (default the
+    first) for a bfloat16 cache."""
     n, heads, d = q.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
     _check(q.dtype == out.dtype == torch.bfloat16 and kv_cache.dtype in (torch.bfloat16, torch.int8)
@@ -285,8 +299,10 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
            and all(first >= 0 and rows >= 1 and first + rows <= n and pos >= 0  # a few chunks: plain Python
                    for first, rows, pos in chunks.tolist()),
            "int32 chunks (first row, rows, first position) within the rows, one table per row", chunks)
+    loops = prefill_loops() if kv_cache.dtype == torch.bfloat16 else ["avx512-bf16"]
+    _check(loop in (None, *loops), f"a tiled loop this CPU runs over this cache ({', '.join(loops)})", q)
     prefill_library().jitney_prefill_attention(
-        int(kv_cache.dtype == torch.int8), q.data_ptr(), q.stride(0),
+        int(kv_cache.dtype == torch.int8), int(loop in (None, "amx")), q.data_ptr(), q.stride(0),
         kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), chunks.data_ptr(), chunks.shape[0],
         out.data_ptr(), heads, kv_heads, d, num_blocks, block_size, scale)
 

@@ -66,7 +66,7 @@ def cpu_kind() -> str:
     """The CPU's vector instruction set in a few words, for start-up lines and benchmark tables."""
     flags = cpu_flags()
     if {"avx512_bf16", "amx_bf16"} & flags:
-        return "AVX-512 with AVX512-BF16"
+        return "AVX-512 with AVX512-BF16" + (" and AMX" if "amx_bf16" in flags else "")
     if "avx512f" in flags:
         return "AVX-512 without AVX512-BF16"
     if "avx2" in flags:

@@ -508,48 +508,66 @@ def chunk_case(heads, kv_heads, head_dim, block_size, chunks, seed, kv_dtype=tor
     return q, cache, tables[seq].contiguous(), lens, spec
 
 
-def tiled(q, cache, tables, spec, scale):
+def tiled(q, cache, tables, spec, scale, loop=None):
     out = torch.full(q.shape, 7.0, dtype=torch.bfloat16)
-    native.prefill_attention(q, cache, tables, spec, scale, out)
+    native.prefill_attention(q, cache, tables, spec, scale, out, loop)
     return out
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16-cache", "int8-cache"])
+# A bfloat16 cache's prompt chunks run on AMX tiles where the CPU has them, on VDPBF16PS dot products
+# elsewhere; both are tested wherever they run (an int8 cache has the dot-product loop alone).
+LOOPS = [("bf16-cache", torch.bfloat16, "amx"), ("bf16-cache", torch.bfloat16, "avx512-bf16"),
+         ("int8-cache", torch.int8, "avx512-bf16")]
+
+
+@pytest.fixture(params=LOOPS, ids=[f"{name}-{loop}" for name, _, loop in LOOPS])
+def cache_loop(request):
+    """(kv cache dtype, tiled loop), skipped where this CPU does not run that loop."""
+    _, kv_dtype, loop = request.param
+    if loop not in native.prefill_loops():
+        pytest.skip(f"the tiled kernel's {loop} loop does not run on this CPU")
+    return kv_dtype, loop
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
     (9, 3, 64, 16), (9, 3, 64, 1), (8, 2, 128, 8), (4, 4, 64, 32), (16, 1, 64, 16), (32, 2, 128, 16)])
-def test_tiled_kernel_matches_reference(heads, kv_heads, head_dim, block_size, kv_dtype):
+def test_tiled_kernel_matches_reference(heads, kv_heads, head_dim, block_size, cache_loop):
     """Fresh prompts of lengths around the 64-key tile and the row tiles, and chunks after a cached prefix,
     several sequences in one call, against float64 over the cache as stored (an int8 one dequantized). The
     bound is bfloat16's: the output's own rounding (2^-9 of its magnitude) plus the softmax weights' rounding to
     bfloat16 for the second product (2^-9 relative each; the output moves by at most 2^-8 of the values'
     largest magnitude). An int8 cache adds no term: its scores are exact integer sums but for the query's int16
     form (2^-14 of its largest element, far under the rest), its values exact in bfloat16, and each value
-    row's scale rides in its weight before the weight's one rounding."""
+    row's scale rides in its weight before the weight's one rounding. The AMX loop's products are the same
+    pairs of bfloat16 values summed in float32, in another order."""
+    kv_dtype, loop = cache_loop
     if not tiled_here(heads, kv_heads, head_dim):
         pytest.skip("the tiled kernel runs on AVX512-BF16 only")
     chunks = [(0, 1), (0, 2), (0, 63), (0, 65), (0, 130), (37, 50), (100, 1), (64, 64), (5, 200)]
     q, cache, tables, lens, spec = chunk_case(heads, kv_heads, head_dim, block_size, chunks, seed=head_dim,
                                               kv_dtype=kv_dtype)
-    out = tiled(q, cache, tables, spec, head_dim ** -0.5)
+    out = tiled(q, cache, tables, spec, head_dim ** -0.5, loop)
     stored = widened(cache)
     want = reference(q, stored, tables, lens.tolist(), head_dim ** -0.5)
     v_max = stored[1].double().abs().max()
     assert ((out.double() - want).abs() <= want.abs() * 2.0 ** -8 + v_max * 2.0 ** -8).all()
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=["bf16-cache", "int8-cache"])
-def test_tiled_rows_do_not_depend_on_chunking_or_companions(kv_dtype):
+def test_tiled_rows_do_not_depend_on_chunking_or_companions(cache_loop):
     """A row's output is bit-identical however its prompt is cut into chunks and whatever else the call holds:
-    key tiles start at position 0 of the sequence, whatever the chunk, and tasks never mix sequences."""
+    key tiles start at position 0 of the sequence, whatever the chunk, and tasks never mix sequences (on AMX a
+    row's sums do not depend on the other rows of its 16-row block either)."""
+    kv_dtype, loop = cache_loop
     if not tiled_here():
         pytest.skip("the tiled kernel runs on AVX512-BF16 only")
     q, cache, tables, lens, spec = chunk_case(9, 3, 64, 16, [(0, 300), (0, 90)], seed=11, kv_dtype=kv_dtype)
-    whole = tiled(q, cache, tables, spec, 0.125)
+    whole = tiled(q, cache, tables, spec, 0.125, loop)
     for cuts in ([(0, 100), (100, 200)], [(0, 1), (1, 298), (299, 1)], [(0, 64), (64, 64), (128, 172)]):
         for p, n in cuts:
-            part = tiled(q[p:p + n], cache, tables[p:p + n], torch.tensor([[0, n, p]], dtype=torch.int32), 0.125)
+            part = tiled(q[p:p + n], cache, tables[p:p + n], torch.tensor([[0, n, p]], dtype=torch.int32), 0.125,
+                         loop)
             assert torch.equal(part, whole[p:p + n])
-    alone = tiled(q[300:], cache, tables[300:], torch.tensor([[0, 90, 0]], dtype=torch.int32), 0.125)
+    alone = tiled(q[300:], cache, tables[300:], torch.tensor([[0, 90, 0]], dtype=torch.int32), 0.125, loop)
     assert torch.equal(alone, whole[300:])
 
 

@@ -23,6 +23,11 @@
 // value exactly, and each value row's scale goes into its softmax weight before that is rounded (the
 // normaliser sums the weights without it), so the error bound is the bfloat16 cache's.
 //
+// On a CPU with AMX (Intel Xeons since Sapphire Rapids) a bfloat16 cache's tiles run on the tile units instead
+// (tile_amx: both products as TDPBF16PS, 16 query vectors at a time; 2.6x the dot-product loop on a 512-token
+// prompt, measured 2026-12-05); the online softmax between the products stays on AVX-512 and takes about two
+// thirds of that loop's time (docs/benchmarks.md). An int8 cache keeps the dot-product loop.
+//
 // Only built with AVX512-BF16 (Zen 4, Xeons since Cooper Lake): elsewhere jitney_prefill_supported says no
 // and prompt rows run on the row kernel. Built and loaded by model_runner/native.py (plain C ABI).
 #include <algorithm>
@@ -36,6 +41,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(JITNEY_PORTABLE)
 #define JITNEY_DPBF16 1
 #include <immintrin.h>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define JITNEY_AMX 1  // Intel Xeons since Sapphire Rapids: both products on the tile units (tile_amx)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace {
@@ -112,6 +122,43 @@ void pack_tile_q8(const int8_t* k, const int8_t* v, const int32_t* table, int bl
   }
 }
 
+// The online softmax of one query vector over one key tile: its scores s (NS vectors of 16 keys; unscaled, or
+// with Q8 already scaled) become weights under the running maximum, -inf past the `seen` keys it may see (of
+// the tile's n), rounded to bfloat16 in wp (pairs of keys, the second product's operand). The row sum that
+// normalises the output is taken over the rounded weights, so the output stays a weighted mean of the values;
+// with Q8 the weights carry their value rows' scales (vscale: the tile's TK, the values being raw int8) and
+// the row sum is of the weights alone, unrounded. Returns the factor the vector's accumulator is rescaled by.
+template <bool Q8>
+inline float softmax_tile(__m512* s, int seen, int n, float scale, const float* vscale, uint32_t* wp,
+                          float& running_max, float& denom) {
+  seen = std::max(0, std::min(seen, n));
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int c = 0; c < NS; c++) {  // scaled scores, -inf where masked
+    const int in = std::min(std::max(seen - 16 * c, 0), 16);
+    s[c] = _mm512_mask_blend_ps(__mmask16((1u << in) - 1), _mm512_set1_ps(-INFINITY),
+                                Q8 ? s[c] : _mm512_mul_ps(s[c], _mm512_set1_ps(scale)));
+    mx = _mm512_max_ps(mx, s[c]);
+  }
+  const float m_new = std::max(running_max, _mm512_reduce_max_ps(mx));
+  const float correction = exp_nonpositive(running_max - m_new);
+  __m512 sum = _mm512_setzero_ps();
+  for (int c = 0; c < NS; c++) {
+    const __m512 p = exp512_nonpositive(_mm512_sub_ps(s[c], _mm512_set1_ps(m_new)));
+    __m256bh w;
+    if constexpr (Q8) {
+      w = _mm512_cvtneps_pbh(_mm512_mul_ps(p, _mm512_loadu_ps(vscale + 16 * c)));
+      sum = _mm512_add_ps(sum, p);
+    } else {
+      w = _mm512_cvtneps_pbh(p);
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16)));
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(wp + 8 * c), (__m256i)w);
+  }
+  running_max = m_new;
+  denom = denom * correction + _mm512_reduce_add_ps(sum);
+  return correction;
+}
+
 // One task: `rows` query rows (first at position first_pos) x `group` heads from head0, against keys
 // 0 .. first_pos + rows - 1 of one kv head, packed (pack_tile, or pack_tile_q8 when Q8, with the rows' scales
 // in kscale and vscale, TK a tile). q and out rows are q_stride / out_stride elements apart, heads contiguous.
@@ -151,7 +198,6 @@ void tile(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, i
     running_max[m] = -INFINITY;
     denom[m] = 0.f;
   }
-  const __m512 scale16 = _mm512_set1_ps(scale);
   const int context = first_pos + rows;
   for (int k0 = 0; k0 < context; k0 += TK) {
     const int n = std::min(TK, context - k0);
@@ -194,35 +240,9 @@ void tile(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, i
       __m512 a[B][NV];
       for (int i = 0; i < B; i++) {
         const int m = m0 + i;
-        const int seen = std::max(0, std::min(first_pos + m / group - k0 + 1, n));  // keys of the tile it sees
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int c = 0; c < NS; c++) {  // scaled scores, -inf where masked
-          const int in = std::min(std::max(seen - 16 * c, 0), 16);
-          s[i][c] = _mm512_mask_blend_ps(__mmask16((1u << in) - 1), _mm512_set1_ps(-INFINITY),
-                                         Q8 ? s[i][c] : _mm512_mul_ps(s[i][c], scale16));
-          mx = _mm512_max_ps(mx, s[i][c]);
-        }
-        const float m_new = std::max(running_max[m], _mm512_reduce_max_ps(mx));
-        const float correction = exp_nonpositive(running_max[m] - m_new);
-        __m512 sum = _mm512_setzero_ps();
-        for (int c = 0; c < NS; c++) {
-          // Rounded to bfloat16 for the product; the row sum is of the rounded weights, so the output stays
-          // a weighted mean of the values. Q8: the weights carry their value rows' scales (the values are the
-          // raw int8 ones), and the row sum is of the weights alone, unrounded.
-          const __m512 p = exp512_nonpositive(_mm512_sub_ps(s[i][c], _mm512_set1_ps(m_new)));
-          if constexpr (Q8) {
-            const float* vsc = vscale + int64_t(k0 / TK) * TK + 16 * c;
-            const __m256bh w = _mm512_cvtneps_pbh(_mm512_mul_ps(p, _mm512_loadu_ps(vsc)));
-            sum = _mm512_add_ps(sum, p);
-            _mm256_store_si256(reinterpret_cast<__m256i*>(wp[i] + 8 * c), (__m256i)w);
-          } else {
-            const __m256bh w = _mm512_cvtneps_pbh(p);
-            sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)w), 16)));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(wp[i] + 8 * c), (__m256i)w);
-          }
-        }
-        running_max[m] = m_new;
-        denom[m] = denom[m] * correction + _mm512_reduce_add_ps(sum);
+        const float correction = softmax_tile<Q8>(s[i], first_pos + m / group - k0 + 1, n, scale,
+                                                  Q8 ? vscale + int64_t(k0 / TK) * TK : nullptr, wp[i],
+                                                  running_max[m], denom[m]);
         const __m512 cv = _mm512_set1_ps(correction);
         for (int j = 0; j < NV; j++) a[i][j] = _mm512_mul_ps(acc[m][j], cv);
       }
@@ -247,6 +267,139 @@ void tile(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, i
   }
 }
 
+#ifdef JITNEY_AMX
+// Linux hands the AMX tile registers only to a process that asks for them (arch_prctl ARCH_REQ_XCOMP_PERM
+// for XTILEDATA, Linux 5.16 and later); once granted they serve every thread of the process.
+bool amx_permitted() {
+  static const bool granted = [] {
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return granted;
+}
+
+// Every tile register as 16 rows of 64 bytes: 16 x 32 bfloat16 (the products' operands, B in pairs) or
+// 16 x 16 float32 (their sums). Loaded at the start of each task: oneDNN's AMX kernels load their own
+// configuration on the same threads between our calls.
+void configure_tiles() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// Columns 16 j .. 16 j + 15 of a block's weighted values into tile register C: the weights (tiles 4 and 6, keys
+// 0..31 and 32..63) times the packed values (vp: pairs of keys, HD elements a row), B tiles through 5 and 7. A
+// macro: GCC's tile intrinsics paste the register number into the instruction's text.
+#define JITNEY_PV_TILE(C, vp, j, HD)              \
+  do {                                            \
+    _tile_zero(C);                                \
+    _tile_loadd(5, &(vp)[0][16 * (j)], (HD) * 4); \
+    _tile_dpbf16ps(C, 4, 5);                      \
+    _tile_loadd(7, &(vp)[16][16 * (j)], (HD) * 4); \
+    _tile_dpbf16ps(C, 6, 7);                      \
+  } while (0)
+
+// tile<HD, false> on the AMX units: the same task, packs, online softmax and rounding, with both products as
+// TDPBF16PS on 16 query vectors at a time (one instruction: 16 vectors x 16 keys x 32 elements). A vector's
+// scores and weighted values are sums over the head dimension and the tile's keys in the hardware's fixed
+// order, whatever the other 15 vectors of its block, so a row's output does not depend on its companions.
+// The scores go through memory to the softmax (AVX-512), and each tile's weighted values are added to the
+// accumulators there, after the rescaling the running maximum asks for.
+template <int HD>
+void tile_amx(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, int first_pos,
+              const uint32_t* kpack, const uint32_t* vpack, uint16_t* out, int64_t out_stride, float scale) {
+  constexpr int64_t TILE_WORDS = int64_t(TK) * HD / 2;
+  constexpr int NV = HD / 16;
+  static_assert(TK == 64 && HD % 64 == 0, "four 16-key score tiles, two 32-key weight tiles, 64 outputs a step");
+  const int m_total = rows * group;
+  const int blocks = (m_total + 15) / 16;
+  alignas(64) uint16_t qb[MAX_M][HD];  // the task's query vectors, zeros past m_total
+  alignas(64) float acc[MAX_M][HD];
+  alignas(64) float sc[16][TK];        // one block's scores
+  alignas(64) uint32_t wb[16][TK / 2]; // its weights, bfloat16 in key order (pairs of keys per word)
+  alignas(64) float pv[16][64];        // 64 columns of its weighted values
+  float correction[16];                // each vector's rescaling for this tile (softmax_tile)
+  float running_max[MAX_M], denom[MAX_M];
+  for (int m = 0; m < blocks * 16; m++) {
+    if (m < m_total)
+      std::memcpy(qb[m], q + int64_t(m / group) * q_stride + int64_t(head0 + m % group) * HD, sizeof qb[m]);
+    else
+      std::memset(qb[m], 0, sizeof qb[m]);
+    std::memset(acc[m], 0, sizeof acc[m]);
+    running_max[m] = -INFINITY;
+    denom[m] = 0.f;
+  }
+  configure_tiles();
+  const int context = first_pos + rows;
+  for (int k0 = 0; k0 < context; k0 += TK) {
+    const int n = std::min(TK, context - k0);
+    const uint32_t (*kp)[TK] = reinterpret_cast<const uint32_t (*)[TK]>(kpack + int64_t(k0 / TK) * TILE_WORDS);
+    const uint32_t (*vp)[HD] = reinterpret_cast<const uint32_t (*)[HD]>(vpack + int64_t(k0 / TK) * TILE_WORDS);
+    for (int b = std::max(0, k0 - first_pos) * group / 16; b < blocks; b++) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int ds = 0; ds < HD / 32; ds++) {  // 32 elements of the head dimension a step
+        _tile_loadd(4, &qb[16 * b][32 * ds], HD * 2);
+        _tile_loadd(5, &kp[16 * ds][0], TK * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, &kp[16 * ds][16], TK * 4);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, &kp[16 * ds][32], TK * 4);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, &kp[16 * ds][48], TK * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, &sc[0][0], TK * 4);
+      _tile_stored(1, &sc[0][16], TK * 4);
+      _tile_stored(2, &sc[0][32], TK * 4);
+      _tile_stored(3, &sc[0][48], TK * 4);
+      for (int i = 0; i < 16; i++) {
+        const int m = 16 * b + i;
+        if (m >= m_total) {
+          std::memset(wb[i], 0, sizeof wb[i]);
+          continue;
+        }
+        __m512 s[NS];
+        for (int c = 0; c < NS; c++) s[c] = _mm512_load_ps(&sc[i][16 * c]);
+        correction[i] = softmax_tile<false>(s, first_pos + m / group - k0 + 1, n, scale, nullptr, wb[i],
+                                            running_max[m], denom[m]);
+      }
+      _tile_loadd(4, &wb[0][0], TK * 2);   // keys 0..31 of the block's 16 vectors
+      _tile_loadd(6, &wb[0][16], TK * 2);  // keys 32..63
+      for (int j0 = 0; j0 < NV; j0 += 4) {  // 64 output elements a step, four independent sums
+        JITNEY_PV_TILE(0, vp, j0, HD);
+        JITNEY_PV_TILE(1, vp, j0 + 1, HD);
+        JITNEY_PV_TILE(2, vp, j0 + 2, HD);
+        JITNEY_PV_TILE(3, vp, j0 + 3, HD);
+        _tile_stored(0, &pv[0][0], 256);
+        _tile_stored(1, &pv[0][16], 256);
+        _tile_stored(2, &pv[0][32], 256);
+        _tile_stored(3, &pv[0][48], 256);
+        for (int i = 0; i < 16 && 16 * b + i < m_total; i++) {  // rescaled to the new maximum, plus this tile's
+          const __m512 cv = _mm512_set1_ps(correction[i]);
+          for (int u = 0; u < 4; u++) {
+            float* a = &acc[16 * b + i][16 * (j0 + u)];
+            _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_load_ps(a), cv, _mm512_load_ps(&pv[i][16 * u])));
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+  for (int m = 0; m < m_total; m++) {
+    uint16_t* orow = out + int64_t(m / group) * out_stride + int64_t(head0 + m % group) * HD;
+    const float inv = 1.f / denom[m];
+    for (int d = 0; d < HD; d++) store(acc[m][d] * inv, &orow[d]);
+  }
+}
+#endif  // JITNEY_AMX
+
 struct Task {
   int chunk, row0, rows, head;
 };
@@ -255,7 +408,7 @@ struct Task {
 template <int HD, bool Q8>
 void prefill_attention(const uint16_t* q, int64_t q_stride, const void* cache, const int32_t* block_tables,
                        int64_t table_stride, const int32_t* chunks, int num_chunks, uint16_t* out, int heads,
-                       int kv_heads, int64_t num_blocks, int block_size, float scale) {
+                       int kv_heads, int64_t num_blocks, int block_size, float scale, bool amx) {
   constexpr int64_t TILE_WORDS = int64_t(TK) * HD / 2;
   const int group = heads / kv_heads;
   const int tile_rows = std::max(1, MAX_M / group);
@@ -313,6 +466,13 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, const void* cache, c
                           + int64_t(t.head) * (first_tile[t.chunk + 1] - first_tile[t.chunk])) * TILE_WORDS;
       const float* ks = Q8 ? kscale.data() + at / TILE_WORDS * TK : nullptr;
       const float* vs = Q8 ? vscale.data() + at / TILE_WORDS * TK : nullptr;
+#ifdef JITNEY_AMX
+      if (!Q8 && amx) {
+        tile_amx<HD>(q + row * q_stride, q_stride, t.head * group, group, t.rows, chunks[3 * t.chunk + 2] + t.row0,
+                     kpack + at, vpack + at, out + row * out_stride, out_stride, scale);
+        continue;
+      }
+#endif
       tile<HD, Q8>(q + row * q_stride, q_stride, t.head * group, group, t.rows, chunks[3 * t.chunk + 2] + t.row0,
                    kpack + at, vpack + at, ks, vs, out + row * out_stride, out_stride, scale);
     }
@@ -337,13 +497,23 @@ int jitney_prefill_supported(int heads, int kv_heads, int head_dim) {
 #endif
 }
 
+// Whether this build has the AMX loop (tile_amx) and the kernel granted this process the tile registers: then
+// a bfloat16 cache's prompt chunks run on it unless a call asks for the dot-product loop (amx = 0).
+int jitney_prefill_amx() {
+#ifdef JITNEY_AMX
+  return amx_permitted();
+#else
+  return 0;
+#endif
+}
+
 // q [rows, heads, head_dim] bfloat16 (q_stride elements between rows, heads contiguous); cache: one layer's
 // [2, kv_heads, num_blocks, block_size, head_dim] bfloat16, or with kv_int8 rows of head_dim int8 values and
 // their float32 scale (head_dim + 4 bytes); block_tables [rows, table_stride] int32, the table
 // of a chunk's sequence at the chunk's first row; chunks [num_chunks, 3] int32: (first row, rows, position of
 // the first row); out [rows, heads, head_dim] contiguous: only the chunks' rows are written. Callers check
-// jitney_prefill_supported.
-void jitney_prefill_attention(int kv_int8, const uint16_t* q, int64_t q_stride, const void* cache,
+// jitney_prefill_supported. amx: the bfloat16 cache's loop, AMX tiles (where jitney_prefill_amx) or dot products.
+void jitney_prefill_attention(int kv_int8, int amx, const uint16_t* q, int64_t q_stride, const void* cache,
                               const int32_t* block_tables, int64_t table_stride, const int32_t* chunks,
                               int num_chunks, uint16_t* out, int heads, int kv_heads, int head_dim,
                               int64_t num_blocks, int block_size, float scale) {
@@ -351,7 +521,7 @@ void jitney_prefill_attention(int kv_int8, const uint16_t* q, int64_t q_stride, 
   const auto run = kv_int8 ? (head_dim == 64 ? prefill_attention<64, true> : prefill_attention<128, true>)
                            : (head_dim == 64 ? prefill_attention<64, false> : prefill_attention<128, false>);
   run(q, q_stride, cache, block_tables, table_stride, chunks, num_chunks, out, heads, kv_heads, num_blocks,
-      block_size, scale);
+      block_size, scale, amx && jitney_prefill_amx());
 #endif
 }
 
