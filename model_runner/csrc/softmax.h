@@ -49,10 +49,9 @@ inline float softmax_block(float* score, int n, float& running_max, float& denom
 }
 
 #if defined(__AVX512F__) && !defined(JITNEY_PORTABLE)
-// exp on 16 lanes for the softmax (x <= 0): exp_any's reduction and polynomial, with FMAs; exactly 0 below
-// -87 (-inf included), clamped at 88 like exp_any; NaN stays NaN (MAXPS and MINPS return their second operand
-// when one is NaN).
-inline __m512 exp512_nonpositive(__m512 x) {
+// exp_any on 16 lanes: its reduction and polynomial, with FMAs; clamped to [-87, 88]; NaN stays NaN (MAXPS and
+// MINPS return their second operand when one is NaN).
+inline __m512 exp512_any(__m512 x) {
   const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.f), _mm512_max_ps(_mm512_set1_ps(-87.f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -66,7 +65,12 @@ inline __m512 exp512_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ), e, _mm512_setzero_ps());
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// exp512_any for the softmax (x <= 0): exactly 0 below -87, -inf included.
+inline __m512 exp512_nonpositive(__m512 x) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ), exp512_any(x),
+                              _mm512_setzero_ps());
 }
 #endif
