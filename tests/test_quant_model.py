@@ -17,6 +17,7 @@ from model_runner.loader import load_model_dir
 from model_runner.model import LlamaModel
 
 from .engine_helpers import greedy, run_requests
+from .onednn import packed_and_plain_differ
 from .reference import our_logits, relative_error
 from .test_batch_invariance import SYSTEM, TOPICS
 from .test_quant import GGUF_TYPES, bound, dense_bound, kernel_isas
@@ -240,25 +241,6 @@ def topic_prompts(runner: ModelRunner, count: int) -> list[list[int]]:
             for i, t in enumerate((TOPICS * 3)[:count])]
 
 
-def packed_and_plain_differ(runner: ModelRunner) -> str:
-    """Where oneDNN's bfloat16 matmul over a packed weight (the unquantized model's, linear.py) and over a plain
-    one (the dense path's slices) give different bits at the model's matmul shapes and the step sizes the test
-    below runs (36-row decodes, prompt steps of a few hundred rows): the first such shape, or "". Equal on AMD
-    Zen 4; on an Intel Xeon with AMX the 1536-wide down projection differs at 512 rows."""
-    cfg = runner.model.cfg
-    gen = torch.Generator().manual_seed(0)
-    for n, k in ((cfg.hidden_size, cfg.intermediate_size), (2 * cfg.intermediate_size, cfg.hidden_size),
-                 (cfg.vocab_size, cfg.hidden_size)):
-        w = torch.randn(n, k, generator=gen).bfloat16()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
-        for m in (36, 64, 256, 512):
-            x = torch.randn(m, k, generator=gen).bfloat16()
-            if not torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-                               torch.nn.functional.linear(x, w)):
-                return f"{m} rows x [{n}, {k}]"
-    return ""
-
-
 @pytest.mark.integration
 @pytest.mark.first_pass_only  # the lower loop's dense path: test_each_matmul_errs_by_no_more_than_its_formats_allow
 def test_bfloat16_dense_path_is_the_bfloat16_model(monkeypatch, bf16_runners):
@@ -267,7 +249,7 @@ def test_bfloat16_dense_path_is_the_bfloat16_model(monkeypatch, bf16_runners):
     unquantized bfloat16 model's text, prompt for prompt, where oneDNN sums a packed and a plain bfloat16 weight in
     the same order (bit-identical logits on AMD Zen 4; skipped where it does not, e.g. an AMX Xeon). The crossover is forced to 32 rows so that
     the test means the same on a CPU that would never take the dense path.)"""
-    if differs := packed_and_plain_differ(bf16_runners["none"]):
+    if differs := packed_and_plain_differ(bf16_runners["none"].model.cfg):
         pytest.skip(f"oneDNN sums a packed and a plain bfloat16 weight in different orders on this CPU ({differs}): "
                     "the two models' texts may differ by rounding; test_each_matmul_errs_by_no_more_than_its_formats"
                     "_allow bounds the dense path here")
