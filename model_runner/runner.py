@@ -41,12 +41,6 @@ class StepOutput:
     logprobs: dict[int, StepLogprobs] = field(default_factory=dict)  # by seq_id, for sequences that asked
 
 
-def is_decode(seq: Sequence, n: int) -> bool:
-    """Whether a scheduled chunk of n tokens is a decode (one token after the prompt: the row kernel's, or the
-    PyTorch path's decode groups) rather than prompt tokens (prefill), of any number."""
-    return n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
-
-
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig | None = None, progress: bool = True):
         # Loading, steps and scoring all run on the process's torch thread (model_runner/threads.py: one OpenMP
@@ -166,10 +160,10 @@ class ModelRunner:
     def _execute(self, scheduled: list[tuple[Sequence, int]]) -> StepOutput:
         if torch.get_num_threads() != self.threads:  # another runner of this process asked for another count
             threads.apply(self.threads)
-        # Decodes first, shortest context first (the PyTorch path attends them in groups of similar length; the
-        # native kernel takes any order).
+        # Single-token chunks first, shortest context first (the PyTorch path attends them in groups of similar
+        # length; the native kernel takes any order).
         order = sorted(range(len(scheduled)),
-                       key=lambda i: (not is_decode(*scheduled[i]), scheduled[i][0].num_computed_tokens))
+                       key=lambda i: (scheduled[i][1] != 1, scheduled[i][0].num_computed_tokens))
         items = [scheduled[i] for i in order]
         meta, input_ids, positions = self._prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
@@ -266,14 +260,13 @@ class ModelRunner:
 
     @staticmethod
     def _chunks(items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, int]:
-        """The step's prompt chunks as (first row, rows, first position) for the tiled kernel, and how many decode
-        rows (first in the step as `execute` orders them) go to the row kernel.
+        """The step's multi-token chunks as (first row, rows, first position) for the tiled kernel, and how many
+        single-token rows (decodes, first in the step as `execute` orders them) go to the row kernel.
 
-        A prompt token takes the tiled kernel whatever its chunk's size (a prompt cut into chunks of 7 tokens
-        may end on a chunk of one), so which kernel attends it does not depend on how its prompt was cut. (In
-        bfloat16 oneDNN may still pick its matmul kernels by a step's rows; the exact batch invariance jitney
-        promises is float32's, where the tiled kernel never runs.)"""
-        decodes = sum(is_decode(s, n) for s, n in items)
+        Which kernel a token gets then depends on its chunk's size, and so on how a step was batched; in
+        bfloat16 a token's arithmetic depends on that anyway (oneDNN picks its matmul kernels by the number of
+        rows), and the exact batch invariance jitney promises is float32's, where the tiled kernel never runs."""
+        decodes = sum(n == 1 for _, n in items)
         chunks, row = [], decodes
         for s, n in items[decodes:]:
             chunks.append([row, n, s.num_computed_tokens])
@@ -284,7 +277,7 @@ class ModelRunner:
                          pos: list[int]) -> tuple[list[DecodeGroup], list[PrefillChunk]]:
         """Decode groups of similar context length, and one SDPA chunk per prompt chunk."""
         bs = self.block_size
-        decodes = [s for s, n in items if is_decode(s, n)]
+        decodes = [s for s, n in items if n == 1]
         d = len(decodes)
         groups = [self._decode_group(decodes, pos, lo, hi) for lo, hi in decode_group_bounds(pos[:d], bs)]
         prefills, row = [], d
