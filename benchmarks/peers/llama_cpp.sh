@@ -3,19 +3,25 @@
 # Nothing in `make test` needs it. The source comes from PyPI: the llama-cpp-python sdist carries llama.cpp
 # (vendor/llama.cpp, MIT licence), so this needs no other download.
 #
-#   bash benchmarks/peers/llama_cpp.sh [native|avx2] [DIR]     (default: native, /tmp/jitney-peers)
+#   bash benchmarks/peers/llama_cpp.sh [native|avx512|avx2] [DIR]     (default: native, /tmp/jitney-peers)
 #
 # avx2 builds the AVX2 + FMA + F16C kernels only (no AVX-512), so that an AVX-512 machine runs what an AMD
-# Zen 2/3 or an Intel client chip would. Takes about 10 minutes on 2 cores. Prints the two binaries' paths.
+# Zen 2/3 or an Intel client chip would. avx512 builds the AVX-512 kernels (VNNI, BF16) without AMX: on an Intel
+# Xeon with AMX the native build's server crashes at start (segmentation fault, 2026-12-05; its llama-bench
+# runs), so the server's row there comes from this build. Takes about 10 minutes on 2 cores. Prints the two
+# binaries' paths.
 set -euo pipefail
 ISA=${1:-native}
 DIR=${2:-/tmp/jitney-peers}
 VERSION=0.3.36
 case "$ISA" in
   native) FLAGS=(-DGGML_NATIVE=ON) ;;
+  avx512) FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+                 -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+                 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF) ;;
   avx2) FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
                -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF) ;;
-  *) echo "usage: $0 [native|avx2] [DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 [native|avx512|avx2] [DIR]" >&2; exit 2 ;;
 esac
 mkdir -p "$DIR"
 cd "$DIR"
