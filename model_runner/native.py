@@ -275,7 +275,11 @@ def prefill_loops() -> list[str]:
     products on the AMX tile units: Intel Xeons since Sapphire Rapids, where Linux grants this process the
     tiles) and "avx512-bf16" (VDPBF16PS dot products; an int8 cache always runs this one). Empty without the
     tiled kernel."""
-    lib = prefill_library()
+    return list(_prefill_loops(prefill_library()))
+
+
+@cache
+def _prefill_loops(lib: ctypes.CDLL | None) -> list[str]:  # per loaded library: asked once, not at every call
     if lib is None or not lib.jitney_prefill_supported(2, 1, 64):
         return []
     return (["amx"] if lib.jitney_prefill_amx() else []) + ["avx512-bf16"]
