@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: this CPU ({cpu_kind()}) has no bfloat16 arithmetic: the bfloat16 matmul ceiling and kernels "
               "are emulated and take minutes; --dtype auto measures what jitney serves in here", flush=True)
     tiled = native.prefill_supported(dtype, kv_dtype, a.heads, a.kv_heads, a.head_dim)
-    loops = (native.prefill_loops() if kv_dtype == torch.bfloat16 else ["avx512-bf16"]) if tiled else []
+    loops = native.prefill_loops(kv_dtype) if tiled else []
     ceiling = matmul_gflops(dtype)
     cpu = (f"{cpu_model()} ({cpu_kind()}), {torch.get_num_threads()} threads, {native.isa()} loop"
            + (f", tiled prompts on {loops[0]}" if loops else ""))

@@ -270,12 +270,12 @@ def prefill_supported(dtype: torch.dtype, kv_dtype: torch.dtype, heads: int, kv_
             and bool(lib.jitney_prefill_supported(heads, kv_heads, head_dim)))
 
 
-def prefill_loops() -> list[str]:
-    """The tiled kernel's loops for a bfloat16 cache this build and CPU can run, the fastest first: "amx" (both
-    products on the AMX tile units: Intel Xeons since Sapphire Rapids, where Linux grants this process the
-    tiles) and "avx512-bf16" (VDPBF16PS dot products; an int8 cache always runs this one). Empty without the
-    tiled kernel."""
-    return list(_prefill_loops(prefill_library()))
+def prefill_loops(kv_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """The tiled kernel's loops over a cache of kv_dtype this build and CPU can run, the fastest first: "amx"
+    (both products on the AMX tile units: Intel Xeons since Sapphire Rapids, where Linux grants this process the
+    tiles; a bfloat16 cache only) and "avx512-bf16" (VDPBF16PS dot products). Empty without the tiled kernel."""
+    loops = _prefill_loops(prefill_library())
+    return list(loops if kv_dtype == torch.bfloat16 else loops[-1:])
 
 
 @cache
@@ -290,8 +290,8 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     """Attention of prompt chunks, tiled (csrc/prefill_attention.cpp), over a bfloat16 or int8 cache, into out
     [n, H, D] (contiguous, bfloat16): chunks [C, 3] int32 holds each chunk's (first row, rows, position of its first row); a chunk's rows
     are consecutive rows of q [n, H, D] and its sequence's table is block_tables[first row]. Rows outside the
-    chunks are left as they are. Callers check `prefill_supported`. loop: one of prefill_loops() (default the
-    first) for a bfloat16 cache."""
+    chunks are left as they are. Callers check `prefill_supported`. loop: one of prefill_loops(kv_cache.dtype)
+    (default the first)."""
     n, heads, d = q.shape
     _, kv_heads, num_blocks, block_size, _ = kv_cache.shape
     _check(q.dtype == out.dtype == torch.bfloat16 and kv_cache.dtype in (torch.bfloat16, torch.int8)
@@ -303,7 +303,7 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
            and all(first >= 0 and rows >= 1 and first + rows <= n and pos >= 0  # a few chunks: plain Python
                    for first, rows, pos in chunks.tolist()),
            "int32 chunks (first row, rows, first position) within the rows, one table per row", chunks)
-    loops = prefill_loops() if kv_cache.dtype == torch.bfloat16 else ["avx512-bf16"]
+    loops = prefill_loops(kv_cache.dtype)
     _check(loop in (None, *loops), f"a tiled loop this CPU runs over this cache ({', '.join(loops)})", q)
     prefill_library().jitney_prefill_attention(
         int(kv_cache.dtype == torch.int8), int(loop in (None, "amx")), q.data_ptr(), q.stride(0),

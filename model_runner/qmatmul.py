@@ -28,8 +28,9 @@ from .quant import TILE, QuantWeight
 # the matmuls of a default-model step take 37.3 ms integer / 41.9 ms dense at 24 rows, 48.3 / 47.2 at 32, and the
 # dense path wins by more from there. With AMX (Intel Xeon) oneDNN's bfloat16 matmul is several times faster again
 # while the dequantization costs the same, so the crossover falls: 20 there, measured 2026-12-05 on a Xeon with
-# AMX (a q4 step 34.2 ms integer / 36.8 dense at 16 rows, 41.5 / 38.9 at 20, 58.2 / 41.9 at 32). A fixed rule rather than a timing at start-up: the path changes a token's
-# arithmetic, which should not depend on how busy the machine was then. Off by default: the two paths round
+# AMX (a q4 step 34.2 ms integer / 36.8 dense at 16 rows, 41.5 / 38.9 at 20, 58.2 / 41.9 at 32). A fixed rule
+# rather than a timing at start-up: the path changes a token's arithmetic, which should not depend on how busy
+# the machine was then. Off by default: the two paths round
 # differently, so with it a sequence's tokens depend on how many rows its step has (batching can change text).
 DENSE_MIN_ROWS = {"avx512_bf16": 32, "amx_bf16": 20}
 DENSE_SETTINGS = "off | auto | N"
