@@ -147,6 +147,18 @@ def test_matmul_batch_invariant(lib, fmt):
     assert torch.equal(qmatmul.matmul([w], x[4:11], lib), together[4:11])
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])
+def test_matmul_tile_alone_or_paired(lib, fmt):
+    """A tile of 8 weight rows gives the same bits computed alone or beside its neighbour (the AVX-512 loop takes
+    tiles two at a time on 16 lanes, a lone last tile on 8), at every activation-row group size."""
+    parts = [weight(fmt, 8, 96, seed=s) for s in (7, 8, 9)]
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    joined = qmatmul.matmul([QuantWeight.cat(parts)], x, lib)  # tiles 0-1 a pair, tile 2 alone
+    for i, p in enumerate(parts):
+        assert torch.equal(qmatmul.matmul([p], x, lib), joined[:, 8 * i: 8 * i + 8])
+    assert torch.equal(qmatmul.matmul([QuantWeight.cat(parts[1:])], x, lib), joined[:, 8:])
+
+
 # --- the dense path: dequantized slices through torch's matmul (large batches under bfloat16) ---------------------
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])
