@@ -27,12 +27,14 @@ from .quant import TILE, QuantWeight
 # torch (oneDNN), below it the integer loop runs. Measured on AMD Zen 4 (AVX512-BF16, no AMX; docs/quantization.md):
 # the matmuls of a default-model step take 37.3 ms integer / 41.9 ms dense at 24 rows, 48.3 / 47.2 at 32, and the
 # dense path wins by more from there. With AMX (Intel Xeon) oneDNN's bfloat16 matmul is several times faster again
-# while the dequantization costs the same, so the crossover falls: 20 there, measured 2026-12-05 on a Xeon with
-# AMX (a q4 step 34.2 ms integer / 36.8 dense at 16 rows, 41.5 / 38.9 at 20, 58.2 / 41.9 at 32). A fixed rule
+# while the dequantization costs the same, but the integer loop with software prefetch and two tiles per 512-bit
+# vector is faster too: 32 there, measured 2026-12-05 on a Xeon with AMX (a q4 step 24.6 / 24.1 ms integer against
+# 40.1 / 39.1 dense at 16 rows, 45.8 / 43.1 against 46.4 / 47.3 at 32, 65.7 / 64.6 against 55.5 / 55.0 at 48;
+# 20 before that loop). A fixed rule
 # rather than a timing at start-up: the path changes a token's arithmetic, which should not depend on how busy
 # the machine was then. Off by default: the two paths round
 # differently, so with it a sequence's tokens depend on how many rows its step has (batching can change text).
-DENSE_MIN_ROWS = {"avx512_bf16": 32, "amx_bf16": 20}
+DENSE_MIN_ROWS = {"avx512_bf16": 32, "amx_bf16": 32}
 DENSE_SETTINGS = "off | auto | N"
 # Rows of dequantized weights per slice: at most this many bytes (they stay in cache between the dequantization
 # and the matmul that reads them); the default model's largest layer matmul (gate/up, 3.4 MiB in bfloat16) is
