@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(JITNEY_PORTABLE)
@@ -48,7 +49,7 @@ namespace {
 enum Format { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, INT8 = 3 };
 constexpr int QK = 32;    // values per block
 constexpr int TILE = 8;   // output rows per tile
-constexpr int MROWS = 4;  // activation rows computed together (each weight block is unpacked once for them)
+constexpr int SROWS = 4;  // activation rows tile_kernel computes together (each weight block is unpacked once for them)
 
 constexpr int tile_bytes(int fmt) { return (fmt == Q4_0 || fmt == Q4_1) ? 128 : 256; }
 
@@ -97,7 +98,7 @@ void quantize_row(const T* x, int64_t k, int8_t* hi, int8_t* lo, float* d, int32
   }
 }
 
-// --- one tile of 8 output rows, R (1..MROWS) activation rows: acc[r][lane] += row lane's dot with row r -----------
+// --- one tile of 8 output rows, R (1..SROWS) activation rows: acc[r][lane] += row lane's dot with row r -----------
 
 #if defined(JITNEY_AVX2)
 
@@ -313,10 +314,20 @@ void tile_kernel(const uint8_t* qs, const uint16_t* dw, const uint16_t* mw, int6
 #endif
 
 #if defined(JITNEY_VNNI512)
-constexpr int PAIR = 2;  // tiles per task: tile_pair_kernel
+constexpr int PAIR = 2;   // tiles per task: tile_pair_kernel
+constexpr int MROWS = 8;  // activation rows per task (32 vector registers hold 8 rows' sums beside the weights)
 #else
 constexpr int PAIR = 1;
+constexpr int MROWS = SROWS;
 #endif
+
+// f(std::integral_constant<int, rows>) for rows in 1..R: a kernel's row count as a template argument.
+template <int R, typename F>
+inline void with_rows(int rows, F&& f) {
+  if constexpr (R > 1)
+    if (rows < R) return with_rows<R - 1>(rows, f);
+  f(std::integral_constant<int, R>{});
+}
 
 template <int fmt, typename T>
 void qmatmul(const T* x, int64_t ldx, const uint8_t* qs, const uint16_t* dw, const uint16_t* mw,
@@ -343,24 +354,17 @@ void qmatmul(const T* x, int64_t ldx, const uint8_t* qs, const uint16_t* dw, con
     const auto tm = [&](const uint16_t* s, int64_t u) { return s ? s + u * nb * TILE : nullptr; };
 #if defined(JITNEY_VNNI512)
     if (lanes > TILE) {
-      const auto pair = [&](auto kernel) { kernel(tq(t), tq(t + 1), tm(dw, t), tm(dw, t + 1), tm(mw, t), tm(mw, t + 1),
-                                                  nb, a, out); };
-      switch (rows) {
-        case 4: pair(tile_pair_kernel<fmt, 4>); break;
-        case 3: pair(tile_pair_kernel<fmt, 3>); break;
-        case 2: pair(tile_pair_kernel<fmt, 2>); break;
-        default: pair(tile_pair_kernel<fmt, 1>); break;
-      }
+      with_rows<MROWS>(int(rows), [&](auto r) {
+        tile_pair_kernel<fmt, r.value>(tq(t), tq(t + 1), tm(dw, t), tm(dw, t + 1), tm(mw, t), tm(mw, t + 1), nb, a, out);
+      });
     } else
 #endif
     {
       float one[MROWS][TILE];
-      switch (rows) {
-        case 4: tile_kernel<fmt, 4>(tq(t), tm(dw, t), tm(mw, t), nb, a, one); break;
-        case 3: tile_kernel<fmt, 3>(tq(t), tm(dw, t), tm(mw, t), nb, a, one); break;
-        case 2: tile_kernel<fmt, 2>(tq(t), tm(dw, t), tm(mw, t), nb, a, one); break;
-        default: tile_kernel<fmt, 1>(tq(t), tm(dw, t), tm(mw, t), nb, a, one); break;
-      }
+      for (int r0 = 0; r0 < rows; r0 += SROWS)
+        with_rows<SROWS>(int(std::min<int64_t>(SROWS, rows - r0)), [&](auto r) {
+          tile_kernel<fmt, r.value>(tq(t), tm(dw, t), tm(mw, t), nb, a + r0, one + r0);
+        });
       for (int r = 0; r < rows; ++r) std::memcpy(out[r], one[r], sizeof one[r]);
     }
     for (int r = 0; r < rows; ++r)
