@@ -126,25 +126,51 @@ def test_matmul_against_float64(lib, fmt, dtype):
     n, k = 37, 160  # 37 rows: a partial tile; 5 blocks
     w = weight(fmt, n, k, seed=3)
     g = torch.Generator().manual_seed(4)
-    x = (torch.randn(11, k + 8, generator=g) * torch.rand(11, 1, generator=g) * 4).to(dtype)[:, :k]  # row stride
+    # 37 rows: two groups of 16 (the AMX tiles where the CPU has them) and a partial one (the vector loop)
+    x = (torch.randn(37, k + 8, generator=g) * torch.rand(37, 1, generator=g) * 4).to(dtype)[:, :k]  # row stride
     x[2, 32:64] = 0       # an all-zero block: scale 0
     x[5, 7] = 300.0       # an outlier: its block's step is large, the others' are not
     y = qmatmul.matmul([w], x, lib)
-    assert y.dtype == dtype and y.shape == (11, n)
+    assert y.dtype == dtype and y.shape == (37, n)
     ref = x.double() @ w.dequantize().double().T
     err, limit = (y.double() - ref).abs(), bound(w.dequantize(), x, dtype)
     assert (err <= limit).all(), f"worst: {(err - limit).max():.3g} over the bound"
 
 
-@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "int8"])
-def test_matmul_batch_invariant(lib, fmt):
-    """A row's output is the same bits alone or among 12 others (4-row groups and their remainders alike)."""
-    w = weight(fmt, 24, 64, seed=5)
-    x = torch.randn(13, 64, generator=torch.Generator().manual_seed(6))
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_batch_invariant(lib, fmt, dtype):
+    """A row's output is the same bits alone or among 39 others: the loop's row groups and their remainders alike,
+    and on a CPU with AMX a full group of 16 on the tiles against a row alone on the vector loop."""
+    w = weight(fmt, 40, 64, seed=5)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
     together = qmatmul.matmul([w], x, lib)
-    for i in (0, 3, 4, 12):
+    for i in (0, 3, 4, 12, 15, 16, 39):
         assert torch.equal(qmatmul.matmul([w], x[i: i + 1], lib), together[i: i + 1])
-    assert torch.equal(qmatmul.matmul([w], x[4:11], lib), together[4:11])
+    for lo, hi in ((4, 11), (10, 40), (3, 35)):
+        assert torch.equal(qmatmul.matmul([w], x[lo:hi], lib), together[lo:hi])
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])
+def test_amx_loop_is_the_vector_loops_bits(fmt):
+    """Where the CPU has AMX, steps of 16 rows and more sum on the tiles: the same bits as the AVX-512 VNNI loop
+    (forced by jitney_qmatmul_set_amx(0)) for any row count and a weight with a partial tile."""
+    lib = quant_library("native")
+    if not lib.jitney_qmatmul_set_amx(1):
+        pytest.skip("no AMX int8 on this CPU (or this build)")
+    w = weight(fmt, 45, 192, seed=11)  # 6 tiles: two pairs and a pair whose second tile is partial
+    g = torch.Generator().manual_seed(12)
+    try:
+        for m in (16, 17, 32, 50):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (torch.randn(m, 192, generator=g) * 3).to(dtype)
+                tiles = qmatmul.matmul([w], x, lib)
+                lib.jitney_qmatmul_set_amx(0)
+                vector = qmatmul.matmul([w], x, lib)
+                lib.jitney_qmatmul_set_amx(1)
+                assert torch.equal(tiles, vector), (m, dtype)
+    finally:
+        lib.jitney_qmatmul_set_amx(1)
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])

@@ -43,8 +43,7 @@
 #include <immintrin.h>
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define JITNEY_AMX 1  // Intel Xeons since Sapphire Rapids: both products on the tile units (tile_amx)
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"   // amx_permitted, configure_tiles
 #endif
 #endif
 
@@ -268,27 +267,10 @@ void tile(const uint16_t* q, int64_t q_stride, int head0, int group, int rows, i
 }
 
 #ifdef JITNEY_AMX
-// Linux hands the AMX tile registers only to a process that asks for them (arch_prctl ARCH_REQ_XCOMP_PERM
-// for XTILEDATA, Linux 5.16 and later); once granted they serve every thread of the process.
-bool amx_permitted() {
-  static const bool granted = [] {
-    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return granted;
-}
-
 // Every tile register as 16 rows of 64 bytes: 16 x 32 bfloat16 (the products' operands, B in pairs) or
-// 16 x 16 float32 (their sums). Loaded at the start of each task: oneDNN's AMX kernels load their own
-// configuration on the same threads between our calls.
-void configure_tiles() {
-  struct alignas(64) {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-  } config;
-  for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
-  _tile_loadconfig(&config);
+// 16 x 16 float32 (their sums).
+void configure_square_tiles() {
+  configure_tiles({16, 16, 16, 16, 16, 16, 16, 16}, {64, 64, 64, 64, 64, 64, 64, 64});
 }
 
 // Columns 16 j .. 16 j + 15 of a block's weighted values into tile register C: the weights (tiles 4 and 6, keys
@@ -333,7 +315,7 @@ void tile_amx(const uint16_t* q, int64_t q_stride, int head0, int group, int row
     running_max[m] = -INFINITY;
     denom[m] = 0.f;
   }
-  configure_tiles();
+  configure_square_tiles();
   const int context = first_pos + rows;
   for (int k0 = 0; k0 < context; k0 += TK) {
     const int n = std::min(TK, context - k0);

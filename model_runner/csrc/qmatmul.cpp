@@ -41,6 +41,10 @@
 #include <immintrin.h>
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define JITNEY_VNNI 1
+#if defined(__AVX512BW__) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define JITNEY_AMX_INT8 1  // Intel Xeons since Sapphire Rapids: large batches' integer sums on the tile units
+#include "amx.h"           // amx_permitted, configure_tiles
+#endif
 #endif
 #endif
 
@@ -216,6 +220,26 @@ inline __m512 join_half(const uint16_t* lo, const uint16_t* hi) {  // 8 fp16 sca
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1));
 }
 
+// One block's integer sums for one activation row and 16 outputs (digits hi and lo), added to its float32 sums:
+// the digits combined, Q4_0's offset, the scales. The one definition of this float work for tile_pair_kernel and
+// tile_pair_amx, so that their outputs are the same bits.
+template <int fmt>
+inline __m512 add_block(__m512 acc, __m512i sh, __m512i sl, __m512 scale, __m512 minv, float da, int32_t sum) {
+  __m512i isum = _mm512_add_epi32(_mm512_mullo_epi32(sh, _mm512_set1_epi32(RADIX)), sl);
+  if (fmt == Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * sum));
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(scale, _mm512_set1_ps(da)), acc);
+  if (fmt == Q4_1) acc = _mm512_fmadd_ps(minv, _mm512_set1_ps(da * float(sum)), acc);
+  return acc;
+}
+
+// The two tiles' fp16 scales (and Q4_1's minimums) of block b as float32, lane by lane.
+template <int fmt>
+inline void block_scales(const uint16_t* dw0, const uint16_t* dw1, const uint16_t* mw0, const uint16_t* mw1,
+                         int64_t b, __m512& scale, __m512& minv) {
+  scale = fmt == INT8 ? _mm512_set1_ps(1.f) : join_half(dw0 + b * TILE, dw1 + b * TILE);
+  minv = fmt == Q4_1 ? join_half(mw0 + b * TILE, mw1 + b * TILE) : _mm512_setzero_ps();
+}
+
 template <int fmt, int R>
 void tile_pair_kernel(const uint8_t* qs0, const uint8_t* qs1, const uint16_t* dw0, const uint16_t* dw1,
                       const uint16_t* mw0, const uint16_t* mw1, int64_t nb, const QRow* a, float out[][2 * TILE]) {
@@ -243,9 +267,8 @@ void tile_pair_kernel(const uint8_t* qs0, const uint8_t* qs1, const uint16_t* dw
         w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
       }
     }
-    __m512 scale = _mm512_set1_ps(1.f), minv = _mm512_setzero_ps();
-    if (fmt != INT8) scale = join_half(dw0 + b * TILE, dw1 + b * TILE);
-    if (fmt == Q4_1) minv = join_half(mw0 + b * TILE, mw1 + b * TILE);
+    __m512 scale, minv;
+    block_scales<fmt>(dw0, dw1, mw0, mw1, b, scale, minv);
     for (int r = 0; r < R; ++r) {
       const int32_t* ah = reinterpret_cast<const int32_t*>(a[r].hi + b * QK);
       const int32_t* al = reinterpret_cast<const int32_t*>(a[r].lo + b * QK);
@@ -259,15 +282,69 @@ void tile_pair_kernel(const uint8_t* qs0, const uint8_t* qs1, const uint16_t* dw
         sh = _mm512_dpbusd_epi32(sh, w[j], h);
         sl = _mm512_dpbusd_epi32(sl, w[j], l);
       }
-      __m512i isum = _mm512_add_epi32(_mm512_mullo_epi32(sh, _mm512_set1_epi32(RADIX)), sl);
-      if (fmt == Q4_0) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * a[r].sum[b]));
-      const float da = a[r].d[b];
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(scale, _mm512_set1_ps(da)), acc[r]);
-      if (fmt == Q4_1) acc[r] = _mm512_fmadd_ps(minv, _mm512_set1_ps(da * float(a[r].sum[b])), acc[r]);
+      acc[r] = add_block<fmt>(acc[r], sh, sl, scale, minv, a[r].d[b], a[r].sum[b]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], acc[r]);
 }
+
+#if defined(JITNEY_AMX_INT8)
+constexpr int AROWS = 16;  // activation rows of an AMX task: one A tile's rows
+
+// tile_pair_kernel's integer sums on the AMX tile units, 16 activation rows at a time. Per block: A (tiles 0
+// and 1) the rows' 32 high and low digits, 16 rows of 32 bytes straight from the quantized activations; B (tile
+// 2) the block's weights of both tiles as 8 rows of 4-byte K groups by 16 output rows, which is the packed layout
+// itself (two tiles side by side, Q4's nibbles unpacked to bytes); C (tiles 4 and 5) = A B by TDPBSSD, 16 x 16
+// exact int32 sums per digit. They are the integers the VNNI loop computes, and add_block does the float work
+// in its order, so the outputs are tile_pair_kernel's bits and a row's result does not depend on which of the
+// two its batch size sent it to.
+inline void configure_q_tiles() {
+  configure_tiles({AROWS, AROWS, 8, 0, AROWS, AROWS, 0, 0}, {QK, QK, 64, 0, 64, 64, 0, 0});
+}
+
+template <int fmt>
+void tile_pair_amx(const uint8_t* qs0, const uint8_t* qs1, const uint16_t* dw0, const uint16_t* dw1,
+                   const uint16_t* mw0, const uint16_t* mw1, int64_t nb, const int8_t* hi, const int8_t* lo,
+                   int64_t k, const float* d, const int32_t* sum, float out[][2 * TILE]) {
+  alignas(64) int8_t bt[8][64];
+  alignas(64) int32_t c[2][AROWS][16];
+  __m512 acc[AROWS];
+  for (int r = 0; r < AROWS; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  constexpr int tb = tile_bytes(fmt);
+  configure_q_tiles();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t *b0 = qs0 + b * tb, *b1 = qs1 + b * tb;
+    fetch_ahead<fmt>(b0, dw0, mw0, b, BLOCKS_AHEAD);
+    fetch_ahead<fmt>(b1, dw1, mw1, b, BLOCKS_AHEAD);
+    if constexpr (fmt == Q4_0 || fmt == Q4_1) {
+      for (int p = 0; p < 4; ++p) {
+        const __m512i v = join(b0 + 32 * p, b1 + 32 * p);
+        _mm512_store_si512(bt[p], _mm512_and_si512(v, low4));
+        _mm512_store_si512(bt[p + 4], _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) _mm512_store_si512(bt[j], join(b0 + 32 * j, b1 + 32 * j));
+    }
+    _tile_loadd(2, bt, 64);
+    _tile_loadd(0, hi + b * QK, k);
+    _tile_loadd(1, lo + b * QK, k);
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_dpbssd(4, 0, 2);
+    _tile_dpbssd(5, 1, 2);
+    _tile_stored(4, c[0], 64);
+    _tile_stored(5, c[1], 64);
+    __m512 scale, minv;
+    block_scales<fmt>(dw0, dw1, mw0, mw1, b, scale, minv);
+    for (int r = 0; r < AROWS; ++r)
+      acc[r] = add_block<fmt>(acc[r], _mm512_load_si512(c[0][r]), _mm512_load_si512(c[1][r]), scale, minv,
+                              d[r * nb + b], sum[r * nb + b]);
+  }
+  _tile_release();
+  for (int r = 0; r < AROWS; ++r) _mm512_storeu_ps(out[r], acc[r]);
+}
+#endif
 #endif
 
 #else  // portable: the same tiles, unpacked block by block into plain rows the compiler can vectorize
@@ -320,6 +397,12 @@ constexpr int MROWS = 8;  // activation rows per task (32 vector registers hold 
 constexpr int PAIR = 1;
 constexpr int MROWS = SROWS;
 #endif
+#if defined(JITNEY_AMX_INT8)
+constexpr int GROUP = AROWS;  // activation rows per task: a full group runs on the tiles, a partial one below
+bool amx_enabled = true;      // jitney_qmatmul_set_amx: tests compare the two loops
+#else
+constexpr int GROUP = MROWS;
+#endif
 
 // f(std::integral_constant<int, rows>) for rows in 1..R: a kernel's row count as a template argument.
 template <int R, typename F>
@@ -339,28 +422,39 @@ void qmatmul(const T* x, int64_t ldx, const uint8_t* qs, const uint16_t* dw, con
 #pragma omp parallel for schedule(static) if (m * k >= 4096)
   for (int64_t i = 0; i < m; ++i)
     quantize_row(x + i * ldx, k, &ahi[i * k], &alo[i * k], &ad[i * nb], &asum[i * nb]);
-  const int64_t groups = (m + MROWS - 1) / MROWS, units = (tiles + PAIR - 1) / PAIR;
-  // One task: PAIR tiles of 8 output rows for MROWS activation rows. Tiles vary fastest, so that at batch 1 both
+  const int64_t groups = (m + GROUP - 1) / GROUP, units = (tiles + PAIR - 1) / PAIR;
+#if defined(JITNEY_AMX_INT8)
+  const bool amx = amx_enabled && amx_permitted();
+#endif
+  // One task: PAIR tiles of 8 output rows for GROUP activation rows. Tiles vary fastest, so that at batch 1 both
   // threads split the weights (the bytes that bound the step) and at large batches a tile's weights stay in cache.
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < units * groups; ++task) {
-    const int64_t t = task % units * PAIR, g = task / units, i0 = g * MROWS, rows = std::min<int64_t>(MROWS, m - i0);
-    QRow a[MROWS];
+    const int64_t t = task % units * PAIR, g = task / units, i0 = g * GROUP, rows = std::min<int64_t>(GROUP, m - i0);
+    QRow a[GROUP];
     for (int r = 0; r < rows; ++r)
       a[r] = {&ahi[(i0 + r) * k], &alo[(i0 + r) * k], &ad[(i0 + r) * nb], &asum[(i0 + r) * nb]};
-    float out[MROWS][PAIR * TILE];
+    float out[GROUP][PAIR * TILE];
     const int lanes = int(std::min<int64_t>(PAIR * TILE, n - t * TILE));
     const auto tq = [&](int64_t u) { return qs + u * nb * tile_bytes(fmt); };
     const auto tm = [&](const uint16_t* s, int64_t u) { return s ? s + u * nb * TILE : nullptr; };
+#if defined(JITNEY_AMX_INT8)
+    if (lanes > TILE && rows == AROWS && amx) {
+      tile_pair_amx<fmt>(tq(t), tq(t + 1), tm(dw, t), tm(dw, t + 1), tm(mw, t), tm(mw, t + 1), nb, &ahi[i0 * k],
+                         &alo[i0 * k], k, &ad[i0 * nb], &asum[i0 * nb], out);
+    } else
+#endif
 #if defined(JITNEY_VNNI512)
     if (lanes > TILE) {
-      with_rows<MROWS>(int(rows), [&](auto r) {
-        tile_pair_kernel<fmt, r.value>(tq(t), tq(t + 1), tm(dw, t), tm(dw, t + 1), tm(mw, t), tm(mw, t + 1), nb, a, out);
-      });
+      for (int r0 = 0; r0 < rows; r0 += MROWS)
+        with_rows<MROWS>(int(std::min<int64_t>(MROWS, rows - r0)), [&](auto r) {
+          tile_pair_kernel<fmt, r.value>(tq(t), tq(t + 1), tm(dw, t), tm(dw, t + 1), tm(mw, t), tm(mw, t + 1), nb,
+                                         a + r0, out + r0);
+        });
     } else
 #endif
     {
-      float one[MROWS][TILE];
+      float one[GROUP][TILE];
       for (int r0 = 0; r0 < rows; r0 += SROWS)
         with_rows<SROWS>(int(std::min<int64_t>(SROWS, rows - r0)), [&](auto r) {
           tile_kernel<fmt, r.value>(tq(t), tm(dw, t), tm(mw, t), nb, a + r0, one + r0);
@@ -574,12 +668,26 @@ void run_dequantize(int bf16, const uint8_t* qs, const uint16_t* dw, const uint1
 extern "C" {
 
 const char* jitney_qmatmul_isa() {
-#if defined(JITNEY_VNNI)
+#if defined(JITNEY_AMX_INT8)
+  return amx_enabled && amx_permitted() ? "avx512-vnni, amx-int8 from 16 rows" : "avx512-vnni";
+#elif defined(JITNEY_VNNI)
   return "avx512-vnni";
 #elif defined(JITNEY_AVX2)
   return "avx2";
 #else
   return "portable";
+#endif
+}
+
+// Whether steps of 16 rows and more take the AMX tiles where the CPU and the kernel allow (on by default; tests
+// turn it off to compare the VNNI loop's bits). Returns whether they now do.
+int jitney_qmatmul_set_amx(int on) {
+#if defined(JITNEY_AMX_INT8)
+  amx_enabled = on != 0;
+  return amx_enabled && amx_permitted();
+#else
+  (void)on;
+  return 0;
 #endif
 }
 
