@@ -233,6 +233,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.jitney_qmatmul.restype = None
     lib.jitney_qmatmul_isa.argtypes, lib.jitney_qmatmul_isa.restype = [], ctypes.c_char_p
     lib.jitney_qmatmul_set_amx.argtypes, lib.jitney_qmatmul_set_amx.restype = [ctypes.c_int], ctypes.c_int
+    lib.jitney_qmatmul_quantize_row.argtypes = [ctypes.c_int, ctypes.c_int, p, i64, p, p, p, p]
+    lib.jitney_qmatmul_quantize_row.restype = None
     lib.jitney_dequantize.argtypes = [ctypes.c_int, ctypes.c_int, p, p, p, p, i64, i64, i64, p, i64]
     lib.jitney_dequantize.restype = None
 

@@ -173,6 +173,49 @@ def test_amx_loop_is_the_vector_loops_bits(fmt):
         lib.jitney_qmatmul_set_amx(1)
 
 
+def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The activations' quantization rule (csrc/qmatmul.cpp, quantize_row_scalar) in torch: per block of 32, Q =
+    round(x inv) to nearest even with inv = QMAX / max|x| in float32 (0 below 2^-112, where it would overflow),
+    clamped; digits hi = round(Q / 254) half away from zero and lo = Q - 254 hi; the scale max|x| / QMAX and the
+    sum of Q."""
+    xb = x.float().view(-1, QK)
+    amax = xb.abs().amax(-1)
+    inv = torch.where(amax >= 2.0 ** -112, torch.tensor(float(QMAX)) / amax, torch.tensor(0.0))
+    v = torch.round(xb * inv[:, None]).clamp(-QMAX, QMAX).long()
+    hi = v.sign() * ((v.abs() + 127) // 254)
+    return hi.flatten(), (v - 254 * hi).flatten(), amax / QMAX, v.sum(-1)
+
+
+def quantize_native(lib, x: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, ...]:
+    k = x.numel()
+    hi, lo = torch.empty(k, dtype=torch.int8), torch.empty(k, dtype=torch.int8)
+    d, s = torch.empty(k // QK), torch.empty(k // QK, dtype=torch.int32)
+    lib.jitney_qmatmul_quantize_row(int(x.dtype == torch.bfloat16), int(scalar), x.data_ptr(), k, hi.data_ptr(),
+                                    lo.data_ptr(), d.data_ptr(), s.data_ptr())
+    return hi.long(), lo.long(), d, s.long()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_quantization_is_the_rule(lib, dtype):
+    """The loop's quantization of activations (16 values at a time where the CPU has AVX-512) gives the rule's
+    digits, scales and sums exactly, on generated blocks: every magnitude from subnormal to 1e30, zeros and -0.0,
+    and values placed on the rounding ties of Q (x inv = n + 1/2) and of the digit split (|Q| = 254 n + 127)."""
+    g = torch.Generator().manual_seed(13)
+    blocks = [torch.randn(64, QK, generator=g) * 10.0 ** torch.randint(-40, 31, (64, 1), generator=g).float(),
+              torch.zeros(2, QK), -torch.zeros(1, QK)]
+    ties = torch.randn(8, QK, generator=g)
+    ties[:, 0] = 1.0  # max|x| = 1: inv = QMAX, and x = (n + 1/2) / QMAX lands Q on a tie (where float32 holds it)
+    ties[:, 1:] = (torch.randint(-QMAX, QMAX, (8, QK - 1), generator=g) + 0.5) / QMAX
+    split = torch.ones(8, QK)
+    split[:, 1:] = (254 * torch.randint(-127, 127, (8, QK - 1), generator=g) + 127) / QMAX * torch.tensor([1.0, -1.0]).repeat(8, 16)[:, 1:]
+    x = torch.cat(blocks + [ties, split]).flatten().to(dtype)
+    want = quantize_reference(x)
+    for scalar in (True, False):
+        got = quantize_native(lib, x, scalar)
+        for name, a, b in zip(("hi", "lo", "scale", "sum"), got, want):
+            assert torch.equal(a, b), f"{name} (scalar={scalar}): {int((a != b).sum())} differ"
+
+
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8"])
 def test_matmul_tile_alone_or_paired(lib, fmt):
     """A tile of 8 weight rows gives the same bits computed alone or beside its neighbour (the AVX-512 loop takes
