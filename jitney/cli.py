@@ -46,7 +46,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --quantization under bfloat16: from this many tokens in a step, a quantized matmul "
                         "dequantizes its weights slice by slice into torch's bfloat16 matmul instead of the integer "
                         "loop (faster at large batches: docs/quantization.md). auto = this CPU's crossover (32 rows "
-                        "with AVX512-BF16 or AMX, never without native bfloat16). The two paths round "
+                        "with AVX512-BF16, 80 with AMX, never without native bfloat16). The two paths round "
                         "differently, so with it on, batching can change a sequence's greedy text; off keeps every "
                         "token's arithmetic the same in any batch (default: off)")
     p.add_argument("--block-size", type=flags.integer(1), default=16,

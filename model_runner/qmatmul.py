@@ -27,14 +27,14 @@ from .quant import TILE, QuantWeight
 # torch (oneDNN), below it the integer loop runs. Measured on AMD Zen 4 (AVX512-BF16, no AMX; docs/quantization.md):
 # the matmuls of a default-model step take 37.3 ms integer / 41.9 ms dense at 24 rows, 48.3 / 47.2 at 32, and the
 # dense path wins by more from there. With AMX (Intel Xeon) oneDNN's bfloat16 matmul is several times faster again
-# while the dequantization costs the same, but the integer loop with software prefetch and two tiles per 512-bit
-# vector is faster too: 32 there, measured 2026-12-05 on a Xeon with AMX (a q4 step 24.6 / 24.1 ms integer against
-# 40.1 / 39.1 dense at 16 rows, 45.8 / 43.1 against 46.4 / 47.3 at 32, 65.7 / 64.6 against 55.5 / 55.0 at 48;
-# 20 before that loop). A fixed rule
+# while the dequantization costs the same, but there the integer loop sums 16 rows at a time on the AMX tiles:
+# 80 rows, measured 2026-12-05 on a Xeon with AMX (a q4 step 62.6-66.4 ms integer against 66.5-77.6 dense at 64
+# rows, 74.8 / 80.2 against 77.6 / 75.0 at 72, 80.6 / 81.5 against 83.8 / 78.4 at 80, 89.7 / 94.9 against 79.7 /
+# 75.6 at 96; 20 with the loop of the session before, 32 with the VNNI loop's prefetch). A fixed rule
 # rather than a timing at start-up: the path changes a token's arithmetic, which should not depend on how busy
 # the machine was then. Off by default: the two paths round
 # differently, so with it a sequence's tokens depend on how many rows its step has (batching can change text).
-DENSE_MIN_ROWS = {"avx512_bf16": 32, "amx_bf16": 32}
+DENSE_MIN_ROWS = {"amx_bf16": 80, "avx512_bf16": 32}  # most capable first: _bf16_crossover
 DENSE_SETTINGS = "off | auto | N"
 # Rows of dequantized weights per slice: at most this many bytes (they stay in cache between the dequantization
 # and the matmul that reads them); the default model's largest layer matmul (gate/up, 3.4 MiB in bfloat16) is
@@ -59,10 +59,11 @@ def dense_min_rows(dtype: torch.dtype, setting: str = "off") -> int | None:
 
 @cache
 def _bf16_crossover() -> int | None:
-    """DENSE_MIN_ROWS for this CPU's kind (the lowest its flags qualify for), None without native bfloat16."""
+    """DENSE_MIN_ROWS for this CPU's kind (the first of its entries, most capable first, that the CPU's flags
+    have), None without native bfloat16."""
     from .precision import cpu_flags
     flags = cpu_flags()
-    return min((rows for flag, rows in DENSE_MIN_ROWS.items() if flag in flags), default=None)
+    return next((rows for flag, rows in DENSE_MIN_ROWS.items() if flag in flags), None)
 
 
 def choose_path(m: int, dense_rows: int | None) -> str:

@@ -298,12 +298,12 @@ def test_dense_path_slices_across_fused_parts(lib, monkeypatch, dtype):
 
 def test_path_choice(monkeypatch):
     """--quant-dense-rows: off (the default) never takes the dense path; auto takes it for bfloat16 on a CPU with
-    native bfloat16 dot products from its crossover (32 rows with AVX512-BF16 or AMX), never for float32
+    native bfloat16 dot products from its crossover (32 rows with AVX512-BF16, 80 with AMX), never for float32
     (the integer loop is faster than float32's matmul) or without native bfloat16; N from N rows in any dtype
     (0: never); anything else is refused."""
     from model_runner import precision
     from model_runner.errors import ModelLoadError
-    for flags, rows in [({"avx512f", "avx512_bf16"}, 32), ({"avx512f", "avx512_bf16", "amx_bf16"}, 32)]:
+    for flags, rows in [({"avx512f", "avx512_bf16"}, 32), ({"avx512f", "avx512_bf16", "amx_bf16"}, 80)]:
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: set(flags))
         qmatmul._bf16_crossover.cache_clear()
         auto = qmatmul.dense_min_rows(torch.bfloat16, "auto")
