@@ -718,7 +718,7 @@ extern "C" {
 
 const char* jitney_qmatmul_isa() {
 #if defined(JITNEY_AMX_INT8)
-  return amx_enabled && amx_permitted() ? "avx512-vnni, amx-int8 from 16 rows" : "avx512-vnni";
+  return amx_enabled && amx_permitted() ? "avx512-vnni + amx-int8 (rows in groups of 16)" : "avx512-vnni";
 #elif defined(JITNEY_VNNI)
   return "avx512-vnni";
 #elif defined(JITNEY_AVX2)
