@@ -170,11 +170,11 @@ inline __m256i combine_digits(__m256i hi, __m256i lo) {
 }
 
 // Software prefetch of the block `ahead` blocks past block b of a tile's stream (tiles lie one after another,
-// so near a tile's end it fetches the next ones). A batch-1 step reads every weight once, from memory (a model's
-// 92 MiB against a 32 MiB L3), and the hardware's prefetchers alone left it waiting: measured on the Xeon with
-// AMX (2 threads, q4, 2026-12-05), the 30 layers' 63 MiB took 3.7 ms of a batch-1 step fetching nothing ahead
-// or 16 blocks ahead, 2.4 ms 64 blocks (8 KiB of Q4) ahead, which is the copy bandwidth; 48 to 128 all did
-// about as well. Past the last tile a prefetch is a no-op, never a fault.
+// so near a tile's end it fetches the next ones). A batch-1 step reads every weight once, and the hardware's
+// prefetchers alone left it waiting: measured on the Xeon with AMX (2 threads, q4, 2026-12-05), the 30 layers'
+// 63 MiB took 4.7 ms of a batch-1 step fetching nothing ahead, 3.6-3.9 ms 16 blocks ahead and 2.2-2.4 ms 64
+// blocks (8 KiB of Q4) ahead, the copy bandwidth; 48 to 128 all did about as well. Past the last tile a
+// prefetch is a no-op, never a fault.
 template <int fmt>
 inline void fetch_ahead(const uint8_t* blk, const uint16_t* dw, const uint16_t* mw, int64_t b, int64_t ahead) {
   for (int i = 0; i < tile_bytes(fmt); i += 64)
