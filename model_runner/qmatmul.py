@@ -30,10 +30,10 @@ from .quant import TILE, QuantWeight
 # while the dequantization costs the same, but there the integer loop sums 16 rows at a time on the AMX tiles:
 # 80 rows, measured 2026-12-05 on a Xeon with AMX (a q4 step 62.6-66.4 ms integer against 66.5-77.6 dense at 64
 # rows, 74.8 / 80.2 against 77.6 / 75.0 at 72, 80.6 / 81.5 against 83.8 / 78.4 at 80, 89.7 / 94.9 against 79.7 /
-# 75.6 at 96; 20 with the loop of the session before, 32 with the VNNI loop's prefetch). A fixed rule
-# rather than a timing at start-up: the path changes a token's arithmetic, which should not depend on how busy
-# the machine was then. Off by default: the two paths round
-# differently, so with it a sequence's tokens depend on how many rows its step has (batching can change text).
+# 75.6 at 96; 20 with the loop of the session before, 32 with the VNNI loop's prefetch). A fixed rule rather
+# than a timing at start-up: the path changes a token's arithmetic, which should not depend on how busy the
+# machine was then. Off by default: the two paths round differently, so with it a sequence's tokens depend on
+# how many rows its step has (batching can change text).
 DENSE_MIN_ROWS = {"amx_bf16": 80, "avx512_bf16": 32}  # most capable first: _bf16_crossover
 DENSE_SETTINGS = "off | auto | N"
 # Rows of dequantized weights per slice: at most this many bytes (they stay in cache between the dequantization

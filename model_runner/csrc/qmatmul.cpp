@@ -281,6 +281,27 @@ inline __m512 add_block(__m512 acc, __m512i sh, __m512i sl, __m512 scale, __m512
   return acc;
 }
 
+// Block b's 8 K groups of both tiles (lanes 0..7 one tile's rows, 8..15 the other's) as bytes: Q4's nibbles
+// unpacked (0..15), Q8_0's and INT8's as stored (signed). What both pair kernels multiply; both tiles' streams
+// fetched ahead on the way.
+template <int fmt>
+inline void pair_groups(const uint8_t* qs0, const uint8_t* qs1, const uint16_t* dw0, const uint16_t* dw1,
+                        const uint16_t* mw0, const uint16_t* mw1, int64_t b, __m512i w[8]) {
+  const uint8_t *b0 = qs0 + b * tile_bytes(fmt), *b1 = qs1 + b * tile_bytes(fmt);
+  fetch_ahead<fmt>(b0, dw0, mw0, b, BLOCKS_AHEAD);
+  fetch_ahead<fmt>(b1, dw1, mw1, b, BLOCKS_AHEAD);
+  if constexpr (fmt == Q4_0 || fmt == Q4_1) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i v = join(b0 + 32 * p, b1 + 32 * p);
+      w[p] = _mm512_and_si512(v, low4);
+      w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+  } else {
+    for (int j = 0; j < 8; ++j) w[j] = join(b0 + 32 * j, b1 + 32 * j);
+  }
+}
+
 // The two tiles' fp16 scales (and Q4_1's minimums) of block b as float32, lane by lane.
 template <int fmt>
 inline void block_scales(const uint16_t* dw0, const uint16_t* dw1, const uint16_t* mw0, const uint16_t* mw1,
@@ -294,28 +315,16 @@ void tile_pair_kernel(const uint8_t* qs0, const uint8_t* qs1, const uint16_t* dw
                       const uint16_t* mw0, const uint16_t* mw1, int64_t nb, const QRow* a, float out[][2 * TILE]) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
-  constexpr int tb = tile_bytes(fmt);
   constexpr bool signed_w = fmt == Q8_0 || fmt == INT8;
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t *b0 = qs0 + b * tb, *b1 = qs1 + b * tb;
-    fetch_ahead<fmt>(b0, dw0, mw0, b, BLOCKS_AHEAD);
-    fetch_ahead<fmt>(b1, dw1, mw1, b, BLOCKS_AHEAD);
     __m512i w[8];
+    pair_groups<fmt>(qs0, qs1, dw0, dw1, mw0, mw1, b, w);
     __mmask64 neg[8] = {};  // signed weights: |w| as the u8 operand, w's sign moved onto the activation
-    if constexpr (signed_w) {
+    if constexpr (signed_w)
       for (int j = 0; j < 8; ++j) {
-        const __m512i v = join(b0 + 32 * j, b1 + 32 * j);
-        neg[j] = _mm512_movepi8_mask(v);
-        w[j] = _mm512_abs_epi8(v);
+        neg[j] = _mm512_movepi8_mask(w[j]);
+        w[j] = _mm512_abs_epi8(w[j]);
       }
-    } else {
-      for (int p = 0; p < 4; ++p) {
-        const __m512i v = join(b0 + 32 * p, b1 + 32 * p);
-        w[p] = _mm512_and_si512(v, low4);
-        w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      }
-    }
     __m512 scale, minv;
     block_scales<fmt>(dw0, dw1, mw0, mw1, b, scale, minv);
     for (int r = 0; r < R; ++r) {
@@ -359,22 +368,11 @@ void tile_pair_amx(const uint8_t* qs0, const uint8_t* qs1, const uint16_t* dw0, 
   alignas(64) int32_t c[2][AROWS][16];
   __m512 acc[AROWS];
   for (int r = 0; r < AROWS; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
-  constexpr int tb = tile_bytes(fmt);
   configure_q_tiles();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t *b0 = qs0 + b * tb, *b1 = qs1 + b * tb;
-    fetch_ahead<fmt>(b0, dw0, mw0, b, BLOCKS_AHEAD);
-    fetch_ahead<fmt>(b1, dw1, mw1, b, BLOCKS_AHEAD);
-    if constexpr (fmt == Q4_0 || fmt == Q4_1) {
-      for (int p = 0; p < 4; ++p) {
-        const __m512i v = join(b0 + 32 * p, b1 + 32 * p);
-        _mm512_store_si512(bt[p], _mm512_and_si512(v, low4));
-        _mm512_store_si512(bt[p + 4], _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
-      }
-    } else {
-      for (int j = 0; j < 8; ++j) _mm512_store_si512(bt[j], join(b0 + 32 * j, b1 + 32 * j));
-    }
+    __m512i w[8];
+    pair_groups<fmt>(qs0, qs1, dw0, dw1, mw0, mw1, b, w);
+    for (int j = 0; j < 8; ++j) _mm512_store_si512(bt[j], w[j]);
     _tile_loadd(2, bt, 64);
     _tile_loadd(0, hi + b * QK, k);
     _tile_loadd(1, lo + b * QK, k);
