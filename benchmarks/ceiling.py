@@ -4,12 +4,21 @@
 
 However requests are scheduled, every prompt token must be prefilled and every output token but the first
 decoded. This command times the engine's cheapest way to do each on the trace's own lengths: decode steps at
-the batch sizes the continuous policy may run (up to max_num_seqs, at context lengths drawn from the trace's
-decode tokens) and prefill steps of max_num_batched_tokens tokens made of the trace's prompts. Each token at
-its cheapest cost gives the least busy time the trace needs, and so the most output tokens per second any
-scheduler can reach (mixing prefill and decode in one step saves little once both are compute-bound, so
-this is an upper estimate, not a proof). `--compare static=704` states a measured policy's figure as a
-fraction of it: how much better any schedule could do than that policy.
+the batch sizes the continuous policy may run (powers of two up to max_num_seqs, and max_num_seqs itself, at
+context lengths drawn from the trace's decode tokens) and prefill steps of max_num_batched_tokens tokens made
+of the trace's prompts.
+
+Two bounds follow. The work bound takes every decode token at the cheapest per-token cost measured (the
+largest batch) and every prompt token at the prefill cost. The chain bound adds what no schedule escapes: a
+request's output tokens are decoded one per step, in order, after its prompt, so the run takes at least as
+many steps as its longest request needs (and as its tokens fill at max_num_batched_tokens and max_num_seqs a
+step), and every step pays the weights' read whatever it holds. Its step cost is a fixed part plus a part per
+decode row and per prompt token: the line under every measured decode step that makes the run cost the most
+(a step cost that grows concavely with the batch lies on or above that line at every batch up to the largest
+measured), the prompt token's part being the prefill step's time less the fixed part. The ceiling is the lower
+of the two. Mixing prefill and decode in one step is taken as free beyond that fixed part, so this is an upper
+estimate of throughput, not a proof. `--compare static=704` states a measured policy's figure as a fraction of
+the ceiling: how much better any schedule could do than that policy.
 """
 from __future__ import annotations
 
@@ -29,12 +38,13 @@ from .targets import runner_config
 from .trace import TraceRequest, save_trace
 from .workloads import WORKLOADS
 
-DECODE_BATCHES = (16, 32, 64, 128, 256)
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, float]]:
+    paragraphs = __doc__.split("\n\n")
     p = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="\n\n".join(__doc__.split("\n\n")[::2]))  # all but the usage line
+                                description="\n\n".join(paragraphs[:1] + paragraphs[2:]))  # all but the usage line
     add_model_args(p)
     add_workload_args(p)
     p.add_argument("--compare", action="append", default=[], metavar="POLICY=TOK_S",
@@ -83,6 +93,29 @@ def prefill_prompts(trace: list[TraceRequest], budget: int, rng: random.Random) 
     return lengths
 
 
+def min_steps(trace: list[TraceRequest], budget: int, max_seqs: int) -> int:
+    """The fewest steps any schedule of the trace can take: a request's prompt takes at least
+    ceil(prompt / budget) steps and then each output token after the first one step more, in order; a step
+    holds at most `budget` tokens and max_seqs decodes."""
+    decodes = sum(r.output_tokens - 1 for r in trace)
+    chain = max(-(-r.prompt_tokens // budget) + r.output_tokens - 1 for r in trace)
+    return max(chain, -(-(sum(r.prompt_tokens for r in trace) + decodes) // budget), -(-decodes // max_seqs))
+
+
+def fixed_and_per_row(steps_s: dict[int, float], steps: int, rows: int) -> tuple[float, float]:
+    """(seconds every step pays, seconds per decode row): the line through or under every measured decode step
+    (batch: seconds) that makes `steps` steps of `rows` decodes in all cost the most. Under a step cost that
+    grows concavely with the batch (a fixed part, the weights' read, and a part per row that falls as rows
+    share it) the measured points lie on or above their chords, and so does the line: a lower bound at every
+    batch up to the largest measured. The best line passes through two points, or one with a zero part."""
+    points = sorted(steps_s.items())
+    cands = [(0.0, min(s / b for b, s in points)), (min(s for _, s in points), 0.0)]
+    cands += [(s1 - (s2 - s1) / (b2 - b1) * b1, (s2 - s1) / (b2 - b1))
+              for i, (b1, s1) in enumerate(points) for b2, s2 in points[i + 1:]]
+    under = [(f, r) for f, r in cands if f >= 0 and r >= 0 and all(f + r * b <= s * (1 + 1e-12) for b, s in points)]
+    return max(under, key=lambda fr: fr[0] * steps + fr[1] * rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, compare = parse_args(argv)
     started = time.perf_counter()
@@ -97,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     rng, meter = random.Random(args.seed), NeighbourMeter()
 
     decode = {}
-    for b in (b for b in DECODE_BATCHES if b <= cfg.max_num_seqs):
+    # Up to max_num_seqs itself: the fitted line is a bound only up to the largest batch measured.
+    batches = {b for b in DECODE_BATCHES if b <= cfg.max_num_seqs} | {min(cfg.max_num_seqs, DECODE_BATCHES[-1])}
+    for b in sorted(batches):
         contexts = decode_contexts(trace, b, rng)
         step_seconds(runner, contexts, [1] * b, 1)  # warm-up: oneDNN picks kernels for a new shape
         decode[b] = step_seconds(runner, contexts, [1] * b, args.steps) / b
@@ -108,22 +143,38 @@ def main(argv: list[str] | None = None) -> dict:
     best_batch = min(decode, key=decode.get)
     prompt_tokens = sum(r.prompt_tokens for r in trace)
     output_tokens = sum(r.output_tokens for r in trace)
-    busy = (output_tokens - len(trace)) * decode[best_batch] + prompt_tokens * prefill
-    ceiling = output_tokens / busy
+    decodes = output_tokens - len(trace)
+    work = decodes * decode[best_batch] + prompt_tokens * prefill
+    # The chain bound: each step pays the fixed part once, whatever it holds; a prompt token costs the prefill
+    # step's time less that fixed part, spread over its tokens.
+    steps = min_steps(trace, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+    fixed, per_row = fixed_and_per_row({b: s * b for b, s in decode.items()}, steps, decodes)
+    per_prompt_token = max(0.0, prefill - fixed / sum(prompts))
+    busy = steps * fixed + decodes * per_row + prompt_tokens * per_prompt_token
+    ceiling = output_tokens / max(busy, work)  # the larger busy time: both are lower bounds
     print("\n| decode batch | ms per token | tokens/s |\n|---|---|---|")
     for b, s in decode.items():
         print(f"| {b} | {1000 * s:.2f} | {1 / s:,.0f} |")
     print(f"\nprefill, {len(prompts)} prompts of the trace in one {sum(prompts)}-token step: "
           f"{1000 * prefill:.3f} ms per token ({1 / prefill:,.0f} tokens/s)")
     print(f"trace: {len(trace)} requests, {prompt_tokens:,} prompt tokens, {output_tokens:,} output tokens")
-    print(f"least busy time: {busy:.1f} s (decode at batch {best_batch}, prefill as above) -> "
-          f"ceiling {ceiling:,.0f} output tokens/s for any schedule")
+    print(f"work bound: {work:.1f} s busy (every decode at batch {best_batch}'s cost) -> "
+          f"{output_tokens / work:,.0f} output tokens/s")
+    print(f"chain bound: {busy:.1f} s busy (at least {steps} steps, {1000 * fixed:.1f} ms each plus "
+          f"{1000 * per_row:.2f} ms a decode row and {1000 * per_prompt_token:.3f} ms a prompt token) -> "
+          f"{output_tokens / busy:,.0f} output tokens/s")
+    print(f"ceiling for any schedule: {ceiling:,.0f} output tokens/s (the lower of the two)")
     for name, tok_s in compare.items():
-        print(f"{name}: {tok_s:,.0f} output tok/s measured; the ceiling is {ceiling / tok_s:.2f}x that")
+        print(f"{name}: {tok_s:,.0f} output tok/s measured, {100 * tok_s / ceiling:.1f} % of the ceiling "
+              f"({100 * tok_s * work / output_tokens:.1f} % of the work bound)")
     print(f"other processes used {100 * meter.share():.0f}% of the CPUs meanwhile")
     report = dict(args=vars(args), decode_s_per_token=decode, prefill_s_per_token=prefill, best_batch=best_batch,
-                  prompt_tokens=prompt_tokens, output_tokens=output_tokens, busy_s=busy, ceiling_tok_s=ceiling,
-                  compare={k: dict(tok_s=v, ceiling_ratio=ceiling / v) for k, v in compare.items()})
+                  prompt_tokens=prompt_tokens, output_tokens=output_tokens, work_bound_s=work,
+                  work_bound_tok_s=output_tokens / work, min_steps=steps, fixed_s=fixed, per_row_s=per_row,
+                  per_prompt_token_s=per_prompt_token, chain_bound_s=busy, busy_s=max(busy, work),
+                  ceiling_tok_s=ceiling,
+                  compare={k: dict(tok_s=v, ceiling_ratio=ceiling / v, of_ceiling=v / ceiling)
+                           for k, v in compare.items()})
     return finish(report, args.json, started)
 
 

@@ -1,6 +1,6 @@
 """`jitney bench` in-process on the tiny model: traces round-trip, replay is open-loop, --quick fills its table."""
 from batcher.config import BatcherConfig
-from benchmarks.bench import run_bench
+from benchmarks.bench import QUICK, run_bench
 from benchmarks.report import COLUMNS, summarize, wall_seconds
 from benchmarks.targets import run_policy
 from benchmarks.trace import TraceRequest, burst, load_trace, poisson, save_trace, synth_prompt_ids
@@ -83,7 +83,11 @@ def test_ceiling_draws_the_traces_own_lengths_and_bounds_every_policy(tmp_path, 
                            "--compare", "static=1", "--json", str(tmp_path / "c.json")])
     out = capsys.readouterr().out
     assert "ceiling" in out and "static: 1 output tok/s measured" in out
-    assert set(report["decode_s_per_token"]) == {16, 32, 64, 128}  # up to max_num_seqs
+    assert set(report["decode_s_per_token"]) == {1, 2, 4, 8, 16, 32, 64, 128}  # up to max_num_seqs
+    # The chains' tail only adds busy time: the ceiling is at most the work bound, and takes at least the longest
+    # request's decode steps.
+    assert report["ceiling_tok_s"] <= report["work_bound_tok_s"]
+    assert report["min_steps"] >= QUICK["output_len"][0] - 1
     # The least busy time is every prompt token at the prefill cost and every later output token at the best
     # decode cost; a measured run of the same trace (the engine bench) cannot beat it by much.
     bench = run_bench(["--model", "tiny-random", "--quick", "--dtype", "float32", "--policies", "continuous",
