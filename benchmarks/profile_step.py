@@ -1,4 +1,4 @@
-"""Where a model step's time goes, operation by operation: decodes at batch 1, 32 and 128 and one 512-token
+"""Where a model step's time goes, operation by operation: decodes at batch 1, 32, 64 and 128 and one 512-token
 prefill of the default model, under torch.profiler, with each native kernel call named as an operation.
 
     python -m benchmarks.profile_step [--model M] [--dtype auto] [--kv-cache-dtype auto] [--quantization none]
@@ -40,6 +40,7 @@ from .steps import random_step
 # (name, batch, context lo, context hi, tokens per sequence in the step)
 STEPS = [("decode, batch 1, context ~256", 1, 256, 256, 1),
          ("decode, batch 32, context 100..600", 32, 100, 600, 1),
+         ("decode, batch 64, context 100..600", 64, 100, 600, 1),  # the batch issue #20's target names
          ("decode, batch 128, context 100..600", 128, 100, 600, 1),
          ("prefill, one 512-token prompt", 1, 512, 512, 512)]
 KERNELS = ("paged_attention", "prefill_attention", "rope_write_kv", "add_rms_norm", "silu_mul", "argmax")
