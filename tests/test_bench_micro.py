@@ -123,3 +123,24 @@ def test_profile_step_breaks_each_workload_down_with_and_without_the_profiler(ca
         assert abs(parts - plain["wall_ms"]) < 0.05, plain  # the printed figures are rounded to 0.01 ms
         assert row["ops"] and row["wall_ms"] > 0
     assert capsys.readouterr().out.count("without the profiler:") == len(STEPS)
+
+
+def test_small_matmul_times_onednn_and_checks_the_prefetching_loop(capsys):
+    """benchmarks.small_matmul on the tiny model: a row per row count; where the CPU has AVX512-BF16 the
+    prefetching loop is timed at every distance and its results are within bfloat16's bound of float64, also at
+    shapes with a remainder past the last 32 elements and part of a group of four output rows."""
+    from benchmarks import small_matmul
+
+    report = small_matmul.main(["--model", "tiny-random", "--rows", "1,3", "--ahead", "0,2", "--rounds", "1"])
+    assert [r["rows"] for r in report["results"]] == [1, 3]
+    assert all(r["onednn_ms"] > 0 and r["read_ms"] > 0 for r in report["results"])
+    lib = small_matmul.library()
+    if lib is None or not lib.jitney_gemv_bf16_available():
+        assert "no AVX512-BF16" in capsys.readouterr().out
+        pytest.skip("no AVX512-BF16 here: only oneDNN's kernel is timed")
+    assert all(r["loop_ms"] > 0 and set(r["by_ahead"]) == {0, 2} and r["error_of_bound"] <= 1
+               for r in report["results"])
+    gen = torch.Generator().manual_seed(1)
+    odd = [(0.1 * torch.randn(n, k, generator=gen)).to(torch.bfloat16) for n, k in ((7, 100), (5, 33), (1, 31))]
+    for rows in (1, 2, 3, 4):
+        assert small_matmul.check(odd, rows) <= 1
