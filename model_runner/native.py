@@ -46,6 +46,9 @@ ISA_FLAGS = {
     "avx2": ["-march=x86-64-v3", "-mtune=native"],
     # The compiler may still vectorize the plain loops for this CPU; the intrinsic paths are compiled out.
     "portable": ["-march=native", "-DJITNEY_PORTABLE"],
+    # This CPU's AVX-512 loops with the AMX ones compiled out: an Intel Xeon with AMX standing in for an AMD Zen 4
+    # (AVX512-BF16 and VNNI, no tiles), with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 for oneDNN.
+    "avx512": ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"],
 }
 # Sources built as several translation units of the same file (each with its own -D), compiled side by side and
 # linked: paged_attention.cpp's float32 prompt-row tiles take as long to compile as the rest of it (about 17 s
@@ -68,12 +71,14 @@ def _compiler() -> str | None:
 
 
 def requested_isa() -> str:
-    """The instruction set asked for by JITNEY_ISA (native, avx2 or portable)."""
+    """The instruction set asked for by JITNEY_ISA (native, avx2, avx512 or portable)."""
     name = os.environ.get("JITNEY_ISA", "native").lower() or "native"
     if name not in ISA_FLAGS:
         raise ValueError(f"JITNEY_ISA={name!r}: choose one of {', '.join(ISA_FLAGS)}")
     if name == "avx2" and not {"avx2", "fma"} <= cpuinfo_flags():
         raise ValueError("JITNEY_ISA=avx2 needs a CPU with AVX2 and FMA; this one has neither (use portable)")
+    if name == "avx512" and "avx512f" not in cpuinfo_flags():
+        raise ValueError("JITNEY_ISA=avx512 needs a CPU with AVX-512; this one has none (use native)")
     return name
 
 

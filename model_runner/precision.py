@@ -48,13 +48,22 @@ def emulating_avx2() -> bool:
     return os.environ.get("JITNEY_ISA", "").lower() == "avx2" and "avx512f" in cpuinfo_flags()
 
 
+def emulating_no_amx() -> bool:
+    """JITNEY_ISA=avx512 on a CPU with AMX: its AVX-512 loops without the tiles, as an AMD Zen 4 runs them."""
+    return os.environ.get("JITNEY_ISA", "").lower() == "avx512" and "amx_tile" in cpuinfo_flags()
+
+
 def cpu_flags() -> set[str]:
     """The CPU's instruction-set flags (x86 "flags", Arm "Features"), empty where /proc/cpuinfo is absent.
     Under JITNEY_ISA=avx2 (native.py) the AVX-512 and AMX flags are left out, so that an AVX-512 machine
-    chooses as an AVX2 one would (with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for PyTorch)."""
+    chooses as an AVX2 one would (with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for PyTorch); under
+    JITNEY_ISA=avx512 the AMX flags, so that an AMX Xeon chooses as a Zen 4 would (ONEDNN_MAX_CPU_ISA=
+    AVX512_CORE_BF16 for oneDNN)."""
     flags = set(cpuinfo_flags())
     if emulating_avx2():
         flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
+    if emulating_no_amx():
+        flags = {f for f in flags if not f.startswith("amx")}
     return flags
 
 
@@ -66,7 +75,8 @@ def cpu_kind() -> str:
     """The CPU's vector instruction set in a few words, for start-up lines and benchmark tables."""
     flags = cpu_flags()
     if {"avx512_bf16", "amx_bf16"} & flags:
-        return "AVX-512 with AVX512-BF16" + (" and AMX" if "amx_bf16" in flags else "")
+        return "AVX-512 with AVX512-BF16" + (" and AMX" if "amx_bf16" in flags else "") + (
+            " (AMX left out: JITNEY_ISA=avx512)" if emulating_no_amx() else "")
     if "avx512f" in flags:
         return "AVX-512 without AVX512-BF16"
     if "avx2" in flags:

@@ -195,9 +195,26 @@ def test_each_instruction_set_rope_write_kv_is_the_pytorch_path(isa, dtype, kv_d
 # Every instruction set this CPU runs, in one process: each test below builds (or finds cached) the kernels for
 # one JITNEY_ISA, so the AVX-512, AVX2 and portable loops are all checked on an AVX-512 machine.
 def runnable_isas():
-    """The keys of native.ISA_FLAGS this CPU can run: native and portable always, avx2 with AVX2 and FMA."""
+    """The keys of native.ISA_FLAGS this CPU can run: native and portable always, avx2 with AVX2 and FMA. Not
+    avx512 (an AMX Xeon standing in for a Zen 4): its loops are the native build's with the tiles off, which the
+    tests of the tiled kernels already run beside the tiles (jitney_qmatmul_set_amx, native.prefill_loops)."""
     flags = cpuinfo_flags()
-    return [isa for isa in native.ISA_FLAGS if isa != "avx2" or {"avx2", "fma"} <= flags]
+    return [isa for isa in native.ISA_FLAGS if isa != "avx512" and (isa != "avx2" or {"avx2", "fma"} <= flags)]
+
+
+def test_the_no_amx_build_is_asked_for_only_where_there_is_avx512(monkeypatch):
+    """JITNEY_ISA=avx512: accepted on an AVX-512 CPU, where the AMX flags leave the CPU's description (so the
+    dense-path crossover and the start-up line follow a Zen 4's), refused with a reason elsewhere."""
+    from model_runner import precision
+    monkeypatch.setenv("JITNEY_ISA", "avx512")
+    flags = cpuinfo_flags()
+    if "avx512f" not in flags:
+        with pytest.raises(ValueError, match="needs a CPU with AVX-512"):
+            native.requested_isa()
+        return
+    assert native.requested_isa() == "avx512"
+    assert not any(f.startswith("amx") for f in precision.cpu_flags())
+    assert "AMX left out" in precision.cpu_kind() if "amx_tile" in flags else "AMX" not in precision.cpu_kind()
 
 
 def expected_loop(isa):
