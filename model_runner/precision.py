@@ -43,28 +43,26 @@ def cpuinfo_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def emulating_avx2() -> bool:
-    """JITNEY_ISA=avx2 on a CPU with AVX-512: the start-up line and benchmark tables say so."""
-    return os.environ.get("JITNEY_ISA", "").lower() == "avx2" and "avx512f" in cpuinfo_flags()
+# JITNEY_ISA values (native.py) that have a CPU stand in for a lesser one, and the flags its description then
+# leaves out, so that it chooses as that CPU would: avx2 an AVX-512 machine for an AVX2 one (with
+# ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for PyTorch), avx512 an AMX Xeon for a Zen 4 (with
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 for oneDNN).
+LEFT_OUT = {"avx2": ("avx512", "amx"), "avx512": ("amx",)}
 
 
-def emulating_no_amx() -> bool:
-    """JITNEY_ISA=avx512 on a CPU with AMX: its AVX-512 loops without the tiles, as an AMD Zen 4 runs them."""
-    return os.environ.get("JITNEY_ISA", "").lower() == "avx512" and "amx_tile" in cpuinfo_flags()
+def emulated() -> str | None:
+    """The JITNEY_ISA in LEFT_OUT this CPU runs under, where the CPU has flags it leaves out (the start-up line
+    and benchmark tables say so); None otherwise."""
+    isa = os.environ.get("JITNEY_ISA", "").lower()
+    return isa if any(f.startswith(LEFT_OUT.get(isa, ())) for f in cpuinfo_flags()) else None
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's instruction-set flags (x86 "flags", Arm "Features"), empty where /proc/cpuinfo is absent.
-    Under JITNEY_ISA=avx2 (native.py) the AVX-512 and AMX flags are left out, so that an AVX-512 machine
-    chooses as an AVX2 one would (with ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 for PyTorch); under
-    JITNEY_ISA=avx512 the AMX flags, so that an AMX Xeon chooses as a Zen 4 would (ONEDNN_MAX_CPU_ISA=
-    AVX512_CORE_BF16 for oneDNN)."""
+    """The CPU's instruction-set flags (x86 "flags", Arm "Features"), empty where /proc/cpuinfo is absent; under
+    a JITNEY_ISA in LEFT_OUT, without the flags it leaves out."""
     flags = set(cpuinfo_flags())
-    if emulating_avx2():
-        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
-    if emulating_no_amx():
-        flags = {f for f in flags if not f.startswith("amx")}
-    return flags
+    isa = emulated()
+    return {f for f in flags if not f.startswith(LEFT_OUT[isa])} if isa else flags
 
 
 def cpu_has_native_bf16() -> bool:
@@ -76,12 +74,12 @@ def cpu_kind() -> str:
     flags = cpu_flags()
     if {"avx512_bf16", "amx_bf16"} & flags:
         return "AVX-512 with AVX512-BF16" + (" and AMX" if "amx_bf16" in flags else "") + (
-            " (AMX left out: JITNEY_ISA=avx512)" if emulating_no_amx() else "")
+            " (AMX left out: JITNEY_ISA=avx512)" if emulated() == "avx512" else "")
     if "avx512f" in flags:
         return "AVX-512 without AVX512-BF16"
     if "avx2" in flags:
-        emulated = " (emulated on an AVX-512 CPU: JITNEY_ISA=avx2)" if emulating_avx2() else ""
-        return "AVX2" + (" + FMA" if "fma" in flags else "") + " without AVX512-BF16" + emulated
+        note = " (emulated on an AVX-512 CPU: JITNEY_ISA=avx2)" if emulated() == "avx2" else ""
+        return "AVX2" + (" + FMA" if "fma" in flags else "") + " without AVX512-BF16" + note
     if "asimd" in flags:
         return "Arm NEON" + (" with BF16" if "bf16" in flags else " without BF16")
     return "no AVX2"
