@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -86,7 +87,10 @@ def _build(cxx: str, isa: str, source: Path = SOURCE) -> Path:
     """The shared library for this source, compiler, CPU and instruction set: built once, then reused."""
     flags = FLAGS + ISA_FLAGS[isa]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources #include
+    # What the source may #include: the headers beside it, and any it names by a relative path elsewhere (a
+    # benchmark's kernel using the model's bf16.h), so that an edit to one builds the library again.
+    named = {(source.parent / h).resolve() for h in re.findall(r'#include\s+"([^"]+)"', source.read_text())}
+    headers = [h.read_text() for h in sorted({h.resolve() for h in source.parent.glob("*.h")} | named)]
     key = hashlib.sha256("\0".join([source.read_text(), *headers, " ".join(flags), version, _machine()]).encode())
     out = cache_dir() / "kernels" / f"{source.stem}-{isa}-{key.hexdigest()[:16]}.so"
     if out.exists():

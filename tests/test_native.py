@@ -417,6 +417,23 @@ def test_model_gives_the_same_logits_with_and_without_native_elementwise_ops(tin
     torch.testing.assert_close(with_native, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_a_header_included_from_another_folder_is_part_of_the_cache_key(monkeypatch, tmp_path):
+    """A source that #includes a header by a relative path outside its own folder (benchmarks/csrc/gemv_bf16.cpp
+    uses the model's bf16.h) gets a new library when that header changes, as when a header beside it does."""
+    monkeypatch.setenv("JITNEY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_compile", lambda cxx, flags, source, out: out.write_bytes(b"built"))
+    (tmp_path / "inc").mkdir()
+    (tmp_path / "src").mkdir()
+    header, source = tmp_path / "inc" / "x.h", tmp_path / "src" / "k.cpp"
+    header.write_text("inline int x() { return 1; }\n")
+    source.write_text('#include "../inc/x.h"\nextern "C" int k() { return x(); }\n')
+    cxx = native._compiler()  # present: the module's fixture skips otherwise
+    first = native._build(cxx, "native", source)
+    assert native._build(cxx, "native", source) == first  # unchanged: the cached one
+    header.write_text("inline int x() { return 2; }\n")
+    assert native._build(cxx, "native", source) != first
+
+
 @pytest.mark.first_pass_only  # the cache's rebuild rule does not depend on the loop; a build costs ~24 s
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
     """A cached library that does not load is deleted and built again. The compile is replaced by a copy of the

@@ -8,7 +8,8 @@
 // Needs AVX512-BF16; jitney_gemv_bf16_available() says whether this build has it.
 #include <immintrin.h>
 #include <cstdint>
-#include <cstring>
+
+#include "../../model_runner/csrc/bf16.h"  // store: float32 to bfloat16, as the kernels round
 
 #if defined(__AVX512BF16__) && !defined(JITNEY_PORTABLE)
 namespace {
@@ -31,12 +32,7 @@ inline void group(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_t n, 
     }
   }
   for (int r = 0; r < ROWS; r++)
-    for (int i = 0; i < M; i++) {
-      const float s = _mm512_reduce_add_ps(acc[r][i]);
-      uint32_t u;
-      std::memcpy(&u, &s, 4);
-      y[i * n + r0 + r] = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);  // round to nearest even
-    }
+    for (int i = 0; i < M; i++) store(_mm512_reduce_add_ps(acc[r][i]), &y[i * n + r0 + r]);
 }
 
 template <int M>
