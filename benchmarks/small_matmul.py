@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from model_runner import native
+from model_runner.config import ModelConfig
 from model_runner.linear import Linear
 from model_runner.loader import DEFAULT_MODEL, load_model_dir
 from model_runner.precision import cpu_kind
@@ -69,9 +70,9 @@ def prefetching(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, ahead: int)
 
 def layer_weights(model: str) -> list[torch.Tensor]:
     """Each layer's four matmul weights in bfloat16, [out, in], as model.py fuses them."""
-    _, w, _ = load_model_dir(model, progress=False)
+    path, w, _ = load_model_dir(model, progress=False)
     out = []
-    for i in range(sum(1 for k in w if k.endswith("input_layernorm.weight"))):
+    for i in range(ModelConfig.from_hf_dir(path).num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         parts = [[a + "q_proj", a + "k_proj", a + "v_proj"], [a + "o_proj"], [m + "gate_proj", m + "up_proj"],
                  [m + "down_proj"]]
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         one = cells[(rows, "onednn")]
         row = {"rows": rows, "onednn_ms": 1e3 * one, "read_ms": nbytes / read / 1e6}
         if has_loop:
-            best = min((a for a in args.ahead), key=lambda a: cells[(rows, f"ahead {a}")])
+            best = min(args.ahead, key=lambda a: cells[(rows, f"ahead {a}")])
             loop = cells[(rows, f"ahead {best}")]
             row.update(loop_ms=1e3 * loop, best_ahead=best, error_of_bound=check(weights, rows),
                        by_ahead={a: 1e3 * cells[(rows, f"ahead {a}")] for a in args.ahead})
