@@ -32,6 +32,13 @@ def integer(minimum: int, maximum: int = 2**63 - 1, off: str = ""):
     return parse
 
 
+def auto_or(parse_value):
+    """`auto` (None: the runner chooses, and the start-up line says what and why) or what parse_value accepts."""
+    def parse(text: str):
+        return None if text.strip() == "auto" else parse_value(text)
+    return parse
+
+
 def dense_rows(text: str) -> str:
     """--quant-dense-rows: off, auto, or a whole number of rows (0: off); model_runner.qmatmul reads it."""
     return text if text in ("off", "auto") else str(integer(0)(text))

@@ -2,7 +2,7 @@
 BatcherConfig that exists is a valid one."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 
@@ -30,7 +30,9 @@ class BatcherConfig:
     max_batch_size: int = 32            # static/dynamic: the batch; every policy: the window's release size
     static_flush_ms: float = 1000.0     # static: how long a partial batch may wait for companions
     max_num_seqs: int = 128             # continuous: sequences running at once
-    max_num_batched_tokens: int = 512   # every policy: tokens in one forward (longer prompts are chunked)
+    # Every policy: tokens in one forward (longer prompts are chunked). None: the runner's default, which the
+    # engine fills in (model_runner/step_budget.py: 2048 for bfloat16 on AMX tile units, 512 elsewhere).
+    max_num_batched_tokens: int | None = None
     max_queue: int = 1024               # requests waiting to start; beyond it new ones are refused (429)
     max_queued_tokens: int = 2_000_000  # prompt tokens waiting to start; beyond it new ones are refused
     max_rps: float | None = None        # admission rate limit (requests/second), None = unlimited
@@ -45,10 +47,17 @@ class BatcherConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be at least 1")
         for name in ("max_batch_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "max_queued_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0 or self.static_flush_ms < 0:
             raise ValueError("max_wait_ms and static_flush_ms must be >= 0")
+
+    def for_runner(self, runner) -> BatcherConfig:
+        """This config with what it leaves to the runner filled in: the step budget (auto: the runner knows
+        what a prompt token costs it)."""
+        if self.max_num_batched_tokens is not None:
+            return self
+        return replace(self, max_num_batched_tokens=runner.default_max_num_batched_tokens()[0])
 
     @property
     def window_s(self) -> float:

@@ -43,7 +43,7 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, cfg: BatcherConfig | None = None, log_requests: bool = False,
                  record_steps: bool = False, clock: Clock = REAL_CLOCK):
-        self.runner, self.cfg = runner, cfg or BatcherConfig()
+        self.runner, self.cfg = runner, (cfg or BatcherConfig()).for_runner(runner)
         # Every time stamp and window below reads this clock: a simulation (sim/) gives a virtual one and runs
         # the engine on an event loop whose time is that clock, with a runner that computes nothing.
         self.clock = clock

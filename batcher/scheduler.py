@@ -53,6 +53,8 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, cfg: BatcherConfig, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...],
                  max_model_len: int):
+        if cfg.max_num_batched_tokens is None:
+            raise ValueError("the step budget is unset: BatcherConfig.for_runner(runner) fills in the runner's")
         self.cfg = cfg
         # The scheduler's own block manager (as in nano-vllm and vLLM v1): nobody else allocates, frees or forks
         # blocks, so what it records is what the runner's cache holds. The engine asks through the methods below.

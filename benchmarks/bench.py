@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from batcher.config import POLICIES, BatcherConfig
+from batcher.config import POLICIES
 from batcher.step_view import StepRecorder
 from api import flags
 from model_runner import quant
@@ -33,7 +34,7 @@ from model_runner.units import parse_bytes
 
 from . import plots
 from .machine import cpu_model
-from .replay import BATCHER_KNOBS, prompt_ids
+from .replay import BATCHER_KNOBS, knobs_line, prompt_ids
 from .report import (Run, cost_per_million, latency_table, ratio_table, summarize, throughput_table,
                      wall_seconds)
 from .targets import BenchError, InProcess, RunResult, RunSpec, http_run, jitney_serve, wait_healthy
@@ -235,8 +236,9 @@ def say(run: Run) -> None:
                   if lag > 50 else ""))
 
 
-async def run_all(args: argparse.Namespace, specs: list[RunSpec], out: Path) -> tuple[list[Run], str]:
-    """Every run in turn; returns them and a description of the model that served them."""
+async def run_all(args: argparse.Namespace, specs: list[RunSpec], out: Path) -> tuple[list[Run], str, int | None]:
+    """Every run in turn; returns them, a description of the model that served them, and the step budget an
+    unset --max-num-batched-tokens took (auto: the runner's choice; None where no log or runner says)."""
     recorder = StepRecorder(open(args.record_steps, "w")) if args.record_steps else None
     local = InProcess(args, recorder) if not (args.url or args.start_server) else None
     if args.url:
@@ -246,37 +248,38 @@ async def run_all(args: argparse.Namespace, specs: list[RunSpec], out: Path) -> 
     # The same prompts for every run (fair), except against one long-lived server, whose prefix cache would
     # serve a repeat from memory: there each run gets its own.
     shared = None if args.url else prompt_ids(tokenizer, specs[0].trace, args.seed, args.shared_prefix)
-    runs = []
+    runs, budget = [], None
     for i, spec in enumerate(tqdm(specs, desc="bench", unit="run", disable=args.no_progress)):
         ids = shared or prompt_ids(tokenizer, spec.trace, f"{args.seed}:{i}", args.shared_prefix)
         progress = not args.no_progress
         if local:
             result = await local.run(spec, ids, progress)
-            model = local.description
+            model, budget = local.description, local.runner.default_max_num_batched_tokens()[0]
         elif args.url:
             result = await http_run(args.url, None, spec, ids, tokenizer, progress)
         else:
             log_path = out / f"server-{i}-{spec.policy}.log"
             async with jitney_serve(args, spec, log_path) as (url, pid):
                 result = await http_run(url, pid, spec, ids, tokenizer, progress)
-            model = next((line.removeprefix("jitney: ") for line in log_path.read_text().splitlines()
+            log = log_path.read_text()
+            model = next((line.removeprefix("jitney: ") for line in log.splitlines()
                           if line.startswith("jitney: ") and "KV cache" in line), model)
+            said = re.search(r"max_num_batched_tokens (\d+)", log)  # the server's start-up line
+            budget = int(said.group(1)) if said else budget
         runs.append(finish_run(spec, args, result))
         say(runs[-1])
     if recorder is not None:
         recorder.file.close()
         tqdm.write(f"wrote {args.record_steps}: `jitney view {args.record_steps}` replays it")
-    return runs, model
+    return runs, model, budget
 
 
 # --- report --------------------------------------------------------------------------------------------------
 
-def header(args: argparse.Namespace, trace_desc: str, model: str, load: float) -> str:
+def header(args: argparse.Namespace, trace_desc: str, model: str, load: float, budget: int | None = None) -> str:
     target = (f"server at {args.url}" if args.url else "`jitney serve` per run, over HTTP (streaming)"
               if args.start_server else "in-process engine (its CPU % is this process: engine and client)")
-    defaults = BatcherConfig()
-    knobs = ", ".join(f"{k}={getattr(args, k) if getattr(args, k) is not None else getattr(defaults, k):g}"
-                      for k in BATCHER_KNOBS)
+    knobs = knobs_line(args, budget)
     prefix = "" if args.url else "; prefix caching " + ("off" if args.no_prefix_caching else "on")
     shared = f", the first {args.shared_prefix} prompt tokens shared" if args.shared_prefix else ""
     swept = args.sweep_rates or (args.sweep[1] if args.sweep else [])
@@ -326,8 +329,8 @@ def run_bench(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.save_trace:
         save_trace(trace, args.save_trace)
-    runs, model = asyncio.run(run_all(args, plan(args, trace), out))
-    head = header(args, trace_desc, model, load)
+    runs, model, budget = asyncio.run(run_all(args, plan(args, trace), out))
+    head = header(args, trace_desc, model, load, budget)
     report = f"{head}\n\n{tables(args, runs)}\n\ntotal {time.time() - started:.0f} s"
     print("\n" + report)
     (out / "report.md").write_text(report + "\n")

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     kv = args.kv_cache_memory or 4 << 30
     runner = ModelRunner(runner_config(args, kv_cache_memory=kv, block_size=args.block_size or RunnerConfig.block_size),
                          progress=True)
-    print(f"machine: {cpu_model()}\n{runner.describe()}")
+    cfg = cfg.for_runner(runner)
+    print(f"machine: {cpu_model()}\n{runner.describe()}\nstep budget: {cfg.max_num_batched_tokens} tokens")
     rng, meter = random.Random(args.seed), NeighbourMeter()
 
     decode = {}

@@ -95,6 +95,15 @@ async def replay(engine: Engine, trace: list[TraceRequest], tokenizer, seed: int
 BATCHER_KNOBS = ("max_wait_ms", "max_batch_size", "max_num_batched_tokens", "max_num_seqs", "static_flush_ms")
 
 
+def knobs_line(args, budget: int | None = None) -> str:
+    """The batcher knobs of a report's header: each as given, else its default; an unset step budget is the
+    runner's (auto), `budget` where the caller knows what auto chose."""
+    defaults = BatcherConfig()
+    values = {k: getattr(args, k) if getattr(args, k) is not None else getattr(defaults, k) for k in BATCHER_KNOBS}
+    return ", ".join(f"{k}={'auto' + (f' = {budget}' if budget else '') if v is None else format(v, 'g')}"
+                     for k, v in values.items())
+
+
 def batcher_config(policy: str, knobs: dict, **settings) -> BatcherConfig:
     """A benchmark's batcher: the knobs given, and unbounded admission: a benchmark measures how long requests
     wait, so none may be refused at the door."""

@@ -13,6 +13,7 @@ from model_runner.errors import InvalidRequestError, ModelLoadError
 from model_runner import quant
 from model_runner.loader import DEFAULT_MODEL, NAMED_MODELS
 from model_runner.precision import KV_DTYPES
+from model_runner.step_budget import CHEAP_PROMPTS, DEFAULT as DEFAULT_BUDGET
 
 from api import config_file, flags
 from api.logs import FORMATS, log_line, setup as setup_logs
@@ -67,7 +68,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from batcher.config import BatcherConfig
     from model_runner.config import RunnerConfig
     from batcher.generate import generate
     from batcher.progress import GenerateBars
@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = tok(args.prompt)["input_ids"]
     # The prompt is prefilled in the server's default step budget, so a long one moves its bar as it goes.
-    chunk = BatcherConfig().max_num_batched_tokens
+    chunk = runner.default_max_num_batched_tokens()[0]
     bars = GenerateBars(len(ids), params.max_tokens, chunk)
     t1 = time.perf_counter()
     try:
@@ -157,8 +157,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.chat_template is not None:
         runner.tokenizer.chat_template = args.chat_template.text
     engine = Engine(runner, batcher_cfg, log_requests=args.log_requests)
+    budget = engine.cfg.max_num_batched_tokens
+    why = "" if args.max_num_batched_tokens else f" ({runner.default_max_num_batched_tokens()[1]})"
     log_line(f"jitney: {runner.describe()}\njitney: policy {args.policy} (max_num_seqs {args.max_num_seqs}, "
-             f"max_num_batched_tokens {args.max_num_batched_tokens}, max_batch_size {args.max_batch_size}, "
+             f"max_num_batched_tokens {budget}{why}, max_batch_size {args.max_batch_size}, "
              f"max_wait_ms {args.max_wait_ms:g})")
     serve(build_app(engine, settings), engine, settings, sock, args.grace_s, args.ssl_certfile, args.ssl_keyfile,
           limits, args.keep_alive_s, ready=guards)
@@ -213,9 +215,11 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
                    help=f"static: how long a partial batch waits for companions (default: {d.static_flush_ms:g})")
     s.add_argument("--max-num-seqs", type=flags.integer(1), default=d.max_num_seqs,
                    help=f"continuous: sequences running at once (default: {d.max_num_seqs})")
-    s.add_argument("--max-num-batched-tokens", type=flags.integer(1), default=d.max_num_batched_tokens,
-                   help=f"tokens per model step; longer prompts are prefilled in chunks "
-                        f"(default: {d.max_num_batched_tokens})")
+    s.add_argument("--max-num-batched-tokens", type=flags.auto_or(flags.integer(1)), default=None,
+                   metavar="auto|N", help=f"tokens per model step; longer prompts are prefilled in chunks beside "
+                   f"the decodes. auto (the default): {CHEAP_PROMPTS} where prompt tokens are cheap (bfloat16 "
+                   f"matmuls on an Intel Xeon's AMX tile units), else {DEFAULT_BUDGET}; the start-up line says "
+                   "which")
     s.add_argument("--kv-cache-memory", type=flags.size(1), default=None,
                    help="bytes for the KV cache, e.g. 2GiB (default: 2GiB on the CPU; on CUDA see "
                         "--memory-utilization)")

@@ -24,6 +24,7 @@ from .model import LlamaModel
 from .sampler import Sampler, TokenLogprob, gather_logprobs
 from .sampling_params import SamplingParams
 from .sequence import Sequence
+from .step_budget import default_max_num_batched_tokens
 
 
 @dataclass
@@ -95,6 +96,11 @@ class ModelRunner:
         self.native_attention = attention and self.native_kernels[0]
         self.tiled_prefill = attention and self.native_kernels[1]
         self.model.ops.native = elementwise and self.native_kernels[2]
+
+    def default_max_num_batched_tokens(self) -> tuple[int, str]:
+        """The step budget an engine takes when its BatcherConfig leaves it to the runner, and why
+        (step_budget.py: what a prompt token costs here)."""
+        return default_max_num_batched_tokens(self.device, self.dtype, self.cfg.quantization)
 
     # --- reporting -------------------------------------------------------------------------------------
 

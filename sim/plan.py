@@ -32,7 +32,7 @@ from .hardware import DEVICES
 from .models import SHAPES, model_config
 from .prices import PRICES, price_flag, prices
 from .probe import Config, Outcome, Setup, search_config, sheet_cost
-from .runner import SimTokenizer
+from .runner import GPU_BUDGET, SimTokenizer
 from .search import probes_needed
 
 # Few requests per probe (bench replays 200): ~50 configurations search in minutes on 2 cores (docs/simulation.md
@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = BatcherConfig()
     s.add_argument("--max-num-seqs", type=positive_ints, default=[defaults.max_num_seqs],
                    help=f"continuous: sequences running at once (default: {defaults.max_num_seqs}, the server's)")
-    s.add_argument("--max-num-batched-tokens", type=positive_ints, default=[defaults.max_num_batched_tokens],
-                   help=f"tokens in one step, longer prompts chunked (default: {defaults.max_num_batched_tokens}, "
-                        "the server's)")
+    s.add_argument("--max-num-batched-tokens", type=positive_ints, default=[GPU_BUDGET[0]],
+                   help=f"tokens in one step, longer prompts chunked (default: {GPU_BUDGET[0]}, the server's on a "
+                        "GPU)")
     d = p.add_argument_group("the devices' step cost (the hardware sheet's, as for jitney simulate)")
     add_efficiency_args(d)
     o = p.add_argument_group("SLOs, prices, target")

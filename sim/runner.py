@@ -14,13 +14,20 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+import torch
+
 from model_runner.config import ModelConfig
 from model_runner.runner import ModelRunner, StepOutput
 from model_runner.sampling_params import SamplingParams
 from model_runner.sequence import Sequence
+from model_runner.step_budget import default_max_num_batched_tokens
 
 from .cost import StepCost, StepPlan
 from .loop import VirtualClock
+
+
+# What `jitney serve`'s --max-num-batched-tokens auto takes on a GPU, the device a hardware sheet models.
+GPU_BUDGET = default_max_num_batched_tokens("cuda", torch.bfloat16, "none")
 
 
 class SimTokenizer:
@@ -52,8 +59,10 @@ class SimRunner:
     """Stands in for ModelRunner in Engine: the attributes the engine reads, and execute()."""
 
     def __init__(self, mc: ModelConfig, cost_model, clock: VirtualClock, num_blocks: int, block_size: int,
-                 max_model_len: int | None = None, description: str = ""):
+                 max_model_len: int | None = None, description: str = "", budget: tuple[int, str] | None = None):
+        """budget: the step budget (and why) `auto` takes on the modelled device (default: a GPU's)."""
         self.model_config, self.cost_model, self.clock = mc, cost_model, clock
+        self.budget = budget or GPU_BUDGET
         self.num_blocks, self.block_size = num_blocks, block_size
         self.max_model_len = min(max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = tuple(mc.eos_token_ids)
@@ -71,6 +80,9 @@ class SimRunner:
 
     def describe(self) -> str:
         return self.description
+
+    def default_max_num_batched_tokens(self) -> tuple[int, str]:
+        return self.budget
 
     def next_token(self, seq: Sequence) -> int:
         vocab, token = self.model_config.vocab_size, seq.token_ids[-1]

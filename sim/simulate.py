@@ -10,31 +10,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from batcher.config import POLICIES, BatcherConfig
+from batcher.config import POLICIES
 from batcher.engine import Engine
 from batcher.step_view import StepRecorder
 from benchmarks import bench
-from benchmarks.replay import BATCHER_KNOBS, batcher_config, prompt_ids, replay
+from benchmarks.replay import batcher_config, knobs_line, prompt_ids, replay
 from benchmarks.report import Run, latency_table, ratio_table, step_figures, throughput_table
 from benchmarks.targets import RunResult, RunSpec
 from benchmarks.trace import save_trace
 from benchmarks.workloads import WORKLOADS, WorkloadError
+from model_runner.precision import DTYPES
+from model_runner.step_budget import default_max_num_batched_tokens
 from model_runner.units import parse_bytes
 
 from .cost import COMPUTE_BYTES, KV_DTYPES, WEIGHT_BYTES, storage_dtype
 from .hardware import COMPUTE_EFFICIENCY, DEVICES, MEMORY_EFFICIENCY, STEP_OVERHEAD_S
 from .loop import run_virtual
 from .models import SHAPES, calibrated_model, load_calibration, model_config, sheet_model
-from .runner import SimRunner
+from .runner import GPU_BUDGET, SimRunner
 
 from model_runner.paths import cache_dir
 
@@ -188,12 +190,23 @@ def build_model(args: argparse.Namespace, block_size: int):
     return cost, blocks, mc, name
 
 
+def default_budget(args: argparse.Namespace) -> tuple[int, str]:
+    """The step budget `jitney serve`'s auto would take on the modelled device: this host's rule for a host
+    calibration (in its dtype; quantized where the weights are stored narrower), a GPU's for a sheet."""
+    if not args.cost_model:
+        return GPU_BUDGET
+    dtype = args.dtype or load_calibration(args.cost_model)["dtype"]
+    quantized = (args.weights or storage_dtype(dtype)) != storage_dtype(dtype)
+    return default_max_num_batched_tokens("cpu", DTYPES.get(storage_dtype(dtype), torch.float32),
+                                          "q4" if quantized else "none")
+
+
 async def simulate_run(spec: RunSpec, args: argparse.Namespace, ids: list[list[int]], progress: bool,
                        recorder: StepRecorder | None = None) -> tuple[RunResult, SimRunner]:
     block_size = spec.knobs.get("block_size") or 16
     cost, blocks, mc, _ = build_model(args, block_size)
     clock = asyncio.get_running_loop().clock
-    runner = SimRunner(mc, cost, clock, blocks, block_size, description=cost.description)
+    runner = SimRunner(mc, cost, clock, blocks, block_size, description=cost.description, budget=default_budget(args))
     cfg = batcher_config(spec.policy, spec.knobs, enable_prefix_caching=not args.no_prefix_caching)
     engine = Engine(runner, cfg, record_steps=True, clock=clock)
     await engine.start()
@@ -268,9 +281,7 @@ def plot_utilisation(runs: list[Run], path: Path, title: str) -> Path:
 
 
 def header(args: argparse.Namespace, trace_desc: str, model_desc: str) -> str:
-    defaults = BatcherConfig()
-    knobs = ", ".join(f"{k}={getattr(args, k) if getattr(args, k) is not None else getattr(defaults, k):g}"
-                      for k in BATCHER_KNOBS)
+    knobs = knobs_line(args, default_budget(args)[0])
     prefix = "; prefix caching " + ("off" if args.no_prefix_caching else "on")
     cost = (f"; device cost ${args.device_hourly_cost:g}/hour" + (f" x {args.tp} devices = ${args.hourly_cost:g}/hour"
                                                                    if args.tp > 1 else "")) if args.hourly_cost else ""

@@ -336,6 +336,13 @@ def test_the_chat_template_file_replaces_the_models(server):
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
 
 
+def test_the_start_up_line_says_the_step_budget_auto_chose_and_why(server):
+    from model_runner.precision import compute_dtype
+    from model_runner.step_budget import default_max_num_batched_tokens
+    budget, why = default_max_num_batched_tokens("cpu", compute_dtype("auto", "cpu")[0], "none")
+    assert f"max_num_batched_tokens {budget} ({why})" in server.output(), server.output()
+
+
 def test_every_log_line_is_one_json_object(server):
     """Run last against the server: stops it, then reads the whole log (start-up, requests, errors, drain)."""
     sent = [httpx.get(f"{server.url}/nope", headers=AUTH),

@@ -46,7 +46,8 @@ def key(v) -> bool:
 # flag -> what its parsed value must satisfy for the protection (or limit) to be on.
 PROTECTIONS = {
     "--api-key": lambda v: all(key(k) for k in v),
-    "--max-queue": count(1), "--max-num-seqs": count(1), "--max-num-batched-tokens": count(1),
+    "--max-queue": count(1), "--max-num-seqs": count(1),
+    "--max-num-batched-tokens": lambda v: v is None or count(1)(v),  # None: auto, the runner's 512 or 2048
     "--max-batch-size": count(1), "--max-model-len": count(1), "--block-size": count(1),
     "--max-headers": count(1), "--max-connections": count(1), "--replicas": count(1),
     "--cpus-per-replica": count(1), "--threads": count(1), "--port": count(0, 65535),

@@ -9,7 +9,7 @@ EOS = 0
 
 
 def make(policy="continuous", blocks=64, block_size=4, **kw):
-    cfg = BatcherConfig(policy=policy, **kw)
+    cfg = BatcherConfig(policy=policy, **{"max_num_batched_tokens": 512, **kw})  # the budget a runner would give
     return Scheduler(cfg, blocks, block_size, (EOS,), max_model_len=4096)
 
 
