@@ -33,8 +33,8 @@ serve: $(STAMP) $(if $(SCALE),$(SCALE_STAMP))
 # simulator and the benchmarks' smoke tests run once: they reach the model only through the engine, which the
 # second pass covers. tests/test_native.py and tests/test_fused.py run every loop this CPU can run in the first
 # pass, so the second skips them. Also skipped there: what never runs a kernel (GGUF reading, the KV manager's
-# books, the tokenizer, the import graph) and the few costly tests marked first_pass_only, whose second-loop
-# coverage comes from cheaper ones (each says which).
+# books, the tokenizer, the import graph, the step budget's rule) and the few costly tests marked
+# first_pass_only, whose second-loop coverage comes from cheaper ones (each says which).
 SECOND_PASS_SKIPS := --ignore-glob='tests/test_api*' --ignore-glob='tests/test_bench*' --ignore=tests/test_fuzz.py \
 	--ignore=tests/test_connection_limits.py --ignore=tests/test_roofline_memory.py --ignore=tests/test_replicas.py \
 	--ignore=tests/test_gguf.py --ignore=tests/test_kv_cache_manager.py --ignore=tests/test_detokenizer.py \
@@ -45,7 +45,7 @@ SECOND_PASS_SKIPS := --ignore-glob='tests/test_api*' --ignore-glob='tests/test_b
 	--ignore=tests/test_threads.py --ignore=tests/test_sim.py --ignore=tests/test_prefill_progress.py \
 	--ignore=tests/test_dashboard_stream.py --ignore=tests/test_dashboard_browser.py --ignore=tests/test_plan.py \
 	--ignore=tests/test_engine_client.py --ignore=tests/test_native.py --ignore=tests/test_sim_insitu.py \
-	--ignore=tests/test_fused.py \
+	--ignore=tests/test_fused.py --ignore=tests/test_step_budget.py \
 	-m 'not first_pass_only'
 # The dashboard's browser tests (tests/test_dashboard_browser.py) drive Debian's headless Chromium: installed here
 # when missing (as root, or with passwordless sudo); where that fails they are skipped, and say why.
