@@ -118,6 +118,11 @@ class LlamaModel:
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits for the rows that are sampled (never the whole prompt). Float32 also for greedy rows:
-        argmax over a bf16 row is 6x slower on this CPU than the cast plus a float32 argmax."""
-        return self.lm_head(hidden).float()
+        """Float32 logits for these rows (never the whole prompt): for logprobs and comparisons."""
+        return self.head(hidden).float()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits in the compute dtype, for the rows a step samples: greedy rows take their
+        argmax from them as they are (the native kernel widens bfloat16 as it reads: the float32 cast's index,
+        without writing 25 MB of it at batch 128), and whatever needs float32 casts only its own rows."""
+        return self.lm_head(hidden)

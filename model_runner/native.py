@@ -205,7 +205,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.jitney_add_rms_norm.restype = None
     lib.jitney_silu_mul.argtypes = [_i32, _ptr, _ptr, _i64, _i64]
     lib.jitney_silu_mul.restype = None
-    lib.jitney_argmax.argtypes, lib.jitney_argmax.restype = [_ptr, _i64, _i64, _i64, _ptr], None
+    lib.jitney_argmax.argtypes, lib.jitney_argmax.restype = [_i32, _ptr, _i64, _i64, _i64, _ptr], None
     # (largest query heads per kv head, head_dim, block_size) the build takes: read once, not on every call.
     lib.limits = tuple(lib.jitney_limits(i) for i in range(3))
 
@@ -391,12 +391,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) of float32 rows x [B, V] (unit stride within a row): the same index torch gives (the first
-    maximum; the first NaN where a row has one), rows in parallel, where torch's argmax runs on one core."""
-    _check(x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1,
-           "float32 [B, V] rows with V > 0, unit stride within a row", x)
+    """x.argmax(-1) of float32 or bfloat16 rows x [B, V] (unit stride within a row): the same index torch gives
+    for x.float() (the first maximum; the first NaN where a row has one), rows in parallel, where torch's argmax
+    runs on one core (and on bfloat16 rows several times slower than on float32 ones)."""
+    _check(x.dtype in KERNEL_DTYPES and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1,
+           "float32 or bfloat16 [B, V] rows with V > 0, unit stride within a row", x)
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    library().jitney_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    library().jitney_argmax(int(x.dtype == torch.bfloat16), x.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+                            out.data_ptr())
     return out
 
 

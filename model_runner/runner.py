@@ -186,7 +186,7 @@ class ModelRunner:
             self._prompt_logprobs(items, hidden, step_logprobs)
         tokens: dict[int, int] = {}
         if rows:
-            logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+            logits = self.model.head(hidden[torch.tensor(rows, device=self.device)])  # the compute dtype
             # Logprobs of the raw distribution: taken before min_tokens, penalties, bias or temperature touch it.
             want = [i for i, s in enumerate(sampled_items) if s.params.logprobs is not None]
             raw = logits[torch.tensor(want, device=self.device)].float().log_softmax(-1) if want else None

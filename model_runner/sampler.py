@@ -11,9 +11,9 @@ from model_runner.sampling_params import SamplingParams
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's argmax: the native kernel's where it runs (float32 logits on the CPU, rows in parallel),
-    torch's otherwise; both give the first maximum."""
-    if (logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1]
+    """Each row's argmax: the native kernel's where it runs (float32 or bfloat16 logits on the CPU, rows in
+    parallel), torch's otherwise; both give the first maximum, and a bfloat16 row's is its float32 cast's."""
+    if (logits.is_cpu and logits.dtype in native.KERNEL_DTYPES and logits.dim() == 2 and logits.shape[1]
             and logits.stride(1) == 1 and native.library() is not None):
         return native.argmax(logits)
     return logits.argmax(-1)
