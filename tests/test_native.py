@@ -365,6 +365,28 @@ def test_each_instruction_set_matches_transformers_elementwise(isa, dtype):
     assert check(native.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_instruction_set_keeps_special_values_through_the_elementwise_ops(isa, dtype):
+    """NaN stays NaN and +inf stays +inf through the residual add, the norm's row and SiLU; a subnormal (under
+    2^-126) is itself or a zero of its sign (the AVX512-BF16 loop rounds to bfloat16 by VCVTNEPS2BF16, which
+    reads subnormals as zero: no activation is that small); SiLU of a large negative input is a (near) zero."""
+    nan, inf, tiny = float("nan"), float("inf"), 2.0 ** -130
+    special = torch.tensor([nan, inf, tiny, -tiny, -100.0, 2.0, -3.0, 0.5] * 6).to(dtype).reshape(1, -1)  # 48 wide
+    x = special.clone()
+    h = native.add_rms_norm(x, torch.zeros_like(x), torch.ones(48, dtype=dtype), 1e-5)
+    is_nan, is_tiny = special.isnan(), (special != 0) & (special.abs() < 2.0 ** -126)
+    assert torch.equal(x.isnan(), is_nan) and h.isnan().all()  # a NaN in a row makes its norm NaN
+    assert torch.equal(x[~is_nan & ~is_tiny], special[~is_nan & ~is_tiny])
+    assert ((x[is_tiny] == special[is_tiny]) | (x[is_tiny] == 0)).all()
+    assert torch.equal(x[is_tiny].signbit(), special[is_tiny].signbit())
+    out = native.silu_mul(torch.cat([special, torch.ones_like(special)], dim=-1)).float()[0]
+    want = torch.nn.functional.silu(special.float()[0])
+    assert torch.equal(out.isnan(), want.isnan()) and (out[special[0] == inf] == inf).all()
+    assert (out[is_tiny[0]].abs() <= 2.0 ** -126).all() and (out[special[0] == -100].abs() <= 1e-30).all()
+    finite = want.isfinite() & ~is_tiny[0] & (special[0] != -100)
+    assert torch.allclose(out[finite], want[finite], rtol=2 ** -7, atol=0)
+
+
 def same_bf16(a, b, n=576):
     """bfloat16 results as close to the reference's as bfloat16 allows, on any instruction set.
 

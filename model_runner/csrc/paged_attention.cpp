@@ -900,7 +900,7 @@ void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const
 
 #ifdef JITNEY_AVX512
 // The elementwise ops' 16-lane forms (GCC's own vectorization of their scalar loops ran at a third of this):
-// float32 loads and stores, or bfloat16 widened and rounded exactly as load8 and bf16_round8 do.
+// float32 loads and stores, or bfloat16 widened as load8 does and rounded as below.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
   const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -913,14 +913,36 @@ inline __m256i bf16_round16(__m512 x) {
   const __m512i h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), top, _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(h);  // 32 -> 16 bits: every value fits
 }
+// The norm's and SiLU's roundings to bfloat16 by the CPU's own instruction where it has one (VCVTNEPS2BF16,
+// AVX512-BF16: one instruction where bf16_round16 takes nine). The same nearest-even rounding, but for what no
+// activation holds: inputs under 2^-126 (subnormals) become 0, and a NaN keeps its sign. The K/V writes keep
+// bf16_round16, bit for bit with PyTorch's cast on every value. Measured on the AMX Xeon, 2 threads, 2,048 rows:
+// add_rms_norm 515 -> 297-337 us, silu_mul (with fast_div16) 1,258 -> 942-979 us.
+inline __m256i bf16_convert16(__m512 x) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+  return bf16_round16(x);
+#endif
+}
+inline __m512 widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+template <typename T>
+inline __m512 converted16(__m512 x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else return widen16(bf16_convert16(x));
+}
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 inline void store16(uint16_t* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_round16(x));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_convert16(x));
 }
-template <typename T>
-inline __m512 rounded16(__m512 x) {
-  if constexpr (std::is_same_v<T, float>) return x;
-  else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round16(x)), 16));
+
+// x / d as x * (1 / d), the reciprocal from its 14-bit estimate and one Newton step: within about two float32
+// ulps of the division, which issues many times less often than a multiply (the SiLU's bottleneck with it).
+// Here d = 1 + exp(-x) lies in [1, e^88], so the reciprocal never overflows.
+inline __m512 fast_div16(__m512 x, __m512 d) {
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  return _mm512_mul_ps(x, r);
 }
 #endif
 
@@ -939,8 +961,17 @@ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int64_t rows, i
 #if defined(JITNEY_AVX512)
     __m512 ss16 = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-      const __m512 v = dr ? rounded16<T>(_mm512_add_ps(load16(xr + i), load16(dr + i))) : load16(xr + i);
-      if (dr) store16(xr + i, v);  // exact: v is already of T's precision
+      __m512 v = load16(xr + i);
+      if (dr) {  // the sum rounded once, stored as rounded and squared as stored
+        v = _mm512_add_ps(v, load16(dr + i));
+        if constexpr (std::is_same_v<T, float>) {
+          _mm512_storeu_ps(xr + i, v);
+        } else {
+          const __m256i h = bf16_convert16(v);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(xr + i), h);
+          v = widen16(h);
+        }
+      }
       ss16 = _mm512_fmadd_ps(v, v, ss16);
     }
     ss = _mm512_reduce_add_ps(ss16);
@@ -970,7 +1001,7 @@ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int64_t rows, i
 #if defined(JITNEY_AVX512)
     const __m512 inv16 = _mm512_set1_ps(inv);
     for (; j + 16 <= n; j += 16)
-      store16(o + j, _mm512_mul_ps(rounded16<T>(_mm512_mul_ps(load16(xr + j), inv16)), load16(weight + j)));
+      store16(o + j, _mm512_mul_ps(converted16<T>(_mm512_mul_ps(load16(xr + j), inv16)), load16(weight + j)));
 #elif defined(JITNEY_AVX2)
     const __m256 inv8 = _mm256_set1_ps(inv);
     for (; j + 8 <= n; j += 8)
@@ -994,7 +1025,7 @@ void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
     for (; i + 16 <= inter; i += 16) {
       const __m512 x = load16(g + i);
       const __m512 e = exp512_any(_mm512_sub_ps(_mm512_setzero_ps(), x));
-      const __m512 silu = rounded16<T>(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+      const __m512 silu = converted16<T>(fast_div16(x, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
       store16(o + i, _mm512_mul_ps(silu, load16(u + i)));
     }
 #elif defined(JITNEY_AVX2)
