@@ -74,6 +74,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--quantization", default="none", choices=quant.MODES, help="as for jitney serve (default: none)")
     m.add_argument("--quant-dense-rows", default="off", metavar="off|auto|N", type=flags.dense_rows,
                    help="as for jitney serve (default: off)")
+    m.add_argument("--quant-dense-weights", default="slices", choices=quant.DENSE_WEIGHTS,
+                   help="as for jitney serve (default: slices)")
     m.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_DTYPES],
                    help="as for jitney serve (default: auto)")
     m.add_argument("--kv-cache-memory", type=parse_bytes, help="KV-cache bytes, e.g. 512MiB (default: server's)")

@@ -50,6 +50,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "with AVX512-BF16, 80 with AMX, never without native bfloat16). The two paths round "
                         "differently, so with it on, batching can change a sequence's greedy text; off keeps every "
                         "token's arithmetic the same in any batch (default: off)")
+    p.add_argument("--quant-dense-weights", default="slices", choices=quant.DENSE_WEIGHTS,
+                   help="with --quant-dense-rows: slices = dequantize the weights a slice at a time in every dense "
+                        "step (no memory beyond the quantized weights); resident = dequantize them once at start "
+                        "and keep them, packed for oneDNN, so a dense step costs what an unquantized bfloat16 "
+                        "step does (the weights' bfloat16 bytes again in memory; auto's crossover falls to 48 "
+                        "rows with AMX) while small batches keep the quantized loop's fewer bytes "
+                        "(docs/quantization.md) (default: slices)")
     p.add_argument("--block-size", type=flags.integer(1), default=16,
                    help="tokens per KV-cache block (default: 16)")
     p.add_argument("--threads", type=flags.integer(1), default=None,
@@ -82,7 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     runner = ModelRunner(RunnerConfig(model=args.model, dtype=args.dtype, device=args.device,
                                       kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                                       kv_cache_memory=256 << 20, quantization=args.quantization,
-                                      quant_dense_rows=args.quant_dense_rows, threads=args.threads))
+                                      quant_dense_rows=args.quant_dense_rows,
+                                      quant_dense_weights=args.quant_dense_weights, threads=args.threads))
     print(f"loaded in {time.perf_counter() - t0:.1f}s: {runner.describe()}", file=sys.stderr)
     tok = runner.tokenizer
     if args.chat_template is not None:  # --chat-template: checked as the flag was parsed
@@ -139,7 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory, memory_utilization=args.memory_utilization,
                               max_model_len=args.max_model_len, quantization=args.quantization,
-                              quant_dense_rows=args.quant_dense_rows, threads=args.threads)
+                              quant_dense_rows=args.quant_dense_rows,
+                              quant_dense_weights=args.quant_dense_weights, threads=args.threads)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_keys=keys,
                               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
                               allowed_origins=tuple(args.allowed_origins or ()),

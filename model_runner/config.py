@@ -190,6 +190,7 @@ class RunnerConfig:
     kv_cache_dtype: str = "auto"  # auto (the compute dtype) | float32 | bfloat16 (also under float32) | int8 (CPU)
     quantization: str = "none"   # none | int8 (per-row int8 at load) | q4 (a GGUF's Q4_0/Q4_1/Q8_0 as stored)
     quant_dense_rows: str = "off"  # off | auto | N: from how many rows a quantized matmul dequantizes (qmatmul.py)
+    quant_dense_weights: str = "slices"  # slices (dequantized every dense step) | resident (once, kept: qmatmul.py)
     device: str = "cpu"          # cpu | cuda
     block_size: int = 16         # tokens per KV block
     kv_cache_memory: int | None = None  # bytes for the KV cache; None -> default budget (CPU) or a fraction (CUDA)

@@ -1,7 +1,8 @@
 """The quantized matmul's two paths (model_runner/quant.py holds the formats and their weights):
 
   integer  csrc/qmatmul.cpp's loop over the tiles as stored, activations as 16-bit integers per block of 32;
-  dense    the weights dequantized a slice at a time into a cached buffer, each slice through torch's matmul.
+  dense    the weights dequantized a slice at a time into a cached buffer, each slice through torch's matmul;
+           or, with --quant-dense-weights resident, dequantized once at load and kept (QuantLinear.keep_dequantized).
 
 QuantLinear is the layer the model calls: choose_path picks the path by the rows of x (a step's tokens) against
 the model's dense_min_rows (--quant-dense-rows; off by default, so the integer loop always).
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 from . import quant
 from .errors import ModelLoadError
-from .quant import TILE, QuantWeight
+from .linear import Linear
+from .quant import DENSE_WEIGHTS, TILE, QuantWeight
 
 # --- the matmul: the integer loop for small batches, the compute dtype's own matmul over dequantized slices for
 # large ones -------------------------------------------------------------------------------------------------
@@ -35,6 +37,15 @@ from .quant import TILE, QuantWeight
 # machine was then. Off by default: the two paths round differently, so with it a sequence's tokens depend on
 # how many rows its step has (batching can change text).
 DENSE_MIN_ROWS = {"amx_bf16": 80, "avx512_bf16": 32}  # most capable first: _bf16_crossover
+# With --quant-dense-weights resident the dense path costs what an unquantized bfloat16 matmul costs (no
+# dequantization per step), so it wins from fewer rows. Measured 2026-12-05 on the Xeon with AMX, decode steps
+# (context 100..600) bfloat16 against q4's integer loop, two rounds: 38.8 / 38.0 against 18.9 / 18.3 ms at 8 rows,
+# 62.8 / 61.0 against 53.2 / 53.4 at 32, 83.0 / 71.2 against 80.2 / 77.7 at 48, 87.3 / 83.8 against 101.2 / 101.2
+# at 64. Without AMX it stays at 32: the kept weights make the dense path cheaper than the slices' at any batch,
+# so their crossover is never too low; no real Zen 4 has measured a lower one (emulated on the Xeon,
+# JITNEY_ISA=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, the integer loop led through 64 rows: 115-123 against
+# 181-189 ms, where a real Zen 4's matmuls were even at 32 against the slices).
+DENSE_MIN_ROWS_RESIDENT = {"amx_bf16": 48, "avx512_bf16": 32}
 DENSE_SETTINGS = "off | auto | N"
 # Rows of dequantized weights per slice: at most this many bytes (they stay in cache between the dequantization
 # and the matmul that reads them); the default model's largest layer matmul (gate/up, 3.4 MiB in bfloat16) is
@@ -42,28 +53,40 @@ DENSE_SETTINGS = "off | auto | N"
 SLICE_BYTES = 4 << 20
 
 
-def dense_min_rows(dtype: torch.dtype, setting: str = "off") -> int | None:
+def dense_min_rows(dtype: torch.dtype, setting: str = "off", resident: bool = False) -> int | None:
     """The batch (rows of x) from which a quantized matmul in this compute dtype takes the dense path; None:
     never. off: never (the integer loop's outputs are the same bits in any batch). auto: this CPU's crossover,
     only for bfloat16 on a CPU with native bfloat16 dot products (under float32 the integer loop is faster than
-    float32's own matmul at every batch measured, Zen 4 and Zen 3; emulated bfloat16 matmuls are slower still).
-    N: from N rows, any dtype (0: never)."""
+    float32's own matmul at every batch measured, Zen 4 and Zen 3; emulated bfloat16 matmuls are slower still),
+    lower where the dequantized weights are kept (resident). N: from N rows, any dtype (0: never)."""
     if setting == "off":
         return None
     if setting == "auto":
-        return _bf16_crossover() if dtype == torch.bfloat16 else None
+        return _bf16_crossover(resident) if dtype == torch.bfloat16 else None
     if not setting.isdigit():
         raise ModelLoadError(f"--quant-dense-rows: want {DENSE_SETTINGS}, got {setting!r}")
     return int(setting) or None
 
 
+def dense_weights_resident(setting: str, quantization: str) -> bool:
+    """--quant-dense-weights: True for resident. Refuses an unknown value, and resident without quantization
+    (nothing to keep: every matmul already reads unquantized weights)."""
+    if setting not in DENSE_WEIGHTS:
+        raise ModelLoadError(f"--quant-dense-weights: want {' or '.join(DENSE_WEIGHTS)}, got {setting!r}")
+    if setting == "resident" and quantization == "none":
+        raise ModelLoadError("--quant-dense-weights resident keeps a quantized model's dense-path weights; under "
+                             "--quantization none every matmul reads unquantized weights already: leave it out")
+    return setting == "resident"
+
+
 @cache
-def _bf16_crossover() -> int | None:
-    """DENSE_MIN_ROWS for this CPU's kind (the first of its entries, most capable first, that the CPU's flags
-    have), None without native bfloat16."""
+def _bf16_crossover(resident: bool = False) -> int | None:
+    """DENSE_MIN_ROWS (or DENSE_MIN_ROWS_RESIDENT) for this CPU's kind (the first of its entries, most capable
+    first, that the CPU's flags have), None without native bfloat16."""
     from .precision import cpu_flags
     flags = cpu_flags()
-    return next((rows for flag, rows in DENSE_MIN_ROWS.items() if flag in flags), None)
+    table = DENSE_MIN_ROWS_RESIDENT if resident else DENSE_MIN_ROWS
+    return next((rows for flag, rows in table.items() if flag in flags), None)
 
 
 def choose_path(m: int, dense_rows: int | None) -> str:
@@ -151,11 +174,29 @@ class QuantLinear:
                 merged.append(p)
         self.parts, self.bias, self.dense_rows = merged, bias, dense_rows
         self.out_features, self.in_features = sum(p.n for p in merged), merged[0].k
+        self.resident: Linear | None = None  # keep_dequantized: the dense path's weights, kept
+
+    def keep_dequantized(self, dtype: torch.dtype, lib: ctypes.CDLL | None = None) -> int:
+        """--quant-dense-weights resident: the weights dequantized once, now, each value as the dense path's slices
+        hold it, and packed for oneDNN like an unquantized layer's; the dense path multiplies by them instead of
+        dequantizing slices every step. Returns the bytes kept."""
+        lib = lib or quant.library()
+        rows = sum(p.n for p in self.parts)
+        w = torch.empty(rows + TILE, self.in_features, dtype=dtype)  # a part's last tile pads past its rows
+        row = 0
+        for p in self.parts:
+            p.dequantize_tiles(0, p.qs.shape[0], w[row:], lib)
+            row += p.n
+        self.resident = Linear(w[:rows].contiguous(), self.bias)
+        return rows * self.in_features * dtype.itemsize
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        y = matmul(self.parts, x, path=choose_path(x.shape[0], self.dense_rows))
+        path = choose_path(x.shape[0], self.dense_rows)
+        if path == "dense" and self.resident is not None:
+            return self.resident(x).view(*lead, self.out_features)
+        y = matmul(self.parts, x, path=path)
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features)

@@ -20,7 +20,10 @@ The matmul (model_runner/qmatmul.py) has two paths, chosen by the rows of x (the
            jitney_dequantize: each value dequantize()'s, rounded to bfloat16 as torch rounds) into a buffer that
            stays in cache, and each slice goes through torch's matmul (oneDNN: AVX512-BF16, AMX), whose bfloat16
            dot products outrun the integer loop once the step is compute-bound. The weights it multiplies are the
-           unquantized bfloat16 model's, bit for bit; the full dequantized weight never exists at once.
+           unquantized bfloat16 model's, bit for bit; the full dequantized weight never exists at once. With
+           --quant-dense-weights resident it does: dequantized once at load and kept, packed for oneDNN as the
+           unquantized model packs its own, so a dense step is that model's step, bit for bit and as fast, for
+           its weights' bytes again in memory (auto's crossover then falls to DENSE_MIN_ROWS_RESIDENT).
 
 For the integer loop the rows are repacked at load into tiles of 8 rows interleaved by 4 bytes (the kernel's
 header says why); the values, scales and mins are untouched, and `to_gguf` gives the file's bytes back (tests
@@ -44,6 +47,7 @@ from .errors import ModelLoadError
 QK = 32     # values per block (GGUF's, and the activations')
 TILE = 8    # rows per tile: the kernel's 8 lanes
 MODES = ("none", "int8", "q4")
+DENSE_WEIGHTS = ("slices", "resident")  # --quant-dense-weights (qmatmul.py)
 # Format -> (kernel id, GGUF bytes per block, offset of the quants in a block, bytes per tile-block when packed)
 FORMATS = {"q4_0": (0, 18, 2, 128), "q4_1": (1, 20, 4, 128), "q8_0": (2, 34, 2, 256), "int8": (3, None, None, 256)}
 SOURCE = Path(__file__).parent / "csrc" / "qmatmul.cpp"

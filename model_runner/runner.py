@@ -71,9 +71,16 @@ class ModelRunner:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.weight_bytes = quant.bytes_by_format(weights, self.dtype)
-        self.quant_dense_rows = qmatmul.dense_min_rows(self.dtype, cfg.quant_dense_rows)
+        resident = qmatmul.dense_weights_resident(cfg.quant_dense_weights, cfg.quantization)
+        self.quant_dense_rows = qmatmul.dense_min_rows(self.dtype, cfg.quant_dense_rows, resident)
+        if resident and self.quant_dense_rows is None:
+            raise ModelLoadError("--quant-dense-weights resident keeps the dense path's weights, but --quant-dense-rows "
+                                 f"{cfg.quant_dense_rows} takes no dense path here (auto takes one only for bfloat16 on "
+                                 "a CPU with native bfloat16): give --quant-dense-rows N, or leave the flag out")
         with torch.inference_mode():
             self.model = LlamaModel(mc, weights, self.dtype, self.device, self.max_model_len, self.quant_dense_rows)
+            # bytes the dense path's kept weights add (--quant-dense-weights resident), on top of weight_bytes
+            self.dense_weight_bytes = self.model.keep_dense_weights() if resident else 0
         del weights
         self.block_size = cfg.block_size
         self.num_blocks = plan_num_blocks(mc, cfg.block_size, self.kv_dtype, cfg.device, cfg.kv_cache_memory,
@@ -100,7 +107,8 @@ class ModelRunner:
     def default_max_num_batched_tokens(self) -> tuple[int, str]:
         """The step budget an engine takes when its BatcherConfig leaves it to the runner, and why
         (step_budget.py: what a prompt token costs here)."""
-        return default_max_num_batched_tokens(self.device, self.dtype, self.cfg.quantization)
+        return default_max_num_batched_tokens(self.device, self.dtype, self.cfg.quantization,
+                                              self.dense_weight_bytes > 0)
 
     # --- reporting -------------------------------------------------------------------------------------
 
@@ -114,7 +122,9 @@ class ModelRunner:
                 f"{mc.num_key_value_heads} heads, vocab {mc.vocab_size}) on {self.device}; "
                 f"{self.precision.describe()}; {quant.describe_bytes(self.weight_bytes)}"
                 + (f", quantized matmul by the {quant.isa()} loop" + (f" (dequantized into torch's matmul "
-                   f"from {self.quant_dense_rows} rows)" if self.quant_dense_rows else "")
+                   f"from {self.quant_dense_rows} rows" + (f", those weights kept dequantized: "
+                   f"+{self.dense_weight_bytes / 2**20:.1f} MiB" if self.dense_weight_bytes else "") + ")"
+                   if self.quant_dense_rows else "")
                    + (", the decoder stack in one native call (steps on that loop)" if self.model.fused else "")
                    if self.cfg.quantization != "none" else "")
                 + f"; KV cache {self.kv_cache_bytes / 2**30:.2f} GiB = {self.num_blocks} "

@@ -63,7 +63,7 @@ PROTECTIONS = {
 # Flags with a value that guard nothing: a choice from a fixed list, or what to load.
 # (--chat-template and --config: files read and checked; the rest a choice)
 NOT_PROTECTIONS = {"--model", "--device", "--dtype", "--kv-cache-dtype", "--quantization", "--quant-dense-rows",
-                   "--policy", "--routing", "--chat-template", "--config", "--log-format"}
+                   "--quant-dense-weights", "--policy", "--routing", "--chat-template", "--config", "--log-format"}
 # The shapes that turned protections off: an unset variable, a typo'd zero or sign, what float() also reads.
 SHAPES = ("", " ", "\t", "0", "-0", "0.0", "-1", "-1e-9", "nan", "NaN", "-nan", "inf", "-inf", "Infinity",
           "1e400", "-1e400", " 5", "5 ", "0x10", "1GiB", "-1GiB", "0KiB", ",", "*", "99999999999999999999",

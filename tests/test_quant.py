@@ -296,18 +296,39 @@ def test_dense_path_slices_across_fused_parts(lib, monkeypatch, dtype):
     assert ((integer.double() - x.double() @ w.double().T).abs() <= bound(w, x, dtype)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_dense_weights_are_the_dense_paths_values(lib, monkeypatch, dtype):
+    """--quant-dense-weights resident: the weights a layer keeps are each value as the dense path's slices hold
+    it (every format; parts ending in partial tiles), read back exactly through an identity input; a dense step
+    over them is within the compute dtype's bound of the float64 product, as the slices' is; below the crossover
+    the integer loop runs as before."""
+    monkeypatch.setattr(quant, "library", lambda: lib)
+    parts = [weight("q4_1", 37, 160, 3), weight("q8_0", 21, 160, 4), weight("q4_0", 45, 160, 5),
+             weight("int8", 9, 160, 6)]
+    layer = qmatmul.QuantLinear(parts, None, dense_rows=8)
+    w = torch.cat([p.dequantize() for p in parts])
+    assert layer.keep_dequantized(dtype, lib) == w.numel() * dtype.itemsize
+    assert torch.equal(layer(torch.eye(160, dtype=dtype)), w.to(dtype).T)  # one exact product per output
+    x = torch.randn(33, 160, generator=torch.Generator().manual_seed(10)).to(dtype)
+    assert ((layer(x).double() - x.double() @ w.double().T).abs() <= dense_bound(w, x, dtype)).all()
+    assert torch.equal(layer(x[:7]), qmatmul.matmul(parts, x[:7], lib, path="integer"))
+
+
 def test_path_choice(monkeypatch):
     """--quant-dense-rows: off (the default) never takes the dense path; auto takes it for bfloat16 on a CPU with
-    native bfloat16 dot products from its crossover (32 rows with AVX512-BF16, 80 with AMX), never for float32
+    native bfloat16 dot products from its crossover (32 rows with AVX512-BF16, 80 with AMX; 32 and 48 with the
+    weights kept dequantized), never for float32
     (the integer loop is faster than float32's matmul) or without native bfloat16; N from N rows in any dtype
     (0: never); anything else is refused."""
     from model_runner import precision
     from model_runner.errors import ModelLoadError
-    for flags, rows in [({"avx512f", "avx512_bf16"}, 32), ({"avx512f", "avx512_bf16", "amx_bf16"}, 80)]:
+    for flags, rows, kept in [({"avx512f", "avx512_bf16"}, 32, 32), ({"avx512f", "avx512_bf16", "amx_bf16"}, 80, 48)]:
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: set(flags))
         qmatmul._bf16_crossover.cache_clear()
         auto = qmatmul.dense_min_rows(torch.bfloat16, "auto")
         assert qmatmul.choose_path(rows - 1, auto) == "integer" and qmatmul.choose_path(rows, auto) == "dense"
+        assert qmatmul.dense_min_rows(torch.bfloat16, "auto", resident=True) == kept  # --quant-dense-weights
+        assert qmatmul.dense_min_rows(torch.bfloat16, "9", resident=True) == 9
         assert qmatmul.dense_min_rows(torch.float32, "auto") is None
         assert qmatmul.dense_min_rows(torch.bfloat16, "off") is None
         assert qmatmul.dense_min_rows(torch.bfloat16) is None

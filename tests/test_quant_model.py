@@ -260,6 +260,17 @@ def test_bfloat16_dense_path_is_the_bfloat16_model(monkeypatch, bf16_runners):
 
 
 @pytest.mark.integration
+def test_bfloat16_resident_dense_path_is_the_bfloat16_model_bit_for_bit(bf16_runners):
+    """--quant-dense-weights resident keeps the dequantized weights (the unquantized model's values, test_quant)
+    packed as the unquantized model packs its own (linear.py), so a dense step is that model's step bit for bit on
+    any CPU, the AMX Xeon included (the slices' plain weights need oneDNN's packed and plain kernels to agree)."""
+    q = ModelRunner(RunnerConfig(model="smollm2-135m", dtype="bfloat16", kv_cache_memory=64 << 20, quantization="q4",
+                                 quant_dense_rows="1", quant_dense_weights="resident"), progress=False)
+    for ids in topic_prompts(q, 2):
+        assert torch.equal(our_logits(q, ids), our_logits(bf16_runners["none"], ids))
+
+
+@pytest.mark.integration
 def test_bfloat16_integer_loop_alone_is_batch_invariant(monkeypatch, bf16_runners):
     """By default (--quant-dense-rows off) every quantized matmul runs the integer loop, whose outputs are the same
     bits in any batch: 22 sequences decoding together give each the text it gets alone, under bfloat16 too. (With
@@ -270,6 +281,32 @@ def test_bfloat16_integer_loop_alone_is_batch_invariant(monkeypatch, bf16_runner
     prompts = topic_prompts(r, 22)  # batches of 22 rows and fewer: whole and partial tiles of the loop's 4 rows
     together = [s.output_token_ids for s in generate(r, prompts, greedy(10))]
     assert together == [generate(r, [p], greedy(10))[0].output_token_ids for p in prompts]
+
+
+def quantized_layers(r):
+    m = r.model
+    return [m.lm_head] + [getattr(layer, n) for layer in m.layers for n in ("qkv", "o", "gate_up", "down")]
+
+
+def test_quant_dense_weights_resident_reaches_every_quantized_matmul():
+    """--quant-dense-weights resident: every quantized matmul keeps its dense path's weights, the start-up line
+    says how many bytes that adds, and the dense path then reads them; refused where nothing would read them."""
+    cfg = dict(model="tiny-random", dtype="float32", quantization="int8", kv_cache_memory=1 << 20)
+    r = ModelRunner(RunnerConfig(**cfg, quant_dense_rows="7", quant_dense_weights="resident"), progress=False)
+    layers = quantized_layers(r)
+    assert all(x.resident is not None for x in layers)
+    assert r.dense_weight_bytes == sum(x.out_features * x.in_features * 4 for x in layers) > 0
+    assert f"+{r.dense_weight_bytes / 2**20:.1f} MiB" in r.describe()
+    slices = ModelRunner(RunnerConfig(**cfg, quant_dense_rows="7"), progress=False)
+    assert all(x.resident is None for x in quantized_layers(slices)) and slices.dense_weight_bytes == 0
+    ids = list(range(3, 20))
+    assert torch.allclose(our_logits(r, ids), our_logits(slices, ids), rtol=1e-4, atol=1e-4)  # float32 sums
+    for bad, match in [(dict(quant_dense_rows="7", quant_dense_weights="resident", quantization="none"),
+                        "leave it out"),
+                       (dict(quant_dense_weights="resident"), "takes no dense path here"),
+                       (dict(quant_dense_rows="7", quant_dense_weights="kept"), "want slices or resident")]:
+        with pytest.raises(ModelLoadError, match=match):
+            ModelRunner(RunnerConfig(**{**cfg, **bad}), progress=False)
 
 
 def test_quant_dense_rows_reaches_every_quantized_matmul():

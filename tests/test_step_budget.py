@@ -1,5 +1,5 @@
-"""--max-num-batched-tokens auto (model_runner/step_budget.py): 2048 on exactly one class of runner, unquantized
-bfloat16 on a CPU whose flags list AMX bfloat16 tiles (and not left out by JITNEY_ISA), 512 on every other
+"""--max-num-batched-tokens auto (model_runner/step_budget.py): 2048 on exactly one class of runner, bfloat16
+weights (unquantized, or a quantized model's kept dense ones) on a CPU whose flags list AMX bfloat16 tiles (and not left out by JITNEY_ISA), 512 on every other
 combination of device, dtype, quantization and CPU; the engine fills an unset budget from its runner and keeps a
 given one; the flag reads `auto` as unset and refuses what is neither it nor a count."""
 from __future__ import annotations
@@ -21,13 +21,16 @@ CPUS = {"xeon-amx": {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_b
         "none": set()}
 
 
-@pytest.mark.parametrize("device,dtype,quantization,cpu", list(itertools.product(
-    ["cpu", "cuda", "cuda:1"], [torch.float32, torch.bfloat16, torch.float16], ["none", "int8", "q4"], CPUS)))
-def test_auto_is_2048_only_for_unquantized_bfloat16_on_amx(monkeypatch, device, dtype, quantization, cpu):
+@pytest.mark.parametrize("device,dtype,quantization,cpu,resident", list(itertools.product(
+    ["cpu", "cuda", "cuda:1"], [torch.float32, torch.bfloat16, torch.float16], ["none", "int8", "q4"], CPUS,
+    [False, True])))
+def test_auto_is_2048_only_for_bfloat16_weights_on_amx(monkeypatch, device, dtype, quantization, cpu, resident):
+    """Unquantized, or quantized with the dense path's bfloat16 weights kept (--quant-dense-weights resident)."""
     monkeypatch.setattr(precision, "cpuinfo_flags", lambda: frozenset(CPUS[cpu]))
     monkeypatch.delenv("JITNEY_ISA", raising=False)
-    budget, why = step_budget.default_max_num_batched_tokens(device, dtype, quantization)
-    cheap = device == "cpu" and dtype == torch.bfloat16 and quantization == "none" and cpu == "xeon-amx"
+    budget, why = step_budget.default_max_num_batched_tokens(device, dtype, quantization, resident)
+    cheap = device == "cpu" and dtype == torch.bfloat16 and (quantization == "none" or resident) \
+        and cpu == "xeon-amx"
     assert budget == (step_budget.CHEAP_PROMPTS if cheap else step_budget.DEFAULT)
     assert why.startswith("auto: ") and len(why) > len("auto: ")
 
