@@ -381,4 +381,7 @@ class Engine:
                            "max_num_batched_tokens": str(c.max_num_batched_tokens),
                            "max_batch_size": str(c.max_batch_size), "max_wait_ms": f"{c.max_wait_ms:g}",
                            "max_model_len": str(r.max_model_len), "dtype": dtype_name(r.dtype),
-                           "quantization": r.cfg.quantization, "device": r.device, "threads": str(r.threads)}}
+                           "quantization": r.cfg.quantization,
+                           "quant_dense_rows": str(r.quant_dense_rows or "off"),
+                           "quant_dense_weights": r.cfg.quant_dense_weights,
+                           "device": r.device, "threads": str(r.threads)}}

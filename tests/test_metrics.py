@@ -41,3 +41,4 @@ async def test_series_labels_units_and_prefix_counters(tiny_runner):
     assert int(cache["num_blocks"]) == engine.scheduler.num_blocks
     info = dict(next(labels for name, labels in m if name == "jitney_engine_config_info"))
     assert info["threads"] == str(tiny_runner.threads) and info["policy"] == "continuous"
+    assert info["quant_dense_rows"] == "off" and info["quant_dense_weights"] == "slices"  # tiny_runner: unquantized
