@@ -182,11 +182,14 @@ class QuantLinear:
         dequantizing slices every step. Returns the bytes kept."""
         lib = lib or quant.library()
         rows = sum(p.n for p in self.parts)
-        w = torch.empty(rows + TILE, self.in_features, dtype=dtype)  # a part's last tile pads past its rows
-        row = 0
-        for p in self.parts:
-            p.dequantize_tiles(0, p.qs.shape[0], w[row:], lib)
-            row += p.n
+        if lib is None:  # no native kernels: torch's own dequantization and rounding (the same values)
+            w = torch.cat([p.dequantize() for p in self.parts]).to(dtype)
+        else:
+            w = torch.empty(rows + TILE, self.in_features, dtype=dtype)  # a part's last tile pads past its rows
+            row = 0
+            for p in self.parts:
+                p.dequantize_tiles(0, p.qs.shape[0], w[row:], lib)
+                row += p.n
         self.resident = Linear(w[:rows].contiguous(), self.bias)
         return rows * self.in_features * dtype.itemsize
 

@@ -312,6 +312,9 @@ def test_resident_dense_weights_are_the_dense_paths_values(lib, monkeypatch, dty
     x = torch.randn(33, 160, generator=torch.Generator().manual_seed(10)).to(dtype)
     assert ((layer(x).double() - x.double() @ w.double().T).abs() <= dense_bound(w, x, dtype)).all()
     assert torch.equal(layer(x[:7]), qmatmul.matmul(parts, x[:7], lib, path="integer"))
+    monkeypatch.setattr(quant, "library", lambda: None)  # no native kernels: torch dequantizes, the same values
+    layer.keep_dequantized(dtype)
+    assert torch.equal(layer(torch.eye(160, dtype=dtype)), w.to(dtype).T)
 
 
 def test_path_choice(monkeypatch):
