@@ -80,7 +80,7 @@ class FusedDecoder:
     def build(cls, model) -> FusedDecoder | None:
         """For a model whose every layer matmul is quantized, without bias, in at most MAX_PARTS formats, on the
         CPU, where the native kernels load; else None."""
-        linears = [getattr(layer, n) for layer in model.layers for n in ("qkv", "o", "gate_up", "down")]
+        linears = model.layer_matmuls()
         if model.device != "cpu" or not model.ops.native or not all(
                 isinstance(x, QuantLinear) and x.bias is None and len(x.parts) <= MAX_PARTS
                 and x.dense_rows == linears[0].dense_rows for x in linears):

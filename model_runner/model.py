@@ -103,11 +103,15 @@ class LlamaModel:
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.fused = FusedDecoder.build(self) if fused else None
 
+    def layer_matmuls(self) -> list[Linear | QuantLinear]:
+        """Every decoder layer's four matmuls (fused q/k/v, o, fused gate/up, down), layer by layer."""
+        return [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
     def keep_dense_weights(self) -> int:
         """--quant-dense-weights resident: every quantized matmul keeps its weights dequantized for its dense path
         (QuantLinear.keep_dequantized). Returns the bytes that adds."""
-        linears = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        return sum(m.keep_dequantized(self.dtype) for m in linears + [self.lm_head] if isinstance(m, QuantLinear))
+        return sum(m.keep_dequantized(self.dtype) for m in self.layer_matmuls() + [self.lm_head]
+                   if isinstance(m, QuantLinear))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

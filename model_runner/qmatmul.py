@@ -129,6 +129,15 @@ def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = 
     return out
 
 
+def _dequantize_whole(parts: list[QuantWeight], out: torch.Tensor, lib: ctypes.CDLL) -> None:
+    """Every part's rows, stacked, into out's first sum(n) rows; out holds a tile more (a part's last tile pads
+    past its rows, and the next part writes over the padding)."""
+    row = 0
+    for p in parts:
+        p.dequantize_tiles(0, p.qs.shape[0], out[row:], lib)
+        row += p.n
+
+
 def _dense(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
     """The dense path: the weights dequantized to x's dtype a slice of rows at a time into a buffer that stays in
     cache (SLICE_BYTES), each slice multiplied by torch's matmul into its columns of the output. The whole
@@ -138,10 +147,7 @@ def _dense(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL) -> torch
     cap = max(8 * TILE, SLICE_BYTES // (k * dtype.itemsize) // TILE * TILE)  # rows per slice
     buf = _slice_buffer(min(cap, n + TILE) + TILE, k, dtype)  # + a tile: the last tile of a part pads past it
     if n <= cap:  # one slice: the matmul's output is the result
-        row = 0
-        for p in parts:
-            p.dequantize_tiles(0, p.qs.shape[0], buf[row:], lib)
-            row += p.n
+        _dequantize_whole(parts, buf, lib)
         return F.linear(x, buf[:n])
     out = torch.empty(m, n, dtype=dtype)
     filled, col = 0, 0  # rows in buf, and the output column its row 0 goes to
@@ -185,11 +191,8 @@ class QuantLinear:
         if lib is None:  # no native kernels: torch's own dequantization and rounding (the same values)
             w = torch.cat([p.dequantize() for p in self.parts]).to(dtype)
         else:
-            w = torch.empty(rows + TILE, self.in_features, dtype=dtype)  # a part's last tile pads past its rows
-            row = 0
-            for p in self.parts:
-                p.dequantize_tiles(0, p.qs.shape[0], w[row:], lib)
-                row += p.n
+            w = torch.empty(rows + TILE, self.in_features, dtype=dtype)
+            _dequantize_whole(self.parts, w, lib)
         self.resident = Linear(w[:rows].contiguous(), self.bias)
         return rows * self.in_features * dtype.itemsize
 

@@ -284,8 +284,7 @@ def test_bfloat16_integer_loop_alone_is_batch_invariant(monkeypatch, bf16_runner
 
 
 def quantized_layers(r):
-    m = r.model
-    return [m.lm_head] + [getattr(layer, n) for layer in m.layers for n in ("qkv", "o", "gate_up", "down")]
+    return [r.model.lm_head] + r.model.layer_matmuls()
 
 
 def test_quant_dense_weights_resident_reaches_every_quantized_matmul():
@@ -314,14 +313,10 @@ def test_quant_dense_rows_reaches_every_quantized_matmul():
     the start-up line says so; off, the default, says nothing of a dense path."""
     from model_runner.qmatmul import QuantLinear
 
-    def layers(r):
-        m = r.model
-        return [m.lm_head] + [getattr(layer, n) for layer in m.layers for n in ("qkv", "o", "gate_up", "down")]
-
     on = ModelRunner(RunnerConfig(model="tiny-random", dtype="float32", quantization="int8", kv_cache_memory=1 << 20,
                                   quant_dense_rows="7"), progress=False)
-    assert all(isinstance(x, QuantLinear) and x.dense_rows == 7 for x in layers(on))
+    assert all(isinstance(x, QuantLinear) and x.dense_rows == 7 for x in quantized_layers(on))
     assert "from 7 rows" in on.describe()
     off = ModelRunner(RunnerConfig(model="tiny-random", dtype="float32", quantization="int8", kv_cache_memory=1 << 20),
                       progress=False)
-    assert all(x.dense_rows is None for x in layers(off)) and "rows)" not in off.describe()
+    assert all(x.dense_rows is None for x in quantized_layers(off)) and "rows)" not in off.describe()

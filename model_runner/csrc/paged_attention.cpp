@@ -901,11 +901,9 @@ void paged_attention(const TQ* q, int64_t q_token_stride, const TC* cache, const
 #ifdef JITNEY_AVX512
 // The elementwise ops' 16-lane forms (GCC's own vectorization of their scalar loops ran at a third of this):
 // float32 loads and stores, or bfloat16 widened as load8 does and rounded as below.
+inline __m512 widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-}
+inline __m512 load16(const uint16_t* p) { return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m256i bf16_round16(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -916,7 +914,7 @@ inline __m256i bf16_round16(__m512 x) {
 // The norm's and SiLU's roundings to bfloat16 by the CPU's own instruction where it has one (VCVTNEPS2BF16,
 // AVX512-BF16: one instruction where bf16_round16 takes nine). The same nearest-even rounding, but for what no
 // activation holds: inputs under 2^-126 (subnormals) become 0, and a NaN keeps its sign. The K/V writes keep
-// bf16_round16, bit for bit with PyTorch's cast on every value. Measured on the AMX Xeon, 2 threads, 2,048 rows:
+// the exact rounding (store8's bf16_round8), bit for bit with PyTorch's cast on every value. Measured on the AMX Xeon, 2 threads, 2,048 rows:
 // add_rms_norm 515 -> 297-337 us, silu_mul (with fast_div16) 1,258 -> 942-979 us.
 inline __m256i bf16_convert16(__m512 x) {
 #if defined(__AVX512BF16__)
@@ -925,7 +923,6 @@ inline __m256i bf16_convert16(__m512 x) {
   return bf16_round16(x);
 #endif
 }
-inline __m512 widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 template <typename T>
 inline __m512 converted16(__m512 x) {
   if constexpr (std::is_same_v<T, float>) return x;
