@@ -102,3 +102,19 @@ def test_bench_passes_quantization_and_kv_cache_dtype_to_the_engine(tmp_path, ca
                "--quantization", "int8", "--kv-cache-dtype", "int8", "--no-progress", "--out", str(tmp_path)])
     model_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model tiny-random"))
     assert "int8 KV cache" in model_line and "quantized matmul" in model_line
+
+
+def test_kv_layout_times_the_last_rounds_steps_as_laid_out_and_packed(tmp_path, capsys):
+    from benchmarks.kv_layout import main as kv_layout_main, packed, run_pairs
+
+    # Packing keeps each sequence's block count and context, and lays the tables end to end, ascending.
+    step = [([7, 3, 9], 40), ([2], 5), ([11, 12], 20)]
+    assert packed(step) == [([0, 1, 2], 40), ([3], 5), ([4, 5], 20)]
+    assert run_pairs([step]) == (3, 1, 0) and run_pairs([[([5, 4, 3], 40)]]) == (2, 0, 2)
+    report = kv_layout_main(["--model", "tiny-random", "--quick", "--dtype", "float32", "--rounds", "2",
+                             "--samples", "3", "--reps", "2", "--no-progress", "--json", str(tmp_path / "k.json")])
+    out = capsys.readouterr().out
+    assert "round 1:" in out and "the layout costs these steps" in out
+    assert len(report["rounds"]) == 2 and all(r["output_tok_s"] > 0 for r in report["rounds"])
+    assert 1 <= len(report["steps"]) <= 3 and report["layout_cost"] > 0
+    assert (tmp_path / "k.json").exists()
