@@ -233,8 +233,9 @@ class KVCacheManager:
         """Free, unclaimed, adjacent blocks for seq to grow into: as many as it is expected to need (at least
         one, at most MAX_CLAIM), from right after its last block or else from the least recently freed open block
         with that many after it (the longest run among the oldest RUN_CANDIDATES when none has); when no free block
-        is open (every one claimed, or reused and not old yet), the least recently freed. A freed sequence's blocks sit in the free list tail first, so a
-        short run reuses its tail end and a long one the whole run from its head."""
+        is open (every one claimed, or reused and not old yet), the least recently freed. A freed sequence's
+        blocks sit in the free list tail first, so a short run reuses its tail end and a long one the whole run
+        from its head."""
         expected = -(-(seq.num_prompt_tokens + seq.params.max_tokens) // self.block_size) - len(seq.block_table)
         want = min(max(expected, 1), MAX_CLAIM)
         best: list[int] = []

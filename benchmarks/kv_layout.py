@@ -81,7 +81,7 @@ async def replay_rounds(engine: Engine, args, trace) -> tuple[list[dict], list[L
         rounds.append(dict(round=i, output_tok_s=sum(r.output_tokens for r in records) / seconds,
                            forward=forward / max(pairs, 1), backward=backward / max(pairs, 1)))
         r = rounds[-1]
-        print(f"round {i}: {r['output_tok_s']:.0f} output tok/s; adjacent block pairs read: forward "
+        print(f"round {i}: {r['output_tok_s']:.0f} output tok/s; consecutive block pairs read: forward "
               f"{r['forward']:.0%}, backward {r['backward']:.0%}", flush=True)
     engine.counters.step_watchers.remove(watch)
     return rounds, layouts

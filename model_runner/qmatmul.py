@@ -112,7 +112,7 @@ def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = 
     lib = lib or quant.library()  # looked up on the module: tests swap it
     k, n = parts[0].k, sum(p.n for p in parts)
     if lib is None:
-        return F.linear(x, torch.cat([p.dequantize() for p in parts]).to(x.dtype))
+        return F.linear(x, _torch_dequantized(parts, x.dtype))
     if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.stride(1) != 1 \
             or x.shape[1] != k or not x.is_cpu:
         raise ValueError(f"quantized matmul input: expected [m, {k}] float32 or bfloat16 with a contiguous "
@@ -127,6 +127,12 @@ def matmul(parts: list[QuantWeight], x: torch.Tensor, lib: ctypes.CDLL | None = 
                            out.data_ptr() + col * out.element_size(), n, x.shape[0], p.n, k)
         col += p.n
     return out
+
+
+def _torch_dequantized(parts: list[QuantWeight], dtype: torch.dtype) -> torch.Tensor:
+    """Every part's rows, stacked, dequantized by torch (where no native kernels load): the values the kernels
+    give, rounded to dtype by torch."""
+    return torch.cat([p.dequantize() for p in parts]).to(dtype)
 
 
 def _dequantize_whole(parts: list[QuantWeight], out: torch.Tensor, lib: ctypes.CDLL) -> None:
@@ -189,7 +195,7 @@ class QuantLinear:
         lib = lib or quant.library()
         rows = sum(p.n for p in self.parts)
         if lib is None:  # no native kernels: torch's own dequantization and rounding (the same values)
-            w = torch.cat([p.dequantize() for p in self.parts]).to(dtype)
+            w = _torch_dequantized(self.parts, dtype)
         else:
             w = torch.empty(rows + TILE, self.in_features, dtype=dtype)
             _dequantize_whole(self.parts, w, lib)

@@ -914,8 +914,8 @@ inline __m256i bf16_round16(__m512 x) {
 // The norm's and SiLU's roundings to bfloat16 by the CPU's own instruction where it has one (VCVTNEPS2BF16,
 // AVX512-BF16: one instruction where bf16_round16 takes nine). The same nearest-even rounding, but for what no
 // activation holds: inputs under 2^-126 (subnormals) become 0, and a NaN keeps its sign. The K/V writes keep
-// the exact rounding (store8's bf16_round8), bit for bit with PyTorch's cast on every value. Measured on the AMX Xeon, 2 threads, 2,048 rows:
-// add_rms_norm 515 -> 297-337 us, silu_mul (with fast_div16) 1,258 -> 942-979 us.
+// the exact rounding (store8's bf16_round8), bit for bit with PyTorch's cast on every value. Measured on the AMX
+// Xeon, 2 threads, 2,048 rows: add_rms_norm 515 -> 297-337 us, silu_mul (with fast_div16) 1,258 -> 942-979 us.
 inline __m256i bf16_convert16(__m512 x) {
 #if defined(__AVX512BF16__)
   return (__m256i)_mm512_cvtneps_pbh(x);
