@@ -71,6 +71,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and knobs (unset knobs keep the server's defaults)")
     m.add_argument("--model", default=DEFAULT_MODEL, help=f"as for jitney serve (default: {DEFAULT_MODEL})")
     m.add_argument("--dtype", default="auto", help="as for jitney serve (default: auto)")
+    m.add_argument("--device", default="cpu", help="as for jitney serve: cpu or cuda (default: cpu)")
     m.add_argument("--quantization", default="none", choices=quant.MODES, help="as for jitney serve (default: none)")
     m.add_argument("--quant-dense-rows", default="off", metavar="off|auto|N", type=flags.dense_rows,
                    help="as for jitney serve (default: off)")

@@ -116,7 +116,7 @@ class InProcess:
 
 def runner_config(args: argparse.Namespace, **overrides) -> RunnerConfig:
     """The model flags of bench.add_model_args as a RunnerConfig (keyword arguments win)."""
-    return RunnerConfig(**{**dict(model=args.model, dtype=args.dtype, quantization=args.quantization,
+    return RunnerConfig(**{**dict(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                                   quant_dense_rows=args.quant_dense_rows, quant_dense_weights=args.quant_dense_weights,
                                   kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory),
                            **overrides})
@@ -135,7 +135,7 @@ async def jitney_serve(args: argparse.Namespace, spec: RunSpec, log_path: Path) 
     """A `jitney serve` for this run on a free port: yields (url, pid) once /health answers; SIGTERM after."""
     port = free_port()
     cmd = [sys.executable, "-m", "jitney.cli", "serve", "--model", args.model, "--dtype", args.dtype,
-           "--quantization", args.quantization, "--quant-dense-rows", args.quant_dense_rows,
+           "--device", args.device, "--quantization", args.quantization, "--quant-dense-rows", args.quant_dense_rows,
            "--quant-dense-weights", args.quant_dense_weights,
            "--kv-cache-dtype", args.kv_cache_dtype,
            "--policy", spec.policy, "--host", "127.0.0.1", "--port", str(port), "--max-queue", str(10**6),

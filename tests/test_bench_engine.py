@@ -118,3 +118,12 @@ def test_kv_layout_times_the_last_rounds_steps_as_laid_out_and_packed(tmp_path, 
     assert len(report["rounds"]) == 2 and all(r["output_tok_s"] > 0 for r in report["rounds"])
     assert 1 <= len(report["steps"]) <= 3 and report["layout_cost"] > 0
     assert (tmp_path / "k.json").exists()
+
+
+def test_bench_device_reaches_the_runner():
+    # --device cuda (benchmarks.cuda_check's real runs) must reach the runner, not fall back to the CPU silently.
+    from benchmarks.bench import build_parser
+    from benchmarks.targets import runner_config
+    args = build_parser().parse_args(["--model", "tiny-random", "--device", "cuda"])
+    assert runner_config(args).device == "cuda"
+    assert runner_config(build_parser().parse_args(["--model", "tiny-random"])).device == "cpu"
