@@ -9,7 +9,8 @@ PACKAGES = ("model_runner", "batcher", "api", "replicas", "benchmarks", "sim", "
 # The layer order, lowest first: a module may import its own layer and those below it, never one above. Each entry
 # is a package or a module; a module belongs to its longest matching entry. benchmarks/ is two layers: its library
 # (traces, replay, reports, cost and memory models), which the simulator builds on, and the scripts that drive the
-# simulator (story_sim and its story_runs, story_report; sim_validate, screenshots), above sim/. jitney/ is the
+# simulator (story_sim and its story_runs, story_report; sim_validate and cuda_check, which compare it with real
+# runs; screenshots), above sim/. jitney/ is the
 # composition root, above all.
 LAYERS = (
     ("model_runner",),                 # the model: weights, kernels, one step
@@ -19,7 +20,7 @@ LAYERS = (
     ("benchmarks",),                   # traces, replay, reports
     ("sim",),                          # a step-cost model in the runner's place (sim/runner.py SimRunner)
     ("benchmarks.story_sim", "benchmarks.story_runs", "benchmarks.story_report", "benchmarks.sim_validate",
-     "benchmarks.screenshots"),
+     "benchmarks.cuda_check", "benchmarks.screenshots"),
     ("jitney",),                       # the `jitney` command: wires all of the above
 )
 
