@@ -20,7 +20,7 @@ import asyncio
 import json
 import time
 
-import httpx
+import aiohttp
 from tqdm import tqdm
 
 from .replay import RequestRecord
@@ -30,10 +30,14 @@ METRICS = ("jitney_requests_running", "jitney_requests_waiting", "jitney_kv_cach
            "jitney_batch_size_count", "jitney_preemptions_total")
 
 
-def new_client() -> httpx.AsyncClient:
-    # No pool limit and no read timeout: a request waiting minutes in the server's queue is data, not a failure.
-    return httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-                             timeout=httpx.Timeout(None, connect=30.0))
+def new_client() -> aiohttp.ClientSession:
+    """The replay's HTTP client (call it inside the running loop). aiohttp, not httpx: the client shares the
+    server's cores, and per streamed chunk httpx's pure-Python stack cost about 160 us of CPU, twice what aiohttp
+    with its C parser does, which took 4-5 % of a 2-core machine from the engine in the 128-stream burst
+    (docs/benchmarks.md, the Xeon with AMX's "over HTTP" row). No pool limit and no read timeout: a request
+    waiting minutes in the server's queue is data, not a failure."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=1 << 20,  # a line's limit
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0))
 
 
 def _error_message(body: bytes) -> str:
@@ -43,17 +47,17 @@ def _error_message(body: bytes) -> str:
         return body[:200].decode(errors="replace")
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, t0: float) -> None:
+async def _stream(client: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord, t0: float) -> None:
     start = t0 + rec.submitted_s
     chunk_times: list[float] = []
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        rec.status = resp.status_code
-        if resp.status_code != 200:
-            rec.refused = resp.status_code == 429
-            rec.error = f"HTTP {resp.status_code}: {_error_message(await resp.aread())}"
+    async with client.post(f"{url}/v1/completions", json=body) as resp:
+        rec.status = resp.status
+        if resp.status != 200:
+            rec.refused = resp.status == 429
+            rec.error = f"HTTP {resp.status}: {_error_message(await resp.read())}"
             return
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in resp.content:  # one line at a time, b"\n" included
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
             now, event = time.monotonic(), json.loads(line[6:])
             if "error" in event:
@@ -72,7 +76,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, rec: RequestR
     rec.finished_s = chunk_times[-1] - t0
 
 
-async def _send(client: httpx.AsyncClient, url: str, req: TraceRequest, ids: list[int], t0: float,
+async def _send(client: aiohttp.ClientSession, url: str, req: TraceRequest, ids: list[int], t0: float,
                 model: str | None) -> RequestRecord:
     await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
     rec = RequestRecord(req.arrival_s, time.monotonic() - t0, len(ids))
@@ -82,14 +86,14 @@ async def _send(client: httpx.AsyncClient, url: str, req: TraceRequest, ids: lis
         body["model"] = model
     try:
         await _stream(client, url, body, rec, t0)
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+    except (aiohttp.ClientError, json.JSONDecodeError) as e:
         rec.error = f"{type(e).__name__}: {e}"
     return rec
 
 
 async def replay_http(url: str, trace: list[TraceRequest], ids: list[list[int]], progress: bool = True,
                       desc: str = "replay", model: str | None = None, t0: float | None = None,
-                      client: httpx.AsyncClient | None = None) -> list[RequestRecord]:
+                      client: aiohttp.ClientSession | None = None) -> list[RequestRecord]:
     """Sends every request at its arrival time (t0: the monotonic time of the trace's zero, default now);
     returns the records in trace order once all have ended."""
     own = client is None
@@ -103,7 +107,7 @@ async def replay_http(url: str, trace: list[TraceRequest], ids: list[list[int]],
             return list(await asyncio.gather(*tasks))
     finally:
         if own:
-            await client.aclose()
+            await client.close()
 
 
 # --- the engine's side, from /metrics ------------------------------------------------------------------------
@@ -118,18 +122,18 @@ class MetricsSampler:
     """Polls GET /metrics every `interval` seconds while a replay runs: the queue, running batch and KV usage
     over time, and the counters' deltas over the run (mean batch size per step, preemptions)."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, t0: float, interval: float = 0.5):
+    def __init__(self, client: aiohttp.ClientSession, url: str, t0: float, interval: float = 0.5):
         self.client, self.url, self.t0, self.interval = client, url, t0, interval
         self.samples: list[tuple[float, dict[str, float]]] = []
         self._task: asyncio.Task | None = None
 
     async def scrape(self) -> None:
         try:
-            resp = await self.client.get(f"{self.url}/metrics")
-        except httpx.HTTPError:
-            return  # a missed sample is a gap in the plot, not a failed run
-        if resp.status_code == 200:
-            self.samples.append((time.monotonic() - self.t0, parse_metrics(resp.text)))
+            async with self.client.get(f"{self.url}/metrics") as resp:
+                if resp.status == 200:
+                    self.samples.append((time.monotonic() - self.t0, parse_metrics(await resp.text())))
+        except aiohttp.ClientError:
+            pass  # a missed sample is a gap in the plot, not a failed run
 
     async def _run(self) -> None:
         while True:
