@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from model_runner.tiny import llama_weights
+
 # Shapes beside the default model's: a 1B Llama (Llama 3.2 1B's layers over SmolLM2's vocabulary) and the story's
 # ~6B (sim.models.STORY_6B; its vocabulary cut to the tokenizer's, so every sampled id detokenizes).
 SHAPES = {
@@ -56,22 +58,8 @@ def random_model(root: Path, tokenizer: Path, shape: str, dtype: torch.dtype, de
     config = json.loads((tokenizer / "config.json").read_text()) | SHAPES[shape]
     config["torch_dtype"] = str(dtype).split(".")[-1]
     g = torch.Generator(device=device).manual_seed(0)
-    d, i, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    h, kvh, v = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
-
-    def rand(*s: int) -> torch.Tensor:
-        return (torch.randn(*s, generator=g, device=device) * 0.02).to(dtype).cpu()
-
-    w = {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": torch.ones(d, dtype=dtype)}
-    if not config["tie_word_embeddings"]:
-        w["lm_head.weight"] = rand(v, d)
-    for n in range(config["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        w |= {p + "self_attn.q_proj.weight": rand(h * hd, d), p + "self_attn.k_proj.weight": rand(kvh * hd, d),
-              p + "self_attn.v_proj.weight": rand(kvh * hd, d), p + "self_attn.o_proj.weight": rand(d, h * hd),
-              p + "mlp.gate_proj.weight": rand(i, d), p + "mlp.up_proj.weight": rand(i, d),
-              p + "mlp.down_proj.weight": rand(d, i), p + "input_layernorm.weight": torch.ones(d, dtype=dtype),
-              p + "post_attention_layernorm.weight": torch.ones(d, dtype=dtype)}
+    w = llama_weights(config, lambda *s: (torch.randn(*s, generator=g, device=device) * 0.02).to(dtype).cpu(),
+                      lambda d: torch.ones(d, dtype=dtype))
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(w, str(tmp / "model.safetensors"))

@@ -27,13 +27,16 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 
 def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
+    return llama_weights(config, lambda *shape: torch.randn(*shape, generator=g) * 0.2,
+                         lambda d: 1 + 0.1 * torch.randn(d, generator=g))
+
+
+def llama_weights(config: dict, rand, norm) -> dict[str, torch.Tensor]:
+    """A Llama's tensors by Hugging Face name, each matmul weight (and bias) from rand(*shape), each norm weight
+    from norm(hidden): the random models here and benchmarks/cuda_check.py's larger ones."""
     d, i, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     h, kvh, v = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.2
-
-    w = {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": 1 + 0.1 * torch.randn(d, generator=g)}
+    w = {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": norm(d)}
     if not config["tie_word_embeddings"]:
         w["lm_head.weight"] = rand(v, d)
     for n in range(config["num_hidden_layers"]):
@@ -42,8 +45,7 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
               p + "self_attn.v_proj.weight": rand(kvh * hd, d), p + "self_attn.o_proj.weight": rand(d, h * hd),
               p + "mlp.gate_proj.weight": rand(i, d), p + "mlp.up_proj.weight": rand(i, d),
               p + "mlp.down_proj.weight": rand(d, i),
-              p + "input_layernorm.weight": 1 + 0.1 * torch.randn(d, generator=g),
-              p + "post_attention_layernorm.weight": 1 + 0.1 * torch.randn(d, generator=g)}
+              p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d)}
         if config.get("attention_bias"):  # Qwen2-style q/k/v biases
             w |= {p + "self_attn.q_proj.bias": rand(h * hd), p + "self_attn.k_proj.bias": rand(kvh * hd),
                   p + "self_attn.v_proj.bias": rand(kvh * hd)}
