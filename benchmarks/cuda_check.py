@@ -72,8 +72,9 @@ def random_model(root: Path, tokenizer: Path, shape: str, dtype: torch.dtype, de
 
 
 def correctness(model: Path, device: str) -> dict:
-    """Our logits against transformers' in float64 on the same device; each prompt's logits alone and inside
-    a batch; greedy text alone and batched; every KV block back at the end."""
+    """In float32 and in bfloat16: our logits against transformers' float64 ones on the same device (relative to
+    the largest), each prompt's greedy text alone against all of them batched together, and every KV block back
+    at the end."""
     from transformers import AutoModelForCausalLM
 
     from batcher.generate import generate, kv_manager, score
@@ -130,7 +131,7 @@ def step_medians(results: Path) -> dict[str, dict]:
     return out
 
 
-def sim_vs_real(model: Path, out: Path, device: str, sheet: str, policies: str) -> list[dict]:
+def sim_vs_real(model: Path, out: Path, device: str, sheet: str, policies: str) -> dict:
     """The burst for real on this device, then the same trace through `jitney simulate --device SHEET`."""
     from .sim_validate import compare, summaries, table
     real, sim, trace = out / f"real-{model.name}", out / f"sim-{model.name}", out / f"trace-{model.name}.jsonl"

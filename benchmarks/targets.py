@@ -116,8 +116,9 @@ class InProcess:
 
 def runner_config(args: argparse.Namespace, **overrides) -> RunnerConfig:
     """The model flags of bench.add_model_args as a RunnerConfig (keyword arguments win)."""
-    return RunnerConfig(**{**dict(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-                                  quant_dense_rows=args.quant_dense_rows, quant_dense_weights=args.quant_dense_weights,
+    return RunnerConfig(**{**dict(model=args.model, dtype=args.dtype, device=args.device,
+                                  quantization=args.quantization, quant_dense_rows=args.quant_dense_rows,
+                                  quant_dense_weights=args.quant_dense_weights,
                                   kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory),
                            **overrides})
 
