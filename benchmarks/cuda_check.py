@@ -19,8 +19,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -108,13 +106,6 @@ def correctness(model: Path, device: str) -> dict:
     return out
 
 
-def jitney(log, *args: str, timeout: float = 400) -> None:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jitney.cli", *args, "--no-progress"], check=True, timeout=timeout,
-                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    print(f"  jitney {args[0]}: {time.perf_counter() - t:.0f} s", flush=True)
-
-
 def step_medians(results: Path) -> dict[str, dict]:
     """Per policy, from a bench's results.json: the median step while requests still wait (under continuous
     batching, prompt chunks beside decodes) and the median step once none waits, by batch size (buckets of 16),
@@ -133,13 +124,16 @@ def step_medians(results: Path) -> dict[str, dict]:
 
 def sim_vs_real(model: Path, out: Path, device: str, sheet: str, policies: str) -> dict:
     """The burst for real on this device, then the same trace through `jitney simulate --device SHEET`."""
-    from .sim_validate import compare, summaries, table
+    from .sim_validate import compare, jitney, summaries, table
     real, sim, trace = out / f"real-{model.name}", out / f"sim-{model.name}", out / f"trace-{model.name}.jsonl"
     with open(out / f"log-{model.name}.txt", "w") as log:
-        jitney(log, "bench", "--in-process", "--device", device, "--model", str(model), "--dtype", "bfloat16",
-               *BURST, "--policies", policies, "--save-trace", str(trace), "--out", str(real))
-        jitney(log, "simulate", "--device", sheet, "--model", str(model), "--dtype", "bfloat16", "--trace",
-               str(trace), "--policies", policies, "--out", str(sim))
+        for args in (["bench", "--in-process", "--device", device, "--model", str(model), "--dtype", "bfloat16",
+                      *BURST, "--policies", policies, "--save-trace", str(trace), "--out", str(real)],
+                     ["simulate", "--device", sheet, "--model", str(model), "--dtype", "bfloat16", "--trace",
+                      str(trace), "--policies", policies, "--out", str(sim)]):
+            t = time.perf_counter()
+            jitney(*args, log=log, timeout=400)
+            print(f"  jitney {args[0]}: {time.perf_counter() - t:.0f} s", flush=True)
     rows = compare(summaries(real), summaries(sim))
     print(table(f"{model.name}: real / {sheet} sheet", rows), flush=True)
     steps = step_medians(real / "results.json")

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from .machine import cpu_model
 
@@ -56,10 +57,12 @@ def calibration_summary(path: str) -> str:
     return report(load_calibration(path))
 
 
-def jitney(*args: str) -> None:
-    """One jitney command in a child process (each run starts from a fresh interpreter, as a user's would)."""
-    subprocess.run([sys.executable, "-m", "jitney.cli", *args, "--no-progress"], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def jitney(*args: str, log: IO | None = None, timeout: float | None = None) -> None:
+    """One jitney command in a child process (each run starts from a fresh interpreter, as a user's would); its
+    output into log (both streams), or its report dropped and its errors shown."""
+    subprocess.run([sys.executable, "-m", "jitney.cli", *args, "--no-progress"], check=True, timeout=timeout,
+                   stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else None,
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def summaries(folder: Path) -> dict[str, dict]:

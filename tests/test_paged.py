@@ -23,6 +23,10 @@ def runner(request, tiny_runner):
 class ScatteredKV(KVCacheManager):
     """Every block a random free one: block tables as scattered as a long-lived cache can make them."""
 
+    def __init__(self, num_blocks: int, block_size: int):
+        super().__init__(num_blocks, block_size)
+        self.rng = random.Random(0)
+
     def _find_run(self, seq):
         return [self.rng.choice(list(self.free_ids))]
 
@@ -63,7 +67,6 @@ def test_mixed_batch_equals_alone(runner, chunk, layout):
              "Once upon a time", "1 2 3 4 5 6 7 8 9 10 11 12", "abc" * 20, "z"]
     jobs = [(rng.randrange(0, 12), runner.tokenizer(t)["input_ids"], rng.randrange(1, 30)) for t in texts]
     alloc = (KVCacheManager if layout == "runs" else ScatteredKV)(runner.num_blocks, runner.block_size)
-    alloc.rng = random.Random(0)
     done, tables = run_staggered(runner, jobs, chunk, alloc)
     by_prompt = {tuple(s.token_ids[: s.num_prompt_tokens]): s.output_token_ids for s in done}
     for _, prompt, n in jobs:
