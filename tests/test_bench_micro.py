@@ -144,3 +144,21 @@ def test_small_matmul_times_onednn_and_checks_the_prefetching_loop(capsys):
     odd = [(0.1 * torch.randn(n, k, generator=gen)).to(torch.bfloat16) for n, k in ((7, 100), (5, 33), (1, 31))]
     for rows in (1, 2, 3, 4):
         assert small_matmul.check(odd, rows) <= 1
+
+
+def test_elementwise_bound_times_each_kernel_beside_a_bare_pass(tmp_path, capsys):
+    """benchmarks.elementwise_bound on the tiny model's sizes: every row count gets the two native kernels and
+    their bare passes, each with its bytes per second and its cost over a step's calls; where the CPU has no
+    native kernels for the dtype it says so instead."""
+    from benchmarks import elementwise_bound
+
+    out = tmp_path / "b.json"
+    report = elementwise_bound.main(["--model", "tiny-random", "--rows", "1,5", "--sets", "3", "--rounds", "1",
+                                     "--json", str(out)])
+    if not report["rows"]:
+        assert "nothing to bound" in capsys.readouterr().out
+        pytest.skip("no native elementwise kernels for this dtype here")
+    assert [(r["rows"], r["kernel"].split()[0]) for r in report["rows"]] == [
+        (rows, k) for rows in (1, 5) for k in ("silu_mul", "bare", "add_rms_norm", "bare")]
+    assert all(r["us"] > 0 and r["gbps"] > 0 and r["step_ms"] > 0 for r in report["rows"])
+    assert json.loads(out.read_text())["rows"] == report["rows"]
