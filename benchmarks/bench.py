@@ -28,7 +28,7 @@ from batcher.config import POLICIES
 from batcher.step_view import StepRecorder
 from api import flags
 from model_runner import quant
-from model_runner.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
+from model_runner.loader import DEFAULT_MODEL, model_tokenizer
 from model_runner.precision import KV_DTYPES
 from model_runner.units import parse_bytes
 
@@ -246,7 +246,7 @@ async def run_all(args: argparse.Namespace, specs: list[RunSpec], out: Path) -> 
     local = InProcess(args, recorder) if not (args.url or args.start_server) else None
     if args.url:
         await wait_healthy(args.url, timeout=10)
-    tokenizer = local.get_runner(args.block_size).tokenizer if local else load_tokenizer(resolve_model(args.model))
+    tokenizer = local.get_runner(args.block_size).tokenizer if local else model_tokenizer(args.model)
     model = local.description if local else f"model {args.model}"  # servers say more in their logs
     # The same prompts for every run (fair), except against one long-lived server, whose prefix cache would
     # serve a repeat from memory: there each run gets its own.

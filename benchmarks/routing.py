@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from model_runner.loader import DEFAULT_MODEL, load_tokenizer, resolve_model
+from model_runner.loader import DEFAULT_MODEL, model_tokenizer
 
 from .http_replay import replay_http
 from .machine import cpu_model
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = SharedPrefixWorkload(args.requests, args.rate, args.tenants, args.system_tokens, args.question_tokens,
                                 args.output_tokens)
-    tokenizer = load_tokenizer(resolve_model(args.model))
+    tokenizer = model_tokenizer(args.model)
     trace, ids, _ = work.build(tokenizer)
     warm = ([TraceRequest(0.1 * i, 40, 8) for i in range(4)],
             [synth_prompt_ids(tokenizer, 40, f"warm:{i}") for i in range(4)])

@@ -141,14 +141,23 @@ def load_weights(path: Path, tensors: dict[str, TensorInfo] | None = None) -> di
     return weights
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, named: bool = False):
     """The directory's tokenizer, built by transformers' own classes: a model's or tokenizer's custom code
-    (an auto_map naming a .py file) is never imported, and never asked about (no prompt)."""
-    from transformers import AutoTokenizer
+    (an auto_map naming a .py file) is never imported, and never asked about (no prompt).
+
+    named: the directory is jitney's own conversion of one of its named models (NAMED_MODELS), whose
+    tokenizer_config.json names TokenizersBackend. AutoTokenizer picks that class for them too, but decides
+    only after reading config.json through AutoConfig, which imports transformers' Llama configuration module
+    and with it torch.distributed.tensor: about a second of every start, for a choice that is known here.
+    They are built directly; tests/test_gguf.py checks that AutoTokenizer builds the same tokenizer."""
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(f"{path} has no tokenizer: it needs {' or '.join(TOKENIZER_FILES)} (with its "
                              f"tokenizer_config.json)")
     try:
+        if named:
+            from transformers import TokenizersBackend
+            return TokenizersBackend.from_pretrained(path, local_files_only=True)
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as e:
         if "trust_remote_code" in str(e):  # transformers' refusal to import the auto_map's .py file
@@ -156,6 +165,11 @@ def load_tokenizer(path: Path):
                                  f"names custom code (auto_map), and jitney never runs a model's own code: give "
                                  f"it a tokenizer.json with a tokenizer_class transformers knows") from None
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {_one_line(e)}") from e
+
+
+def model_tokenizer(name: str):
+    """The tokenizer of a model name or path (resolve_model), alone: for a client that needs no weights."""
+    return load_tokenizer(resolve_model(name), named=name in NAMED_MODELS)
 
 
 def plan_memory(mc: ModelConfig, tensors: dict[str, TensorInfo], cfg: RunnerConfig) -> MemoryPlan:
@@ -192,7 +206,7 @@ def load_model_dir(name: str, progress: bool = True, quantization: str = "none",
     mc = ModelConfig.from_hf_dir(path)  # first: a wrong architecture is the clearer message
     tensors = check_weights(path, mc)
     plan_memory(mc, tensors, runner or RunnerConfig(model=name, quantization=quantization)).check(path, host_memory())
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, named=name in NAMED_MODELS)
     stored = _stored_q4(name, path, progress) if quantization == "q4" else {}
     weights = load_weights(path, tensors)
     weights.update(stored)

@@ -61,6 +61,31 @@ def test_tokenizer_matches_and_keeps_chat_template(smollm2: pathlib.Path, conver
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("name", ["smollm2-135m", "tiny-random"])
+def test_named_models_tokenizer_is_the_one_autotokenizer_builds(name: str, smollm2: pathlib.Path) -> None:
+    """The named models' tokenizers are built without AutoTokenizer (loader.load_tokenizer, named=True: it skips
+    a second of imports at every start). Whatever AutoTokenizer picks for the same directory is the same
+    tokenizer: its class, its whole tokenizers state, its special tokens and template, and the ids it gives."""
+    from transformers import AutoTokenizer
+
+    from model_runner.loader import load_tokenizer, model_tokenizer, resolve_model
+    path = resolve_model(name, progress=False)
+    ours, auto = load_tokenizer(path, named=True), AutoTokenizer.from_pretrained(path, local_files_only=True)
+    assert type(ours) is type(auto) and type(model_tokenizer(name)) is type(auto)
+    assert ours.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    assert ours.special_tokens_map == auto.special_tokens_map and ours.all_special_ids == auto.all_special_ids
+    assert ours.chat_template == auto.chat_template and len(ours) == len(auto)
+    assert ours.eos_token_id == auto.eos_token_id and ours.bos_token_id == auto.bos_token_id
+    texts = TEXTS + ["<|im_start|>user\nhi<|im_end|>\n", "<|endoftext|> after the end"]
+    for text in texts:
+        assert ours(text)["input_ids"] == auto(text)["input_ids"], text
+        assert ours.decode(ours.encode(text)) == auto.decode(auto.encode(text)), text
+    chat = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.integration
 def test_config_loads(converted: pathlib.Path) -> None:
     from transformers import AutoConfig
 
