@@ -76,7 +76,8 @@ def cells(rows: int, hidden: int, inter: int, dtype: torch.dtype, sets: int) -> 
         "silu_mul (native)": (lambda i: native.silu_mul(gate_up[i]), 3 * rows * inter * size),
         "bare mul, the same bytes": (lambda i: torch.mul(gate_up[i][:, :inter], gate_up[i][:, inter:], out=out_i[i]),
                                      3 * rows * inter * size),
-        "add_rms_norm (native)": (lambda i: native.add_rms_norm(x[i], delta[i], weight, 1e-5), 4 * rows * hidden * size),
+        "add_rms_norm (native)": (lambda i: native.add_rms_norm(x[i], delta[i], weight, 1e-5),
+                                  4 * rows * hidden * size),
         "bare add, 3/4 of its bytes": (lambda i: torch.add(x[i], delta[i], out=out_h[i]), 3 * rows * hidden * size),
     }
 
