@@ -28,11 +28,7 @@ from model_runner.loader import DEFAULT_MODEL, resolve_model
 from model_runner.precision import cpu_kind, resolve_precision
 
 from .machine import copy_gbps, cpu_model
-from .report import finish
-
-
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+from .report import finish, ints
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,8 +58,10 @@ def per_call_us(fn, sets: int, rounds: int) -> float:
     return best * 1e6
 
 
-def cells(rows: int, hidden: int, inter: int, dtype: torch.dtype, sets: int) -> dict[str, tuple[object, int]]:
-    """name -> (fn(i) on operand set i, bytes it moves)."""
+def cells(rows: int, hidden: int, inter: int, dtype: torch.dtype, sets: int,
+          layers: int) -> dict[str, tuple[object, int, int]]:
+    """name -> (fn(i) on operand set i, bytes it moves, its kernel's calls in a decode step of `layers` layers:
+    two norms a layer and the final one, one SiLU x up a layer)."""
     gen = torch.Generator().manual_seed(rows)
     gate_up = [torch.randn(rows, 2 * inter, generator=gen).to(dtype) for _ in range(sets)]
     x = [torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(sets)]
@@ -72,13 +70,16 @@ def cells(rows: int, hidden: int, inter: int, dtype: torch.dtype, sets: int) -> 
     out_h = [torch.empty(rows, hidden, dtype=dtype) for _ in range(sets)]
     weight = torch.ones(hidden, dtype=dtype)
     size = torch.finfo(dtype).bits // 8
+    silu_bytes, silu_calls = 3 * rows * inter * size, layers
+    norm_calls = 2 * layers + 1
     return {
-        "silu_mul (native)": (lambda i: native.silu_mul(gate_up[i]), 3 * rows * inter * size),
+        "silu_mul (native)": (lambda i: native.silu_mul(gate_up[i]), silu_bytes, silu_calls),
         "bare mul, the same bytes": (lambda i: torch.mul(gate_up[i][:, :inter], gate_up[i][:, inter:], out=out_i[i]),
-                                     3 * rows * inter * size),
+                                     silu_bytes, silu_calls),
         "add_rms_norm (native)": (lambda i: native.add_rms_norm(x[i], delta[i], weight, 1e-5),
-                                  4 * rows * hidden * size),
-        "bare add, 3/4 of its bytes": (lambda i: torch.add(x[i], delta[i], out=out_h[i]), 3 * rows * hidden * size),
+                                  4 * rows * hidden * size, norm_calls),
+        "bare add, 3/4 of its bytes": (lambda i: torch.add(x[i], delta[i], out=out_h[i]), 3 * rows * hidden * size,
+                                       norm_calls),
     }
 
 
@@ -92,15 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"no native elementwise kernels for {dtype} here: nothing to bound")
         return finish({"rows": []}, args.json, started)
     copy = copy_gbps()
-    calls = 2 * mc.num_hidden_layers + 1, mc.num_hidden_layers  # norms and SiLU x up per decode step
+    layers = mc.num_hidden_layers
     print(f"{args.model}: hidden {mc.hidden_size}, intermediate {mc.intermediate_size}, {dtype}; "
-          f"copy bandwidth {copy:.1f} GB/s; {calls[0]} norm and {calls[1]} SiLU x up calls a step\n")
+          f"copy bandwidth {copy:.1f} GB/s; {2 * layers + 1} norm and {layers} SiLU x up calls a step\n")
     print("| rows | kernel | us a call | GB/s | us x calls a step |\n|---:|---|---:|---:|---:|")
     results = []
     for rows in args.rows:
-        for name, (fn, nbytes) in cells(rows, mc.hidden_size, mc.intermediate_size, dtype, args.sets).items():
+        for name, (fn, nbytes, n) in cells(rows, mc.hidden_size, mc.intermediate_size, dtype, args.sets,
+                                           layers).items():
             us = per_call_us(fn, args.sets, args.rounds)
-            n = calls[0] if "norm" in name or "add" in name else calls[1]
             print(f"| {rows} | {name} | {us:.1f} | {nbytes / us / 1e3:.1f} | {us * n / 1000:.2f} ms |")
             results.append({"rows": rows, "kernel": name, "us": round(us, 2), "gbps": round(nbytes / us / 1e3, 2),
                             "step_ms": round(us * n / 1000, 3)})

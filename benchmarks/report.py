@@ -169,6 +169,11 @@ class Run:
     timeline: dict[str, list[float]]   # t (s since the trace's zero), running, waiting, kv_usage
 
 
+def ints(text: str) -> list[int]:
+    """A command's comma-separated integers ("1,64,512")."""
+    return [int(v) for v in text.split(",")]
+
+
 def finish(report: dict, json_path: str | None, started: float) -> dict:
     """The end of every benchmark command: its run time, and its figures saved as JSON when asked."""
     print(f"\ntotal {time.perf_counter() - started:.0f} s")

@@ -30,13 +30,9 @@ from model_runner.loader import DEFAULT_MODEL, load_model_dir
 from model_runner.precision import cpu_kind
 
 from .machine import cpu_model, read_gbps
-from .report import finish
+from .report import finish, ints
 
 MAX_ROWS = 4  # the loop's accumulators: gemv_bf16.cpp's MMAX
-
-
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
